@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Builds everything (Release, warnings as errors) and runs the whole test suite with ctest.
+# Installs missing system packages first (scripts/setup.sh without the training run).
+# Extra arguments go to ctest, e.g. scripts/test.sh -R gradients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SWITCHT5_SKIP_RUN=1 bash scripts/setup.sh
+JOBS=${JOBS:-$(nproc)}
+cmake --build build -j "$JOBS"
+cd build
+ctest --output-on-failure -j "$JOBS" "$@"

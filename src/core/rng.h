@@ -1,0 +1,55 @@
+// Counter-based random numbers. Every random draw in training (init, dropout masks, router
+// jitter, synthetic data) is a pure function of (seed, stream, index), so it does not depend on
+// thread count, backend or process layout, and a CUDA kernel computes the same bits as the CPU.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace switcht5 {
+
+// splitmix64 finalizer: a bijective 64-bit mix with good avalanche (Steele et al. 2014).
+inline constexpr uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Derives a child seed from a parent seed and a tag (e.g. step, layer index, call site).
+inline constexpr uint64_t derive_seed(uint64_t seed, uint64_t tag) { return mix64(seed ^ mix64(tag)); }
+
+// Uniform float in [0, 1) from (seed, index): the top 24 bits of the mixed counter.
+inline constexpr float uniform01(uint64_t seed, uint64_t index) {
+  return static_cast<float>(mix64(seed + mix64(index)) >> 40) * (1.0f / 16777216.0f);
+}
+
+// Host-side sequential generator built on the same mixer (for init and synthetic data).
+class CounterRng {
+ public:
+  explicit CounterRng(uint64_t seed) : seed_(seed) {}
+  uint64_t next_u64() { return mix64(seed_ + mix64(counter_++)); }
+  // Uniform double in [0, 1) with 53 random bits.
+  double next_double() { return static_cast<double>(next_u64() >> 11) * (1.0 / 9007199254740992.0); }
+  // Uniform integer in [0, n).
+  uint64_t next_below(uint64_t n) { return next_u64() % n; }
+  // Standard normal (Box-Muller, one draw per call; deterministic given the seed).
+  double next_normal() {
+    double u1 = next_double(), u2 = next_double();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  }
+  // Normal truncated to [-2, 2] standard deviations by rejection (as jax/flax truncated_normal),
+  // rescaled so that the result has unit variance (stddev / .87962566103423978).
+  double next_truncated_normal() {
+    for (;;) {
+      double z = next_normal();
+      if (z >= -2.0 && z <= 2.0) return z / 0.87962566103423978;
+    }
+  }
+
+ private:
+  uint64_t seed_;
+  uint64_t counter_ = 0;
+};
+
+}  // namespace switcht5

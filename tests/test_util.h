@@ -1,0 +1,67 @@
+// Shared test helpers: random fills, host<->backend copies and closeness checks.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "backend/backend.h"
+#include "core/rng.h"
+
+namespace switcht5::testing {
+
+inline std::vector<float> random_vector(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
+  CounterRng rng(seed);
+  std::vector<float> v(n);
+  for (auto& x : v) x = lo + (hi - lo) * static_cast<float>(rng.next_double());
+  return v;
+}
+
+// n integers uniform in [lo, hi).
+inline std::vector<int32_t> random_int_vector(int64_t n, uint64_t seed, int32_t lo, int32_t hi) {
+  CounterRng rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = lo + static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(hi - lo)));
+  return v;
+}
+
+template <class T>
+DeviceArray<T> upload(Backend& be, const std::vector<T>& host) {
+  DeviceArray<T> d(be, static_cast<int64_t>(host.size()));
+  if (!host.empty()) be.copy_to_device(d.data(), host.data(), d.bytes());
+  return d;
+}
+
+template <class T>
+std::vector<T> download(Backend& be, const T* ptr, int64_t n) {
+  std::vector<T> h(n);
+  if (n > 0) be.copy_to_host(h.data(), ptr, sizeof(T) * n);
+  return h;
+}
+
+// Max over i of |a-b| / (atol + rtol*|b|) must be <= 1.
+inline ::testing::AssertionResult all_close(const std::vector<float>& a, const std::vector<float>& b,
+                                            double rtol, double atol) {
+  if (a.size() != b.size())
+    return ::testing::AssertionFailure() << "size " << a.size() << " vs " << b.size();
+  for (size_t i = 0; i < a.size(); ++i) {
+    double d = std::fabs(double(a[i]) - double(b[i]));
+    if (!(d <= atol + rtol * std::fabs(double(b[i]))))
+      return ::testing::AssertionFailure()
+             << "index " << i << ": " << a[i] << " vs " << b[i] << " (|diff| " << d << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Directory holding the shared data (../shared/data beside the checkout), or "" if absent.
+inline std::string shared_data_dir() {
+  std::string dir = std::string(SWITCHT5_SOURCE_DIR) + "/../shared/data";
+  FILE* f = std::fopen((dir + "/spiece.model").c_str(), "rb");
+  if (!f) return "";
+  std::fclose(f);
+  return dir;
+}
+
+}  // namespace switcht5::testing
