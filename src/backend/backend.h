@@ -1,0 +1,233 @@
+// The Backend interface: every operation the model and optimizers perform on tensors.
+//
+// Model code calls only this interface (STYLE habit 3): it never touches a raw loop over tensor
+// data, so the same model runs on the reference backend (plain loops, the oracle every other
+// backend is tested against), the CPU backend (oneDNN sgemm + OpenMP), and later CUDA.
+//
+// Conventions
+// - Pointers are backend memory (host memory on CPU backends, device memory on CUDA). Only
+//   copy_to_host / copy_to_device cross that boundary.
+// - Every matrix is row-major. Shapes are written [dim0, dim1, ...], the last dim contiguous.
+// - Activation gradients (dx, dscores, ...) are ASSIGNED; parameter gradients (dw, dtable, ...)
+//   are ACCUMULATED with +=, as in llm.c, so several uses of a parameter can add up.
+// - Every reduction sums in a fixed order that depends only on the shapes, never on thread
+//   count or scheduling: same inputs give bitwise the same outputs on a given backend. The one
+//   exception is gemm on the CPU backend: oneDNN's sgemm blocks K differently for different
+//   thread counts, so it is bitwise repeatable only at a fixed thread count.
+// - Masks are float: 1 = attend/keep, 0 = masked.
+// - Integer tensors are int32.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace switcht5 {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory ------------------------------------------------------------------------------
+  virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned
+  virtual void free_bytes(void* ptr) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device to device
+  virtual void fill(float* x, float value, int64_t n) = 0;
+  virtual void synchronize() {}
+
+  // ---- GEMM ---------------------------------------------------------------------------------
+  // For each b in [0, batch):
+  //   C_b[M,N] = alpha * op(A_b) * op(B_b) + beta * C_b,   op(X) = X or X^T
+  // where A_b = A + b*stride_a is [M,K] (or [K,M] when trans_a) with leading dimension lda,
+  // B_b = B + b*stride_b is [K,N] (or [N,K] when trans_b) with leading dimension ldb,
+  // C_b = C + b*stride_c is [M,N] with leading dimension ldc. beta == 0 ignores C's contents.
+  virtual void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                    const float* A, int lda, int64_t stride_a, const float* B, int ldb,
+                    int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
+                    int batch) = 0;
+
+  // ---- elementwise and reductions -------------------------------------------------------------
+  virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;  // out = a + b; out may alias a or b
+  virtual void axpy(float* y, float alpha, const float* x, int64_t n) = 0;      // y += alpha * x
+  virtual void scale(float* x, float alpha, int64_t n) = 0;                      // x *= alpha
+  virtual double sum(const float* x, int64_t n) = 0;                              // returned to the host
+  virtual double sum_squares(const float* x, int64_t n) = 0;                      // sum x^2, to the host
+  // out[i] += sum_b in[b*n + i] for i < n (b in order): reduces a per-batch gradient, e.g. the
+  // position-bias gradient [B,H,Tq,Tk] -> [H,Tq,Tk].
+  virtual void sum_over_batch(float* out, const float* in, int batch, int64_t n) = 0;
+  // Number of non-finite (NaN or Inf) entries, to the host.
+  virtual int64_t count_nonfinite(const float* x, int64_t n) = 0;
+
+  // ---- layout ---------------------------------------------------------------------------------
+  // out[a,c,b,d] = in[a,b,c,d] for in of shape [A,B,C,D]. Its own inverse with B and C swapped:
+  // used to go between [batch, seq, heads, d_kv] and [batch, heads, seq, d_kv].
+  virtual void permute_0213(float* out, const float* in, int A, int B, int C, int D) = 0;
+
+  // ---- embedding ------------------------------------------------------------------------------
+  // out[t,:] = table[ids[t],:]; table is [V,D], out is [n,D].
+  virtual void embedding_forward(float* out, const int32_t* ids, const float* table, int64_t n,
+                                 int D) = 0;
+  // dtable[ids[t],:] += dout[t,:], tokens in increasing t for every row (deterministic).
+  virtual void embedding_backward(float* dtable, const int32_t* ids, const float* dout, int64_t n,
+                                  int D, int V) = 0;
+
+  // ---- T5 RMSNorm -------------------------------------------------------------------------------
+  // rstd[r] = 1 / sqrt(mean_j x[r,j]^2 + eps);  out[r,j] = x[r,j] * rstd[r] * w[j]
+  // x and out are [N,D] (out must not alias x), rstd is [N] (kept for backward), w is [D].
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N,
+                               int D, float eps) = 0;
+  // dx = rstd*w*dout - x * rstd^3 * mean_j(dout*w*x);  dw[j] += sum_r dout[r,j]*x[r,j]*rstd[r]
+  virtual void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x,
+                                const float* w, const float* rstd, int64_t N, int D) = 0;
+
+  // ---- attention --------------------------------------------------------------------------------
+  // T5 attention weights (no 1/sqrt(d_kv) scaling; that is folded into the q initialisation):
+  //   probs[b,h,i,j] = softmax_j( scores[b,h,i,j] + bias[h,i,j] )   over allowed j
+  // where j is allowed iff (key_mask == null or key_mask[b,j] != 0) and (!causal or j <= i).
+  // Disallowed entries get probability 0; a row with no allowed key is all zeros.
+  // scores/probs are [B,H,Tq,Tk] (may alias); bias is [H,Tq,Tk] or null; key_mask [B,Tk] or null.
+  virtual void attention_softmax_forward(float* probs, const float* scores, const float* bias,
+                                         const float* key_mask, int B, int H, int Tq, int Tk,
+                                         bool causal) = 0;
+  // Softmax backward per row of length Tk: dscores = probs * (dprobs - sum_j dprobs*probs).
+  // dscores may alias dprobs. Masked entries come out 0 because their prob is 0.
+  virtual void softmax_backward(float* dscores, const float* dprobs, const float* probs,
+                                int64_t rows, int Tk) = 0;
+
+  // T5 relative position bias, gathered from a [num_buckets, H] table:
+  //   bias[h,i,j] = table[buckets[i,j], h]       buckets is [Tq,Tk] (int32), bias [H,Tq,Tk]
+  virtual void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H,
+                                   int Tq, int Tk) = 0;
+  // dtable[buckets[i,j], h] += dbias[h,i,j], summed in (i,j) order.
+  virtual void relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets,
+                                    int H, int Tq, int Tk, int num_buckets) = 0;
+
+  // ---- activations --------------------------------------------------------------------------------
+  virtual void relu_forward(float* out, const float* x, int64_t n) = 0;  // out may alias x
+  // dx = dout * (x > 0); dx may alias dout.
+  virtual void relu_backward(float* dx, const float* dout, const float* x, int64_t n) = 0;
+  // out = gelu_tanh(a) * b, gelu_tanh(a) = 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
+  // (HF "gelu_new", T5 1.1's gated-gelu).
+  virtual void gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) = 0;
+  // da = dout * b * gelu'(a); db = dout * gelu(a). da/db must not alias a/b.
+  virtual void gated_gelu_backward(float* da, float* db, const float* dout, const float* a,
+                                   const float* b, int64_t n) = 0;
+
+  // ---- randomness (counter-based, see core/rng.h) -----------------------------------------------
+  // Inverted dropout: out[i] = x[i] / (1-p) if uniform01(seed, i) >= p else 0. Its backward is
+  // the same call on dout with the same seed. p == 0 copies. out may alias x.
+  virtual void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) = 0;
+  // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(seed, i)). Linear in x, so
+  // its backward is the same call on dout with the same seed. out may alias x.
+  virtual void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) = 0;
+
+  // ---- loss -------------------------------------------------------------------------------------
+  // Per row r of logits [N,V]: lse[r] = logsumexp_v logits[r,v]; loss[r] = lse[r] - logits[r,label]
+  // for labels[r] >= 0; rows with label -100 (ignored) get loss 0 (lse is still written).
+  virtual void cross_entropy_forward(float* loss, float* lse, const float* logits,
+                                     const int32_t* labels, int64_t N, int V) = 0;
+  // Gradient of  scale * sum_{r not ignored} (loss[r] + z_coef * lse[r]^2)  w.r.t. the logits:
+  //   dlogits[r,v] = scale * (softmax[r,v] * (1 + 2 z_coef lse[r]) - [v == label[r]])
+  // and 0 on ignored rows. dlogits may alias logits.
+  virtual void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
+                                      const int32_t* labels, int64_t N, int V, float scale,
+                                      float z_coef) = 0;
+
+  // ---- Switch router and token dispatch -----------------------------------------------------------
+  // Legend: G groups of S tokens (T = G*S tokens, token t = g*S + s), E experts, capacity C
+  // tokens per expert per group. An expert's buffer holds G*C rows: row g*C + position.
+  //
+  // router_forward, per token t of logits [T,E] (float32):
+  //   probs[t,:] = softmax(logits[t,:]);  lse[t] = logsumexp(logits[t,:])
+  //   expert[t]  = argmax_e probs[t,e] (lowest index on ties);  gate[t] = probs[t, expert[t]]
+  //   position   = number of tokens s' < s of the same group with the same expert
+  //   slot[t]    = g*C + position if position < C, else -1 (dropped: the token skips the expert)
+  //   counts[g,e] = number of tokens of group g whose top-1 is e, before dropping (float)
+  virtual void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
+                              float* gate, float* counts, const float* logits, int G, int S,
+                              int E, int C) = 0;
+  // Load-balancing loss per group (Switch eq. 4): lb[g] = E * sum_e f[g,e] * P[g,e] with
+  //   f[g,e] = counts[g,e] / S,   P[g,e] = (1/S) * sum_s probs[g*S+s, e].   lb is [G].
+  virtual void router_balance_loss(float* lb, const float* probs, const float* counts, int G,
+                                   int S, int E) = 0;
+  // Router backward. The objective's router-dependent part is
+  //   lb_scale * sum_g lb[g]  +  z_scale * sum_t lse[t]^2  +  sum_t dgate[t] * gate[t]
+  // (f is a count, not differentiable). Hence
+  //   dprobs[t,e] = lb_scale * E * counts[g,e] / S^2  +  [e == expert[t]] * dgate[t]
+  //   dlogits[t,e] = probs*(dprobs - sum_e' dprobs*probs) + z_scale * 2 * lse[t] * probs[t,e]
+  // dgate is [T] (0 for dropped tokens); dlogits is [T,E] (assigned).
+  virtual void router_backward(float* dlogits, const float* probs, const float* lse,
+                               const int32_t* expert, const float* dgate, const float* counts,
+                               int G, int S, int E, float lb_scale, float z_scale) = 0;
+  // buf[e, r, :] = x[t, :] where e = expert[t], r = slot[t] >= 0; every other row of buf is 0.
+  // x is [T,D], buf is [E, GC, D].
+  virtual void moe_dispatch(float* buf, const float* x, const int32_t* expert,
+                            const int32_t* slot, int64_t T, int D, int E, int GC) = 0;
+  // dx[t,:] = dbuf[expert[t], slot[t], :] for kept tokens, 0 for dropped ones.
+  virtual void moe_dispatch_backward(float* dx, const float* dbuf, const int32_t* expert,
+                                     const int32_t* slot, int64_t T, int D, int GC) = 0;
+  // out[t,:] = gate[t] * buf[expert[t], slot[t], :] for kept tokens, 0 for dropped ones.
+  virtual void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert,
+                           const int32_t* slot, int64_t T, int D, int GC) = 0;
+  // dbuf[e,r,:] = gate[t] * dout[t,:] for the token t in (e,r), 0 for empty rows (dbuf is
+  // [E,GC,D], fully written); dgate[t] = <dout[t,:], buf[e,r,:]> (0 for dropped tokens).
+  virtual void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf,
+                                    const float* gate, const int32_t* expert, const int32_t* slot,
+                                    int64_t T, int D, int E, int GC) = 0;
+
+  // ---- optimizers ----------------------------------------------------------------------------------
+  // AdamW (Loshchilov & Hutter), decoupled weight decay:
+  //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+  //   p -= lr * ( (m / bc1) / (sqrt(v / bc2) + eps) + wd * p )      bc1 = 1-b1^t, bc2 = 1-b2^t
+  virtual void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr,
+                            float beta1, float beta2, float eps, float weight_decay, float bc1,
+                            float bc2) = 0;
+  // Adafactor (Shazeer & Stern 2018) as T5 uses it: no momentum, external learning rate.
+  // p and g hold `count` independent matrices of [R,C] (a stacked expert tensor is E matrices).
+  // factored (vr is [count,R], vc is [count,C], v unused):
+  //   g2 = g^2 + eps1
+  //   vr = beta2t vr + (1-beta2t) mean_c g2;   vc = beta2t vc + (1-beta2t) mean_r g2
+  //   u  = g / sqrt( (vr / mean_r vr) outer vc )
+  // unfactored (v is [count,R*C], vr/vc unused):
+  //   v = beta2t v + (1-beta2t) g2;   u = g / sqrt(v)
+  // then per matrix: u /= max(1, rms(u) / clip);  p -= lr * (u + weight_decay * p)
+  virtual void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v,
+                                bool factored, int count, int R, int C, float lr, float beta2t,
+                                float eps1, float clip, float weight_decay) = 0;
+};
+
+// Backends by name: "reference" (plain loops, double accumulation, single thread: the oracle)
+// and "cpu" (oneDNN sgemm + OpenMP). Throws UserError for an unknown name.
+std::unique_ptr<Backend> make_backend(const std::string& name);
+
+// A typed array in backend memory, freed on destruction. Move-only.
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(Backend& be, int64_t n)
+      : be_(&be), n_(n), ptr_(static_cast<T*>(n > 0 ? be.alloc_bytes(sizeof(T) * n) : nullptr)) {}
+  DeviceArray(DeviceArray&& o) noexcept : be_(o.be_), n_(o.n_), ptr_(o.ptr_) { o.ptr_ = nullptr; o.n_ = 0; }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    if (this != &o) { reset(); be_ = o.be_; n_ = o.n_; ptr_ = o.ptr_; o.ptr_ = nullptr; o.n_ = 0; }
+    return *this;
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { reset(); }
+  void reset() { if (ptr_) be_->free_bytes(ptr_); ptr_ = nullptr; n_ = 0; }
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  int64_t size() const { return n_; }
+  size_t bytes() const { return sizeof(T) * static_cast<size_t>(n_); }
+
+ private:
+  Backend* be_ = nullptr;
+  int64_t n_ = 0;
+  T* ptr_ = nullptr;
+};
+
+}  // namespace switcht5

@@ -1,0 +1,541 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/check.h"
+#include "core/rng.h"
+
+namespace switcht5 {
+
+namespace {
+
+// Loops shorter than this run on one thread: forking costs more than it saves. The result does
+// not depend on it (every element is computed the same way either way).
+constexpr int64_t kParallelMin = 1 << 14;
+
+// sum / sum_squares add fixed blocks of this many elements in double, then the block sums in
+// block order: the order depends on n only, not on the thread count.
+constexpr int64_t kReduceBlock = 1 << 14;
+
+// Column blocks for the column-parallel reductions (rmsnorm dw, embedding dtable): 16 floats,
+// one cache line, so two threads never write the same line of an aligned row.
+constexpr int kColumnBlock = 16;
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+
+inline float gelu_tanh(float a) {
+  return 0.5f * a * (1.0f + std::tanh(kSqrt2OverPi * (a + kGeluCubic * a * a * a)));
+}
+
+// d/da gelu_tanh(a) = 0.5 (1 + tanh u) + 0.5 a (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 a^2).
+inline float gelu_tanh_grad(float a) {
+  float th = std::tanh(kSqrt2OverPi * (a + kGeluCubic * a * a * a));
+  float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * a * a);
+  return 0.5f * (1.0f + th) + 0.5f * a * (1.0f - th * th) * du;
+}
+
+// Sum of f(x[i]) over i < n in double, blockwise (see kReduceBlock).
+template <class F>
+double blocked_sum(const float* x, int64_t n, F f) {
+  const int64_t num_blocks = (n + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> partial(num_blocks);
+#pragma omp parallel for schedule(static) if (num_blocks > 1)
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const int64_t end = std::min(n, (blk + 1) * kReduceBlock);
+    double acc = 0.0;
+    for (int64_t i = blk * kReduceBlock; i < end; ++i) acc += f(x[i]);
+    partial[blk] = acc;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+}  // namespace
+
+// ---- memory -----------------------------------------------------------------------------------
+
+void* CpuBackend::alloc_bytes(size_t bytes) {
+  size_t rounded = std::max<size_t>(64, (bytes + 63) / 64 * 64);  // aligned_alloc wants a multiple
+  void* ptr = std::aligned_alloc(64, rounded);
+  SWT_CHECK(ptr != nullptr, "out of host memory allocating {} bytes", bytes);
+  std::memset(ptr, 0, rounded);
+  return ptr;
+}
+
+void CpuBackend::free_bytes(void* ptr) { std::free(ptr); }
+
+void CpuBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) std::memcpy(dst, src, bytes);
+}
+
+void CpuBackend::copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) std::memcpy(dst, src, bytes);
+}
+
+void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) std::memmove(dst, src, bytes);
+}
+
+void CpuBackend::fill(float* x, float value, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) x[i] = value;
+}
+
+// ---- GEMM -------------------------------------------------------------------------------------
+
+void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
+                      int lda, int64_t stride_a, const float* B, int ldb, int64_t stride_b,
+                      float beta, float* C, int ldc, int64_t stride_c, int batch) {
+  SWT_CHECK(M >= 0 && N >= 0 && K >= 0 && batch >= 0, "gemm: negative size M={} N={} K={} batch={}",
+            M, N, K, batch);
+  if (M == 0 || N == 0 || batch == 0) return;
+  if (K == 0) {  // C = beta * C; oneDNN leaves C untouched when K == 0
+    for (int b = 0; b < batch; ++b)
+      for (int m = 0; m < M; ++m) {
+        float* c = C + b * stride_c + int64_t(m) * ldc;
+        for (int n = 0; n < N; ++n) c[n] = beta == 0.0f ? 0.0f : beta * c[n];
+      }
+    return;
+  }
+  const char ta = trans_a ? 'T' : 'N';
+  const char tb = trans_b ? 'T' : 'N';
+  auto one = [&](int b) {
+    return dnnl_sgemm(ta, tb, M, N, K, alpha, A + b * stride_a, lda, B + b * stride_b, ldb, beta,
+                      C + b * stride_c, ldc);
+  };
+  // With at least one batch entry per thread, the threads split the batch and each runs whole
+  // sgemms (nested OpenMP regions are inactive by default, so each sgemm stays on its thread);
+  // otherwise oneDNN threads each product itself. Measured on 16 Xeon cores, GFLOP/s
+  // batch-parallel vs oneDNN-threaded: attention 128x128x64 x256: 1166 vs 186, 512x512x64 x64:
+  // 1090 vs 847; experts 512x4096x1024 x16: 1243 vs 453, x24: 970 vs 477; but with fewer
+  // entries than threads, 512x512x64 x8: 596 vs 926.
+  if (batch > 1 && batch >= omp_get_max_threads()) {
+    int failures = 0;
+#pragma omp parallel for schedule(static) reduction(+ : failures)
+    for (int b = 0; b < batch; ++b) failures += one(b) == dnnl_success ? 0 : 1;
+    SWT_CHECK(failures == 0,
+              "dnnl_sgemm failed for {} of {} batch entries (M={} N={} K={} lda={} ldb={} ldc={})",
+              failures, batch, M, N, K, lda, ldb, ldc);
+  } else {
+    for (int b = 0; b < batch; ++b) {
+      dnnl_status_t st = one(b);
+      SWT_CHECK(st == dnnl_success,
+                "dnnl_sgemm failed with status {} (trans {}{} M={} N={} K={} lda={} ldb={} ldc={})",
+                int(st), ta, tb, M, N, K, lda, ldb, ldc);
+    }
+  }
+}
+
+// ---- elementwise and reductions -----------------------------------------------------------------
+
+void CpuBackend::add(float* out, const float* a, const float* b, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void CpuBackend::axpy(float* y, float alpha, const float* x, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+void CpuBackend::scale(float* x, float alpha, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+}
+
+double CpuBackend::sum(const float* x, int64_t n) {
+  return blocked_sum(x, n, [](float v) { return double(v); });
+}
+
+double CpuBackend::sum_squares(const float* x, int64_t n) {
+  return blocked_sum(x, n, [](float v) { return double(v) * v; });
+}
+
+void CpuBackend::sum_over_batch(float* out, const float* in, int batch, int64_t n) {
+#pragma omp parallel for schedule(static) if (n * batch >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    double acc = out[i];
+    for (int b = 0; b < batch; ++b) acc += in[b * n + i];
+    out[i] = static_cast<float>(acc);
+  }
+}
+
+int64_t CpuBackend::count_nonfinite(const float* x, int64_t n) {
+  int64_t count = 0;
+#pragma omp parallel for schedule(static) reduction(+ : count) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) count += std::isfinite(x[i]) ? 0 : 1;
+  return count;
+}
+
+// ---- layout -----------------------------------------------------------------------------------
+
+void CpuBackend::permute_0213(float* out, const float* in, int A, int B, int C, int D) {
+  // One output row block out[a,c,:,:] per iteration.
+#pragma omp parallel for collapse(2) schedule(static) if (int64_t(A) * B * C * D >= kParallelMin)
+  for (int a = 0; a < A; ++a)
+    for (int c = 0; c < C; ++c)
+      for (int b = 0; b < B; ++b)
+        std::memcpy(out + ((int64_t(a) * C + c) * B + b) * D,
+                    in + ((int64_t(a) * B + b) * C + c) * D, sizeof(float) * D);
+}
+
+// ---- embedding --------------------------------------------------------------------------------
+
+void CpuBackend::embedding_forward(float* out, const int32_t* ids, const float* table, int64_t n,
+                                   int D) {
+#pragma omp parallel for schedule(static) if (n * D >= kParallelMin)
+  for (int64_t t = 0; t < n; ++t)
+    std::memcpy(out + t * D, table + int64_t(ids[t]) * D, sizeof(float) * D);
+}
+
+void CpuBackend::embedding_backward(float* dtable, const int32_t* ids, const float* dout, int64_t n,
+                                    int D, int V) {
+  // Parallel over column blocks; each thread walks all tokens in increasing t, so every
+  // dtable element receives its additions in token order whatever the thread count.
+  const int num_blocks = (D + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) if (n * D >= kParallelMin)
+  for (int blk = 0; blk < num_blocks; ++blk) {
+    const int j0 = blk * kColumnBlock, j1 = std::min(D, j0 + kColumnBlock);
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = dtable + int64_t(ids[t]) * D;
+      const float* g = dout + t * D;
+      for (int j = j0; j < j1; ++j) row[j] += g[j];
+    }
+  }
+}
+
+// ---- T5 RMSNorm -------------------------------------------------------------------------------
+
+void CpuBackend::rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N,
+                                 int D, float eps) {
+#pragma omp parallel for schedule(static) if (N * D >= kParallelMin)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * D;
+    double ss = 0.0;
+    for (int j = 0; j < D; ++j) ss += double(xr[j]) * xr[j];
+    const float rs = static_cast<float>(1.0 / std::sqrt(ss / D + double(eps)));
+    rstd[r] = rs;
+    float* o = out + r * D;
+    for (int j = 0; j < D; ++j) o[j] = xr[j] * rs * w[j];
+  }
+}
+
+void CpuBackend::rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x,
+                                  const float* w, const float* rstd, int64_t N, int D) {
+  // dx: one row per iteration.
+#pragma omp parallel for schedule(static) if (N * D >= kParallelMin)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * D;
+    const float* gr = dout + r * D;
+    const float rs = rstd[r];
+    double dot = 0.0;  // sum_j dout*w*x
+    for (int j = 0; j < D; ++j) dot += double(gr[j]) * w[j] * xr[j];
+    const float c = static_cast<float>(dot / D) * rs * rs * rs;
+    float* d = dx + r * D;
+    for (int j = 0; j < D; ++j) d[j] = rs * w[j] * gr[j] - xr[j] * c;
+  }
+  // dw: one column block per iteration, rows summed in order.
+  const int num_blocks = (D + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) if (N * D >= kParallelMin)
+  for (int blk = 0; blk < num_blocks; ++blk) {
+    const int j0 = blk * kColumnBlock, j1 = std::min(D, j0 + kColumnBlock);
+    double acc[kColumnBlock] = {};
+    for (int64_t r = 0; r < N; ++r) {
+      const float rs = rstd[r];
+      for (int j = j0; j < j1; ++j) acc[j - j0] += double(dout[r * D + j] * x[r * D + j] * rs);
+    }
+    for (int j = j0; j < j1; ++j) dw[j] = static_cast<float>(dw[j] + acc[j - j0]);
+  }
+}
+
+// ---- attention --------------------------------------------------------------------------------
+
+void CpuBackend::attention_softmax_forward(float* probs, const float* scores, const float* bias,
+                                           const float* key_mask, int B, int H, int Tq, int Tk,
+                                           bool causal) {
+  const int64_t rows = int64_t(B) * H * Tq;
+#pragma omp parallel for schedule(static) if (rows * Tk >= kParallelMin)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int i = static_cast<int>(row % Tq);
+    const int h = static_cast<int>((row / Tq) % H);
+    const int b = static_cast<int>(row / (int64_t(Tq) * H));
+    const float* s = scores + row * Tk;
+    const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
+    const float* km = key_mask ? key_mask + int64_t(b) * Tk : nullptr;
+    float* p = probs + row * Tk;  // may alias s: each pass reads s[j] before writing p[j]
+    const int jmax = causal ? std::min(Tk, i + 1) : Tk;  // allowed keys lie in [0, jmax)
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < jmax; ++j)
+      if (!km || km[j] != 0.0f) mx = std::max(mx, s[j] + (bi ? bi[j] : 0.0f));
+    double z = 0.0;
+    for (int j = 0; j < Tk; ++j) {
+      const bool allowed = j < jmax && (!km || km[j] != 0.0f);
+      const float e = allowed ? std::exp(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
+      p[j] = e;
+      z += e;
+    }
+    const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+    for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
+  }
+}
+
+void CpuBackend::softmax_backward(float* dscores, const float* dprobs, const float* probs,
+                                  int64_t rows, int Tk) {
+#pragma omp parallel for schedule(static) if (rows * Tk >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* dp = dprobs + r * Tk;
+    const float* p = probs + r * Tk;
+    double dot = 0.0;
+    for (int j = 0; j < Tk; ++j) dot += double(dp[j]) * p[j];
+    const float dotf = static_cast<float>(dot);
+    float* ds = dscores + r * Tk;  // may alias dp: read dp[j] before writing ds[j]
+    for (int j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dotf);
+  }
+}
+
+void CpuBackend::relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H,
+                                     int Tq, int Tk) {
+#pragma omp parallel for collapse(2) schedule(static) if (int64_t(H) * Tq * Tk >= kParallelMin)
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < Tq; ++i) {
+      float* out = bias + (int64_t(h) * Tq + i) * Tk;
+      const int32_t* bk = buckets + int64_t(i) * Tk;
+      for (int j = 0; j < Tk; ++j) out[j] = table[int64_t(bk[j]) * H + h];
+    }
+}
+
+void CpuBackend::relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets,
+                                      int H, int Tq, int Tk, int num_buckets) {
+  // One head per iteration, (i,j) in order. Thousands of positions share a bucket, so the
+  // per-bucket sums are kept in double.
+#pragma omp parallel for schedule(static) if (int64_t(H) * Tq * Tk >= kParallelMin)
+  for (int h = 0; h < H; ++h) {
+    std::vector<double> acc(num_buckets);
+    for (int k = 0; k < num_buckets; ++k) acc[k] = dtable[int64_t(k) * H + h];
+    const float* g = dbias + int64_t(h) * Tq * Tk;
+    for (int64_t ij = 0; ij < int64_t(Tq) * Tk; ++ij) acc[buckets[ij]] += g[ij];
+    for (int k = 0; k < num_buckets; ++k) dtable[int64_t(k) * H + h] = static_cast<float>(acc[k]);
+  }
+}
+
+// ---- activations ------------------------------------------------------------------------------
+
+void CpuBackend::relu_forward(float* out, const float* x, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+void CpuBackend::relu_backward(float* dx, const float* dout, const float* x, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.0f ? dout[i] : 0.0f;
+}
+
+void CpuBackend::gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t i = 0; i < n; ++i) out[i] = gelu_tanh(a[i]) * b[i];
+}
+
+void CpuBackend::gated_gelu_backward(float* da, float* db, const float* dout, const float* a,
+                                     const float* b, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = dout[i];  // read before writing: da or db may alias dout
+    const float ai = a[i];
+    da[i] = g * b[i] * gelu_tanh_grad(ai);
+    db[i] = g * gelu_tanh(ai);
+  }
+}
+
+// ---- randomness -------------------------------------------------------------------------------
+
+void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) {
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
+  if (p == 0.0f) {
+    if (out != x) copy(out, x, sizeof(float) * n);
+    return;
+  }
+  const float keep_scale = 1.0f - p;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = uniform01(seed, static_cast<uint64_t>(i)) >= p ? x[i] / keep_scale : 0.0f;
+}
+
+void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = x[i] * (1.0f - eps + 2.0f * eps * uniform01(seed, static_cast<uint64_t>(i)));
+}
+
+// ---- loss -------------------------------------------------------------------------------------
+
+void CpuBackend::cross_entropy_forward(float* loss, float* lse, const float* logits,
+                                       const int32_t* labels, int64_t N, int V) {
+#pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* row = logits + r * V;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int v = 0; v < V; ++v) mx = std::max(mx, row[v]);
+    double z = 0.0;
+    for (int v = 0; v < V; ++v) z += std::exp(row[v] - mx);
+    const double l = double(mx) + std::log(z);
+    lse[r] = static_cast<float>(l);
+    loss[r] = labels[r] >= 0 ? static_cast<float>(l - double(row[labels[r]])) : 0.0f;
+  }
+}
+
+void CpuBackend::cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
+                                        const int32_t* labels, int64_t N, int V, float scale,
+                                        float z_coef) {
+#pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
+  for (int64_t r = 0; r < N; ++r) {
+    float* d = dlogits + r * V;  // may alias logits: elementwise
+    const int32_t label = labels[r];
+    if (label < 0) {
+      std::fill(d, d + V, 0.0f);
+      continue;
+    }
+    const float* row = logits + r * V;
+    const float l = lse[r];
+    const float factor = scale * (1.0f + 2.0f * z_coef * l);
+    for (int v = 0; v < V; ++v) d[v] = factor * std::exp(row[v] - l);
+    d[label] -= scale;
+  }
+}
+
+// ---- Switch router and token dispatch -----------------------------------------------------------
+
+void CpuBackend::router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
+                                float* gate, float* counts, const float* logits, int G, int S,
+                                int E, int C) {
+  // One group per iteration, its tokens in order. The softmax is in double, as in the reference,
+  // so that both pick the same expert on near-ties (it is T*E exps, negligible next to the GEMMs).
+#pragma omp parallel for schedule(static) if (int64_t(G) * S * E >= kParallelMin)
+  for (int g = 0; g < G; ++g) {
+    float* counts_g = counts + int64_t(g) * E;
+    std::fill(counts_g, counts_g + E, 0.0f);
+    for (int s = 0; s < S; ++s) {
+      const int64_t t = int64_t(g) * S + s;
+      const float* lg = logits + t * E;
+      float* p = probs + t * E;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int e = 0; e < E; ++e) mx = std::max(mx, double(lg[e]));
+      double z = 0.0;
+      for (int e = 0; e < E; ++e) z += std::exp(double(lg[e]) - mx);
+      for (int e = 0; e < E; ++e) p[e] = static_cast<float>(std::exp(double(lg[e]) - mx) / z);
+      lse[t] = static_cast<float>(mx + std::log(z));
+      int best = 0;  // argmax over the stored float probs, lowest index on ties
+      for (int e = 1; e < E; ++e)
+        if (p[e] > p[best]) best = e;
+      expert[t] = best;
+      gate[t] = p[best];
+      const int position = static_cast<int>(counts_g[best]);
+      slot[t] = position < C ? g * C + position : -1;
+      counts_g[best] += 1.0f;
+    }
+  }
+}
+
+void CpuBackend::router_balance_loss(float* lb, const float* probs, const float* counts, int G,
+                                     int S, int E) {
+#pragma omp parallel for schedule(static) if (int64_t(G) * S * E >= kParallelMin)
+  for (int g = 0; g < G; ++g) {
+    std::vector<double> prob_sum(E, 0.0);
+    for (int s = 0; s < S; ++s) {
+      const float* p = probs + (int64_t(g) * S + s) * E;
+      for (int e = 0; e < E; ++e) prob_sum[e] += p[e];
+    }
+    double total = 0.0;
+    for (int e = 0; e < E; ++e) total += double(counts[int64_t(g) * E + e]) * prob_sum[e];
+    lb[g] = static_cast<float>(E * total / (double(S) * S));
+  }
+}
+
+void CpuBackend::router_backward(float* dlogits, const float* probs, const float* lse,
+                                 const int32_t* expert, const float* dgate, const float* counts,
+                                 int G, int S, int E, float lb_scale, float z_scale) {
+  const int64_t T = int64_t(G) * S;
+  const double lb_coef = double(lb_scale) * E / (double(S) * S);
+#pragma omp parallel for schedule(static) if (T * E >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* p = probs + t * E;
+    const float* counts_g = counts + (t / S) * E;
+    auto dprob = [&](int e) {
+      return lb_coef * counts_g[e] + (e == expert[t] ? double(dgate[t]) : 0.0);
+    };
+    double dot = 0.0;
+    for (int e = 0; e < E; ++e) dot += dprob(e) * p[e];
+    const double z_term = double(z_scale) * 2.0 * double(lse[t]);
+    for (int e = 0; e < E; ++e)
+      dlogits[t * E + e] = static_cast<float>(double(p[e]) * (dprob(e) - dot + z_term));
+  }
+}
+
+void CpuBackend::moe_dispatch(float* buf, const float* x, const int32_t* expert,
+                              const int32_t* slot, int64_t T, int D, int E, int GC) {
+  fill(buf, 0.0f, int64_t(E) * GC * D);
+  // Each (expert, slot) row belongs to at most one token (router_forward), so rows are disjoint.
+#pragma omp parallel for schedule(static) if (T * D >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t)
+    if (slot[t] >= 0)
+      std::memcpy(buf + (int64_t(expert[t]) * GC + slot[t]) * D, x + t * D, sizeof(float) * D);
+}
+
+void CpuBackend::moe_dispatch_backward(float* dx, const float* dbuf, const int32_t* expert,
+                                       const int32_t* slot, int64_t T, int D, int GC) {
+#pragma omp parallel for schedule(static) if (T * D >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    if (slot[t] >= 0)
+      std::memcpy(dx + t * D, dbuf + (int64_t(expert[t]) * GC + slot[t]) * D, sizeof(float) * D);
+    else
+      std::fill(dx + t * D, dx + (t + 1) * D, 0.0f);
+  }
+}
+
+void CpuBackend::moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert,
+                             const int32_t* slot, int64_t T, int D, int GC) {
+#pragma omp parallel for schedule(static) if (T * D >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * D;
+    if (slot[t] < 0) {
+      std::fill(o, o + D, 0.0f);
+      continue;
+    }
+    const float* row = buf + (int64_t(expert[t]) * GC + slot[t]) * D;
+    const float gt = gate[t];
+    for (int d = 0; d < D; ++d) o[d] = gt * row[d];
+  }
+}
+
+void CpuBackend::moe_combine_backward(float* dbuf, float* dgate, const float* dout,
+                                      const float* buf, const float* gate, const int32_t* expert,
+                                      const int32_t* slot, int64_t T, int D, int E, int GC) {
+  fill(dbuf, 0.0f, int64_t(E) * GC * D);
+#pragma omp parallel for schedule(static) if (T * D >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    if (slot[t] < 0) {
+      dgate[t] = 0.0f;
+      continue;
+    }
+    const int64_t row = (int64_t(expert[t]) * GC + slot[t]) * D;
+    const float* g = dout + t * D;
+    const float gt = gate[t];
+    double dot = 0.0;
+    for (int d = 0; d < D; ++d) {
+      dbuf[row + d] = gt * g[d];
+      dot += double(g[d]) * buf[row + d];
+    }
+    dgate[t] = static_cast<float>(dot);
+  }
+}
+
+}  // namespace switcht5

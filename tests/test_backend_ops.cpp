@@ -1,0 +1,978 @@
+// Every op of backend/backend.h (but the optimizer updates, tested in test_optimizer.cpp):
+//  1. the reference backend against hand-computed values and finite differences;
+//  2. the CPU backend against the reference over several shapes, odd sizes included;
+//  3. the CPU backend's non-GEMM ops bitwise equal under different OpenMP thread counts.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/reference/reference_backend.h"
+#include "core/check.h"
+#include "core/rng.h"
+#include "test_util.h"
+
+namespace switcht5 {
+namespace {
+
+using testing::all_close;
+using testing::download;
+using testing::random_int_vector;
+using testing::random_vector;
+using testing::upload;
+
+// ---- tolerances: fp32 backends against the double-accumulating reference ----------------------
+struct Tolerance {
+  double rtol, atol;
+};
+// Elementwise ops and short reductions.
+constexpr Tolerance kFp32{1e-5, 1e-6};
+// An output that sums `terms` O(1) products in float carries rounding error up to about
+// terms * 2^-24 times its magnitude; atol grows with the number of terms.
+constexpr Tolerance fp32_sum_of(int64_t terms) { return {1e-5, 1e-6 + 6e-8 * double(terms)}; }
+// Finite differences on the reference (central, step kFdStep, float outputs).
+constexpr Tolerance kFiniteDifference{2e-3, 2e-3};
+constexpr float kFdStep = 1e-2f;
+
+// ---- harness
+// -------------------------------------------------------------------------------------
+using Outputs = std::vector<std::vector<float>>;
+
+std::vector<float> to_float(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
+
+class BackendOps : public ::testing::Test {
+ protected:
+  ReferenceBackend ref_;
+  CpuBackend cpu_;
+
+  // Runs op on both backends and compares every output of the CPU with the reference's.
+  void expect_cpu_matches_reference(const std::function<Outputs(Backend&)>& op, Tolerance tol,
+                                    const std::string& what) {
+    Outputs expected = op(ref_);
+    Outputs actual = op(cpu_);
+    ASSERT_EQ(expected.size(), actual.size()) << what;
+    for (size_t i = 0; i < expected.size(); ++i)
+      EXPECT_TRUE(all_close(actual[i], expected[i], tol.rtol, tol.atol))
+          << what << ", output " << i;
+  }
+};
+
+// ================================================================================================
+// 1. The reference against hand-computed values
+// ================================================================================================
+
+TEST_F(BackendOps, ReferenceGemm2x2EveryTranspose) {
+  // A = [1 2; 3 4], B = [5 6; 7 8]
+  const std::vector<float> a = {1, 2, 3, 4}, b = {5, 6, 7, 8};
+  struct Case {
+    bool ta, tb;
+    std::vector<float> expected;
+  };
+  const std::vector<Case> cases = {
+      {false, false, {19, 22, 43, 50}},  // A B
+      {false, true, {17, 23, 39, 53}},   // A B^T
+      {true, false, {26, 30, 38, 44}},   // A^T B
+      {true, true, {23, 31, 34, 46}},    // A^T B^T
+  };
+  for (const Case& c : cases) {
+    auto A = upload(ref_, a), B = upload(ref_, b);
+    auto C = upload(ref_, std::vector<float>{1, 1, 1, 1});
+    ref_.gemm(c.ta, c.tb, 2, 2, 2, 1.0f, A.data(), 2, 0, B.data(), 2, 0, 0.0f, C.data(), 2, 0, 1);
+    EXPECT_EQ(download(ref_, C.data(), 4), c.expected) << "trans " << c.ta << c.tb;
+    // alpha = 2, beta = 0.5 on C = 1: 2 op(A) op(B) + 0.5.
+    ref_.fill(C.data(), 1.0f, 4);
+    ref_.gemm(c.ta, c.tb, 2, 2, 2, 2.0f, A.data(), 2, 0, B.data(), 2, 0, 0.5f, C.data(), 2, 0, 1);
+    std::vector<float> scaled(4);
+    for (int i = 0; i < 4; ++i) scaled[i] = 2 * c.expected[i] + 0.5f;
+    EXPECT_EQ(download(ref_, C.data(), 4), scaled) << "trans " << c.ta << c.tb << " alpha/beta";
+  }
+}
+
+TEST_F(BackendOps, GemmBetaZeroIgnoresNaNInC) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+    for (int batch : {1, 4}) {
+      auto A = upload(*be, random_vector(3 * 5 * batch, 1));
+      auto B = upload(*be, random_vector(5 * 7 * batch, 2));
+      auto C = upload(*be, std::vector<float>(3 * 7 * batch, nan));
+      be->gemm(false, false, 3, 7, 5, 1.0f, A.data(), 5, 15, B.data(), 7, 35, 0.0f, C.data(), 7, 21,
+               batch);
+      EXPECT_EQ(be->count_nonfinite(C.data(), 3 * 7 * batch), 0)
+          << be->name() << " batch " << batch;
+    }
+  }
+}
+
+TEST_F(BackendOps, ReferenceAttentionSoftmaxMaskedAndCausal) {
+  // B=2, H=1, Tq=3, Tk=3. Batch 0 masks key 1; batch 1 masks every key.
+  // clang-format off
+  const std::vector<float> scores = {0.0f, 5.0f, std::log(3.0f),   // batch 0
+                                     1.0f, 2.0f, 3.0f,
+                                     0.0f, 9.0f, std::log(3.0f),
+                                     1.0f, 2.0f, 3.0f,             // batch 1
+                                     1.0f, 2.0f, 3.0f,
+                                     1.0f, 2.0f, 3.0f};
+  // clang-format on
+  const std::vector<float> key_mask = {1, 0, 1, 0, 0, 0};
+  auto S = upload(ref_, scores), M = upload(ref_, key_mask);
+  auto P = upload(ref_, std::vector<float>(18));
+
+  // Not causal: rows of batch 0 are a softmax over keys {0, 2}.
+  ref_.attention_softmax_forward(P.data(), S.data(), nullptr, M.data(), 2, 1, 3, 3, false);
+  auto p = download(ref_, P.data(), 18);
+  // clang-format off
+  const std::vector<float> expected_noncausal = {
+      0.25f, 0.0f, 0.75f,                                                      // e^0 : e^ln3
+      float(1 / (1 + std::exp(2.0))), 0.0f, float(1 / (1 + std::exp(-2.0))),  // e^1 : e^3
+      0.25f, 0.0f, 0.75f,
+      0, 0, 0,  0, 0, 0,  0, 0, 0};                                            // no allowed key
+  // clang-format on
+  EXPECT_TRUE(all_close(p, expected_noncausal, 1e-6, 1e-7));
+
+  // Causal: row 0 sees key 0 only, row 1 keys {0} (1 is masked), row 2 keys {0, 2}. In place.
+  auto SP = upload(ref_, scores);
+  ref_.attention_softmax_forward(SP.data(), SP.data(), nullptr, M.data(), 2, 1, 3, 3, true);
+  p = download(ref_, SP.data(), 18);
+  // clang-format off
+  const std::vector<float> expected_causal = {1, 0, 0,  1, 0, 0,  0.25f, 0, 0.75f,
+                                              0, 0, 0,  0, 0, 0,  0, 0, 0};
+  // clang-format on
+  EXPECT_TRUE(all_close(p, expected_causal, 1e-6, 1e-7));
+
+  // A bias shifts the logits before the softmax: bias [H=1,3,3] adds ln 3 to key 0 of row 0.
+  std::vector<float> bias(9, 0.0f);
+  bias[0] = std::log(3.0f);
+  auto Bi = upload(ref_, bias);
+  ref_.attention_softmax_forward(P.data(), S.data(), Bi.data(), M.data(), 1, 1, 1, 3, false);
+  p = download(ref_, P.data(), 3);
+  EXPECT_TRUE(all_close(p, {0.5f, 0.0f, 0.5f}, 1e-6, 1e-7));
+}
+
+TEST_F(BackendOps, ReferenceRouterSlotsAndDropping) {
+  // G=2 groups of S=4 tokens, E=3 experts. Top-1 experts: group 0 -> 0,1,0,0; group 1 ->
+  // 2,2,0,2 where token 2 of group 1 ties experts 0 and 1 (lowest index wins).
+  // clang-format off
+  const std::vector<float> logits = {
+      2, 0, 0,   0, 3, 1,   1, 0, 0,   5, 1, 1,  // group 0
+      0, 0, 1,   1, 0, 4,   2, 2, 1,   0, 1, 2,  // group 1
+  };
+  // clang-format on
+  const std::vector<int32_t> expected_expert = {0, 1, 0, 0, 2, 2, 0, 2};
+  const std::vector<float> expected_counts = {3, 1, 0, 1, 0, 3};  // [G,E], before dropping
+  // Position of each token among earlier same-expert tokens in its group.
+  const std::vector<int> position = {0, 0, 1, 2, 0, 1, 0, 2};
+  for (int C : {1, 2}) {
+    auto L = upload(ref_, logits);
+    DeviceArray<float> probs(ref_, 24), lse(ref_, 8), gate(ref_, 8), counts(ref_, 6);
+    DeviceArray<int32_t> expert(ref_, 8), slot(ref_, 8);
+    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                        counts.data(), L.data(), 2, 4, 3, C);
+    EXPECT_EQ(download(ref_, expert.data(), 8), expected_expert);
+    EXPECT_EQ(download(ref_, counts.data(), 6), expected_counts);
+    std::vector<int32_t> expected_slot(8);
+    for (int t = 0; t < 8; ++t) expected_slot[t] = position[t] < C ? (t / 4) * C + position[t] : -1;
+    EXPECT_EQ(download(ref_, slot.data(), 8), expected_slot) << "capacity " << C;
+    const std::vector<int32_t> by_hand = C == 1 ? std::vector<int32_t>{0, 0, -1, -1, 1, -1, 1, -1}
+                                                : std::vector<int32_t>{0, 0, 1, -1, 2, 3, 2, -1};
+    EXPECT_EQ(expected_slot, by_hand);
+    // Token 0: softmax(2,0,0) = e^2 / (e^2 + 2); lse = log(e^2 + 2).
+    auto g = download(ref_, gate.data(), 8);
+    auto l = download(ref_, lse.data(), 8);
+    EXPECT_NEAR(g[0], std::exp(2.0) / (std::exp(2.0) + 2), 1e-7);
+    EXPECT_NEAR(l[0], std::log(std::exp(2.0) + 2), 1e-6);
+    EXPECT_NEAR(g[6], std::exp(2.0) / (2 * std::exp(2.0) + std::exp(1.0)), 1e-7);
+  }
+}
+
+TEST_F(BackendOps, ReferenceRouterBalanceLossUniformIsOne) {
+  // Uniform probabilities and a balanced assignment give lb = E * sum_e (1/E)(1/E) = 1.
+  const int G = 1, S = 4, E = 4;
+  auto probs = upload(ref_, std::vector<float>(S * E, 0.25f));
+  auto counts = upload(ref_, std::vector<float>{1, 1, 1, 1});
+  DeviceArray<float> lb(ref_, G);
+  ref_.router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
+  EXPECT_NEAR(download(ref_, lb.data(), 1)[0], 1.0f, 1e-7);
+  // All tokens to expert 0 with probability 1 there: lb = E * 1 * 1 = E.
+  std::vector<float> onehot(S * E, 0.0f);
+  for (int s = 0; s < S; ++s) onehot[s * E] = 1.0f;
+  auto probs1 = upload(ref_, onehot);
+  auto counts1 = upload(ref_, std::vector<float>{4, 0, 0, 0});
+  ref_.router_balance_loss(lb.data(), probs1.data(), counts1.data(), G, S, E);
+  EXPECT_NEAR(download(ref_, lb.data(), 1)[0], float(E), 1e-6);
+}
+
+TEST_F(BackendOps, ReferenceCrossEntropyWithIgnoredLabel) {
+  // Row 0: logits (0, ln 3), label 1: lse = ln 4, loss = ln 4 - ln 3. Row 1: ignored (-100).
+  const std::vector<float> logits = {0.0f, std::log(3.0f), 1.0f, 1.0f};
+  const std::vector<int32_t> labels = {1, -100};
+  auto Lg = upload(ref_, logits);
+  auto Lb = upload(ref_, labels);
+  DeviceArray<float> loss(ref_, 2), lse(ref_, 2), dlogits(ref_, 4);
+  ref_.cross_entropy_forward(loss.data(), lse.data(), Lg.data(), Lb.data(), 2, 2);
+  EXPECT_TRUE(
+      all_close(download(ref_, loss.data(), 2), {float(std::log(4.0 / 3.0)), 0.0f}, 1e-6, 1e-7));
+  EXPECT_TRUE(all_close(download(ref_, lse.data(), 2),
+                        {float(std::log(4.0)), float(1 + std::log(2.0))}, 1e-6, 1e-7));
+  // scale 2, no z-loss: 2 * (softmax - onehot) = 2 * (0.25, 0.75 - 1); ignored row is 0.
+  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 2.0f, 0.0f);
+  EXPECT_TRUE(all_close(download(ref_, dlogits.data(), 4), {0.5f, -0.5f, 0.0f, 0.0f}, 1e-6, 1e-7));
+  // z-loss: softmax is scaled by 1 + 2 z lse.
+  const float z = 0.1f, l = float(std::log(4.0));
+  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 1.0f, z);
+  EXPECT_TRUE(all_close(download(ref_, dlogits.data(), 4),
+                        {0.25f * (1 + 2 * z * l), 0.75f * (1 + 2 * z * l) - 1, 0.0f, 0.0f}, 1e-6,
+                        1e-7));
+}
+
+TEST_F(BackendOps, ReferenceRmsnormByHand) {
+  // x = (3, 4): mean x^2 = 12.5; w = (1, 2); eps = 0.
+  auto X = upload(ref_, std::vector<float>{3, 4});
+  auto W = upload(ref_, std::vector<float>{1, 2});
+  DeviceArray<float> out(ref_, 2), rstd(ref_, 1);
+  ref_.rmsnorm_forward(out.data(), rstd.data(), X.data(), W.data(), 1, 2, 0.0f);
+  const double r = 1 / std::sqrt(12.5);
+  EXPECT_TRUE(all_close(download(ref_, rstd.data(), 1), {float(r)}, 1e-7, 0));
+  EXPECT_TRUE(all_close(download(ref_, out.data(), 2), {float(3 * r), float(8 * r)}, 1e-7, 0));
+}
+
+TEST_F(BackendOps, ReferenceEmbeddingBackwardAccumulatesRepeats) {
+  // V=3, D=2; ids (2, 0, 2): row 2 receives tokens 0 and 2, row 1 nothing; dtable starts at 1.
+  auto ids = upload(ref_, std::vector<int32_t>{2, 0, 2});
+  auto dout = upload(ref_, std::vector<float>{1, 2, 3, 4, 5, 6});
+  auto dtable = upload(ref_, std::vector<float>(6, 1.0f));
+  ref_.embedding_backward(dtable.data(), ids.data(), dout.data(), 3, 2, 3);
+  EXPECT_EQ(download(ref_, dtable.data(), 6), (std::vector<float>{4, 5, 1, 1, 7, 9}));
+}
+
+TEST_F(BackendOps, ReferenceMoeDispatchCombineByHand) {
+  // T=3, D=2, E=2, GC=2: token 0 -> (1, 0), token 1 dropped, token 2 -> (0, 1).
+  auto x = upload(ref_, std::vector<float>{1, 2, 3, 4, 5, 6});
+  auto expert = upload(ref_, std::vector<int32_t>{1, 0, 0});
+  auto slot = upload(ref_, std::vector<int32_t>{0, -1, 1});
+  auto gate = upload(ref_, std::vector<float>{0.5f, 0.25f, 2.0f});
+  auto buf = upload(ref_, std::vector<float>(8, 7.0f));  // stale contents must be cleared
+  ref_.moe_dispatch(buf.data(), x.data(), expert.data(), slot.data(), 3, 2, 2, 2);
+  EXPECT_EQ(download(ref_, buf.data(), 8), (std::vector<float>{0, 0, 5, 6, 1, 2, 0, 0}));
+  DeviceArray<float> out(ref_, 6);
+  ref_.moe_combine(out.data(), buf.data(), gate.data(), expert.data(), slot.data(), 3, 2, 2);
+  EXPECT_EQ(download(ref_, out.data(), 6), (std::vector<float>{0.5f, 1, 0, 0, 10, 12}));
+  DeviceArray<float> dx(ref_, 6), dbuf(ref_, 8), dgate(ref_, 3);
+  ref_.moe_dispatch_backward(dx.data(), buf.data(), expert.data(), slot.data(), 3, 2, 2);
+  EXPECT_EQ(download(ref_, dx.data(), 6), (std::vector<float>{1, 2, 0, 0, 5, 6}));
+  auto dout = upload(ref_, std::vector<float>{1, 1, 1, 1, 1, -1});
+  ref_.moe_combine_backward(dbuf.data(), dgate.data(), dout.data(), buf.data(), gate.data(),
+                            expert.data(), slot.data(), 3, 2, 2, 2);
+  EXPECT_EQ(download(ref_, dbuf.data(), 8), (std::vector<float>{0, 0, 2, -2, 0.5f, 0.5f, 0, 0}));
+  EXPECT_EQ(download(ref_, dgate.data(), 3), (std::vector<float>{3, 0, -1}));
+}
+
+TEST_F(BackendOps, DropoutZeroProbabilityIsIdentity) {
+  const auto x = random_vector(1001, 5);
+  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+    auto X = upload(*be, x);
+    DeviceArray<float> out(*be, 1001);
+    be->dropout(out.data(), X.data(), 1001, 0.0f, 42);
+    EXPECT_EQ(download(*be, out.data(), 1001), x) << be->name();
+    be->dropout(X.data(), X.data(), 1001, 0.0f, 42);  // in place
+    EXPECT_EQ(download(*be, X.data(), 1001), x) << be->name();
+  }
+}
+
+TEST_F(BackendOps, DropoutPreservesMeanAndDropsFractionP) {
+  const int64_t n = 1 << 20;
+  const float p = 0.1f;
+  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+    DeviceArray<float> x(*be, n);
+    be->fill(x.data(), 1.0f, n);
+    be->dropout(x.data(), x.data(), n, p, 1234);
+    auto h = download(*be, x.data(), n);
+    int64_t zeros = 0;
+    for (float v : h) {
+      zeros += v == 0.0f;
+      if (v != 0.0f) {
+        EXPECT_NEAR(v, 1.0f / (1.0f - p), 1e-6);
+      }
+    }
+    // Standard errors: the mean sqrt(p/(1-p)/n) ~ 3e-4, the drop fraction sqrt(p(1-p)/n) ~ 3e-4.
+    EXPECT_NEAR(be->sum(x.data(), n) / double(n), 1.0, 2e-3) << be->name();
+    EXPECT_NEAR(double(zeros) / double(n), p, 2e-3) << be->name();
+  }
+}
+
+TEST_F(BackendOps, UniformJitterStaysInRange) {
+  const int64_t n = 100000;
+  const float eps = 0.01f;
+  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+    DeviceArray<float> x(*be, n);
+    be->fill(x.data(), 1.0f, n);
+    be->uniform_jitter(x.data(), x.data(), n, eps, 99);
+    auto h = download(*be, x.data(), n);
+    float lo = 2, hi = 0;
+    for (float v : h) lo = std::min(lo, v), hi = std::max(hi, v);
+    EXPECT_GE(lo, 1.0f - eps) << be->name();
+    EXPECT_LE(hi, 1.0f + eps) << be->name();
+    EXPECT_LT(lo, 1.0f - 0.99f * eps) << be->name();  // the range is actually covered
+    EXPECT_GT(hi, 1.0f + 0.99f * eps) << be->name();
+    EXPECT_NEAR(be->sum(x.data(), n) / double(n), 1.0, 1e-4) << be->name();
+  }
+}
+
+TEST_F(BackendOps, MakeBackendByName) {
+  EXPECT_EQ(make_backend("reference")->name(), "reference");
+  EXPECT_EQ(make_backend("cpu")->name(), "cpu");
+  try {
+    make_backend("cuda9");
+    FAIL() << "expected UserError";
+  } catch (const UserError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("cuda9"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("reference"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("cpu"), std::string::npos) << msg;
+  }
+}
+
+TEST_F(BackendOps, AllocIsZeroedAndAligned) {
+  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+    for (size_t bytes : {size_t{1}, size_t{4}, size_t{100}, size_t{4096 + 4}}) {
+      void* p = be->alloc_bytes(bytes);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u) << be->name();
+      const auto* c = static_cast<const unsigned char*>(p);
+      for (size_t i = 0; i < bytes; ++i) ASSERT_EQ(c[i], 0) << be->name() << " byte " << i;
+      be->free_bytes(p);
+    }
+  }
+}
+
+// ================================================================================================
+// 1b. Reference backwards against central finite differences of the reference forwards
+// ================================================================================================
+
+// Checks grad[i] == d objective / d x[i] for every i, where objective(x) is a double.
+void expect_gradient_matches_fd(const std::function<double(const std::vector<float>&)>& objective,
+                                const std::vector<float>& x, const std::vector<float>& grad,
+                                const std::string& what) {
+  ASSERT_EQ(x.size(), grad.size());
+  std::vector<float> fd(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    std::vector<float> xp = x, xm = x;
+    xp[i] += kFdStep;
+    xm[i] -= kFdStep;
+    fd[i] = static_cast<float>((objective(xp) - objective(xm)) / (2.0 * kFdStep));
+  }
+  EXPECT_TRUE(all_close(grad, fd, kFiniteDifference.rtol, kFiniteDifference.atol)) << what;
+}
+
+double dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double acc = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) acc += double(a[i]) * b[i];
+  return acc;
+}
+
+TEST_F(BackendOps, ReferenceRmsnormBackwardMatchesFiniteDifferences) {
+  const int N = 3, D = 7;
+  const float eps = 1e-6f;
+  const auto x = random_vector(N * D, 1), w = random_vector(D, 2, 0.5f, 1.5f),
+             r = random_vector(N * D, 3);
+  auto forward = [&](const std::vector<float>& xv, const std::vector<float>& wv) {
+    auto X = upload(ref_, xv), W = upload(ref_, wv);
+    DeviceArray<float> out(ref_, N * D), rstd(ref_, N);
+    ref_.rmsnorm_forward(out.data(), rstd.data(), X.data(), W.data(), N, D, eps);
+    return dot(download(ref_, out.data(), N * D), r);
+  };
+  auto X = upload(ref_, x), W = upload(ref_, w), R = upload(ref_, r);
+  DeviceArray<float> out(ref_, N * D), rstd(ref_, N), dx(ref_, N * D), dw(ref_, D);
+  ref_.rmsnorm_forward(out.data(), rstd.data(), X.data(), W.data(), N, D, eps);
+  ref_.rmsnorm_backward(dx.data(), dw.data(), R.data(), X.data(), W.data(), rstd.data(), N, D);
+  expect_gradient_matches_fd([&](const std::vector<float>& v) { return forward(v, w); }, x,
+                             download(ref_, dx.data(), N * D), "rmsnorm dx");
+  expect_gradient_matches_fd([&](const std::vector<float>& v) { return forward(x, v); }, w,
+                             download(ref_, dw.data(), D), "rmsnorm dw");
+}
+
+TEST_F(BackendOps, ReferenceSoftmaxBackwardMatchesFiniteDifferences) {
+  const int B = 2, H = 2, Tq = 3, Tk = 4;
+  const int64_t n = int64_t(B) * H * Tq * Tk;
+  const auto scores = random_vector(n, 4, -2, 2), bias = random_vector(H * Tq * Tk, 5);
+  const std::vector<float> key_mask = {1, 1, 0, 1, 1, 1, 1, 0};
+  const auto r = random_vector(n, 6);
+  auto Bi = upload(ref_, bias), Km = upload(ref_, key_mask);
+  for (bool causal : {false, true}) {
+    auto probs_of = [&](const std::vector<float>& s) {
+      auto S = upload(ref_, s);
+      DeviceArray<float> P(ref_, n);
+      ref_.attention_softmax_forward(P.data(), S.data(), Bi.data(), Km.data(), B, H, Tq, Tk,
+                                     causal);
+      return download(ref_, P.data(), n);
+    };
+    auto P = upload(ref_, probs_of(scores));
+    auto R = upload(ref_, r);
+    DeviceArray<float> ds(ref_, n);
+    ref_.softmax_backward(ds.data(), R.data(), P.data(), int64_t(B) * H * Tq, Tk);
+    expect_gradient_matches_fd([&](const std::vector<float>& s) { return dot(probs_of(s), r); },
+                               scores, download(ref_, ds.data(), n),
+                               causal ? "softmax causal" : "softmax");
+  }
+}
+
+TEST_F(BackendOps, ReferenceGatedGeluBackwardMatchesFiniteDifferences) {
+  const int n = 33;
+  const auto a = random_vector(n, 7, -3, 3), b = random_vector(n, 8), r = random_vector(n, 9);
+  auto forward = [&](const std::vector<float>& av, const std::vector<float>& bv) {
+    auto A = upload(ref_, av), Bv = upload(ref_, bv);
+    DeviceArray<float> out(ref_, n);
+    ref_.gated_gelu_forward(out.data(), A.data(), Bv.data(), n);
+    return dot(download(ref_, out.data(), n), r);
+  };
+  auto A = upload(ref_, a), Bv = upload(ref_, b), R = upload(ref_, r);
+  DeviceArray<float> da(ref_, n), db(ref_, n);
+  ref_.gated_gelu_backward(da.data(), db.data(), R.data(), A.data(), Bv.data(), n);
+  expect_gradient_matches_fd([&](const std::vector<float>& v) { return forward(v, b); }, a,
+                             download(ref_, da.data(), n), "gated gelu da");
+  expect_gradient_matches_fd([&](const std::vector<float>& v) { return forward(a, v); }, b,
+                             download(ref_, db.data(), n), "gated gelu db");
+}
+
+TEST_F(BackendOps, ReferenceCrossEntropyBackwardMatchesFiniteDifferences) {
+  const int N = 4, V = 5;
+  const float scale = 0.5f, z_coef = 0.3f;
+  const auto logits = random_vector(N * V, 10, -2, 2);
+  const std::vector<int32_t> labels = {3, -100, 0, 4};
+  auto Lb = upload(ref_, labels);
+  // objective = scale * sum_{r not ignored} (loss[r] + z_coef lse[r]^2)
+  auto objective = [&](const std::vector<float>& lg) {
+    auto L = upload(ref_, lg);
+    DeviceArray<float> loss(ref_, N), lse(ref_, N);
+    ref_.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), N, V);
+    auto lo = download(ref_, loss.data(), N), ls = download(ref_, lse.data(), N);
+    double total = 0.0;
+    for (int r = 0; r < N; ++r)
+      if (labels[r] >= 0) total += lo[r] + double(z_coef) * ls[r] * ls[r];
+    return scale * total;
+  };
+  auto L = upload(ref_, logits);
+  DeviceArray<float> loss(ref_, N), lse(ref_, N), dl(ref_, N * V);
+  ref_.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), N, V);
+  ref_.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), N, V, scale, z_coef);
+  expect_gradient_matches_fd(objective, logits, download(ref_, dl.data(), N * V), "cross entropy");
+}
+
+TEST_F(BackendOps, ReferenceRouterBackwardMatchesFiniteDifferences) {
+  const int G = 2, S = 5, E = 3, C = 2, T = G * S;
+  const float lb_scale = 0.7f, z_scale = 0.2f;
+  // Each token's top expert leads by at least 0.5, so no finite-difference step changes the
+  // assignment (the counts are not differentiable); expert (t*t) % E overflows capacity 2.
+  auto logits = random_vector(T * E, 11, -1, 1);
+  for (int t = 0; t < T; ++t) logits[t * E + (t * t) % E] += 2.5f;
+  const auto dgate = random_vector(T, 12);
+  // objective = lb_scale sum_g lb[g] + z_scale sum_t lse[t]^2 + sum_t dgate[t] gate[t]
+  auto objective = [&](const std::vector<float>& lg) {
+    auto L = upload(ref_, lg);
+    DeviceArray<float> probs(ref_, T * E), lse(ref_, T), gate(ref_, T), counts(ref_, G * E),
+        lb(ref_, G);
+    DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
+    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                        counts.data(), L.data(), G, S, E, C);
+    ref_.router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
+    auto lbh = download(ref_, lb.data(), G), ls = download(ref_, lse.data(), T),
+         gt = download(ref_, gate.data(), T);
+    double total = 0.0;
+    for (int g = 0; g < G; ++g) total += double(lb_scale) * lbh[g];
+    for (int t = 0; t < T; ++t) total += double(z_scale) * ls[t] * ls[t] + double(dgate[t]) * gt[t];
+    return total;
+  };
+  auto L = upload(ref_, logits), Dg = upload(ref_, dgate);
+  DeviceArray<float> probs(ref_, T * E), lse(ref_, T), gate(ref_, T), counts(ref_, G * E),
+      dl(ref_, T * E);
+  DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
+  ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                      counts.data(), L.data(), G, S, E, C);
+  ref_.router_backward(dl.data(), probs.data(), lse.data(), expert.data(), Dg.data(), counts.data(),
+                       G, S, E, lb_scale, z_scale);
+  expect_gradient_matches_fd(objective, logits, download(ref_, dl.data(), T * E), "router");
+}
+
+// ================================================================================================
+// 2. CPU against the reference
+// ================================================================================================
+
+TEST_F(BackendOps, CpuGemmMatchesReference) {
+  struct Dims {
+    int M, N, K;
+  };
+  const std::vector<Dims> dims = {{1, 1, 1},    {3, 7, 33}, {33, 3, 7},    {7, 33, 1},
+                                  {64, 48, 80}, {5, 4, 0},  {130, 67, 257}};
+  uint64_t seed = 100;
+  for (const Dims& d : dims) {
+    for (int batch : {1, 3, 9}) {
+      for (int combo = 0; combo < 4; ++combo) {
+        for (float beta : {0.0f, 0.7f}) {
+          const bool ta = combo & 2, tb = combo & 1;
+          // Padded leading dimensions and batch strides with gaps, to catch lda/stride mix-ups.
+          const int lda = (ta ? d.M : d.K) + 3, ldb = (tb ? d.K : d.N) + 2, ldc = d.N + 1;
+          const int64_t sa = int64_t(ta ? d.K : d.M) * lda + 5,
+                        sb = int64_t(tb ? d.N : d.K) * ldb + 1, sc = int64_t(d.M) * ldc + 2;
+          const auto a = random_vector(sa * batch, ++seed), b = random_vector(sb * batch, ++seed),
+                     c = random_vector(sc * batch, ++seed);
+          auto op = [&](Backend& be) -> Outputs {
+            auto A = upload(be, a), B = upload(be, b), Cm = upload(be, c);
+            be.gemm(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), lda, sa, B.data(), ldb, sb, beta,
+                    Cm.data(), ldc, sc, batch);
+            return {download(be, Cm.data(), sc * batch)};  // padding must be left untouched too
+          };
+          expect_cpu_matches_reference(
+              op, fp32_sum_of(d.K),
+              fmt::format("gemm M={} N={} K={} batch={} trans={}{} beta={}", d.M, d.N, d.K, batch,
+                          ta, tb, beta));
+        }
+      }
+    }
+  }
+}
+
+TEST_F(BackendOps, CpuElementwiseMatchReference) {
+  for (int64_t n : {1, 3, 7, 33, 100003}) {
+    const auto x = random_vector(n, 1, -3, 3), y = random_vector(n, 2, -3, 3);
+    const std::string at = fmt::format(" n={}", n);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x), Y = upload(be, y);
+          DeviceArray<float> out(be, n);
+          be.add(out.data(), X.data(), Y.data(), n);
+          auto sum_out = download(be, out.data(), n);
+          be.add(X.data(), X.data(), Y.data(), n);  // aliasing a
+          auto alias = download(be, X.data(), n);
+          be.axpy(Y.data(), -0.75f, X.data(), n);
+          auto ax = download(be, Y.data(), n);
+          be.scale(Y.data(), 3.5f, n);
+          auto sc = download(be, Y.data(), n);
+          be.fill(out.data(), -2.5f, n);
+          return {sum_out, alias, ax, sc, download(be, out.data(), n)};
+        },
+        kFp32, "add/axpy/scale/fill" + at);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x), Y = upload(be, y);
+          DeviceArray<float> out(be, n), dx(be, n);
+          be.relu_forward(out.data(), X.data(), n);
+          be.relu_backward(dx.data(), Y.data(), X.data(), n);
+          auto fwd = download(be, out.data(), n), bwd = download(be, dx.data(), n);
+          be.relu_forward(X.data(), X.data(), n);  // in place
+          return {fwd, bwd, download(be, X.data(), n)};
+        },
+        kFp32, "relu" + at);
+    const auto g = random_vector(n, 3);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto A = upload(be, x), B = upload(be, y), G = upload(be, g);
+          DeviceArray<float> out(be, n), da(be, n), db(be, n);
+          be.gated_gelu_forward(out.data(), A.data(), B.data(), n);
+          be.gated_gelu_backward(da.data(), db.data(), G.data(), A.data(), B.data(), n);
+          return {download(be, out.data(), n), download(be, da.data(), n),
+                  download(be, db.data(), n)};
+        },
+        kFp32, "gated gelu" + at);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x);
+          DeviceArray<float> out(be, n), jit(be, n);
+          be.dropout(out.data(), X.data(), n, 0.3f, 777);
+          be.uniform_jitter(jit.data(), X.data(), n, 0.01f, 778);
+          auto d = download(be, out.data(), n), j = download(be, jit.data(), n);
+          be.dropout(X.data(), X.data(), n, 0.3f, 777);  // in place
+          return {d, j, download(be, X.data(), n)};
+        },
+        kFp32, "dropout/jitter" + at);
+  }
+}
+
+TEST_F(BackendOps, CpuReductionsMatchReference) {
+  for (int64_t n : {1, 3, 7, 33, 16384, 16385, 1000003}) {
+    auto x = random_vector(n, 20 + n, -2, 2);
+    // sum and sum_squares go through double on both backends: only summation order differs.
+    double ref_sum, cpu_sum, ref_ss, cpu_ss;
+    {
+      auto X = upload(ref_, x);
+      ref_sum = ref_.sum(X.data(), n);
+      ref_ss = ref_.sum_squares(X.data(), n);
+    }
+    {
+      auto X = upload(cpu_, x);
+      cpu_sum = cpu_.sum(X.data(), n);
+      cpu_ss = cpu_.sum_squares(X.data(), n);
+    }
+    EXPECT_NEAR(cpu_sum, ref_sum, 1e-12 * double(n)) << "sum n=" << n;
+    EXPECT_NEAR(cpu_ss, ref_ss, 1e-12 * double(n)) << "sum_squares n=" << n;
+
+    // count_nonfinite with a NaN, +Inf and -Inf sprinkled in.
+    int64_t expected = 0;
+    for (int64_t i = 0; i < n; i += 997) {
+      x[i] = (i / 997) % 3 == 0   ? std::numeric_limits<float>::quiet_NaN()
+             : (i / 997) % 3 == 1 ? std::numeric_limits<float>::infinity()
+                                  : -std::numeric_limits<float>::infinity();
+      ++expected;
+    }
+    for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
+      auto X = upload(*be, x);
+      EXPECT_EQ(be->count_nonfinite(X.data(), n), expected) << be->name() << " n=" << n;
+    }
+  }
+  for (int batch : {1, 3, 33}) {
+    for (int64_t n : {1, 7, 33, 5000}) {
+      const auto in = random_vector(batch * n, 30), out0 = random_vector(n, 31);
+      expect_cpu_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto In = upload(be, in), Out = upload(be, out0);
+            be.sum_over_batch(Out.data(), In.data(), batch, n);
+            return {download(be, Out.data(), n)};
+          },
+          kFp32, fmt::format("sum_over_batch batch={} n={}", batch, n));
+    }
+  }
+}
+
+TEST_F(BackendOps, CpuPermuteMatchesReference) {
+  struct Dims {
+    int A, B, C, D;
+  };
+  for (const Dims& d :
+       std::vector<Dims>{{1, 1, 1, 1}, {1, 3, 7, 1}, {2, 7, 3, 33}, {3, 33, 8, 64}}) {
+    const int64_t n = int64_t(d.A) * d.B * d.C * d.D;
+    const auto x = random_vector(n, 40);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x);
+          DeviceArray<float> out(be, n), back(be, n);
+          be.permute_0213(out.data(), X.data(), d.A, d.B, d.C, d.D);
+          be.permute_0213(back.data(), out.data(), d.A, d.C, d.B, d.D);  // its own inverse
+          return {download(be, out.data(), n), download(be, back.data(), n)};
+        },
+        {0, 0}, fmt::format("permute_0213 {}x{}x{}x{}", d.A, d.B, d.C, d.D));
+  }
+  // The inverse really restores the input (checked on the reference).
+  auto X = upload(ref_, random_vector(2 * 3 * 5 * 7, 41));
+  DeviceArray<float> out(ref_, 210), back(ref_, 210);
+  ref_.permute_0213(out.data(), X.data(), 2, 3, 5, 7);
+  ref_.permute_0213(back.data(), out.data(), 2, 5, 3, 7);
+  EXPECT_EQ(download(ref_, back.data(), 210), download(ref_, X.data(), 210));
+  // One element by hand: out[a=1,c=4,b=2,d=6] = in[a=1,b=2,c=4,d=6].
+  EXPECT_EQ(download(ref_, out.data(), 210)[((1 * 5 + 4) * 3 + 2) * 7 + 6],
+            download(ref_, X.data(), 210)[((1 * 3 + 2) * 5 + 4) * 7 + 6]);
+}
+
+TEST_F(BackendOps, CpuEmbeddingMatchesReference) {
+  struct Dims {
+    int64_t n;
+    int D, V;
+  };
+  for (const Dims& d :
+       std::vector<Dims>{{1, 1, 1}, {3, 7, 2}, {33, 3, 7}, {1000, 33, 7}, {4096, 64, 500}}) {
+    const auto ids = random_int_vector(d.n, 50, 0, d.V);
+    const auto table = random_vector(int64_t(d.V) * d.D, 51), dout = random_vector(d.n * d.D, 52);
+    const auto dtable0 = random_vector(int64_t(d.V) * d.D, 53);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto Ids = upload(be, ids);
+          auto Tab = upload(be, table), Dout = upload(be, dout), Dtab = upload(be, dtable0);
+          DeviceArray<float> out(be, d.n * d.D);
+          be.embedding_forward(out.data(), Ids.data(), Tab.data(), d.n, d.D);
+          be.embedding_backward(Dtab.data(), Ids.data(), Dout.data(), d.n, d.D, d.V);
+          return {download(be, out.data(), d.n * d.D),
+                  download(be, Dtab.data(), int64_t(d.V) * d.D)};
+        },
+        fp32_sum_of(d.n), fmt::format("embedding n={} D={} V={}", d.n, d.D, d.V));
+  }
+}
+
+TEST_F(BackendOps, CpuRmsnormMatchesReference) {
+  struct Dims {
+    int64_t N;
+    int D;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1}, {3, 7}, {7, 33}, {33, 3}, {1000, 256}}) {
+    const int64_t n = d.N * d.D;
+    const auto x = random_vector(n, 60, -2, 2), w = random_vector(d.D, 61, 0.5f, 1.5f);
+    const auto dout = random_vector(n, 62), dw0 = random_vector(d.D, 63);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x), W = upload(be, w), G = upload(be, dout), Dw = upload(be, dw0);
+          DeviceArray<float> out(be, n), rstd(be, d.N), dx(be, n);
+          be.rmsnorm_forward(out.data(), rstd.data(), X.data(), W.data(), d.N, d.D, 1e-6f);
+          be.rmsnorm_backward(dx.data(), Dw.data(), G.data(), X.data(), W.data(), rstd.data(), d.N,
+                              d.D);
+          return {download(be, out.data(), n), download(be, rstd.data(), d.N),
+                  download(be, dx.data(), n), download(be, Dw.data(), d.D)};
+        },
+        fp32_sum_of(std::max<int64_t>(d.N, d.D)), fmt::format("rmsnorm N={} D={}", d.N, d.D));
+  }
+}
+
+TEST_F(BackendOps, CpuAttentionSoftmaxMatchesReference) {
+  struct Dims {
+    int B, H, Tq, Tk;
+  };
+  for (const Dims& d : std::vector<Dims>{
+           {1, 1, 1, 1}, {1, 3, 7, 7}, {2, 2, 3, 33}, {3, 1, 33, 7}, {2, 4, 128, 128}}) {
+    const int64_t n = int64_t(d.B) * d.H * d.Tq * d.Tk, rows = int64_t(d.B) * d.H * d.Tq;
+    const auto scores = random_vector(n, 70, -4, 4),
+               bias = random_vector(int64_t(d.H) * d.Tq * d.Tk, 71);
+    auto key_mask = random_vector(int64_t(d.B) * d.Tk, 72, 0, 1);
+    for (float& m : key_mask) m = m < 0.3f ? 0.0f : 1.0f;
+    key_mask[0] = 0.0f;  // batch 0 key 0 masked: with causal, row 0 of batch 0 is fully masked
+    const auto dprobs = random_vector(n, 73);
+    for (int variant = 0; variant < 8; ++variant) {
+      const bool use_bias = variant & 1, use_mask = variant & 2, causal = variant & 4;
+      expect_cpu_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto S = upload(be, scores), Bi = upload(be, bias), Km = upload(be, key_mask),
+                 Dp = upload(be, dprobs);
+            DeviceArray<float> P(be, n), Ds(be, n);
+            const float* bias_ptr = use_bias ? Bi.data() : nullptr;
+            const float* mask_ptr = use_mask ? Km.data() : nullptr;
+            be.attention_softmax_forward(P.data(), S.data(), bias_ptr, mask_ptr, d.B, d.H, d.Tq,
+                                         d.Tk, causal);
+            be.softmax_backward(Ds.data(), Dp.data(), P.data(), rows, d.Tk);
+            auto p = download(be, P.data(), n), ds = download(be, Ds.data(), n);
+            // In place: probs over scores, dscores over dprobs.
+            be.attention_softmax_forward(S.data(), S.data(), bias_ptr, mask_ptr, d.B, d.H, d.Tq,
+                                         d.Tk, causal);
+            be.softmax_backward(Dp.data(), Dp.data(), S.data(), rows, d.Tk);
+            return {p, ds, download(be, S.data(), n), download(be, Dp.data(), n)};
+          },
+          kFp32,
+          fmt::format("attention softmax {}x{}x{}x{} bias={} mask={} causal={}", d.B, d.H, d.Tq,
+                      d.Tk, use_bias, use_mask, causal));
+    }
+  }
+}
+
+TEST_F(BackendOps, CpuRelposBiasMatchesReference) {
+  struct Dims {
+    int H, Tq, Tk, num_buckets;
+  };
+  for (const Dims& d :
+       std::vector<Dims>{{1, 1, 1, 1}, {3, 7, 7, 5}, {2, 3, 33, 32}, {8, 128, 128, 32}}) {
+    const auto table = random_vector(int64_t(d.num_buckets) * d.H, 80);
+    const auto buckets = random_int_vector(int64_t(d.Tq) * d.Tk, 81, 0, d.num_buckets);
+    const int64_t n = int64_t(d.H) * d.Tq * d.Tk;
+    const auto dbias = random_vector(n, 82),
+               dtable0 = random_vector(int64_t(d.num_buckets) * d.H, 83);
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto Tab = upload(be, table), Db = upload(be, dbias), Dt = upload(be, dtable0);
+          auto Bk = upload(be, buckets);
+          DeviceArray<float> bias(be, n);
+          be.relpos_bias_forward(bias.data(), Tab.data(), Bk.data(), d.H, d.Tq, d.Tk);
+          be.relpos_bias_backward(Dt.data(), Db.data(), Bk.data(), d.H, d.Tq, d.Tk, d.num_buckets);
+          return {download(be, bias.data(), n),
+                  download(be, Dt.data(), int64_t(d.num_buckets) * d.H)};
+        },
+        kFp32,
+        fmt::format("relpos bias H={} Tq={} Tk={} buckets={}", d.H, d.Tq, d.Tk, d.num_buckets));
+  }
+}
+
+TEST_F(BackendOps, CpuCrossEntropyMatchesReference) {
+  struct Dims {
+    int64_t N;
+    int V;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1}, {3, 7}, {7, 3}, {33, 33}, {256, 1000}}) {
+    const auto logits = random_vector(d.N * d.V, 90, -5, 5);
+    auto labels = random_int_vector(d.N, 91, 0, d.V);
+    for (int64_t r = 1; r < d.N; r += 3) labels[r] = -100;
+    expect_cpu_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto L = upload(be, logits);
+          auto Lb = upload(be, labels);
+          DeviceArray<float> loss(be, d.N), lse(be, d.N), dl(be, d.N * d.V);
+          be.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), d.N, d.V);
+          be.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
+                                    1e-2f);
+          auto dlh = download(be, dl.data(), d.N * d.V);
+          be.cross_entropy_backward(L.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
+                                    1e-2f);
+          return {download(be, loss.data(), d.N), download(be, lse.data(), d.N), dlh,
+                  download(be, L.data(), d.N * d.V)};
+        },
+        kFp32, fmt::format("cross entropy N={} V={}", d.N, d.V));
+  }
+}
+
+TEST_F(BackendOps, CpuRouterAndDispatchMatchReference) {
+  struct Dims {
+    int G, S, E, C, D;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1, 1, 1, 1},
+                                         {1, 7, 3, 2, 3},
+                                         {3, 33, 7, 5, 7},
+                                         {2, 256, 8, 40, 64},
+                                         {4, 512, 16, 40, 33}}) {
+    const int64_t T = int64_t(d.G) * d.S;
+    const int GC = d.G * d.C;
+    for (bool ties : {false, true}) {
+      // With ties, logits are whole numbers in [-3, 3]: many tokens tie for the top expert.
+      auto logits = random_vector(T * d.E, 100, -3, 3);
+      if (ties)
+        for (float& l : logits) l = std::round(l);
+      const auto dgate = random_vector(T, 101);
+      const auto x = random_vector(T * d.D, 102), dout = random_vector(T * d.D, 103);
+      const auto expert_out = random_vector(int64_t(d.E) * GC * d.D, 104);
+      const std::string at =
+          fmt::format(" G={} S={} E={} C={} D={} ties={}", d.G, d.S, d.E, d.C, d.D, ties);
+      expect_cpu_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto L = upload(be, logits), Dg = upload(be, dgate);
+            DeviceArray<float> probs(be, T * d.E), lse(be, T), gate(be, T),
+                counts(be, int64_t(d.G) * d.E), lb(be, d.G), dl(be, T * d.E);
+            DeviceArray<int32_t> expert(be, T), slot(be, T);
+            be.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                              counts.data(), L.data(), d.G, d.S, d.E, d.C);
+            be.router_balance_loss(lb.data(), probs.data(), counts.data(), d.G, d.S, d.E);
+            be.router_backward(dl.data(), probs.data(), lse.data(), expert.data(), Dg.data(),
+                               counts.data(), d.G, d.S, d.E, 0.01f, 1e-3f);
+            return {download(be, probs.data(), T * d.E),
+                    download(be, lse.data(), T),
+                    download(be, gate.data(), T),
+                    download(be, counts.data(), int64_t(d.G) * d.E),
+                    download(be, lb.data(), d.G),
+                    download(be, dl.data(), T * d.E),
+                    to_float(download(be, expert.data(), T)),
+                    to_float(download(be, slot.data(), T))};
+          },
+          kFp32, "router" + at);
+
+      // Dispatch and combine, with the reference router's assignment (identical on both, as
+      // checked).
+      std::vector<int32_t> expert_h, slot_h;
+      std::vector<float> gate_h;
+      {
+        auto L = upload(ref_, logits);
+        DeviceArray<float> probs(ref_, T * d.E), lse(ref_, T), gate(ref_, T),
+            counts(ref_, int64_t(d.G) * d.E);
+        DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
+        ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                            counts.data(), L.data(), d.G, d.S, d.E, d.C);
+        expert_h = download(ref_, expert.data(), T);
+        slot_h = download(ref_, slot.data(), T);
+        gate_h = download(ref_, gate.data(), T);
+      }
+      const int64_t buf_n = int64_t(d.E) * GC * d.D;
+      const auto stale = random_vector(buf_n, 105);  // dispatch must overwrite every row
+      expect_cpu_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto X = upload(be, x), G = upload(be, dout), Gt = upload(be, gate_h),
+                 Eo = upload(be, expert_out), Buf = upload(be, stale), Dbuf = upload(be, stale);
+            auto Ex = upload(be, expert_h), Sl = upload(be, slot_h);
+            DeviceArray<float> dx(be, T * d.D), out(be, T * d.D), dgate(be, T);
+            be.moe_dispatch(Buf.data(), X.data(), Ex.data(), Sl.data(), T, d.D, d.E, GC);
+            be.moe_dispatch_backward(dx.data(), Eo.data(), Ex.data(), Sl.data(), T, d.D, GC);
+            be.moe_combine(out.data(), Eo.data(), Gt.data(), Ex.data(), Sl.data(), T, d.D, GC);
+            be.moe_combine_backward(Dbuf.data(), dgate.data(), G.data(), Eo.data(), Gt.data(),
+                                    Ex.data(), Sl.data(), T, d.D, d.E, GC);
+            return {download(be, Buf.data(), buf_n), download(be, dx.data(), T * d.D),
+                    download(be, out.data(), T * d.D), download(be, Dbuf.data(), buf_n),
+                    download(be, dgate.data(), T)};
+          },
+          kFp32, "dispatch/combine" + at);
+    }
+  }
+}
+
+// ================================================================================================
+// 3. The CPU backend's results do not depend on the OpenMP thread count
+// ================================================================================================
+
+// Runs every non-GEMM op on the CPU backend (shapes large enough to go parallel) and returns
+// all outputs; the double-valued reductions go to `sums`. GEMM is left out: oneDNN promises
+// run-to-run reproducibility only for a fixed thread count.
+Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
+  Outputs outs;
+  const int64_t n = 200003;
+  const auto x = random_vector(n, 1, -3, 3), y = random_vector(n, 2);
+  auto X = upload(be, x), Y = upload(be, y);
+  DeviceArray<float> o1(be, n), o2(be, n);
+  be.gated_gelu_backward(o1.data(), o2.data(), Y.data(), X.data(), Y.data(), n);
+  outs.push_back(download(be, o1.data(), n));
+  outs.push_back(download(be, o2.data(), n));
+  be.dropout(o1.data(), X.data(), n, 0.2f, 5);
+  outs.push_back(download(be, o1.data(), n));
+  sums = {be.sum(X.data(), n), be.sum_squares(X.data(), n)};
+  be.sum_over_batch(o1.data(), X.data(), 7, n / 7);
+  outs.push_back(download(be, o1.data(), n / 7));
+
+  const int N = 512, D = 96, V = 300;  // embedding / rmsnorm / cross entropy
+  const auto ids = random_int_vector(N, 3, 0, V);
+  auto Ids = upload(be, ids);
+  DeviceArray<float> table(be, int64_t(V) * D), emb(be, int64_t(N) * D), rstd(be, N),
+      norm(be, int64_t(N) * D), dw(be, D), dx(be, int64_t(N) * D);
+  be.embedding_backward(table.data(), Ids.data(), X.data(), N, D, V);
+  outs.push_back(download(be, table.data(), int64_t(V) * D));
+  be.embedding_forward(emb.data(), Ids.data(), table.data(), N, D);
+  be.rmsnorm_forward(norm.data(), rstd.data(), X.data(), Y.data(), N, D, 1e-6f);
+  be.rmsnorm_backward(dx.data(), dw.data(), Y.data(), X.data(), Y.data(), rstd.data(), N, D);
+  outs.push_back(download(be, norm.data(), int64_t(N) * D));
+  outs.push_back(download(be, dx.data(), int64_t(N) * D));
+  outs.push_back(download(be, dw.data(), D));
+  DeviceArray<float> loss(be, N), lse(be, N), dl(be, int64_t(N) * V);
+  be.cross_entropy_forward(loss.data(), lse.data(), X.data(), Ids.data(), N, V);
+  be.cross_entropy_backward(dl.data(), X.data(), lse.data(), Ids.data(), N, V, 0.5f, 1e-3f);
+  outs.push_back(download(be, loss.data(), N));
+  outs.push_back(download(be, dl.data(), int64_t(N) * V));
+
+  const int B = 2, H = 4, T = 64, buckets = 32;  // attention
+  const int64_t na = int64_t(B) * H * T * T;
+  DeviceArray<float> probs(be, na), ds(be, na), bias(be, int64_t(H) * T * T), dtab(be, buckets * H);
+  auto Bk = upload(be, random_int_vector(int64_t(T) * T, 4, 0, buckets));
+  be.relpos_bias_forward(bias.data(), X.data(), Bk.data(), H, T, T);
+  be.attention_softmax_forward(probs.data(), Y.data(), bias.data(), X.data(), B, H, T, T, true);
+  be.softmax_backward(ds.data(), X.data(), probs.data(), int64_t(B) * H * T, T);
+  be.relpos_bias_backward(dtab.data(), ds.data(), Bk.data(), H, T, T, buckets);
+  outs.push_back(download(be, probs.data(), na));
+  outs.push_back(download(be, ds.data(), na));
+  outs.push_back(download(be, dtab.data(), buckets * H));
+
+  const int G = 4, S = 256, E = 8, C = 40, Dm = 64;  // router
+  const int64_t Tt = int64_t(G) * S;
+  DeviceArray<float> rp(be, Tt * E), rl(be, Tt), gate(be, Tt), counts(be, G * E), lb(be, G),
+      rdl(be, Tt * E), buf(be, int64_t(E) * G * C * Dm), dgate(be, Tt);
+  DeviceArray<int32_t> ex(be, Tt), sl(be, Tt);
+  be.router_forward(rp.data(), rl.data(), ex.data(), sl.data(), gate.data(), counts.data(),
+                    X.data(), G, S, E, C);
+  be.router_balance_loss(lb.data(), rp.data(), counts.data(), G, S, E);
+  be.router_backward(rdl.data(), rp.data(), rl.data(), ex.data(), Y.data(), counts.data(), G, S, E,
+                     0.01f, 1e-3f);
+  be.moe_combine_backward(buf.data(), dgate.data(), X.data(), Y.data(), gate.data(), ex.data(),
+                          sl.data(), Tt, Dm, E, G * C);
+  outs.push_back(download(be, lb.data(), G));
+  outs.push_back(download(be, rdl.data(), Tt * E));
+  outs.push_back(download(be, dgate.data(), Tt));
+  return outs;
+}
+
+TEST_F(BackendOps, CpuOpsBitwiseIndependentOfThreadCount) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  std::vector<double> sums_one, sums_many;
+  const Outputs one = run_cpu_ops(cpu_, sums_one);
+  for (int threads : {2, 3, 7}) {
+    omp_set_num_threads(threads);
+    const Outputs many = run_cpu_ops(cpu_, sums_many);
+    EXPECT_EQ(sums_one, sums_many) << threads << " threads";
+    ASSERT_EQ(one.size(), many.size());
+    for (size_t i = 0; i < one.size(); ++i)
+      EXPECT_TRUE(all_close(many[i], one[i], 0, 0))
+          << "output " << i << " with " << threads << " threads";
+  }
+  omp_set_num_threads(saved);
+}
+
+}  // namespace
+}  // namespace switcht5
