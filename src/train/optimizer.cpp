@@ -1,0 +1,193 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+#include <limits>
+
+#include "core/check.h"
+
+namespace switcht5 {
+
+bool adafactor_factored(const ParamInfo& info) {
+  return info.kind != ParamKind::kVector && info.rows() > 1 && info.cols() > 1;
+}
+
+namespace {
+
+// The parameter table an optimizer was made for, to catch a step() on a different store.
+struct Layout {
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+
+  explicit Layout(const ParamStore& params) : total(params.total_numel()) {
+    for (const ParamInfo& p : params.infos()) offsets.push_back(p.offset);
+  }
+  void check(const ParamStore& params) const {
+    bool same = params.total_numel() == total && params.infos().size() == offsets.size();
+    for (size_t i = 0; same && i < offsets.size(); ++i)
+      same = params.infos()[i].offset == offsets[i];
+    SWT_CHECK(same,
+              "optimizer step on a ParamStore with a different layout ({} params, {} floats; "
+              "made for {} params, {} floats)",
+              params.infos().size(), params.total_numel(), offsets.size(), total);
+  }
+};
+
+int to_int(int64_t x, const std::string& what) {
+  SWT_CHECK(x >= 0 && x <= std::numeric_limits<int>::max(), "{} = {} does not fit an int", what, x);
+  return static_cast<int>(x);
+}
+
+float weight_decay_for(const ParamInfo& p, double weight_decay) {
+  return p.kind == ParamKind::kVector ? 0.0f : static_cast<float>(weight_decay);
+}
+
+class AdamW final : public Optimizer {
+ public:
+  AdamW(const OptimizerOptions& o, Backend& be, const ParamStore& params)
+      : options_(o),
+        layout_(params),
+        infos_(params.infos()),
+        exp_avg_(be, params.total_numel()),
+        exp_avg_sq_(be, params.total_numel()) {}
+
+  void step(Backend& be, ParamStore& params, float lr) override {
+    layout_.check(params);
+    const int64_t t = ++steps_taken_;
+    const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(t));
+    const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(t));
+    for (const ParamInfo& p : infos_) {
+      be.adamw_update(params.values() + p.offset, params.grads() + p.offset,
+                      exp_avg_.data() + p.offset, exp_avg_sq_.data() + p.offset, p.numel, lr,
+                      static_cast<float>(options_.beta1), static_cast<float>(options_.beta2),
+                      static_cast<float>(options_.epsilon),
+                      weight_decay_for(p, options_.weight_decay), static_cast<float>(bc1),
+                      static_cast<float>(bc2));
+    }
+  }
+
+  std::vector<StateTensor> state() override {
+    std::vector<StateTensor> out;
+    for (const ParamInfo& p : infos_) {
+      out.push_back({p.name + ".exp_avg", p.shape, exp_avg_.data() + p.offset});
+      out.push_back({p.name + ".exp_avg_sq", p.shape, exp_avg_sq_.data() + p.offset});
+    }
+    return out;
+  }
+
+ private:
+  OptimizerOptions options_;
+  Layout layout_;
+  std::vector<ParamInfo> infos_;
+  DeviceArray<float> exp_avg_;     // (total_numel) m, laid out like ParamStore::values()
+  DeviceArray<float> exp_avg_sq_;  // (total_numel) v
+};
+
+class Adafactor final : public Optimizer {
+ public:
+  Adafactor(const OptimizerOptions& o, Backend& be, const ParamStore& params)
+      : options_(o), layout_(params), infos_(params.infos()) {
+    // One contiguous state array; per parameter either row and column statistics
+    // ([count, R] then [count, C]) or a full second moment (numel).
+    int64_t total = 0;
+    for (const ParamInfo& p : infos_) {
+      Slot s;
+      s.factored = adafactor_factored(p);
+      s.count = p.matrix_count();
+      s.rows = p.rows();
+      s.cols = p.cols();
+      SWT_CHECK(s.count * s.rows * s.cols == p.numel,
+                "parameter {}: {} matrices of [{}, {}] != numel {}", p.name, s.count, s.rows,
+                s.cols, p.numel);
+      s.offset = total;
+      total += s.factored ? s.count * (s.rows + s.cols) : p.numel;
+      slots_.push_back(s);
+    }
+    state_ = DeviceArray<float>(be, total);
+  }
+
+  void step(Backend& be, ParamStore& params, float lr) override {
+    layout_.check(params);
+    const int64_t t = ++steps_taken_;
+    const float beta2t =
+        static_cast<float>(1.0 - std::pow(static_cast<double>(t), -options_.decay_rate));
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      const ParamInfo& p = infos_[i];
+      const Slot& s = slots_[i];
+      float* base = state_.data() + s.offset;
+      float* vr = s.factored ? base : nullptr;
+      float* vc = s.factored ? base + s.count * s.rows : nullptr;
+      float* v = s.factored ? nullptr : base;
+      be.adafactor_update(params.values() + p.offset, params.grads() + p.offset, vr, vc, v,
+                          s.factored, to_int(s.count, p.name + " count"),
+                          to_int(s.rows, p.name + " rows"), to_int(s.cols, p.name + " cols"), lr,
+                          beta2t, static_cast<float>(options_.epsilon1),
+                          static_cast<float>(options_.clipping_threshold),
+                          weight_decay_for(p, options_.weight_decay));
+    }
+  }
+
+  // HF's names: exp_avg_sq_row [.., R] and exp_avg_sq_col [.., C] (leading E for stacked
+  // experts), or exp_avg_sq with the parameter's shape.
+  std::vector<StateTensor> state() override {
+    std::vector<StateTensor> out;
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      const ParamInfo& p = infos_[i];
+      const Slot& s = slots_[i];
+      float* base = state_.data() + s.offset;
+      if (!s.factored) {
+        out.push_back({p.name + ".exp_avg_sq", p.shape, base});
+        continue;
+      }
+      std::vector<int64_t> row_shape{s.rows}, col_shape{s.cols};
+      if (p.kind == ParamKind::kStacked) {
+        row_shape.insert(row_shape.begin(), s.count);
+        col_shape.insert(col_shape.begin(), s.count);
+      }
+      out.push_back({p.name + ".exp_avg_sq_row", row_shape, base});
+      out.push_back({p.name + ".exp_avg_sq_col", col_shape, base + s.count * s.rows});
+    }
+    return out;
+  }
+
+ private:
+  struct Slot {
+    bool factored = false;
+    int64_t count = 1, rows = 1, cols = 1;
+    int64_t offset = 0;  // into state_
+  };
+  OptimizerOptions options_;
+  Layout layout_;
+  std::vector<ParamInfo> infos_;
+  std::vector<Slot> slots_;
+  DeviceArray<float> state_;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
+                                          const ParamStore& params) {
+  SWT_USER_CHECK(options.weight_decay >= 0.0, "optimizer weight_decay must be >= 0, got {}",
+                 options.weight_decay);
+  if (options.name == "adamw") {
+    SWT_USER_CHECK(options.beta1 >= 0.0 && options.beta1 < 1.0,
+                   "adamw beta1 must be in [0, 1), got {}", options.beta1);
+    SWT_USER_CHECK(options.beta2 >= 0.0 && options.beta2 < 1.0,
+                   "adamw beta2 must be in [0, 1), got {}", options.beta2);
+    SWT_USER_CHECK(options.epsilon > 0.0, "adamw epsilon must be > 0, got {}", options.epsilon);
+    return std::make_unique<AdamW>(options, be, params);
+  }
+  if (options.name == "adafactor") {
+    SWT_USER_CHECK(
+        options.decay_rate > 0.0 && options.decay_rate <= 1.0,
+        "adafactor decay_rate must be in (0, 1] (beta2 at step t is 1 - t^-decay_rate), got {}",
+        options.decay_rate);
+    SWT_USER_CHECK(options.clipping_threshold > 0.0,
+                   "adafactor clipping_threshold must be > 0, got {}", options.clipping_threshold);
+    SWT_USER_CHECK(options.epsilon1 > 0.0, "adafactor epsilon1 must be > 0, got {}",
+                   options.epsilon1);
+    return std::make_unique<Adafactor>(options, be, params);
+  }
+  throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", options.name));
+}
+
+}  // namespace switcht5

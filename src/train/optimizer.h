@@ -1,0 +1,75 @@
+// Optimizers over a ParamStore: Adafactor as T5 trains with it, and AdamW.
+//
+// An Optimizer owns its state (in backend memory, allocated with DeviceArray) and applies the
+// gradients of ParamStore::grads() to ParamStore::values() through the Backend's
+// adafactor_update / adamw_update kernels, one call per parameter tensor.
+//
+// Adafactor (Shazeer & Stern 2018), matching HF transformers' Adafactor with
+// scale_parameter=False, relative_step=False, warmup_init=False, beta1=None (no momentum) and an
+// external learning rate, which is how T5 / Mesh-TF use it:
+//   t-th step (t = 1, 2, ...):  beta2t = 1 - t^(-decay_rate)           (decay_rate 0.8: beta2t(1) =
+//   0) factored [R,C] matrices: row / column running means of g^2 + eps1, see
+//   Backend::adafactor_update unfactored tensors: full running mean of g^2 + eps1 update clipping
+//   per matrix: u /= max(1, rms(u) / clipping_threshold) p -= lr * (u + weight_decay * p)
+//   (decoupled; p is the value before this step)
+// Which tensors are factored: kMatrix and kEmbedding are one [rows, cols] matrix, kStacked
+// [E,R,C] is E independent [R,C] matrices (HF keeps each expert as its own parameter, so its
+// per-tensor clipping is our per-matrix clipping); kVector, and any tensor with rows == 1 or
+// cols == 1, is unfactored.
+//
+// AdamW (Loshchilov & Hutter 2019), as torch.optim.AdamW:
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   p -= lr * ( (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + weight_decay * p )
+//
+// Weight decay never applies to kVector parameters (RMSNorm scales), for either optimizer.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/params.h"
+
+namespace switcht5 {
+
+struct OptimizerOptions {
+  std::string name = "adafactor";  // adafactor | adamw
+  // AdamW
+  double beta1 = 0.9, beta2 = 0.999, epsilon = 1e-8, weight_decay = 0.0;
+  // Adafactor (weight_decay above applies to it too)
+  double decay_rate = 0.8, clipping_threshold = 1.0, epsilon1 = 1e-30;
+};
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // Applies params.grads() to params.values(). The step counter starts at 0; the first step()
+  // uses t = 1 and leaves steps_taken() == 1. `params` must have the layout the optimizer was
+  // made for.
+  virtual void step(Backend& be, ParamStore& params, float lr) = 0;
+  int64_t steps_taken() const { return steps_taken_; }
+  void set_steps_taken(int64_t steps) { steps_taken_ = steps; }  // when restoring a checkpoint
+
+  // A named view of one state tensor in backend memory, e.g. "<param>.exp_avg" (AdamW) or
+  // "<param>.exp_avg_sq_row" (Adafactor; the names are those of HF's optimizer state).
+  struct StateTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    float* data;
+  };
+  virtual std::vector<StateTensor> state() = 0;
+
+ protected:
+  int64_t steps_taken_ = 0;
+};
+
+// Whether Adafactor keeps factored row/column statistics for this parameter.
+bool adafactor_factored(const ParamInfo& info);
+
+// Makes the optimizer named by options.name for the parameters of `params` (which need not be
+// allocated yet: only the table is read). Throws UserError for an unknown name or bad options.
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
+                                          const ParamStore& params);
+
+}  // namespace switcht5
