@@ -1,0 +1,118 @@
+#include "model/attention.h"
+
+#include <cmath>
+
+#include "model/linear.h"
+
+namespace switcht5 {
+
+void Attention::register_params(ParamStore& ps, const std::string& prefix, int D, int H, int K,
+                                double init_scale) {
+  const int64_t HK = int64_t(H) * K;
+  const double in_std = std::sqrt(init_scale / D);
+  ps.add({.name = prefix + ".q.weight", .shape = {HK, D}, .init_std = in_std / std::sqrt(double(K))});
+  ps.add({.name = prefix + ".k.weight", .shape = {HK, D}, .init_std = in_std});
+  ps.add({.name = prefix + ".v.weight", .shape = {HK, D}, .init_std = in_std});
+  ps.add({.name = prefix + ".o.weight", .shape = {D, HK}, .init_std = std::sqrt(init_scale / double(HK))});
+}
+
+Attention::Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape s)
+    : be_(be), s_(s), ps_(ps),
+      wq_(&ps.info(prefix + ".q.weight")), wk_(&ps.info(prefix + ".k.weight")),
+      wv_(&ps.info(prefix + ".v.weight")), wo_(&ps.info(prefix + ".o.weight")) {
+  const int64_t HK = int64_t(s.H) * s.K;
+  q_ = DeviceArray<float>(be, int64_t(s.B) * s.Tq * HK);
+  k_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
+  v_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
+  qh_ = DeviceArray<float>(be, q_.size());
+  kh_ = DeviceArray<float>(be, k_.size());
+  vh_ = DeviceArray<float>(be, v_.size());
+  probs_ = DeviceArray<float>(be, int64_t(s.B) * s.H * s.Tq * s.Tk);
+  ctx_ = DeviceArray<float>(be, q_.size());
+}
+
+int64_t Attention::scratch_floats() const {
+  // dprobs [B,H,Tq,Tk] + dctx, dctx_h/dq_h, dq [B*Tq,HK] + dk_h, dv_h, dk, dv [B*Tk,HK]
+  return probs_.size() + 3 * q_.size() + 4 * k_.size();
+}
+
+void Attention::forward(float* out, const float* xq, const float* xkv, const float* bias,
+                        const float* key_mask, float dropout_p, uint64_t seed) {
+  const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
+  xq_ = xq;
+  xkv_ = xkv;
+  dropout_p_ = dropout_p;
+  seed_ = seed;
+  float* values = ps_.values();
+  linear_forward(be_, q_.data(), xq, values + wq_->offset, B * Tq, D, HK);
+  linear_forward(be_, k_.data(), xkv, values + wk_->offset, B * Tk, D, HK);
+  linear_forward(be_, v_.data(), xkv, values + wv_->offset, B * Tk, D, HK);
+  be_.permute_0213(qh_.data(), q_.data(), B, Tq, H, K);
+  be_.permute_0213(kh_.data(), k_.data(), B, Tk, H, K);
+  be_.permute_0213(vh_.data(), v_.data(), B, Tk, H, K);
+  // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h).
+  be_.gemm(false, true, Tq, Tk, K, 1.0f, qh_.data(), K, int64_t(Tq) * K, kh_.data(), K,
+           int64_t(Tk) * K, 0.0f, probs_.data(), Tk, int64_t(Tq) * Tk, B * H);
+  be_.attention_softmax_forward(probs_.data(), probs_.data(), bias, key_mask, B, H, Tq, Tk,
+                                s_.causal);
+  const float* p = probs_.data();
+  if (dropout_p > 0.0f) {
+    if (probs_dropped_.size() == 0) probs_dropped_ = DeviceArray<float>(be_, probs_.size());
+    be_.dropout(probs_dropped_.data(), probs_.data(), probs_.size(), dropout_p, seed);
+    p = probs_dropped_.data();
+  }
+  // ctx_h = p v_h [B,H,Tq,K], written into q_ (free once permuted into qh_), then permuted
+  // token-major into ctx_ [B*Tq, HK].
+  be_.gemm(false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.data(), K, int64_t(Tk) * K,
+           0.0f, q_.data(), K, int64_t(Tq) * K, B * H);
+  be_.permute_0213(ctx_.data(), q_.data(), B, H, Tq, K);
+  linear_forward(be_, out, ctx_.data(), values + wo_->offset, B * Tq, HK, D);
+}
+
+void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch) {
+  const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
+  const int64_t nq = int64_t(B) * Tq * HK, nk = int64_t(B) * Tk * HK;
+  float* dprobs = scratch;
+  float* dctx = dprobs + probs_.size();
+  float* dctx_h = dctx + nq;  // later reused for dq_h
+  float* dq = dctx_h + nq;
+  float* dk_h = dq + nq;
+  float* dv_h = dk_h + nk;
+  float* dk = dv_h + nk;
+  float* dv = dk + nk;
+  const float* values = ps_.values();
+  float* grads = ps_.grads();
+
+  // out = ctx Wo^T
+  linear_backward_weight(be_, grads + wo_->offset, dout, ctx_.data(), B * Tq, HK, D);
+  linear_backward_input(be_, dctx, dout, values + wo_->offset, B * Tq, HK, D, false);
+  be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
+  // ctx_h = p v_h:  dp = dctx_h v_h^T,  dv_h = p^T dctx_h
+  const float* p = dropout_p_ > 0.0f ? probs_dropped_.data() : probs_.data();
+  be_.gemm(false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.data(), K,
+           int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
+  be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K, int64_t(Tq) * K,
+           0.0f, dv_h, K, int64_t(Tk) * K, B * H);
+  if (dropout_p_ > 0.0f) be_.dropout(dprobs, dprobs, probs_.size(), dropout_p_, seed_);
+  // probs = softmax(scores + bias): dscores in place of dprobs.
+  be_.softmax_backward(dprobs, dprobs, probs_.data(), int64_t(B) * H * Tq, Tk);
+  if (dbias) be_.sum_over_batch(dbias, dprobs, B, int64_t(H) * Tq * Tk);
+  // scores = q_h k_h^T:  dq_h = dscores k_h,  dk_h = dscores^T q_h
+  float* dq_h = dctx_h;
+  be_.gemm(false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.data(), K,
+           int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
+  be_.gemm(true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, qh_.data(), K,
+           int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
+  be_.permute_0213(dq, dq_h, B, H, Tq, K);
+  be_.permute_0213(dk, dk_h, B, H, Tk, K);
+  be_.permute_0213(dv, dv_h, B, H, Tk, K);
+  // Projections.
+  linear_backward_weight(be_, grads + wq_->offset, dq, xq_, B * Tq, D, HK);
+  linear_backward_weight(be_, grads + wk_->offset, dk, xkv_, B * Tk, D, HK);
+  linear_backward_weight(be_, grads + wv_->offset, dv, xkv_, B * Tk, D, HK);
+  linear_backward_input(be_, dxq, dq, values + wq_->offset, B * Tq, D, HK, false);
+  linear_backward_input(be_, dxkv, dk, values + wk_->offset, B * Tk, D, HK, true);
+  linear_backward_input(be_, dxkv, dv, values + wv_->offset, B * Tk, D, HK, true);
+}
+
+}  // namespace switcht5

@@ -1,0 +1,60 @@
+// T5 multi-head attention (self or cross), bias-free projections, no 1/sqrt(d_kv) scaling.
+//
+// Legend: B batch, Tq query length, Tk key length, D d_model, H heads, K d_kv, HK = H*K.
+//   q = xq Wq^T [B*Tq, HK]   k = xkv Wk^T, v = xkv Wv^T [B*Tk, HK]
+//   scores = q_h k_h^T [B,H,Tq,Tk];  probs = softmax(scores + bias[H,Tq,Tk], masks)
+//   ctx_h = dropout(probs) v_h  [B,H,Tq,K];  out = ctx Wo^T [B*Tq, D]
+// Parameters (HF names under `prefix`): q.weight [HK,D], k.weight [HK,D], v.weight [HK,D],
+// o.weight [D,HK]. The relative position bias is owned by the stack, not by this layer.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "backend/backend.h"
+#include "model/params.h"
+
+namespace switcht5 {
+
+struct AttentionShape {
+  int B = 1, Tq = 1, Tk = 1, D = 1, H = 1, K = 1;
+  bool causal = false;
+};
+
+class Attention {
+ public:
+  // Registers the layer's parameters under `prefix` (e.g.
+  // "encoder.block.0.layer.0.SelfAttention"). init_scale: std = sqrt(init_scale / fan_in), with
+  // q additionally scaled by K^-0.5 (Mesh TF folds the missing softmax scaling into q's init).
+  static void register_params(ParamStore& ps, const std::string& prefix, int D, int H, int K,
+                              double init_scale);
+
+  Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape shape);
+
+  // xq [B*Tq, D] and xkv [B*Tk, D] must stay alive until backward. bias [H,Tq,Tk] or null,
+  // key_mask [B,Tk] or null. out [B*Tq, D].
+  void forward(float* out, const float* xq, const float* xkv, const float* bias,
+               const float* key_mask, float dropout_p, uint64_t seed);
+  // dxq [B*Tq,D] is assigned; dxkv [B*Tk,D] is accumulated (+=) after dxq is written, so a
+  // self-attention may pass the same buffer for both. dbias [H,Tq,Tk] (+=) may be null.
+  void backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch);
+  // Floats of scratch that backward needs.
+  int64_t scratch_floats() const;
+
+ private:
+  Backend& be_;
+  AttentionShape s_;
+  ParamStore& ps_;
+  const ParamInfo *wq_, *wk_, *wv_, *wo_;
+  // Saved for backward.
+  const float* xq_ = nullptr;
+  const float* xkv_ = nullptr;
+  float dropout_p_ = 0.0f;
+  uint64_t seed_ = 0;
+  DeviceArray<float> q_, k_, v_;            // [B*T, HK] projections, reused as head-major scratch
+  DeviceArray<float> qh_, kh_, vh_;         // [B,H,T,K]
+  DeviceArray<float> probs_;                // [B,H,Tq,Tk]
+  DeviceArray<float> probs_dropped_;        // [B,H,Tq,Tk], only when dropout_p > 0
+  DeviceArray<float> ctx_;                  // [B*Tq, HK]
+};
+
+}  // namespace switcht5

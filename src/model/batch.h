@@ -1,0 +1,37 @@
+// One batch of encoder-decoder examples on the host, T5 feature names.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace switcht5 {
+
+inline constexpr int32_t kIgnoreLabel = -100;  // cross-entropy skips these target positions
+
+struct Batch {
+  int batch = 0;           // sequences
+  int inputs_length = 0;   // encoder length
+  int targets_length = 0;  // decoder length
+  std::vector<int32_t> encoder_input_tokens;  // [batch, inputs_length], pad = 0
+  std::vector<float> encoder_mask;            // [batch, inputs_length], 1 = real token
+  std::vector<int32_t> decoder_input_tokens;  // [batch, targets_length], labels shifted right
+  std::vector<float> decoder_mask;            // [batch, targets_length]
+  std::vector<int32_t> labels;                // [batch, targets_length], kIgnoreLabel = skip
+
+  void resize(int b, int in_len, int tgt_len) {
+    batch = b;
+    inputs_length = in_len;
+    targets_length = tgt_len;
+    encoder_input_tokens.assign(size_t(b) * in_len, 0);
+    encoder_mask.assign(size_t(b) * in_len, 0.0f);
+    decoder_input_tokens.assign(size_t(b) * tgt_len, 0);
+    decoder_mask.assign(size_t(b) * tgt_len, 0.0f);
+    labels.assign(size_t(b) * tgt_len, kIgnoreLabel);
+  }
+  int64_t target_tokens() const {
+    int64_t n = 0;
+    for (int32_t l : labels) n += (l != kIgnoreLabel);
+    return n;
+  }
+};
+
+}  // namespace switcht5

@@ -1,0 +1,51 @@
+// T5 feed-forward networks, bias-free, for dense blocks (count = 1) and for the experts of a
+// Switch layer (count = E stacked experts, each applied to its own rows).
+//
+// Legend: count sets of N rows, D d_model, F d_ff.
+//   relu       (T5 1.0, released Switch; HF wi, wo):      h = relu(x wi^T)
+//   gated-gelu (T5 1.1; HF wi_0, wi_1, wo):               h = gelu_tanh(x wi_0^T) * (x wi_1^T)
+//   out = dropout(h) wo^T
+// x [count, N, D] -> out [count, N, D]; weights wi* [count, F, D], wo [count, D, F].
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "backend/backend.h"
+#include "model/params.h"
+
+namespace switcht5 {
+
+class FeedForward {
+ public:
+  // Parameter names: "<prefix>.wi.weight" etc. (prefix "encoder.block.0.layer.1.mlp" for a dense
+  // block; "...mlp.experts" for stacked experts, count > 1 or stacked = true).
+  static void register_params(ParamStore& ps, const std::string& prefix, int count, bool stacked,
+                              int D, int F, bool gated, double init_scale);
+
+  // max_rows: the largest N passed to forward.
+  FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count, int max_rows,
+              int D, int F, bool gated);
+
+  // x must stay alive until backward.
+  void forward(float* out, const float* x, int N, float dropout_p, uint64_t seed);
+  // dx [count, N, D] assigned.
+  void backward(float* dx, const float* dout, float* scratch);
+  int64_t scratch_floats() const { return 2 * h_.size(); }
+
+ private:
+  Backend& be_;
+  ParamStore& ps_;
+  int count_, D_, F_;
+  bool gated_;
+  const ParamInfo *wi_ = nullptr, *wi1_ = nullptr, *wo_;  // wi_ is wi (relu) or wi_0 (gated)
+  // Saved for backward.
+  const float* x_ = nullptr;
+  int N_ = 0;
+  float dropout_p_ = 0.0f;
+  uint64_t seed_ = 0;
+  DeviceArray<float> a_;   // [count, N, F] pre-activation (x wi^T or x wi_0^T)
+  DeviceArray<float> b_;   // [count, N, F] x wi_1^T (gated only)
+  DeviceArray<float> h_;   // [count, N, F] activation, then dropout in place
+};
+
+}  // namespace switcht5

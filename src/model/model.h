@@ -1,0 +1,105 @@
+// The Switch-T5 encoder-decoder: forward and hand-written backward, math only (no I/O, no
+// communication). Block structure, HF names and conventions follow HF SwitchTransformers / T5:
+//
+//   encoder:  h = dropout(embed(inputs))
+//             block i: h += dropout(SelfAttention(rmsnorm(h), bidirectional rel. bias, enc mask))
+//                      h += dropout(FF_i(rmsnorm(h)))      FF_i sparse iff is_sparse_layer(i)
+//             enc = dropout(rmsnorm_final(h))
+//   decoder:  g = dropout(embed(decoder_inputs))
+//             block i: g += dropout(SelfAttention(rmsnorm(g), causal rel. bias, dec mask))
+//                      g += dropout(EncDecAttention(rmsnorm(g), enc, enc mask))
+//                      g += dropout(FF_i(rmsnorm(g)))
+//             dec = dropout(rmsnorm_final(g))
+//   logits = (dec * d_model^-0.5) shared^T     (tie_word_embeddings)
+//          =  dec lm_head^T                    (untied)
+//
+// Objective of one forward call, whose gradient backward() computes (LossWeights below):
+//   J = ce_scale * sum_{valid targets} (CE_t + z_loss * lse_t^2)
+//     + sum_{Switch layers} (router_aux_loss_coef * lb + router_z_loss_coef * z) / microbatches
+// With ce_scale = 1 / (valid targets in the global batch) and microbatches = the number of
+// forward calls that make up the global batch (gradient accumulation x data parallel), the
+// sum of J over those calls is the global-batch objective whatever the layout.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/attention.h"
+#include "model/batch.h"
+#include "model/feed_forward.h"
+#include "model/params.h"
+#include "model/switch_ffn.h"
+
+namespace switcht5 {
+
+struct ModelShape {
+  int batch = 1;           // sequences per forward call (micro-batch)
+  int inputs_length = 1;
+  int targets_length = 1;
+};
+
+struct LossWeights {
+  double ce_scale = 1.0;      // multiplies the sum of per-token CE (and logit z-loss)
+  double logit_z_loss = 0.0;  // T5X z_loss coefficient on the LM head's logsumexp^2
+  double microbatches = 1.0;  // forward calls in the global batch
+};
+
+struct ForwardStats {
+  double ce_sum = 0.0;          // sum of CE over valid target tokens
+  double logit_lse_sq_sum = 0.0;// sum of lse^2 over valid target tokens
+  int64_t target_tokens = 0;
+  std::vector<RouterStats> encoder_router;  // one per encoder Switch layer, in order
+  std::vector<RouterStats> decoder_router;
+};
+
+class SwitchT5Model {
+ public:
+  SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape);
+  ~SwitchT5Model();
+  SwitchT5Model(const SwitchT5Model&) = delete;
+  SwitchT5Model& operator=(const SwitchT5Model&) = delete;
+
+  ParamStore& params() { return params_; }
+  const ModelConfig& config() const { return cfg_; }
+  const ModelShape& shape() const { return shape_; }
+
+  // Runs the forward pass; `seed` keys dropout and router jitter (ignored when !training).
+  ForwardStats forward(const Batch& batch, bool training, uint64_t seed);
+  // Accumulates dJ/dparams into params().grads() for the last forward call.
+  void backward(const LossWeights& w);
+  // J for `stats` (the value whose gradient backward computes).
+  double objective(const ForwardStats& stats, const LossWeights& w) const;
+
+  // [batch * targets_length, vocab] logits of the last forward (overwritten by backward).
+  const float* logits() const;
+  // Floats of activation memory held (for the memory report).
+  int64_t activation_floats() const;
+
+  struct Stack;  // encoder or decoder (model.cpp)
+
+ private:
+  Backend& be_;
+  ModelConfig cfg_;
+  ModelShape shape_;
+  ParamStore params_;
+  std::unique_ptr<Stack> encoder_, decoder_;
+  DeviceArray<float> scratch_;
+  // Batch on the device.
+  DeviceArray<int32_t> enc_ids_, dec_ids_, labels_;
+  DeviceArray<float> enc_mask_, dec_mask_;
+  std::vector<int32_t> host_labels_;
+  // Head.
+  DeviceArray<float> head_in_;   // [B*Tt, D] decoder output (scaled when tied)
+  DeviceArray<float> logits_;    // [B*Tt, V]
+  DeviceArray<float> token_loss_, token_lse_;  // [B*Tt]
+  uint64_t seed_ = 0;
+  bool training_ = false;
+};
+
+// Registers every parameter of a model with this config (names, shapes, init rules) without
+// building activations: used by `plan` and by checkpoint tools.
+void register_model_params(ParamStore& ps, const ModelConfig& cfg);
+
+}  // namespace switcht5

@@ -1,0 +1,74 @@
+#include "model/params.h"
+
+#include <regex>
+
+#include "core/check.h"
+#include "core/rng.h"
+
+namespace switcht5 {
+
+int ParamStore::add(ParamInfo info) {
+  SWT_CHECK(!values_.data(), "ParamStore::add after allocate ({})", info.name);
+  SWT_CHECK(!index_.count(info.name), "duplicate parameter {}", info.name);
+  info.numel = 1;
+  for (int64_t d : info.shape) info.numel *= d;
+  // Keep every parameter 16-float aligned (64 bytes) so vectorised kernels see aligned rows.
+  info.offset = total_;
+  total_ += (info.numel + 15) / 16 * 16;
+  index_[info.name] = static_cast<int>(infos_.size());
+  infos_.push_back(std::move(info));
+  return static_cast<int>(infos_.size()) - 1;
+}
+
+void ParamStore::allocate(Backend& be) {
+  values_ = DeviceArray<float>(be, total_);
+  grads_ = DeviceArray<float>(be, total_);
+}
+
+const ParamInfo& ParamStore::info(const std::string& name) const {
+  auto it = index_.find(name);
+  SWT_CHECK(it != index_.end(), "no parameter named {}", name);
+  return infos_[it->second];
+}
+
+// Name-keyed seeds: FNV-1a of the name, mixed with the run seed.
+static uint64_t name_hash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+void ParamStore::initialize(Backend& be, uint64_t seed) {
+  std::vector<float> host;
+  for (const ParamInfo& p : infos_) {
+    host.assign(static_cast<size_t>(p.numel), p.init_value);
+    if (p.init_std > 0.0) {
+      CounterRng rng(derive_seed(seed, name_hash(p.name)));
+      for (float& x : host) x = static_cast<float>(p.init_std * rng.next_truncated_normal());
+    }
+    be.copy_to_device(values_.data() + p.offset, host.data(), sizeof(float) * host.size());
+  }
+  zero_grads(be);
+}
+
+void ParamStore::zero_grads(Backend& be) { be.fill(grads_.data(), 0.0f, total_); }
+
+std::vector<ParamStore::HfEntry> ParamStore::hf_names() const {
+  // "<prefix>.mlp.experts.<w>.weight" -> "<prefix>.mlp.experts.expert_{j}.<w>.weight"
+  static const std::regex stacked(R"(^(.*\.mlp\.experts)\.(\w+)\.weight$)");
+  std::vector<HfEntry> out;
+  for (const ParamInfo& p : infos_) {
+    std::smatch m;
+    if (p.kind == ParamKind::kStacked && std::regex_match(p.name, m, stacked)) {
+      const int64_t per_expert = p.numel / p.shape[0];
+      for (int64_t j = 0; j < p.shape[0]; ++j)
+        out.push_back({fmt::format("{}.expert_{}.{}.weight", m[1].str(), j, m[2].str()), p.name,
+                       j * per_expert, {p.shape[1], p.shape[2]}});
+    } else {
+      out.push_back({p.name, p.name, 0, p.shape});
+    }
+  }
+  return out;
+}
+
+}  // namespace switcht5

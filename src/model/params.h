@@ -1,0 +1,85 @@
+// Parameters and their gradients, stored as two contiguous backend arrays with one table of
+// (HF name, shape, offset). One contiguous buffer makes the optimizer, the global gradient norm
+// and (later) the data-parallel all-reduce single calls.
+//
+// Names are the HuggingFace SwitchTransformers state_dict keys with HF's shapes, with ONE
+// documented exception: the experts of a Switch layer are stored stacked,
+//   internal  "<prefix>.mlp.experts.wi.weight"           [num_experts, d_ff, d_model]
+//   HF        "<prefix>.mlp.experts.expert_{j}.wi.weight" [d_ff, d_model]       (j = 0..E-1)
+// and likewise for wo ([E, d_model, d_ff]) and, for gated-gelu experts, wi_0 / wi_1.
+// hf_names() expands that table; it is the one place where the mapping lives.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace switcht5 {
+
+// How a parameter was initialised and how optimizers treat it.
+enum class ParamKind {
+  kMatrix,     // [R, C] weight matrix (Adafactor factors it)
+  kStacked,    // [E, R, C]: E independent matrices (stacked experts)
+  kVector,     // [D] (RMSNorm scale): never factored, no weight decay
+  kEmbedding,  // [V, D] token embedding / LM head: a matrix for Adafactor
+};
+
+struct ParamInfo {
+  std::string name;            // internal name (HF key, except stacked experts, see above)
+  std::vector<int64_t> shape;  // full logical shape
+  int64_t offset = 0;          // into ParamStore::values() / grads(), in floats
+  int64_t numel = 0;
+  ParamKind kind = ParamKind::kMatrix;
+  double init_std = 0.0;       // truncated-normal std used at init (0 = constant init_value)
+  float init_value = 0.0f;     // for kVector (RMSNorm scales start at 1)
+
+  // Matrices per tensor and their [rows, cols] as optimizers see them.
+  int matrix_count() const { return kind == ParamKind::kStacked ? static_cast<int>(shape[0]) : 1; }
+  int64_t rows() const { return shape.size() >= 2 ? shape[shape.size() - 2] : 1; }
+  int64_t cols() const { return shape.back(); }
+};
+
+class ParamStore {
+ public:
+  // Registers a parameter; returns its index. Call before allocate().
+  int add(ParamInfo info);
+  // Allocates values and grads (zeroed) for every registered parameter.
+  void allocate(Backend& be);
+
+  const std::vector<ParamInfo>& infos() const { return infos_; }
+  const ParamInfo& info(const std::string& name) const;
+  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  int64_t total_numel() const { return total_; }
+
+  float* value(const std::string& name) { return values_.data() + info(name).offset; }
+  float* grad(const std::string& name) { return grads_.data() + info(name).offset; }
+  float* values() { return values_.data(); }
+  float* grads() { return grads_.data(); }
+  const float* values() const { return values_.data(); }
+  const float* grads() const { return grads_.data(); }
+
+  // Fills every parameter from its init rule with a counter-based RNG keyed by (seed, name):
+  // independent of registration order and of process layout.
+  void initialize(Backend& be, uint64_t seed);
+  void zero_grads(Backend& be);
+
+  // HF state_dict view: (HF key, internal name, offset within that parameter, HF shape).
+  struct HfEntry {
+    std::string hf_name;
+    std::string internal_name;
+    int64_t inner_offset;
+    std::vector<int64_t> hf_shape;
+  };
+  std::vector<HfEntry> hf_names() const;
+
+ private:
+  std::vector<ParamInfo> infos_;
+  std::unordered_map<std::string, int> index_;
+  int64_t total_ = 0;
+  DeviceArray<float> values_;
+  DeviceArray<float> grads_;
+};
+
+}  // namespace switcht5

@@ -1,0 +1,127 @@
+// Routing worked by hand: top-1 choice, capacity positions and drops, the load-balancing loss
+// and the router z-loss on a case small enough to check with a pencil; and what a Switch layer
+// outputs for kept and dropped tokens.
+#include <cmath>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/switch_ffn.h"
+#include "test_util.h"
+
+namespace switcht5 {
+namespace {
+
+using testing::download;
+using testing::upload;
+
+class Routing : public ::testing::TestWithParam<const char*> {};
+
+// One group of S = 4 tokens, E = 2 experts, capacity C = 1:
+//   t0 logits [2, 0] -> expert 0, position 0: kept (slot 0)
+//   t1 logits [0, 1] -> expert 1, position 0: kept (slot 0)
+//   t2 logits [1, 0] -> expert 0, position 1: dropped (1 >= C)
+//   t3 logits [0, 0] -> tie, lowest index: expert 0, position 2: dropped
+// counts = [3, 1] -> f = [3/4, 1/4]
+// P[e] = mean_t softmax(t)[e]:  p(t0) = [s(2), s(-2)], p(t1) = [s(-1), s(1)], p(t2) = [s(1), s(-1)],
+//        p(t3) = [1/2, 1/2] with s the logistic function; lb = 2 * (3/4 P0 + 1/4 P1)
+// lse = [log(1+e^2), log(1+e), log(1+e), log 2];  z = mean(lse^2)
+TEST_P(Routing, HandWorkedGroup) {
+  auto be = make_backend(GetParam());
+  const int G = 1, S = 4, E = 2, C = 1, T = 4;
+  auto logits = upload(*be, std::vector<float>{2, 0, 0, 1, 1, 0, 0, 0});
+  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E), lb(*be, G);
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T);
+  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                     counts.data(), logits.data(), G, S, E, C);
+  be->router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
+
+  EXPECT_EQ(download(*be, expert.data(), T), (std::vector<int32_t>{0, 1, 0, 0}));
+  EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 0, -1, -1}));
+  EXPECT_EQ(download(*be, counts.data(), E), (std::vector<float>{3, 1}));
+  auto s = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  const std::vector<float> gates = download(*be, gate.data(), T);
+  EXPECT_NEAR(gates[0], s(2), 1e-6);
+  EXPECT_NEAR(gates[1], s(1), 1e-6);
+  EXPECT_NEAR(gates[2], s(1), 1e-6);
+  EXPECT_NEAR(gates[3], 0.5, 1e-6);
+  const double P0 = (s(2) + s(-1) + s(1) + 0.5) / 4, P1 = (s(-2) + s(1) + s(-1) + 0.5) / 4;
+  EXPECT_NEAR(download(*be, lb.data(), 1)[0], 2.0 * (0.75 * P0 + 0.25 * P1), 1e-6);
+  EXPECT_NEAR(2.0 * (0.75 * P0 + 0.25 * P1), 1.0951993, 1e-6);  // the number itself
+  const double l0 = std::log(1 + std::exp(2.0)), l1 = std::log(1 + std::exp(1.0)), l3 = std::log(2.0);
+  EXPECT_NEAR(be->sum_squares(lse.data(), T) / T, (l0 * l0 + 2 * l1 * l1 + l3 * l3) / 4, 1e-5);
+}
+
+// Two groups: positions restart in every group, and each group has its own capacity.
+TEST_P(Routing, CapacityIsPerGroup) {
+  auto be = make_backend(GetParam());
+  const int G = 2, S = 3, E = 2, C = 2, T = 6;
+  // Every token prefers expert 1.
+  auto logits = upload(*be, std::vector<float>{0, 1, 0, 2, 0, 3, 0, 1, 0, 1, 0, 1});
+  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E);
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T);
+  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                     counts.data(), logits.data(), G, S, E, C);
+  // Group 0 rows 0,1 of expert 1's buffer; group 1 rows 2,3 (= g*C + position).
+  EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 1, -1, 2, 3, -1}));
+  EXPECT_EQ(download(*be, counts.data(), G * E), (std::vector<float>{0, 3, 0, 3}));
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, Routing, ::testing::Values("reference", "cpu"));
+
+TEST(Capacity, Arithmetic) {
+  ModelConfig m;
+  m.num_experts = 4;
+  m.capacity_factor = 1.25;
+  m.eval_capacity_factor = 2.0;
+  EXPECT_EQ(capacity(m, 24, true), 8);    // ceil(1.25 * 24 / 4) = ceil(7.5)
+  EXPECT_EQ(capacity(m, 24, false), 12);  // 2.0 * 24 / 4
+  EXPECT_EQ(capacity(m, 3, true), 1);     // ceil(0.9375)
+  m.expert_capacity = 5;                  // an explicit capacity wins, train and eval
+  EXPECT_EQ(capacity(m, 24, true), 5);
+  EXPECT_EQ(capacity(m, 24, false), 5);
+}
+
+// A Switch layer: kept tokens output gate * expert(x), dropped tokens output exactly zero.
+TEST(SwitchLayer, DroppedTokensOutputZeroKeptTokensAreGatedExperts) {
+  auto be = make_backend("reference");
+  const int T = 8, S = 8, D = 3, F = 4, E = 2;
+  ParamStore ps;
+  SwitchFFN::register_params(ps, "mlp", D, F, E, false, 1.0);
+  ps.allocate(*be);
+  ps.initialize(*be, 3);
+  // Router sends every token to expert 0 (weights [1,1,1] vs [0,0,0], inputs positive).
+  std::vector<float> wr = {1, 1, 1, 0, 0, 0};
+  be->copy_to_device(ps.value("mlp.router.classifier.weight"), wr.data(), sizeof(float) * 6);
+  SwitchFFN sw(*be, ps, "mlp", {T, S, D, F, E, /*capacity_train=*/3, /*capacity_eval=*/3, false});
+  const auto xh = testing::random_vector(T * D, 9, 0.1f, 1.0f);
+  auto x = upload(*be, xh);
+  DeviceArray<float> out(*be, T * D);
+  RouterStats st = sw.forward(out.data(), x.data(), false, 0.0f, 0.0f, 1);
+  EXPECT_EQ(st.dropped, 5);
+  EXPECT_DOUBLE_EQ(st.expert_fraction[0], 1.0);
+  const auto o = download(*be, out.data(), T * D);
+  // Expert 0 by hand: relu(x wi^T) wo^T.
+  const auto wi = download(*be, ps.value("mlp.experts.wi.weight"), F * D);
+  const auto wo = download(*be, ps.value("mlp.experts.wo.weight"), D * F);
+  for (int t = 0; t < T; ++t) {
+    double l0 = 0;
+    for (int d = 0; d < D; ++d) l0 += xh[t * D + d];
+    const double gate = 1.0 / (1.0 + std::exp(-l0));  // softmax([l0, 0])[0]
+    for (int d = 0; d < D; ++d) {
+      double y = 0;
+      for (int f = 0; f < F; ++f) {
+        double h = 0;
+        for (int k = 0; k < D; ++k) h += xh[t * D + k] * wi[f * D + k];
+        y += std::max(h, 0.0) * wo[d * F + f];
+      }
+      const double expect = t < 3 ? gate * y : 0.0;
+      EXPECT_NEAR(o[t * D + d], expect, 1e-5) << "token " << t << " dim " << d;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace switcht5
