@@ -1,0 +1,119 @@
+// switcht5: train and inspect Switch Transformers.
+//   switcht5 train --config FILE [--run-dir DIR] [--set section.key=value ...]
+//   switcht5 plan  --config FILE [--set section.key=value ...]
+// Exit codes: 0 success, 2 bad user input (config, CLI, data), 1 any other failure.
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "core/check.h"
+#include "config/config.h"
+#include "model/flops.h"
+#include "model/model.h"
+#include "train/trainer.h"
+
+namespace {
+
+using namespace switcht5;
+
+constexpr const char* kUsage =
+    "usage: switcht5 <command> [options]\n"
+    "commands:\n"
+    "  train --config FILE [--run-dir DIR] [--set section.key=value ...]\n"
+    "        train a model; DIR (default: log.run_dir, else runs/<config name>) receives\n"
+    "        config.yaml, train.log and metrics.jsonl\n"
+    "  plan  --config FILE [--set section.key=value ...]\n"
+    "        validate a config and print the model's parameters, capacities and FLOPs\n"
+    "  (eval and inspect read checkpoints; they arrive with HDF5 checkpointing)\n";
+
+struct Args {
+  std::string command;
+  std::string config;
+  std::string run_dir;
+  std::vector<std::string> overrides;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  SWT_USER_CHECK(argc >= 2, "missing command\n{}", kUsage);
+  a.command = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      SWT_USER_CHECK(i + 1 < argc, "{} needs a value", flag);
+      return argv[++i];
+    };
+    if (flag == "--config") a.config = value();
+    else if (flag == "--run-dir") a.run_dir = value();
+    else if (flag == "--set") a.overrides.push_back(value());
+    else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
+    else SWT_USER_CHECK(false, "unknown option \"{}\" for \"{}\"\n{}", flag, a.command, kUsage);
+  }
+  return a;
+}
+
+int cmd_plan(const RunConfig& cfg) {
+  ModelConfig m = cfg.model;
+  ParamStore ps;
+  register_model_params(ps, m);
+  int64_t dense = 0, expert = 0;
+  for (const ParamInfo& p : ps.infos()) (p.kind == ParamKind::kStacked ? expert : dense) += p.numel;
+  fmt::print("config: {}\n", cfg.source_path);
+  fmt::print("parameters: {} ({} outside experts, {} in experts), {:.1f} MB fp32\n",
+             dense + expert, dense, expert, (dense + expert) * 4e-6);
+  for (int dec = 0; dec < 2; ++dec) {
+    const int layers = dec ? m.num_decoder_layers : m.num_layers;
+    const int step = dec ? m.decoder_sparse_step : m.encoder_sparse_step;
+    const int T = dec ? cfg.data.targets_length : cfg.data.inputs_length;
+    const int S = m.group_size > 0 ? m.group_size : T;
+    std::string sparse;
+    for (int i = 0; i < layers; ++i)
+      if (is_sparse_layer(step, i)) sparse += fmt::format("{}{}", sparse.empty() ? "" : ",", i);
+    fmt::print("{}: {} blocks, Switch blocks [{}], group {} tokens, capacity {} train / {} eval\n",
+               dec ? "decoder" : "encoder", layers, sparse, S,
+               sparse.empty() ? 0 : capacity(m, S, true), sparse.empty() ? 0 : capacity(m, S, false));
+  }
+  const double f = forward_matmul_flops(m, cfg.train.batch_size, cfg.data.inputs_length,
+                                        cfg.data.targets_length, true);
+  fmt::print("matmul GFLOP per training step (batch {}): {:.3f} forward, {:.3f} total\n",
+             cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
+  return 0;
+}
+
+int run(int argc, char** argv) {
+  if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  Args a = parse_args(argc, argv);
+  if (a.command == "eval" || a.command == "inspect")
+    SWT_USER_CHECK(false, "\"{}\" needs checkpoints, which this build cannot write or read yet",
+                   a.command);
+  SWT_USER_CHECK(a.command == "train" || a.command == "plan",
+                 "unknown command \"{}\" (expected train or plan)\n{}", a.command, kUsage);
+  SWT_USER_CHECK(!a.config.empty(), "{}: --config FILE is required", a.command);
+  RunConfig cfg = load_config(a.config, a.overrides);
+  if (a.command == "plan") return cmd_plan(cfg);
+  std::string dir = a.run_dir;
+  if (dir.empty()) dir = cfg.log.run_dir;
+  if (dir.empty()) dir = "runs/" + std::filesystem::path(a.config).stem().string();
+  train(cfg, dir);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const switcht5::UserError& e) {
+    std::fprintf(stderr, "switcht5: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "switcht5: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,109 @@
+// The switcht5 binary as a user runs it: bad configs and command lines end with exit code 2 and
+// one line naming the file:line, key, value and what is allowed; plan and a short train work.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+const std::string kBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5";
+const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny.yaml";
+
+struct Result {
+  int code;
+  std::string output;  // stdout and stderr
+};
+
+Result run(const std::string& args) {
+  const std::string cmd = kBin + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  Result r{-1, ""};
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string write_config(const std::string& name, const std::string& text) {
+  auto path = std::filesystem::temp_directory_path() / ("switcht5_cli_" + name + ".yaml");
+  std::ofstream(path) << text;
+  return path.string();
+}
+
+struct BadCase {
+  const char* name;
+  const char* yaml;        // config text ("" = use tiny.yaml)
+  const char* extra_args;  // appended to "train --config FILE"
+  std::vector<std::string> expect;  // substrings of the message
+};
+
+class BadInput : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(BadInput, ExitsWithCode2AndOneClearLine) {
+  const BadCase& c = GetParam();
+  const std::string cfg = *c.yaml ? write_config(c.name, c.yaml) : kTiny;
+  Result r = run("train --config " + cfg + " --run-dir " +
+                 (std::filesystem::temp_directory_path() / "switcht5_cli_run").string() + " " +
+                 c.extra_args);
+  EXPECT_EQ(r.code, 2) << r.output;
+  for (const std::string& s : c.expect) EXPECT_NE(r.output.find(s), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("| loss"), std::string::npos) << "training must not start: " << r.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cli, BadInput,
+    ::testing::Values(
+        BadCase{"unknown_key", "model:\n  d_model: 64\n  d_modle: 3\n", "",
+                {"switcht5_cli_unknown_key.yaml:3", "model.d_modle", "d_model"}},
+        BadCase{"bad_type", "model:\n  d_model: abc\n", "",
+                {"switcht5_cli_bad_type.yaml:2", "model.d_model", "abc", "integer"}},
+        BadCase{"bad_value", "train:\n  optimizer: sgd\n", "",
+                {"switcht5_cli_bad_value.yaml:2", "train.optimizer", "sgd", "adafactor"}},
+        BadCase{"impossible", "train:\n  batch_size: 10\n  grad_accum_steps: 3\n", "",
+                {"train.grad_accum_steps", "3", "10"}},
+        BadCase{"unknown_section", "modle:\n  d_model: 3\n", "", {"unknown section", "modle"}},
+        BadCase{"bad_set", "", "--set model.num_heads=0", {"--set model.num_heads=0", "num_heads"}},
+        BadCase{"bad_set_form", "", "--set foo", {"--set foo", "section.key=value"}},
+        BadCase{"set_unknown", "", "--set train.stepz=3", {"train.stepz"}},
+        BadCase{"unknown_flag", "", "--frobnicate", {"--frobnicate"}},
+        BadCase{"missing_file", "", "--config /nonexistent/x.yaml", {"/nonexistent/x.yaml"}},
+        BadCase{"bad_backend", "", "--set train.backend=tpu", {"train.backend", "tpu"}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Cli, UnknownCommandAndMissingConfig) {
+  Result r = run("frobnicate");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.output.find("unknown command"), std::string::npos) << r.output;
+  r = run("train");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.output.find("--config"), std::string::npos) << r.output;
+}
+
+TEST(Cli, PlanPrintsTheModel) {
+  Result r = run("plan --config " + std::string(SWITCHT5_SOURCE_DIR) + "/configs/switch-base-8.yaml");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("parameters:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("Switch blocks [1,3,5,7,9,11]"), std::string::npos) << r.output;
+}
+
+TEST(Cli, ShortTrainWritesTheRunDirectory) {
+  const auto dir = std::filesystem::temp_directory_path() / "switcht5_cli_train";
+  std::filesystem::remove_all(dir);
+  Result r = run("train --config " + kTiny + " --run-dir " + dir.string() +
+                 " --set train.steps=3 --set log.every=1");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("step      3"), std::string::npos) << r.output;
+  for (const char* f : {"config.yaml", "train.log", "metrics.jsonl"})
+    EXPECT_TRUE(std::filesystem::exists(dir / f)) << f;
+}
+
+}  // namespace
