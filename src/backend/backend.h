@@ -117,8 +117,9 @@ class Backend {
                                    const float* b, int64_t n) = 0;
 
   // ---- randomness (counter-based, see core/rng.h) -----------------------------------------------
-  // Inverted dropout: out[i] = x[i] / (1-p) if uniform01(seed, i) >= p else 0. Its backward is
-  // the same call on dout with the same seed. p == 0 copies. out may alias x.
+  // Inverted dropout: out[i] = x[i] / (1-p) if random16(seed, i) >= dropout_threshold(p) else 0
+  // (core/rng.h). Its backward is the same call on dout with the same seed. p == 0 copies.
+  // out may alias x.
   virtual void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) = 0;
   // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(seed, i)). Linear in x, so
   // its backward is the same call on dout with the same seed. out may alias x.

@@ -18,9 +18,26 @@ inline constexpr uint64_t mix64(uint64_t z) {
 // Derives a child seed from a parent seed and a tag (e.g. step, layer index, call site).
 inline constexpr uint64_t derive_seed(uint64_t seed, uint64_t tag) { return mix64(seed ^ mix64(tag)); }
 
-// Uniform float in [0, 1) from (seed, index): the top 24 bits of the mixed counter.
+// Uniform float in [0, 1) from (seed, index): element `index` of the splitmix64 stream started
+// at `seed` (state seed + index * golden gamma, one mix per draw), top 24 bits. Streams of
+// different seeds are decorrelated because seeds come from derive_seed (fully mixed).
 inline constexpr float uniform01(uint64_t seed, uint64_t index) {
-  return static_cast<float>(mix64(seed + mix64(index)) >> 40) * (1.0f / 16777216.0f);
+  return static_cast<float>(mix64(seed + index * 0x9E3779B97F4A7C15ull) >> 40) *
+         (1.0f / 16777216.0f);
+}
+
+// 16 random bits for element `index` of the stream `seed`: one splitmix64 draw serves four
+// consecutive elements (bits 0-15 for index % 4 == 0, 16-31 for 1, ...). Dropout uses these so
+// that a mask costs a quarter of a 64-bit mix per element; its keep probability is therefore
+// quantised to 1/65536 (see dropout_threshold).
+inline constexpr uint32_t random16(uint64_t seed, uint64_t index) {
+  return uint32_t(mix64(seed + (index >> 2) * 0x9E3779B97F4A7C15ull) >> (16 * (index & 3))) &
+         0xFFFFu;
+}
+
+// Dropout keeps element i iff random16(seed, i) >= dropout_threshold(p) = round(p * 65536).
+inline uint32_t dropout_threshold(float p) {
+  return static_cast<uint32_t>(std::lround(static_cast<double>(p) * 65536.0));
 }
 
 // Host-side sequential generator built on the same mixer (for init and synthetic data).

@@ -39,6 +39,11 @@ class Attention {
   void backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch);
   // Floats of scratch that backward needs.
   int64_t scratch_floats() const;
+  // Floats of activations this layer keeps for backward.
+  int64_t activation_floats() const {
+    return q_.size() + k_.size() + v_.size() + qh_.size() + kh_.size() + vh_.size() +
+           probs_.size() + probs_dropped_.size() + ctx_.size();
+  }
 
  private:
   Backend& be_;

@@ -31,6 +31,7 @@ class FeedForward {
   // dx [count, N, D] assigned.
   void backward(float* dx, const float* dout, float* scratch);
   int64_t scratch_floats() const { return 2 * h_.size(); }
+  int64_t activation_floats() const { return a_.size() + b_.size() + h_.size(); }
 
  private:
   Backend& be_;

@@ -217,6 +217,7 @@ struct SwitchT5Model::Stack {
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
                            cfg.num_heads, T, T);
     const float* h = h0.data();
+    size_t sparse_index = 0;  // router_stats is overwritten in place: no allocation once sized
     for (size_t i = 0; i < blocks.size(); ++i) {
       Block& blk = blocks[i];
       const int bi = static_cast<int>(i);
@@ -237,14 +238,15 @@ struct SwitchT5Model::Stack {
         if (blk.dense) {
           blk.dense->forward(o, x, N, dropout_p, site_seed(seed, decoder, bi, 5));
         } else {
-          router_stats.push_back(blk.sparse->forward(o, x, training,
-                                                     float(cfg.router_jitter_noise),
-                                                     expert_dropout,
-                                                     site_seed(seed, decoder, bi, 6)));
+          if (router_stats.size() <= sparse_index) router_stats.emplace_back();
+          router_stats[sparse_index++] =
+              blk.sparse->forward(o, x, training, float(cfg.router_jitter_noise), expert_dropout,
+                                  site_seed(seed, decoder, bi, 6));
         }
       });
       h = blk.ff.h_next.data();
     }
+    router_stats.resize(sparse_index);
     be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.values() + final_ln->offset, N, D,
                        float(cfg.layer_norm_epsilon));
     be.dropout(out.data(), out.data(), n, dropout_p, final_seed);
@@ -290,9 +292,13 @@ struct SwitchT5Model::Stack {
 
   int64_t activation_floats() const {
     int64_t s = 0;
-    for (const Block& blk : blocks)
+    for (const Block& blk : blocks) {
       for (const NormedResidual* r : {&blk.attn, &blk.cross, &blk.ff})
         s += r->normed.size() + r->rstd.size() + r->h_next.size();
+      s += blk.self_attention->activation_floats();
+      if (blk.cross_attention) s += blk.cross_attention->activation_floats();
+      s += blk.dense ? blk.dense->activation_floats() : blk.sparse->activation_floats();
+    }
     return s + bias.size() * 2 + 6 * int64_t(N) * D;
   }
 };
@@ -328,7 +334,7 @@ int64_t SwitchT5Model::activation_floats() const {
          head_in_.size() + logits_.size();
 }
 
-ForwardStats SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed) {
+const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed) {
   const int B = shape_.batch, Ti = shape_.inputs_length, Tt = shape_.targets_length;
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   SWT_CHECK(batch.batch == B && batch.inputs_length == Ti && batch.targets_length == Tt,
@@ -349,7 +355,9 @@ ForwardStats SwitchT5Model::forward(const Batch& batch, bool training, uint64_t 
   be_.copy_to_device(labels_.data(), batch.labels.data(), labels_.bytes());
   host_labels_ = batch.labels;
 
-  ForwardStats st;
+  ForwardStats& st = stats_;
+  st.ce_sum = st.logit_lse_sq_sum = 0.0;
+  st.target_tokens = 0;
   encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
                     st.encoder_router);
   decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
@@ -367,7 +375,8 @@ ForwardStats SwitchT5Model::forward(const Batch& batch, bool training, uint64_t 
   be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
                             N, V);
   st.ce_sum = be_.sum(token_loss_.data(), N);
-  std::vector<float> lse(N);
+  std::vector<float>& lse = host_lse_;
+  lse.resize(N);
   be_.copy_to_host(lse.data(), token_lse_.data(), sizeof(float) * N);
   for (int64_t t = 0; t < N; ++t)
     if (host_labels_[t] != kIgnoreLabel) {

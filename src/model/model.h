@@ -66,7 +66,8 @@ class SwitchT5Model {
   const ModelShape& shape() const { return shape_; }
 
   // Runs the forward pass; `seed` keys dropout and router jitter (ignored when !training).
-  ForwardStats forward(const Batch& batch, bool training, uint64_t seed);
+  // The statistics are valid until the next forward.
+  const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed);
   // Accumulates dJ/dparams into params().grads() for the last forward call.
   void backward(const LossWeights& w);
   // J for `stats` (the value whose gradient backward computes).
@@ -74,7 +75,7 @@ class SwitchT5Model {
 
   // [batch * targets_length, vocab] logits of the last forward (overwritten by backward).
   const float* logits() const;
-  // Floats of activation memory held (for the memory report).
+  // Floats of activation and scratch memory held (for the memory report).
   int64_t activation_floats() const;
 
   struct Stack;  // encoder or decoder (model.cpp)
@@ -90,6 +91,8 @@ class SwitchT5Model {
   DeviceArray<int32_t> enc_ids_, dec_ids_, labels_;
   DeviceArray<float> enc_mask_, dec_mask_;
   std::vector<int32_t> host_labels_;
+  std::vector<float> host_lse_;
+  ForwardStats stats_;
   // Head.
   DeviceArray<float> head_in_;   // [B*Tt, D] decoder output (scaled when tied)
   DeviceArray<float> logits_;    // [B*Tt, V]

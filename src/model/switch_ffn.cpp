@@ -42,7 +42,7 @@ int64_t SwitchFFN::scratch_floats() const {
          experts_.scratch_floats();
 }
 
-RouterStats SwitchFFN::forward(float* out, const float* x, bool training, float jitter_eps,
+const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training, float jitter_eps,
                                float expert_dropout, uint64_t seed) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
   const int C = training ? s_.capacity_train : s_.capacity_eval;
@@ -66,12 +66,14 @@ RouterStats SwitchFFN::forward(float* out, const float* x, bool training, float 
   be_.moe_combine(out, y_.data(), gate_.data(), expert_.data(), slot_.data(), T, D, GC);
 
   // Statistics: small [G,E] and [G] reductions on the host.
-  RouterStats st;
+  RouterStats& st = stats_;
+  st.dropped = 0;
   be_.router_balance_loss(balance_.data(), probs_.data(), counts_.data(), G, S, E);
   st.balance_loss = be_.sum(balance_.data(), G) / G;
   st.z_loss = be_.sum_squares(lse_.data(), T) / T;
   st.tokens = T;
-  std::vector<float> counts(static_cast<size_t>(G) * E);
+  std::vector<float>& counts = host_counts_;
+  counts.resize(static_cast<size_t>(G) * E);
   be_.copy_to_host(counts.data(), counts_.data(), sizeof(float) * counts.size());
   st.expert_fraction.assign(E, 0.0);
   for (int g = 0; g < G; ++g)

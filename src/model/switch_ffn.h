@@ -52,13 +52,19 @@ class SwitchFFN {
 
   SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape shape);
 
-  // x [T,D] must stay alive until backward; out [T,D].
-  RouterStats forward(float* out, const float* x, bool training, float jitter_eps,
+  // x [T,D] must stay alive until backward; out [T,D]. The statistics live in this layer
+  // (valid until the next forward), so the steady state allocates nothing.
+  const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
                       float expert_dropout, uint64_t seed);
   // dx [T,D] assigned. lb_scale / z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2
   // in the objective (e.g. aux_coef / total groups, z_coef / total tokens).
   void backward(float* dx, const float* dout, float lb_scale, float z_scale, float* scratch);
   int64_t scratch_floats() const;
+  int64_t activation_floats() const {
+    return jittered_.size() + logits_.size() + probs_.size() + lse_.size() + gate_.size() +
+           expert_.size() + slot_.size() + counts_.size() + balance_.size() + buf_.size() +
+           y_.size() + experts_.activation_floats();
+  }
 
  private:
   Backend& be_;
@@ -79,6 +85,8 @@ class SwitchFFN {
   DeviceArray<float> counts_;               // [G,E]
   DeviceArray<float> balance_;              // [G]
   DeviceArray<float> buf_, y_;              // [E, G*C_max, D]
+  std::vector<float> host_counts_;          // [G,E] host copy of counts_ for the statistics
+  RouterStats stats_;
 };
 
 }  // namespace switcht5

@@ -95,6 +95,10 @@ class Adafactor final : public Optimizer {
       s.count = p.matrix_count();
       s.rows = p.rows();
       s.cols = p.cols();
+      // Checked once here so that step() builds no strings (it runs allocation-free).
+      to_int(s.count, p.name + " count");
+      to_int(s.rows, p.name + " rows");
+      to_int(s.cols, p.name + " cols");
       SWT_CHECK(s.count * s.rows * s.cols == p.numel,
                 "parameter {}: {} matrices of [{}, {}] != numel {}", p.name, s.count, s.rows,
                 s.cols, p.numel);
@@ -118,8 +122,7 @@ class Adafactor final : public Optimizer {
       float* vc = s.factored ? base + s.count * s.rows : nullptr;
       float* v = s.factored ? nullptr : base;
       be.adafactor_update(params.values() + p.offset, params.grads() + p.offset, vr, vc, v,
-                          s.factored, to_int(s.count, p.name + " count"),
-                          to_int(s.rows, p.name + " rows"), to_int(s.cols, p.name + " cols"), lr,
+                          s.factored, int(s.count), int(s.rows), int(s.cols), lr,
                           beta2t, static_cast<float>(options_.epsilon1),
                           static_cast<float>(options_.clipping_threshold),
                           weight_decay_for(p, options_.weight_decay));

@@ -20,10 +20,10 @@ SyntheticTask::SyntheticTask(const DataConfig& data, const ModelConfig& model, u
                  data.synthetic_vocab, vocab_lo_ + 2);
 }
 
-void SyntheticTask::fill(Batch& out, Stream stream, int64_t first, int count) const {
+void SyntheticTask::fill(Batch& out, Stream stream, int64_t first, int count) {
   out.resize(count, inputs_length_, targets_length_);
   const int L = std::max(1, std::min(inputs_length_, targets_length_) - 1);
-  std::vector<int32_t> w;
+  std::vector<int32_t>& w = words_;
   for (int b = 0; b < count; ++b) {
     CounterRng rng(derive_seed(derive_seed(seed_, uint64_t(stream)), uint64_t(first + b)));
     const int len = std::max(1, L / 2) + int(rng.next_below(uint64_t(L - std::max(1, L / 2) + 1)));

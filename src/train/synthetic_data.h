@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 #include "model/batch.h"
@@ -19,7 +20,7 @@ class SyntheticTask {
   enum class Stream : uint64_t { kTrain = 1, kValidation = 2 };
   SyntheticTask(const DataConfig& data, const ModelConfig& model, uint64_t seed);
   // Fills `out` (resized to `count` x lengths) with examples first, first+1, ... of `stream`.
-  void fill(Batch& out, Stream stream, int64_t first, int count) const;
+  void fill(Batch& out, Stream stream, int64_t first, int count);
 
  private:
   bool reverse_;
@@ -27,6 +28,7 @@ class SyntheticTask {
   int vocab_lo_, vocab_hi_;  // tokens drawn from [lo, hi)
   int eos_, start_;
   uint64_t seed_;
+  std::vector<int32_t> words_;  // one example's tokens, reused
 };
 
 }  // namespace switcht5

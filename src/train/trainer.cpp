@@ -16,9 +16,6 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/grad_clip.h"
-#include "train/optimizer.h"
-#include "train/schedule.h"
-#include "train/synthetic_data.h"
 
 namespace switcht5 {
 
@@ -63,6 +60,97 @@ std::string metrics_json(const StepMetrics& m) {
   return s + "}";
 }
 
+static OptimizerOptions optimizer_options(const TrainConfig& tc) {
+  OptimizerOptions oo;
+  oo.name = tc.optimizer;
+  oo.beta1 = tc.adam_beta1;
+  oo.beta2 = tc.adam_beta2;
+  oo.epsilon = tc.adam_epsilon;
+  oo.weight_decay = tc.weight_decay;
+  oo.decay_rate = tc.adafactor_decay_rate;
+  oo.clipping_threshold = tc.adafactor_clipping_threshold;
+  oo.epsilon1 = tc.adafactor_epsilon1;
+  return oo;
+}
+
+Trainer::Trainer(const RunConfig& cfg)
+    : cfg_(cfg), micro_(cfg.train.batch_size / cfg.train.grad_accum_steps),
+      be_(make_backend(cfg.train.backend)),
+      schedule_({cfg.train.schedule, cfg.train.learning_rate, cfg.train.warmup_steps,
+                 cfg.train.steps, cfg.train.min_learning_rate}),
+      task_(cfg.data, cfg.model, cfg.train.seed), batches_(cfg.train.grad_accum_steps) {
+  const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
+  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt});
+  model_->params().initialize(*be_, cfg.train.seed);
+  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, model_->params());
+  step_flops_ = 3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, Ti, Tt, true);
+}
+
+Trainer::~Trainer() = default;
+
+double Trainer::evaluate() {
+  const TrainConfig& tc = cfg_.train;
+  double ce = 0.0;
+  int64_t tokens = 0;
+  for (int e = 0; e < tc.eval_batches; ++e)
+    for (int m = 0; m < tc.grad_accum_steps; ++m) {
+      task_.fill(eval_batch_, SyntheticTask::Stream::kValidation,
+                 int64_t(e) * tc.batch_size + int64_t(m) * micro_, micro_);
+      const ForwardStats& st = model_->forward(eval_batch_, /*training=*/false, 0);
+      ce += st.ce_sum;
+      tokens += st.target_tokens;
+    }
+  return tokens > 0 ? ce / tokens : 0.0;
+}
+
+StepMetrics Trainer::train_step(int64_t step) {
+  const TrainConfig& tc = cfg_.train;
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t global_tokens = 0;
+  for (int m = 0; m < tc.grad_accum_steps; ++m) {
+    task_.fill(batches_[m], SyntheticTask::Stream::kTrain,
+               (step - 1) * tc.batch_size + int64_t(m) * micro_, micro_);
+    global_tokens += batches_[m].target_tokens();
+  }
+  // Weights that make the sum over micro-batches the global-batch objective (model.h).
+  LossWeights w;
+  w.ce_scale = global_tokens > 0 ? 1.0 / double(global_tokens) : 0.0;
+  w.logit_z_loss = tc.z_loss;
+  w.microbatches = tc.grad_accum_steps;
+  model_->params().zero_grads(*be_);
+  double ce = 0.0;
+  RouterTotals router;
+  for (int m = 0; m < tc.grad_accum_steps; ++m) {
+    const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step) * 4096 + m);
+    const ForwardStats& st = model_->forward(batches_[m], /*training=*/true, seed);
+    model_->backward(w);
+    ce += st.ce_sum;
+    router.add(st);
+  }
+  const double grad_norm = clip_grad_norm(*be_, model_->params(), tc.max_grad_norm);
+  const double loss = w.ce_scale * ce;
+  SWT_CHECK(std::isfinite(loss) && std::isfinite(grad_norm),
+            "non-finite loss ({}) or gradient norm ({}) at step {}", loss, grad_norm, step);
+  const double lr = schedule_.lr(step);
+  optimizer_->step(*be_, model_->params(), float(lr));
+  be_->synchronize();
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  StepMetrics m;
+  m.step = step;
+  m.loss = loss;
+  m.aux_loss = router.layer_calls ? router.balance / router.layer_calls : 0.0;
+  m.z_loss = router.layer_calls ? router.z / router.layer_calls : 0.0;
+  m.lr = lr;
+  m.grad_norm = grad_norm;
+  m.step_ms = secs * 1e3;
+  m.tokens_per_s =
+      double(tc.batch_size) * (cfg_.data.inputs_length + cfg_.data.targets_length) / secs;
+  m.dropped_fraction = router.tokens ? double(router.dropped) / router.tokens : 0.0;
+  return m;
+}
+
 TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
   std::filesystem::create_directories(run_dir);
   {
@@ -78,105 +166,31 @@ TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
   log->info("resolved config:\n{}", to_yaml(cfg));
 
   const TrainConfig& tc = cfg.train;
-  const int micro = tc.batch_size / tc.grad_accum_steps;
-  const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
-  auto be = make_backend(tc.backend);
-  SwitchT5Model model(*be, cfg.model, ModelShape{micro, Ti, Tt});
-  model.params().initialize(*be, tc.seed);
-  OptimizerOptions oo;
-  oo.name = tc.optimizer;
-  oo.beta1 = tc.adam_beta1;
-  oo.beta2 = tc.adam_beta2;
-  oo.epsilon = tc.adam_epsilon;
-  oo.weight_decay = tc.weight_decay;
-  oo.decay_rate = tc.adafactor_decay_rate;
-  oo.clipping_threshold = tc.adafactor_clipping_threshold;
-  oo.epsilon1 = tc.adafactor_epsilon1;
-  auto optimizer = make_optimizer(oo, *be, model.params());
-  LrSchedule schedule({tc.schedule, tc.learning_rate, tc.warmup_steps, tc.steps,
-                       tc.min_learning_rate});
-  SyntheticTask task(cfg.data, cfg.model, tc.seed);
-
-  const double step_flops = 3.0 * forward_matmul_flops(cfg.model, tc.batch_size, Ti, Tt, true);
+  Trainer trainer(cfg);
   log->info("backend {}; {} parameters ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
             "micro-batches per step; {:.3g} GFLOP of matmul per step",
-            be->name(), model.params().total_numel(), model.params().total_numel() * 4e-6, micro,
-            Ti, Tt, tc.grad_accum_steps, step_flops * 1e-9);
+            trainer.backend().name(), trainer.model().params().total_numel(),
+            trainer.model().params().total_numel() * 4e-6, tc.batch_size / tc.grad_accum_steps,
+            cfg.data.inputs_length, cfg.data.targets_length, tc.grad_accum_steps,
+            trainer.step_flops() * 1e-9);
 
   std::ofstream metrics(run_dir + "/metrics.jsonl");
   SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
-
-  auto evaluate = [&]() {
-    double ce = 0.0;
-    int64_t tokens = 0;
-    Batch b;
-    for (int e = 0; e < tc.eval_batches; ++e)
-      for (int m = 0; m < tc.grad_accum_steps; ++m) {
-        task.fill(b, SyntheticTask::Stream::kValidation,
-                  int64_t(e) * tc.batch_size + int64_t(m) * micro, micro);
-        ForwardStats st = model.forward(b, /*training=*/false, 0);
-        ce += st.ce_sum;
-        tokens += st.target_tokens;
-      }
-    return tokens > 0 ? ce / tokens : 0.0;
-  };
-
   TrainResult result;
-  std::vector<Batch> batches(tc.grad_accum_steps);
-  using clock = std::chrono::steady_clock;
   for (int64_t step = 1; step <= tc.steps; ++step) {
-    const auto t0 = clock::now();
-    int64_t global_tokens = 0;
-    for (int m = 0; m < tc.grad_accum_steps; ++m) {
-      task.fill(batches[m], SyntheticTask::Stream::kTrain,
-                (step - 1) * tc.batch_size + int64_t(m) * micro, micro);
-      global_tokens += batches[m].target_tokens();
-    }
-    LossWeights w;
-    w.ce_scale = global_tokens > 0 ? 1.0 / double(global_tokens) : 0.0;
-    w.logit_z_loss = tc.z_loss;
-    w.microbatches = tc.grad_accum_steps;
-    model.params().zero_grads(*be);
-    double ce = 0.0;
-    RouterTotals router;
-    for (int m = 0; m < tc.grad_accum_steps; ++m) {
-      const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step) * 4096 + m);
-      ForwardStats st = model.forward(batches[m], /*training=*/true, seed);
-      model.backward(w);
-      ce += st.ce_sum;
-      router.add(st);
-    }
-    const double grad_norm = clip_grad_norm(*be, model.params(), tc.max_grad_norm);
-    const double loss = w.ce_scale * ce;
-    SWT_CHECK(std::isfinite(loss) && std::isfinite(grad_norm),
-              "non-finite loss ({}) or gradient norm ({}) at step {}", loss, grad_norm, step);
-    const double lr = schedule.lr(step);
-    optimizer->step(*be, model.params(), float(lr));
-    be->synchronize();
-    const double secs = std::chrono::duration<double>(clock::now() - t0).count();
-
+    StepMetrics m = trainer.train_step(step);
+    result.final_loss = m.loss;
     const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
     const bool do_log = step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval;
-    result.final_loss = loss;
     if (!do_log) continue;
-    StepMetrics m;
-    m.step = step;
-    m.loss = loss;
-    m.aux_loss = router.layer_calls ? router.balance / router.layer_calls : 0.0;
-    m.z_loss = router.layer_calls ? router.z / router.layer_calls : 0.0;
-    m.lr = lr;
-    m.grad_norm = grad_norm;
-    m.step_ms = secs * 1e3;
-    m.tokens_per_s = double(tc.batch_size) * (Ti + Tt) / secs;
-    m.dropped_fraction = router.tokens ? double(router.dropped) / router.tokens : 0.0;
     if (do_eval) {
       m.has_val = true;
-      m.val_loss = evaluate();
+      m.val_loss = trainer.evaluate();
     }
     log->info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
               "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",
               step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
-              m.step_ms, m.tokens_per_s, step_flops / secs * 1e-9,
+              m.step_ms, m.tokens_per_s, trainer.step_flops() / m.step_ms * 1e-6,
               m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
     metrics << metrics_json(m) << "\n";
     metrics.flush();

@@ -1,12 +1,22 @@
 // The training loop on one process: synthetic batches -> forward/backward over gradient
 // accumulation micro-batches -> global-norm clipping -> optimizer step, with logging to spdlog
 // and DIR/metrics.jsonl, and periodic validation.
+//
+// Trainer holds everything a step needs (backend, model, optimizer, schedule, data) and does no
+// I/O, so the benchmark (bench/bench_step) times exactly the step that train() runs.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "config/config.h"
+#include "model/batch.h"
+#include "model/model.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+#include "train/synthetic_data.h"
 
 namespace switcht5 {
 
@@ -22,6 +32,35 @@ struct StepMetrics {
   double step_ms = 0.0;
   bool has_val = false;
   double val_loss = 0.0;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const RunConfig& cfg);
+  ~Trainer();
+
+  // Runs optimizer step `step` (1-based): fills its global batch, forward/backward over the
+  // micro-batches, clipping and the update. Throws Error on a non-finite loss or gradient.
+  StepMetrics train_step(int64_t step);
+  // Mean cross-entropy over train.eval_batches global validation batches (eval mode).
+  double evaluate();
+
+  Backend& backend() { return *be_; }
+  SwitchT5Model& model() { return *model_; }
+  // Matmul FLOPs of one optimizer step (forward + backward).
+  double step_flops() const { return step_flops_; }
+
+ private:
+  RunConfig cfg_;
+  int micro_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<SwitchT5Model> model_;
+  std::unique_ptr<Optimizer> optimizer_;
+  LrSchedule schedule_;
+  SyntheticTask task_;
+  std::vector<Batch> batches_;  // one per micro-batch, reused every step
+  Batch eval_batch_;
+  double step_flops_ = 0.0;
 };
 
 struct TrainResult {

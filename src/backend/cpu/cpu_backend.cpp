@@ -44,10 +44,10 @@ inline float gelu_tanh_grad(float a) {
 }
 
 // Sum of f(x[i]) over i < n in double, blockwise (see kReduceBlock).
+// `partial` holds at least ceil(n / kReduceBlock) doubles.
 template <class F>
-double blocked_sum(const float* x, int64_t n, F f) {
+double blocked_sum(const float* x, int64_t n, double* partial, F f) {
   const int64_t num_blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> partial(num_blocks);
 #pragma omp parallel for schedule(static) if (num_blocks > 1)
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
     const int64_t end = std::min(n, (blk + 1) * kReduceBlock);
@@ -56,7 +56,7 @@ double blocked_sum(const float* x, int64_t n, F f) {
     partial[blk] = acc;
   }
   double total = 0.0;
-  for (double p : partial) total += p;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) total += partial[blk];
   return total;
 }
 
@@ -154,11 +154,13 @@ void CpuBackend::scale(float* x, float alpha, int64_t n) {
 }
 
 double CpuBackend::sum(const float* x, int64_t n) {
-  return blocked_sum(x, n, [](float v) { return double(v); });
+  return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
+                     [](float v) { return double(v); });
 }
 
 double CpuBackend::sum_squares(const float* x, int64_t n) {
-  return blocked_sum(x, n, [](float v) { return double(v) * v; });
+  return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
+                     [](float v) { return double(v) * v; });
 }
 
 void CpuBackend::sum_over_batch(float* out, const float* in, int batch, int64_t n) {
@@ -318,9 +320,10 @@ void CpuBackend::relpos_bias_backward(float* dtable, const float* dbias, const i
                                       int H, int Tq, int Tk, int num_buckets) {
   // One head per iteration, (i,j) in order. Thousands of positions share a bucket, so the
   // per-bucket sums are kept in double.
+  double* acc_all = scratch(size_t(H) * num_buckets);
 #pragma omp parallel for schedule(static) if (int64_t(H) * Tq * Tk >= kParallelMin)
   for (int h = 0; h < H; ++h) {
-    std::vector<double> acc(num_buckets);
+    double* acc = acc_all + int64_t(h) * num_buckets;
     for (int k = 0; k < num_buckets; ++k) acc[k] = dtable[int64_t(k) * H + h];
     const float* g = dbias + int64_t(h) * Tq * Tk;
     for (int64_t ij = 0; ij < int64_t(Tq) * Tk; ++ij) acc[buckets[ij]] += g[ij];
@@ -365,9 +368,18 @@ void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_
     return;
   }
   const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  // One 64-bit mix per group of four elements: random16(seed, i) for i = 4g .. 4g+3.
+  const int64_t groups = (n + 3) / 4;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = uniform01(seed, static_cast<uint64_t>(i)) >= p ? x[i] / keep_scale : 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * 0x9E3779B97F4A7C15ull);
+    const int64_t i0 = 4 * g, i1 = std::min(n, i0 + 4);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t r = uint32_t(bits >> (16 * (i - i0))) & 0xFFFFu;
+      out[i] = r >= threshold ? x[i] / keep_scale : 0.0f;
+    }
+  }
 }
 
 void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) {
@@ -447,9 +459,11 @@ void CpuBackend::router_forward(float* probs, float* lse, int32_t* expert, int32
 
 void CpuBackend::router_balance_loss(float* lb, const float* probs, const float* counts, int G,
                                      int S, int E) {
+  double* prob_sum_all = scratch(size_t(G) * E);
 #pragma omp parallel for schedule(static) if (int64_t(G) * S * E >= kParallelMin)
   for (int g = 0; g < G; ++g) {
-    std::vector<double> prob_sum(E, 0.0);
+    double* prob_sum = prob_sum_all + int64_t(g) * E;
+    for (int e = 0; e < E; ++e) prob_sum[e] = 0.0;
     for (int s = 0; s < S; ++s) {
       const float* p = probs + (int64_t(g) * S + s) * E;
       for (int e = 0; e < E; ++e) prob_sum[e] += p[e];

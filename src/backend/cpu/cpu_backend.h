@@ -5,6 +5,8 @@
 // depend on the thread count (reductions sum fixed-size blocks, then the blocks in order).
 // Tested against ReferenceBackend in tests/test_backend_ops.cpp.
 #pragma once
+#include <vector>
+
 #include "backend/backend.h"
 
 namespace switcht5 {
@@ -92,6 +94,15 @@ class CpuBackend final : public Backend {
   void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v, bool factored,
                         int count, int R, int C, float lr, float beta2t, float eps1, float clip,
                         float weight_decay) override;
+
+ private:
+  // Host scratch for reductions (block partials, per-row factors), grown on first use and then
+  // reused, so steady-state steps make no heap allocations. Ops run one at a time per backend.
+  double* scratch(size_t n) {
+    if (scratch_.size() < n) scratch_.resize(n);
+    return scratch_.data();
+  }
+  std::vector<double> scratch_;
 };
 
 }  // namespace switcht5

@@ -51,16 +51,11 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
   const double e1 = eps1;
 
   // Factored scratch: row factors rsqrt(vr/mean vr) [R], column factors rsqrt(vc) [C], and
-  // per-row sums of u^2 [R]. Unfactored: per-block sums of u^2.
-  std::vector<float> row_factor, col_factor;
-  std::vector<double> partial;
-  if (factored) {
-    row_factor.resize(R);
-    col_factor.resize(C);
-    partial.resize(R);
-  } else {
-    partial.resize((RC + kElemBlock - 1) / kElemBlock);
-  }
+  // per-row sums of u^2 [R]. Unfactored: per-block sums of u^2. All from the reused scratch.
+  const int64_t num_partial = factored ? R : (RC + kElemBlock - 1) / kElemBlock;
+  double* const partial = scratch(size_t(num_partial) + (factored ? size_t(R) + C : 0));
+  double* const row_factor = partial + num_partial;
+  double* const col_factor = row_factor + R;
 
   for (int k = 0; k < count; ++k) {
     float* P = p + k * RC;
@@ -94,18 +89,18 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
       for (int i = 0; i < R; ++i) vr_sum += VR[i];
       const double vr_mean = vr_sum / R;
       for (int i = 0; i < R; ++i)
-        row_factor[i] = static_cast<float>(1.0 / std::sqrt(VR[i] / vr_mean));
+        row_factor[i] = double(static_cast<float>(1.0 / std::sqrt(VR[i] / vr_mean)));
       for (int j = 0; j < C; ++j)
-        col_factor[j] = static_cast<float>(1.0 / std::sqrt(double(VC[j])));
+        col_factor[j] = double(static_cast<float>(1.0 / std::sqrt(double(VC[j]))));
 
         // rms(u) with u[i,j] = g[i,j] * row_factor[i] * col_factor[j]
 #pragma omp parallel for schedule(static) if (par)
       for (int i = 0; i < R; ++i) {
         const float* Gi = G + int64_t(i) * C;
-        const float rf = row_factor[i];
+        const float rf = float(row_factor[i]);
         double s = 0.0;
         for (int j = 0; j < C; ++j) {
-          const float u = Gi[j] * rf * col_factor[j];
+          const float u = Gi[j] * rf * float(col_factor[j]);
           s += double(u) * u;
         }
         partial[i] = s;
@@ -118,15 +113,15 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
       for (int i = 0; i < R; ++i) {
         const float* Gi = G + int64_t(i) * C;
         float* Pi = P + int64_t(i) * C;
-        const float rf = row_factor[i];
+        const float rf = float(row_factor[i]);
         for (int j = 0; j < C; ++j) {
-          const float u = Gi[j] * rf * col_factor[j];
+          const float u = Gi[j] * rf * float(col_factor[j]);
           Pi[j] = Pi[j] - lr * (u * inv_denom + weight_decay * Pi[j]);
         }
       }
     } else {
       float* V = v + k * RC;
-      const int64_t nblocks = static_cast<int64_t>(partial.size());
+      const int64_t nblocks = num_partial;
       // v = b2 v + (1-b2)(g^2 + eps1); u = g / sqrt(v); per-block sums of u^2.
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t b = 0; b < nblocks; ++b) {

@@ -322,7 +322,7 @@ void ReferenceBackend::dropout(float* out, const float* x, int64_t n, float p, u
     if (p == 0.0f) {
       out[i] = x[i];
     } else {
-      bool keep = uniform01(seed, static_cast<uint64_t>(i)) >= p;
+      bool keep = random16(seed, static_cast<uint64_t>(i)) >= dropout_threshold(p);
       out[i] = keep ? static_cast<float>(double(x[i]) / (1.0 - double(p))) : 0.0f;
     }
   }

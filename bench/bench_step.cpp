@@ -1,0 +1,113 @@
+// bench_step: steady-state cost of one training step (the exact Trainer::train_step that
+// `switcht5 train` runs) for a config: ms/step, tokens/s, peak RSS, heap allocations per
+// steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak.
+//
+// Usage: bench_step CONFIG [--warmup N] [--steps N] [--set section.key=value ...]
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "config/config.h"
+#include "core/check.h"
+#include "train/trainer.h"
+
+// Counts every C++ heap allocation, so the benchmark can prove the steady-state step makes none
+// on the hot path.
+static std::atomic<int64_t> g_allocations{0};
+void* operator new(std::size_t n) {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+
+using namespace switcht5;
+
+// Best-of-5 GFLOP/s of a square 2048 NN product and of the model's most common FFN shape.
+double gemm_peak(Backend& be, int M, int N, int K) {
+  DeviceArray<float> A(be, int64_t(M) * K), B(be, int64_t(K) * N), C(be, int64_t(M) * N);
+  be.fill(A.data(), 0.5f, A.size());
+  be.fill(B.data(), 0.25f, B.size());
+  double best = 1e30;
+  for (int r = 0; r < 7; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    be.gemm(false, true, M, N, K, 1.0f, A.data(), K, 0, B.data(), K, 0, 0.0f, C.data(), N, 0, 1);
+    be.synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r >= 2) best = std::min(best, s);
+  }
+  return 2.0 * M * N * K / best * 1e-9;
+}
+
+int run(int argc, char** argv) {
+  SWT_USER_CHECK(argc >= 2, "usage: bench_step CONFIG [--warmup N] [--steps N] [--set k=v ...]");
+  std::string config = argv[1];
+  int warmup = 2, steps = 5;
+  std::vector<std::string> sets;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    SWT_USER_CHECK(i + 1 < argc, "{} needs a value", a);
+    if (a == "--warmup") warmup = std::atoi(argv[++i]);
+    else if (a == "--steps") steps = std::atoi(argv[++i]);
+    else if (a == "--set") sets.push_back(argv[++i]);
+    else SWT_USER_CHECK(false, "unknown option {}", a);
+  }
+  RunConfig cfg = load_config(config, sets);
+  cfg.train.steps = warmup + steps;
+  Trainer trainer(cfg);
+  for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
+  std::vector<double> ms;
+  const int64_t alloc0 = g_allocations.load();
+  for (int s = warmup + 1; s <= warmup + steps; ++s) ms.push_back(trainer.train_step(s).step_ms);
+  const int64_t allocs = g_allocations.load() - alloc0;
+  std::sort(ms.begin(), ms.end());
+  const double median = ms[ms.size() / 2];
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  const double tokens = double(cfg.train.batch_size) *
+                        (cfg.data.inputs_length + cfg.data.targets_length);
+  const double achieved = trainer.step_flops() / (median * 1e-3) * 1e-9;
+  const int D = cfg.model.d_model, F = cfg.model.d_ff;
+  const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
+  const double peak = gemm_peak(trainer.backend(), rows, F, D);
+  const double peak_square = gemm_peak(trainer.backend(), 2048, 2048, 2048);
+  fmt::print("config {} | backend {} | batch {} x ({} + {}) tokens\n", cfg.source_path,
+             trainer.backend().name(), cfg.train.batch_size, cfg.data.inputs_length,
+             cfg.data.targets_length);
+  fmt::print("step: median {:.1f} ms (min {:.1f}, max {:.1f}, {} steps after {} warmup)\n", median,
+             ms.front(), ms.back(), steps, warmup);
+  fmt::print("throughput: {:.0f} tokens/s (encoder + decoder tokens)\n", tokens / (median * 1e-3));
+  fmt::print("matmul: {:.2f} GFLOP/step -> {:.1f} GFLOP/s achieved; GEMM peak {:.1f} GFLOP/s "
+             "({}x{}x{} FFN shape), {:.1f} GFLOP/s (2048^3): {:.0f}% of the FFN-shape peak\n",
+             trainer.step_flops() * 1e-9, achieved, peak, rows, F, D, peak_square,
+             100.0 * achieved / peak);
+  fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; activations {:.1f} MB\n",
+             ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
+             trainer.model().activation_floats() * 4e-6);
+  fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
+             double(allocs) / steps);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_step: error: %s\n", e.what());
+    return 2;
+  }
+}
