@@ -13,7 +13,7 @@
 namespace {
 
 const std::string kBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5";
-const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny.yaml";
+const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml";
 
 struct Result {
   int code;
@@ -41,7 +41,7 @@ std::string write_config(const std::string& name, const std::string& text) {
 
 struct BadCase {
   const char* name;
-  const char* yaml;        // config text ("" = use tiny.yaml)
+  const char* yaml;        // config text ("" = use tiny-synthetic.yaml)
   const char* extra_args;  // appended to "train --config FILE"
   std::vector<std::string> expect;  // substrings of the message
 };

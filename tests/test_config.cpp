@@ -156,7 +156,7 @@ TEST(Config, EveryConfigFileParsesAndRoundTrips) {
 }
 
 TEST(Config, TinyConfig) {
-  RunConfig c = load_config(kConfigDir + "/tiny.yaml", {});
+  RunConfig c = load_config(kConfigDir + "/tiny-synthetic.yaml", {});
   EXPECT_EQ(c.model.vocab_size, 128);
   EXPECT_EQ(c.model.d_model, 64);
   EXPECT_EQ(c.model.num_heads * c.model.d_kv, 64);
@@ -254,7 +254,7 @@ TEST(Config, OverrideRepairsABadFileValue) {
 }
 
 TEST(Config, LoadConfigAppliesOverrides) {
-  RunConfig c = load_config(kConfigDir + "/tiny.yaml", {"train.steps=3", "parallel.data=2"});
+  RunConfig c = load_config(kConfigDir + "/tiny-synthetic.yaml", {"train.steps=3", "parallel.data=2"});
   EXPECT_EQ(c.train.steps, 3);
   EXPECT_EQ(c.parallel.data, 2);
   EXPECT_EQ(c.model.d_model, 64);
@@ -465,8 +465,11 @@ TEST(ConfigErrors, GroupSizeMustTileMicrobatch) {
 
 TEST(ConfigErrors, DataSourceMustBeSynthetic) {
   EXPECT_TRUE(has_parts(error_of("data:\n  source: c4\n"),
-                        {"x.yaml:2: ", "data.source: got \"c4\", expected \"synthetic\"",
-                         "C4 shards come with the data pipeline"}));
+                        {"x.yaml:2: ", "data.source: got \"c4\"", "shards", "synthetic"}));
+  EXPECT_TRUE(has_parts(error_of("data:\n  source: shards\n"),
+                        {"x.yaml:2: ", "data.train_glob", "switcht5-data tokenize"}));
+  EXPECT_TRUE(has_parts(error_of("data:\n  source: shards\n  train_glob: a/*.shard\ntrain:\n  eval_every: 5\n"),
+                        {"x.yaml:5: ", "data.val_glob", "train.eval_every = 5"}));
 }
 
 TEST(ConfigErrors, CheckpointingNotYet) {

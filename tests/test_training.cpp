@@ -1,6 +1,6 @@
 // End-to-end training on one process: the same seed gives bitwise the same loss curve, a
 // different seed a different one, and the synthetic task is learned (the loss falls far below
-// its start). Uses configs/tiny.yaml as a user would.
+// its start). Uses configs/tiny-synthetic.yaml as a user would.
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -13,7 +13,7 @@
 namespace switcht5 {
 namespace {
 
-const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny.yaml";
+const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml";
 
 std::string temp_dir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() / ("switcht5_test_" + name);

@@ -99,12 +99,19 @@ void for_each_field(RunConfig& c, V& v) {
   v("model", "expert_dropout", m.expert_dropout, probability());
 
   DataConfig& d = c.data;
-  v("data", "source", d.source,
-    EnumRule{{"synthetic"}, "C4 shards come with the data pipeline, which is not built yet"});
+  v("data", "source", d.source, EnumRule{{"shards", "synthetic"}});
   v("data", "task", d.task, EnumRule{{"reverse", "copy"}});
   v("data", "inputs_length", d.inputs_length, at_least(2));
   v("data", "targets_length", d.targets_length, at_least(2));
   v("data", "synthetic_vocab", d.synthetic_vocab, IntRule{0, std::nullopt, "0: the whole vocabulary"});
+  v("data", "train_glob", d.train_glob, any_string());
+  v("data", "val_glob", d.val_glob, any_string());
+  v("data", "noise_density", d.noise_density, RealRule{0.0, true, 1.0, true});
+  v("data", "mean_noise_span_length", d.mean_noise_span_length, RealRule{1.0, false, std::nullopt, false});
+  v("data", "extra_ids", d.extra_ids, at_least(1));
+  v("data", "shuffle_window", d.shuffle_window, at_least(1));
+  v("data", "prefetch", d.prefetch, IntRule{0, 64, "0: prepare batches inline"});
+  v("data", "verify_checksums", d.verify_checksums, BoolRule{});
 
   TrainConfig& t = c.train;
   v("train", "steps", t.steps, at_least(1));
@@ -588,6 +595,18 @@ class CrossChecks {
                           "integer in [3, {}] (model.vocab_size = {}; pad, eos and at least one "
                           "content token)",
                           d.synthetic_vocab, m.vocab_size, m.vocab_size));
+    }
+
+    if (d.source == "shards" && d.train_glob.empty()) {
+      fail_at({"data.source", "data.train_glob"},
+              "data.train_glob: got \"\", expected a glob of token shards (data.source = shards; "
+              "make shards with switcht5-data tokenize)");
+    }
+    if (d.source == "shards" && t.eval_every > 0 && d.val_glob.empty()) {
+      fail_at({"train.eval_every", "data.val_glob"},
+              fmt::format("data.val_glob: got \"\", expected a glob of validation shards "
+                          "(train.eval_every = {} evaluates on them; 0 turns evaluation off)",
+                          t.eval_every));
     }
 
     if (t.min_learning_rate > t.learning_rate) {

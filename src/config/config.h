@@ -55,11 +55,19 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  std::string source = "synthetic";  // only "synthetic" until the C4 data pipeline lands
+  std::string source = "synthetic";  // "shards" (tokenized C4, span corruption) or "synthetic"
   std::string task = "reverse";      // synthetic task: "reverse" or "copy"
   int inputs_length = 512;           // encoder tokens per sequence
   int targets_length = 114;          // decoder tokens per sequence
   int synthetic_vocab = 0;           // synthetic tokens drawn below this id; 0: whole vocab
+  std::string train_glob = "";       // token shards for training (source: shards)
+  std::string val_glob = "";         // token shards for validation ("": no validation data)
+  double noise_density = 0.15;       // T5 span corruption: fraction of tokens masked
+  double mean_noise_span_length = 3.0;
+  int extra_ids = 100;               // sentinels <extra_id_0..N-1> above the SentencePiece ids
+  int shuffle_window = 1024;         // pieces shuffled together (seeded, per epoch)
+  int prefetch = 2;                  // batches prepared ahead by the loader thread; 0: inline
+  bool verify_checksums = true;      // crc32 of every shard when it is opened
 
   bool operator==(const DataConfig&) const = default;
 };

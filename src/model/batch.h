@@ -1,5 +1,6 @@
 // One batch of encoder-decoder examples on the host, T5 feature names.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +27,17 @@ struct Batch {
     decoder_input_tokens.assign(size_t(b) * tgt_len, 0);
     decoder_mask.assign(size_t(b) * tgt_len, 0.0f);
     labels.assign(size_t(b) * tgt_len, kIgnoreLabel);
+  }
+  // dst = rows [first, first + count) of this batch.
+  void slice_rows(int first, int count, Batch& dst) const {
+    dst.resize(count, inputs_length, targets_length);
+    const size_t ei = size_t(first) * inputs_length, di = size_t(first) * targets_length;
+    const size_t en = size_t(count) * inputs_length, dn = size_t(count) * targets_length;
+    std::copy_n(encoder_input_tokens.begin() + ei, en, dst.encoder_input_tokens.begin());
+    std::copy_n(encoder_mask.begin() + ei, en, dst.encoder_mask.begin());
+    std::copy_n(decoder_input_tokens.begin() + di, dn, dst.decoder_input_tokens.begin());
+    std::copy_n(decoder_mask.begin() + di, dn, dst.decoder_mask.begin());
+    std::copy_n(labels.begin() + di, dn, dst.labels.begin());
   }
   int64_t target_tokens() const {
     int64_t n = 0;

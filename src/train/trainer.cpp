@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 
 #include <spdlog/sinks/basic_file_sink.h>
@@ -78,7 +79,8 @@ Trainer::Trainer(const RunConfig& cfg)
       be_(make_backend(cfg.train.backend)),
       schedule_({cfg.train.schedule, cfg.train.learning_rate, cfg.train.warmup_steps,
                  cfg.train.steps, cfg.train.min_learning_rate}),
-      task_(cfg.data, cfg.model, cfg.train.seed), batches_(cfg.train.grad_accum_steps) {
+      train_source_(make_train_source(cfg, /*rank=*/0, /*ranks=*/1)),
+      val_source_(make_validation_source(cfg, 0, 1)), batches_(cfg.train.grad_accum_steps) {
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
   model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt});
   model_->params().initialize(*be_, cfg.train.seed);
@@ -90,16 +92,19 @@ Trainer::~Trainer() = default;
 
 double Trainer::evaluate() {
   const TrainConfig& tc = cfg_.train;
+  if (!val_source_) return std::numeric_limits<double>::quiet_NaN();
   double ce = 0.0;
   int64_t tokens = 0;
-  for (int e = 0; e < tc.eval_batches; ++e)
+  val_source_->rewind();
+  for (int e = 0; e < tc.eval_batches; ++e) {
+    val_source_->next(local_);
     for (int m = 0; m < tc.grad_accum_steps; ++m) {
-      task_.fill(eval_batch_, SyntheticTask::Stream::kValidation,
-                 int64_t(e) * tc.batch_size + int64_t(m) * micro_, micro_);
+      local_.slice_rows(m * micro_, micro_, eval_batch_);
       const ForwardStats& st = model_->forward(eval_batch_, /*training=*/false, 0);
       ce += st.ce_sum;
       tokens += st.target_tokens;
     }
+  }
   return tokens > 0 ? ce / tokens : 0.0;
 }
 
@@ -107,9 +112,9 @@ StepMetrics Trainer::train_step(int64_t step) {
   const TrainConfig& tc = cfg_.train;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t global_tokens = 0;
+  train_source_->next(local_);
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
-    task_.fill(batches_[m], SyntheticTask::Stream::kTrain,
-               (step - 1) * tc.batch_size + int64_t(m) * micro_, micro_);
+    local_.slice_rows(m * micro_, micro_, batches_[m]);
     global_tokens += batches_[m].target_tokens();
   }
   // Weights that make the sum over micro-batches the global-batch objective (model.h).
@@ -183,7 +188,7 @@ TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
     const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
     const bool do_log = step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval;
     if (!do_log) continue;
-    if (do_eval) {
+    if (do_eval && trainer.has_validation()) {
       m.has_val = true;
       m.val_loss = trainer.evaluate();
     }

@@ -16,7 +16,7 @@
 #include "model/model.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
-#include "train/synthetic_data.h"
+#include "train/batch_source.h"
 
 namespace switcht5 {
 
@@ -39,11 +39,15 @@ class Trainer {
   explicit Trainer(const RunConfig& cfg);
   ~Trainer();
 
-  // Runs optimizer step `step` (1-based): fills its global batch, forward/backward over the
-  // micro-batches, clipping and the update. Throws Error on a non-finite loss or gradient.
+  // Runs optimizer step `step` (1-based) on the next global batch of the training source:
+  // forward/backward over the micro-batches, clipping and the update. Throws Error on a
+  // non-finite loss or gradient.
   StepMetrics train_step(int64_t step);
-  // Mean cross-entropy over train.eval_batches global validation batches (eval mode).
+  // Mean cross-entropy over the first train.eval_batches global validation batches (eval
+  // mode); NaN when the config has no validation data.
   double evaluate();
+  bool has_validation() const { return val_source_ != nullptr; }
+  BatchSource& train_source() { return *train_source_; }
 
   Backend& backend() { return *be_; }
   SwitchT5Model& model() { return *model_; }
@@ -57,7 +61,9 @@ class Trainer {
   std::unique_ptr<SwitchT5Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
   LrSchedule schedule_;
-  SyntheticTask task_;
+  std::unique_ptr<BatchSource> train_source_;
+  std::unique_ptr<BatchSource> val_source_;
+  Batch local_;                 // this process's rows of the global batch
   std::vector<Batch> batches_;  // one per micro-batch, reused every step
   Batch eval_batch_;
   double step_flops_ = 0.0;
