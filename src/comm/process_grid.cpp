@@ -1,0 +1,53 @@
+#include "comm/process_grid.h"
+
+#include <cstdint>
+#include <utility>
+
+#include "core/check.h"
+
+namespace switcht5 {
+
+ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, int model,
+                                int expert) {
+  SWT_CHECK(world != nullptr, "ProcessGrid::create needs a world communicator");
+  SWT_USER_CHECK(
+      data >= 1 && model >= 1 && expert >= 1,
+      "parallel.data, parallel.model and parallel.expert must be >= 1, got {}, {} and {}", data,
+      model, expert);
+  const int world_size = world->size();
+  const int64_t product = int64_t{data} * model;
+  SWT_USER_CHECK(product == world_size,
+                 "parallel.data x parallel.model = {} x {} = {}, but mpirun started {} process{} "
+                 "(launch with scripts/mpirun.sh -np {} ...)",
+                 data, model, product, world_size, world_size == 1 ? "" : "es", product);
+  SWT_USER_CHECK(data % expert == 0,
+                 "parallel.expert = {} must divide parallel.data = {}: experts are sharded over "
+                 "groups of parallel.expert consecutive data-parallel ranks",
+                 expert, data);
+
+  ProcessGrid g;
+  g.world_rank = world->rank();
+  g.world_size = world_size;
+  g.data = data;
+  g.model = model;
+  g.expert = expert;
+  g.data_rank = g.world_rank / model;
+  g.model_rank = g.world_rank % model;
+  g.expert_rank = g.data_rank % expert;
+  const int expert_group_index = g.data_rank / expert;
+  // Every rank makes the same four splits in the same order (split is collective).
+  g.data_group = world->split(g.model_rank, g.data_rank);
+  g.model_group = world->split(g.data_rank, g.model_rank);
+  g.expert_group = world->split(expert_group_index * model + g.model_rank, g.expert_rank);
+  g.expert_replica_group = world->split(g.expert_rank * model + g.model_rank, expert_group_index);
+  g.world = std::move(world);
+  return g;
+}
+
+std::string ProcessGrid::describe() const {
+  return fmt::format(
+      "world {} = data {} x model {}, expert {}; this rank: data {}, model {}, expert {}",
+      world_size, data, model, expert, data_rank, model_rank, expert_rank);
+}
+
+}  // namespace switcht5

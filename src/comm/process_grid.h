@@ -1,0 +1,53 @@
+// ProcessGrid: the ranks of a job laid out for data, model and expert parallelism, with one
+// communicator per kind of group. Built once in main and passed to what needs it (process groups
+// are explicit, never globals).
+//
+//   world rank w = data_rank * model + model_rank        (model-parallel ranks are neighbours)
+//
+// Expert parallelism shards the experts over groups of `expert` consecutive data ranks: data rank
+// d is member (d % expert) of expert group (d / expert) and holds experts
+// [(d % expert) * E / expert, (d % expert + 1) * E / expert). Ranks holding the same experts
+// (same d % expert, same model rank) form an expert-replica group of data / expert ranks; expert
+// gradients are summed over it, dense gradients over the data group.
+//
+// Example, 8 ranks, data 4 x model 2, expert 2 (w = world rank):
+//   data_group      {0,2,4,6} {1,3,5,7}             same model rank, ordered by data rank
+//   model_group     {0,1} {2,3} {4,5} {6,7}         same data rank
+//   expert_group    {0,2} {4,6} {1,3} {5,7}         d / expert and model rank equal, by d % expert
+//   replica_group   {0,4} {2,6} {1,5} {3,7}         d % expert and model rank equal, by d / expert
+#pragma once
+#include <memory>
+#include <string>
+
+#include "comm/communicator.h"
+
+namespace switcht5 {
+
+struct ProcessGrid {
+  int world_rank = 0, world_size = 1;
+  int data = 1, model = 1, expert = 1;                 // degrees
+  int data_rank = 0, model_rank = 0, expert_rank = 0;  // expert_rank = data_rank % expert
+  std::unique_ptr<Communicator> world;
+  std::unique_ptr<Communicator> data_group;    // size data, rank data_rank
+  std::unique_ptr<Communicator> model_group;   // size model, rank model_rank
+  std::unique_ptr<Communicator> expert_group;  // size expert, rank expert_rank
+  std::unique_ptr<Communicator>
+      expert_replica_group;  // size data / expert, rank data_rank / expert
+
+  ProcessGrid() = default;
+  ProcessGrid(ProcessGrid&&) = default;
+  ProcessGrid& operator=(ProcessGrid&&) = default;
+  ProcessGrid(const ProcessGrid&) = delete;
+  ProcessGrid& operator=(const ProcessGrid&) = delete;
+
+  // Validates the degrees (each >= 1, data * model == world size, expert divides data; a
+  // UserError naming the numbers otherwise, thrown on every rank before any communication) and
+  // splits the groups. Collective over `world`.
+  static ProcessGrid create(std::unique_ptr<Communicator> world, int data, int model, int expert);
+
+  bool is_root() const { return world_rank == 0; }
+  // "world 8 = data 4 x model 2, expert 2; this rank: data 1, model 0, expert 1", for the log.
+  std::string describe() const;
+};
+
+}  // namespace switcht5
