@@ -2,7 +2,12 @@
 // `switcht5 train` runs) for a config: ms/step, tokens/s, peak RSS, heap allocations per
 // steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak.
 //
-// Usage: bench_step CONFIG [--warmup N] [--steps N] [--set section.key=value ...]
+// Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--set k=v ...]
+// Under MPI (parallel.data/expert set to match) it also reports the bytes each rank sends in the
+// expert all-to-all exchanges per step, against the analytical count
+//   routed tokens x d_model x 4 bytes x 2 (dispatch + combine) x 2 (forward + backward)
+//   x (P-1)/P (the share that leaves the rank),
+// which the capacity buffers exceed by about the capacity factor (padding slots travel too).
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -17,6 +22,9 @@
 #include <fmt/format.h>
 
 #include "config/config.h"
+#include "comm/communicator.h"
+#include "comm/mpi_communicator.h"
+#include "comm/process_grid.h"
 #include "core/check.h"
 #include "train/trainer.h"
 
@@ -66,12 +74,16 @@ int run(int argc, char** argv) {
   }
   RunConfig cfg = load_config(config, sets);
   cfg.train.steps = warmup + steps;
-  Trainer trainer(cfg);
+  ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
+                                         cfg.parallel.expert);
+  Trainer trainer(cfg, grid);
   for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
   std::vector<double> ms;
   const int64_t alloc0 = g_allocations.load();
+  const int64_t bytes0 = trainer.model().alltoall_bytes_sent();
   for (int s = warmup + 1; s <= warmup + steps; ++s) ms.push_back(trainer.train_step(s).step_ms);
   const int64_t allocs = g_allocations.load() - alloc0;
+  const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
   std::sort(ms.begin(), ms.end());
   const double median = ms[ms.size() / 2];
   rusage ru{};
@@ -83,6 +95,7 @@ int run(int argc, char** argv) {
   const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
   const double peak = gemm_peak(trainer.backend(), rows, F, D);
   const double peak_square = gemm_peak(trainer.backend(), 2048, 2048, 2048);
+  if (!grid.is_root()) return 0;  // rank 0 reports (its own rank's numbers)
   fmt::print("config {} | backend {} | batch {} x ({} + {}) tokens\n", cfg.source_path,
              trainer.backend().name(), cfg.train.batch_size, cfg.data.inputs_length,
              cfg.data.targets_length);
@@ -98,6 +111,23 @@ int run(int argc, char** argv) {
              trainer.model().activation_floats() * 4e-6);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
+  if (grid.expert > 1) {
+    // Routed tokens per rank per step: every Switch layer routes the rank's encoder or decoder
+    // tokens once.
+    const int P = grid.expert;
+    const double rows = double(cfg.train.batch_size) / grid.data;
+    double routed = 0;
+    for (const std::string& layer : trainer.model().switch_layer_names())
+      routed += rows * (layer.rfind("encoder", 0) == 0 ? cfg.data.inputs_length
+                                                       : cfg.data.targets_length);
+    const double analytical = routed * D * 4.0 * 2 * 2 * (P - 1) / P;
+    fmt::print("all-to-all: {:.2f} MB sent per rank per step; analytical {:.2f} MB (ratio {:.3f}; "
+               "capacity factor {})\n",
+               a2a_bytes * 1e-6, analytical * 1e-6, a2a_bytes / analytical,
+               cfg.model.capacity_factor);
+  }
+  if (grid.world_size > 1)
+    fmt::print("ranks: {} (this report is rank {}'s)\n", grid.describe(), grid.world_rank);
   return 0;
 }
 

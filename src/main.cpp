@@ -1,14 +1,18 @@
 // switcht5: train and inspect Switch Transformers.
-//   switcht5 train --config FILE [--run-dir DIR] [--set section.key=value ...]
+//   [mpirun -np N] switcht5 train --config FILE [--run-dir DIR] [--set section.key=value ...]
 //   switcht5 plan  --config FILE [--set section.key=value ...]
-// Exit codes: 0 success, 2 bad user input (config, CLI, data), 1 any other failure.
+// Exit codes: 0 success, 2 bad user input (config, CLI, data), 1 any other failure. Under MPI a
+// failing rank prints its error tagged with the rank and ends every rank of the job.
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "comm/mpi_communicator.h"
+#include "comm/process_grid.h"
 #include "core/check.h"
 #include "config/config.h"
 #include "model/flops.h"
@@ -28,6 +32,10 @@ constexpr const char* kUsage =
     "  plan  --config FILE [--set section.key=value ...]\n"
     "        validate a config and print the model's parameters, capacities and FLOPs\n"
     "  (eval and inspect read checkpoints; they arrive with HDF5 checkpointing)\n";
+
+// Set once the process grid exists; read by the error path in main().
+int g_world_rank = 0;
+int g_world_size = 1;
 
 struct Args {
   std::string command;
@@ -100,8 +108,28 @@ int run(int argc, char** argv) {
   std::string dir = a.run_dir;
   if (dir.empty()) dir = cfg.log.run_dir;
   if (dir.empty()) dir = "runs/" + std::filesystem::path(a.config).stem().string();
-  train(cfg, dir);
+  ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
+                                         cfg.parallel.expert);
+  g_world_rank = grid.world_rank;
+  g_world_size = grid.world_size;
+  train(cfg, grid, dir);
   return 0;
+}
+
+// Reports an error and ends the process, or, under MPI with several ranks, the whole job (the
+// other ranks may be waiting in a collective and would otherwise hang).
+int fail(const char* what, int code) {
+  if (g_world_size > 1) {
+    std::fprintf(stderr, "[rank %d] switcht5: error: %s\n", g_world_rank, what);
+    std::fflush(stderr);
+    abort_all_ranks(code);
+  }
+  // Before the grid exists every rank of an MPI job raises the same (config) error: only the
+  // launcher's rank 0 reports it.
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
+    if (const char* r = std::getenv(var); r && std::string(r) != "0") return code;
+  std::fprintf(stderr, "switcht5: error: %s\n", what);
+  return code;
 }
 
 }  // namespace
@@ -110,10 +138,8 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const switcht5::UserError& e) {
-    std::fprintf(stderr, "switcht5: error: %s\n", e.what());
-    return 2;
+    return fail(e.what(), 2);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "switcht5: error: %s\n", e.what());
-    return 1;
+    return fail(e.what(), 1);
   }
 }

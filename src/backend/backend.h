@@ -121,9 +121,12 @@ class Backend {
   // (core/rng.h). Its backward is the same call on dout with the same seed. p == 0 copies.
   // out may alias x.
   virtual void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) = 0;
-  // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(seed, i)). Linear in x, so
-  // its backward is the same call on dout with the same seed. out may alias x.
-  virtual void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) = 0;
+  // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(seed, offset + i)). Linear
+  // in x, so its backward is the same call on dout with the same seed and offset. `offset` places
+  // this tensor in a larger logical one (a rank's rows of the global batch), so the noise a token
+  // gets does not depend on how the batch is split. out may alias x.
+  virtual void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+                              uint64_t offset = 0) = 0;
 
   // ---- loss -------------------------------------------------------------------------------------
   // Per row r of logits [N,V]: lse[r] = logsumexp_v logits[r,v]; loss[r] = lse[r] - logits[r,label]

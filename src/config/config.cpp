@@ -135,11 +135,13 @@ void for_each_field(RunConfig& c, V& v) {
   v("train", "eval_every", t.eval_every, IntRule{0, std::nullopt, "0: never"});
   v("train", "eval_batches", t.eval_batches, at_least(1));
   v("train", "backend", t.backend, EnumRule{{"cpu", "reference"}});
+  v("train", "max_skipped_steps", t.max_skipped_steps, at_least(0));
 
   ParallelConfig& p = c.parallel;
   v("parallel", "data", p.data, at_least(1));
   v("parallel", "model", p.model, at_least(1));
   v("parallel", "expert", p.expert, at_least(1));
+  v("parallel", "zero1", p.zero1, BoolRule{});
 
   CheckpointConfig& k = c.checkpoint;
   v("checkpoint", "every", k.every, IntRule{0, 0, "HDF5 checkpointing is not implemented yet"});
@@ -150,6 +152,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("log", "every", l.every, at_least(1));
   v("log", "level", l.level, EnumRule{{"trace", "debug", "info", "warn", "error"}});
   v("log", "run_dir", l.run_dir, any_string());
+  v("log", "per_rank_files", l.per_rank_files, BoolRule{});
 }
 
 // section -> its keys, in for_each_field order.
@@ -638,6 +641,12 @@ class CrossChecks {
       fail_at({"parallel.expert", "model.num_experts"},
               fmt::format("parallel.expert: got {}, expected a divisor of model.num_experts = {}",
                           p.expert, m.num_experts));
+    }
+    if (p.data % p.expert != 0) {
+      fail_at({"parallel.expert", "parallel.data"},
+              fmt::format("parallel.expert: got {}, expected a divisor of parallel.data = {} "
+                          "(experts are sharded over groups of data-parallel ranks)",
+                          p.expert, p.data));
     }
   }
 

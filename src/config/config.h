@@ -94,6 +94,7 @@ struct TrainConfig {
   int64_t eval_every = 0;          // steps between evaluations, 0 = never
   int eval_batches = 1;
   std::string backend = "cpu";     // "cpu" or "reference"
+  int max_skipped_steps = 5;       // consecutive non-finite steps skipped before the run stops
 
   bool operator==(const TrainConfig&) const = default;
 };
@@ -103,6 +104,7 @@ struct ParallelConfig {
   int data = 1;
   int model = 1;
   int expert = 1;
+  bool zero1 = false;  // shard optimizer state of replicated parameters over the data ranks
 
   bool operator==(const ParallelConfig&) const = default;
 };
@@ -119,6 +121,7 @@ struct LogConfig {
   int64_t every = 10;           // steps between log lines
   std::string level = "info";   // "trace", "debug", "info", "warn" or "error"
   std::string run_dir = "";     // "": chosen by the trainer
+  bool per_rank_files = false;  // every rank also logs to <run_dir>/rank-<r>.log
 
   bool operator==(const LogConfig&) const = default;
 };

@@ -2,24 +2,34 @@
 
 #include <cmath>
 
+#include "core/check.h"
 #include "model/linear.h"
 
 namespace switcht5 {
 
 void FeedForward::register_params(ParamStore& ps, const std::string& prefix, int count,
-                                  bool stacked, int D, int F, bool gated, double init_scale) {
+                                  bool stacked, int D, int F, bool gated, double init_scale,
+                                  const ExpertShard* shard) {
   const ParamKind kind = stacked ? ParamKind::kStacked : ParamKind::kMatrix;
-  auto shape = [&](int64_t r, int64_t c) {
-    return stacked ? std::vector<int64_t>{count, r, c} : std::vector<int64_t>{r, c};
+  auto add = [&](const std::string& name, int64_t r, int64_t c, double std) {
+    ParamInfo p{.name = prefix + name, .shape = {r, c}, .kind = kind, .init_std = std};
+    if (stacked) p.shape.insert(p.shape.begin(), count);
+    if (shard) {
+      SWT_CHECK(stacked && shard->count == count, "expert shard of {} for {} experts", shard->count,
+                count);
+      p.full_shape = {shard->total, r, c};
+      p.slice_start = {shard->first, 0, 0};
+    }
+    ps.add(std::move(p));
   };
   const double in_std = std::sqrt(init_scale / D), out_std = std::sqrt(init_scale / F);
   if (gated) {
-    ps.add({.name = prefix + ".wi_0.weight", .shape = shape(F, D), .kind = kind, .init_std = in_std});
-    ps.add({.name = prefix + ".wi_1.weight", .shape = shape(F, D), .kind = kind, .init_std = in_std});
+    add(".wi_0.weight", F, D, in_std);
+    add(".wi_1.weight", F, D, in_std);
   } else {
-    ps.add({.name = prefix + ".wi.weight", .shape = shape(F, D), .kind = kind, .init_std = in_std});
+    add(".wi.weight", F, D, in_std);
   }
-  ps.add({.name = prefix + ".wo.weight", .shape = shape(D, F), .kind = kind, .init_std = out_std});
+  add(".wo.weight", D, F, out_std);
 }
 
 FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count,

@@ -15,12 +15,21 @@
 
 namespace switcht5 {
 
+// The experts a process holds under expert parallelism: [first, first + count) of total.
+struct ExpertShard {
+  int total = 1;
+  int first = 0;
+  int count = 1;
+};
+
 class FeedForward {
  public:
   // Parameter names: "<prefix>.wi.weight" etc. (prefix "encoder.block.0.layer.1.mlp" for a dense
   // block; "...mlp.experts" for stacked experts, count > 1 or stacked = true).
+  // `shard` (stacked only) registers a block of a larger expert tensor.
   static void register_params(ParamStore& ps, const std::string& prefix, int count, bool stacked,
-                              int D, int F, bool gated, double init_scale);
+                              int D, int F, bool gated, double init_scale,
+                              const ExpertShard* shard = nullptr);
 
   // max_rows: the largest N passed to forward.
   FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count, int max_rows,

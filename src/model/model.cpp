@@ -26,7 +26,8 @@ uint64_t site_seed(uint64_t seed, bool decoder, int block, int site) {
 
 }  // namespace
 
-void register_model_params(ParamStore& ps, const ModelConfig& cfg) {
+void register_model_params(ParamStore& ps, const ModelConfig& cfg, int expert_parallel,
+                           int expert_rank) {
   const int D = cfg.d_model, F = cfg.d_ff, H = cfg.num_heads, K = cfg.d_kv, E = cfg.num_experts;
   const bool gated = feed_forward_gated(cfg);
   const double sc = cfg.init_scale;
@@ -55,7 +56,7 @@ void register_model_params(ParamStore& ps, const ModelConfig& cfg) {
       }
       const std::string mlp = fmt::format("{}.layer.{}.mlp", b, ff);
       if (is_sparse_layer(step, i))
-        SwitchFFN::register_params(ps, mlp, D, F, E, gated, sc);
+        SwitchFFN::register_params(ps, mlp, D, F, E, gated, sc, expert_parallel, expert_rank);
       else
         FeedForward::register_params(ps, mlp, 1, false, D, F, gated, sc);
       ps.add({.name = fmt::format("{}.layer.{}.layer_norm.weight", b, ff), .shape = {D},
@@ -109,7 +110,7 @@ struct SwitchT5Model::Stack {
   float dropout_p = 0.0f;
 
   Stack(Backend& be_, const ModelConfig& cfg_, ParamStore& ps_, bool decoder_, int B_, int T_,
-        int Tenc_)
+        int Tenc_, Communicator* expert_group)
       : be(be_), cfg(cfg_), ps(ps_), decoder(decoder_), B(B_), T(T_), Tenc(Tenc_), N(B_ * T_),
         D(cfg_.d_model) {
     const std::string name = decoder ? "decoder" : "encoder";
@@ -148,7 +149,7 @@ struct SwitchT5Model::Stack {
       const std::string mlp = fmt::format("{}.layer.{}.mlp", b, ff);
       if (is_sparse_layer(step, i)) {
         SwitchShape ss{N, S, D, cfg.d_ff, cfg.num_experts, capacity(cfg, S, true),
-                       capacity(cfg, S, false), gated};
+                       capacity(cfg, S, false), gated, expert_group};
         blk.sparse = std::make_unique<SwitchFFN>(be, ps, mlp, ss);
       } else {
         blk.dense = std::make_unique<FeedForward>(be, ps, mlp, 1, N, D, cfg.d_ff, gated);
@@ -206,12 +207,16 @@ struct SwitchT5Model::Stack {
 
   // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only).
   void forward(const int32_t* ids, const float* mask, const float* enc, const float* enc_mask,
-               bool training, uint64_t seed, std::vector<RouterStats>& router_stats) {
+               bool training, uint64_t seed, uint64_t first_row,
+               std::vector<RouterStats>& router_stats) {
     const int64_t n = int64_t(N) * D;
     dropout_p = training ? float(cfg.dropout_rate) : 0.0f;
     const float expert_dropout = training ? float(cfg.expert_dropout) : 0.0f;
-    embed_seed = site_seed(seed, decoder, -1, 0);
-    final_seed = site_seed(seed, decoder, -1, 1);
+    // Dropout masks are indexed within this batch, so each micro-batch gets its own seed; router
+    // jitter is indexed by global position and keeps the step's seed.
+    const uint64_t drop = derive_seed(seed, first_row + 1);
+    embed_seed = site_seed(drop, decoder, -1, 0);
+    final_seed = site_seed(drop, decoder, -1, 1);
     be.embedding_forward(h0.data(), ids, ps.values() + ps.info("shared.weight").offset, N, D);
     be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
@@ -221,27 +226,27 @@ struct SwitchT5Model::Stack {
     for (size_t i = 0; i < blocks.size(); ++i) {
       Block& blk = blocks[i];
       const int bi = static_cast<int>(i);
-      residual_forward(blk.attn, h, site_seed(seed, decoder, bi, 0), [&](float* o, const float* x) {
+      residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
         blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
-                                    site_seed(seed, decoder, bi, 1));
+                                    site_seed(drop, decoder, bi, 1));
       });
       h = blk.attn.h_next.data();
       if (decoder) {
-        residual_forward(blk.cross, h, site_seed(seed, decoder, bi, 2),
+        residual_forward(blk.cross, h, site_seed(drop, decoder, bi, 2),
                          [&](float* o, const float* x) {
                            blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
-                                                        site_seed(seed, decoder, bi, 3));
+                                                        site_seed(drop, decoder, bi, 3));
                          });
         h = blk.cross.h_next.data();
       }
-      residual_forward(blk.ff, h, site_seed(seed, decoder, bi, 4), [&](float* o, const float* x) {
+      residual_forward(blk.ff, h, site_seed(drop, decoder, bi, 4), [&](float* o, const float* x) {
         if (blk.dense) {
-          blk.dense->forward(o, x, N, dropout_p, site_seed(seed, decoder, bi, 5));
+          blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5));
         } else {
           if (router_stats.size() <= sparse_index) router_stats.emplace_back();
           router_stats[sparse_index++] =
               blk.sparse->forward(o, x, training, float(cfg.router_jitter_noise), expert_dropout,
-                                  site_seed(seed, decoder, bi, 6));
+                                  site_seed(seed, decoder, bi, 6), first_row * T * D, first_row);
         }
       });
       h = blk.ff.h_next.data();
@@ -305,14 +310,15 @@ struct SwitchT5Model::Stack {
 
 // ---- model ---------------------------------------------------------------------------------------
 
-SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape)
-    : be_(be), cfg_(cfg), shape_(shape) {
+SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape,
+                             ModelParallelism parallel)
+    : be_(be), cfg_(cfg), shape_(shape), parallel_(parallel) {
   SWT_CHECK(cfg_.num_decoder_layers >= 1 && cfg_.num_layers >= 1, "unresolved layer counts");
-  register_model_params(params_, cfg_);
+  register_model_params(params_, cfg_, parallel.expert_parallel, parallel.expert_rank);
   params_.allocate(be);
   const int B = shape.batch, Ti = shape.inputs_length, Tt = shape.targets_length;
-  encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti);
-  decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti);
+  encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel.expert_group);
+  decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti, parallel.expert_group);
   scratch_ = DeviceArray<float>(be, std::max(encoder_->scratch_floats(), decoder_->scratch_floats()));
   enc_ids_ = DeviceArray<int32_t>(be, int64_t(B) * Ti);
   enc_mask_ = DeviceArray<float>(be, int64_t(B) * Ti);
@@ -329,12 +335,37 @@ SwitchT5Model::~SwitchT5Model() = default;
 
 const float* SwitchT5Model::logits() const { return logits_.data(); }
 
+int64_t SwitchT5Model::alltoall_bytes_sent() const {
+  int64_t bytes = 0;
+  for (const Stack* s : {encoder_.get(), decoder_.get()})
+    for (const auto& blk : s->blocks)
+      if (blk.sparse) bytes += blk.sparse->alltoall_bytes_sent();
+  return bytes;
+}
+
+std::vector<std::string> SwitchT5Model::switch_layer_names() const {
+  std::vector<std::string> names;
+  for (const Stack* s : {encoder_.get(), decoder_.get()})
+    for (size_t i = 0; i < s->blocks.size(); ++i)
+      if (s->blocks[i].sparse) names.push_back(block_prefix(s->decoder, int(i)));
+  return names;
+}
+
+std::string SwitchT5Model::first_nonfinite_router_logits() const {
+  for (const Stack* s : {encoder_.get(), decoder_.get()})
+    for (size_t i = 0; i < s->blocks.size(); ++i)
+      if (s->blocks[i].sparse && s->blocks[i].sparse->router_logits_nonfinite())
+        return block_prefix(s->decoder, int(i));
+  return "";
+}
+
 int64_t SwitchT5Model::activation_floats() const {
   return encoder_->activation_floats() + decoder_->activation_floats() + scratch_.size() +
          head_in_.size() + logits_.size();
 }
 
-const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed) {
+const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed,
+                                           uint64_t first_row) {
   const int B = shape_.batch, Ti = shape_.inputs_length, Tt = shape_.targets_length;
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   SWT_CHECK(batch.batch == B && batch.inputs_length == Ti && batch.targets_length == Tt,
@@ -359,9 +390,9 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
   st.ce_sum = st.logit_lse_sq_sum = 0.0;
   st.target_tokens = 0;
   encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
-                    st.encoder_router);
+                    first_row, st.encoder_router);
   decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
-                    training, seed, st.decoder_router);
+                    training, seed, first_row, st.decoder_router);
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
   const float* W;

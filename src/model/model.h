@@ -22,6 +22,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -40,6 +41,16 @@ struct ModelShape {
   int targets_length = 1;
 };
 
+class Communicator;
+
+// This process's share of the model. Expert parallelism: the Switch layers' experts are split
+// over `expert_group` (size P), this process holding block `expert_rank` (E/P experts).
+struct ModelParallelism {
+  Communicator* expert_group = nullptr;
+  int expert_parallel = 1;
+  int expert_rank = 0;
+};
+
 struct LossWeights {
   double ce_scale = 1.0;      // multiplies the sum of per-token CE (and logit z-loss)
   double logit_z_loss = 0.0;  // T5X z_loss coefficient on the LM head's logsumexp^2
@@ -56,7 +67,8 @@ struct ForwardStats {
 
 class SwitchT5Model {
  public:
-  SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape);
+  SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape,
+                ModelParallelism parallel = {});
   ~SwitchT5Model();
   SwitchT5Model(const SwitchT5Model&) = delete;
   SwitchT5Model& operator=(const SwitchT5Model&) = delete;
@@ -66,12 +78,22 @@ class SwitchT5Model {
   const ModelShape& shape() const { return shape_; }
 
   // Runs the forward pass; `seed` keys dropout and router jitter (ignored when !training).
+  // `first_row` is the global-batch index of the batch's first sequence: router jitter is
+  // indexed by global position, so it does not depend on how the global batch is split.
   // The statistics are valid until the next forward.
-  const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed);
+  const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed,
+                              uint64_t first_row = 0);
   // Accumulates dJ/dparams into params().grads() for the last forward call.
   void backward(const LossWeights& w);
   // J for `stats` (the value whose gradient backward computes).
   double objective(const ForwardStats& stats, const LossWeights& w) const;
+
+  // Bytes sent to other processes by the expert all-to-all exchanges so far.
+  int64_t alltoall_bytes_sent() const;
+  // "encoder.block.1", ...: the Switch blocks, encoder first, in the order of ForwardStats.
+  std::vector<std::string> switch_layer_names() const;
+  // The first Switch block (same order) whose last router logits are not finite, or "".
+  std::string first_nonfinite_router_logits() const;
 
   // [batch * targets_length, vocab] logits of the last forward (overwritten by backward).
   const float* logits() const;
@@ -84,6 +106,7 @@ class SwitchT5Model {
   Backend& be_;
   ModelConfig cfg_;
   ModelShape shape_;
+  ModelParallelism parallel_;
   ParamStore params_;
   std::unique_ptr<Stack> encoder_, decoder_;
   DeviceArray<float> scratch_;
@@ -103,6 +126,7 @@ class SwitchT5Model {
 
 // Registers every parameter of a model with this config (names, shapes, init rules) without
 // building activations: used by `plan` and by checkpoint tools.
-void register_model_params(ParamStore& ps, const ModelConfig& cfg);
+void register_model_params(ParamStore& ps, const ModelConfig& cfg, int expert_parallel = 1,
+                           int expert_rank = 0);
 
 }  // namespace switcht5

@@ -12,15 +12,31 @@ int ParamStore::add(ParamInfo info) {
   SWT_CHECK(!index_.count(info.name), "duplicate parameter {}", info.name);
   info.numel = 1;
   for (int64_t d : info.shape) info.numel *= d;
-  // Keep every parameter 16-float aligned (64 bytes) so vectorised kernels see aligned rows.
-  info.offset = total_;
-  total_ += (info.numel + 15) / 16 * 16;
+  if (!info.full_shape.empty()) {
+    SWT_CHECK(info.full_shape.size() == info.shape.size() &&
+                  info.slice_start.size() == info.shape.size(),
+              "parameter {}: slice rank mismatch", info.name);
+    for (size_t k = 0; k < info.shape.size(); ++k)
+      SWT_CHECK(info.slice_start[k] + info.shape[k] <= info.full_shape[k],
+                "parameter {}: block outside the logical tensor", info.name);
+  }
   index_[info.name] = static_cast<int>(infos_.size());
   infos_.push_back(std::move(info));
   return static_cast<int>(infos_.size()) - 1;
 }
 
 void ParamStore::allocate(Backend& be) {
+  // Non-expert parameters first, then experts; every parameter 16-float aligned (64 bytes) so
+  // vectorised kernels see aligned rows.
+  total_ = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) expert_begin_ = total_;
+    for (ParamInfo& p : infos_) {
+      if ((p.kind == ParamKind::kStacked) != (pass == 1)) continue;
+      p.offset = total_;
+      total_ += (p.numel + 15) / 16 * 16;
+    }
+  }
   values_ = DeviceArray<float>(be, total_);
   grads_ = DeviceArray<float>(be, total_);
 }
@@ -43,8 +59,22 @@ void ParamStore::initialize(Backend& be, uint64_t seed) {
   for (const ParamInfo& p : infos_) {
     host.assign(static_cast<size_t>(p.numel), p.init_value);
     if (p.init_std > 0.0) {
-      CounterRng rng(derive_seed(seed, name_hash(p.name)));
-      for (float& x : host) x = static_cast<float>(p.init_std * rng.next_truncated_normal());
+      const uint64_t pseed = derive_seed(seed, name_hash(p.name));
+      const std::vector<int64_t>& full = p.logical_shape();
+      const size_t rank = p.shape.size();
+      // Local element i (row-major over shape) -> flat index g in the logical tensor.
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < p.numel; ++i) {
+        int64_t rest = i, g = 0, stride = 1;
+        for (size_t k = rank; k-- > 0;) {
+          const int64_t local = rest % p.shape[k];
+          rest /= p.shape[k];
+          g += (local + (p.slice_start.empty() ? 0 : p.slice_start[k])) * stride;
+          stride *= full[k];
+        }
+        CounterRng rng(derive_seed(pseed, uint64_t(g)));
+        host[size_t(i)] = static_cast<float>(p.init_std * rng.next_truncated_normal());
+      }
     }
     be.copy_to_device(values_.data() + p.offset, host.data(), sizeof(float) * host.size());
   }
@@ -61,9 +91,10 @@ std::vector<ParamStore::HfEntry> ParamStore::hf_names() const {
     std::smatch m;
     if (p.kind == ParamKind::kStacked && std::regex_match(p.name, m, stacked)) {
       const int64_t per_expert = p.numel / p.shape[0];
+      const int64_t first = p.slice_start.empty() ? 0 : p.slice_start[0];
       for (int64_t j = 0; j < p.shape[0]; ++j)
-        out.push_back({fmt::format("{}.expert_{}.{}.weight", m[1].str(), j, m[2].str()), p.name,
-                       j * per_expert, {p.shape[1], p.shape[2]}});
+        out.push_back({fmt::format("{}.expert_{}.{}.weight", m[1].str(), first + j, m[2].str()),
+                       p.name, j * per_expert, {p.shape[1], p.shape[2]}});
     } else {
       out.push_back({p.name, p.name, 0, p.shape});
     }

@@ -28,25 +28,34 @@ enum class ParamKind {
 
 struct ParamInfo {
   std::string name;            // internal name (HF key, except stacked experts, see above)
-  std::vector<int64_t> shape;  // full logical shape
-  int64_t offset = 0;          // into ParamStore::values() / grads(), in floats
+  std::vector<int64_t> shape;  // shape of the block this process holds
+  int64_t offset = 0;          // into ParamStore::values() / grads(), in floats (set by allocate)
   int64_t numel = 0;
   ParamKind kind = ParamKind::kMatrix;
   double init_std = 0.0;       // truncated-normal std used at init (0 = constant init_value)
   float init_value = 0.0f;     // for kVector (RMSNorm scales start at 1)
+  // A process may hold a block of the logical tensor (expert parallelism: experts
+  // [slice_start[0], slice_start[0] + shape[0]) of full_shape[0]). Empty: the whole tensor.
+  std::vector<int64_t> full_shape{};
+  std::vector<int64_t> slice_start{};
 
   // Matrices per tensor and their [rows, cols] as optimizers see them.
   int matrix_count() const { return kind == ParamKind::kStacked ? static_cast<int>(shape[0]) : 1; }
   int64_t rows() const { return shape.size() >= 2 ? shape[shape.size() - 2] : 1; }
   int64_t cols() const { return shape.back(); }
+  const std::vector<int64_t>& logical_shape() const { return full_shape.empty() ? shape : full_shape; }
 };
 
 class ParamStore {
  public:
   // Registers a parameter; returns its index. Call before allocate().
   int add(ParamInfo info);
-  // Allocates values and grads (zeroed) for every registered parameter.
+  // Lays the parameters out and allocates values and grads (zeroed). Layout: every
+  // non-expert parameter first, then the stacked experts, so that the two regions (reduced over
+  // different process groups) are contiguous: [0, expert_region_begin()) and
+  // [expert_region_begin(), total_numel()).
   void allocate(Backend& be);
+  int64_t expert_region_begin() const { return expert_begin_; }
 
   const std::vector<ParamInfo>& infos() const { return infos_; }
   const ParamInfo& info(const std::string& name) const;
@@ -60,8 +69,9 @@ class ParamStore {
   const float* values() const { return values_.data(); }
   const float* grads() const { return grads_.data(); }
 
-  // Fills every parameter from its init rule with a counter-based RNG keyed by (seed, name):
-  // independent of registration order and of process layout.
+  // Fills every parameter from its init rule. Element i of the logical tensor is drawn from a
+  // counter-based RNG keyed by (seed, name, i), so values do not depend on registration order,
+  // on the process layout or on which block of a tensor this process holds.
   void initialize(Backend& be, uint64_t seed);
   void zero_grads(Backend& be);
 
@@ -78,6 +88,7 @@ class ParamStore {
   std::vector<ParamInfo> infos_;
   std::unordered_map<std::string, int> index_;
   int64_t total_ = 0;
+  int64_t expert_begin_ = 0;
   DeviceArray<float> values_;
   DeviceArray<float> grads_;
 };

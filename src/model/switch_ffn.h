@@ -15,16 +15,23 @@
 //                    P: the group's mean router probability for e)
 //   router z-loss   z  = mean_t logsumexp(logits[t,:])^2
 // The objective adds router_aux_loss_coef * lb + router_z_loss_coef * z for every Switch layer.
+//
+// Expert parallelism over P processes (the expert group): each holds E / P experts and
+// ExpertDispatcher moves every process's routed tokens to the experts' owners and back, so every
+// token meets the same expert weights and the same capacity as on one process.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "model/expert_dispatcher.h"
 #include "model/feed_forward.h"
 #include "model/params.h"
 
 namespace switcht5 {
+
+class Communicator;
 
 struct SwitchShape {
   int T = 1;               // tokens per forward call
@@ -33,6 +40,7 @@ struct SwitchShape {
   int capacity_train = 1;  // C while training
   int capacity_eval = 1;   // C in evaluation
   bool gated = false;
+  Communicator* expert_group = nullptr;  // null or size 1: every expert is local
 };
 
 // Host-side routing statistics of one forward call.
@@ -46,20 +54,31 @@ struct RouterStats {
 
 class SwitchFFN {
  public:
-  // prefix: "...layer.1.mlp"; registers router.classifier.weight [E,D] and experts.* stacked.
+  // prefix: "...layer.1.mlp"; registers router.classifier.weight [E,D] and experts.* stacked
+  // [E/expert_parallel, ...], the block of group rank expert_rank.
   static void register_params(ParamStore& ps, const std::string& prefix, int D, int F, int E,
-                              bool gated, double init_scale);
+                              bool gated, double init_scale, int expert_parallel = 1,
+                              int expert_rank = 0);
 
   SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape shape);
 
-  // x [T,D] must stay alive until backward; out [T,D]. The statistics live in this layer
+  // x [T,D] must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
+  // indexed from `jitter_offset` (the index of x's first element in the global batch's router
+  // input, so the noise does not depend on the layout); expert dropout by (seed, dropout_salt).
+  // The statistics live in this layer
   // (valid until the next forward), so the steady state allocates nothing.
   const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
-                      float expert_dropout, uint64_t seed);
+                      float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
+                      uint64_t dropout_salt = 0);
   // dx [T,D] assigned. lb_scale / z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2
   // in the objective (e.g. aux_coef / total groups, z_coef / total tokens).
   void backward(float* dx, const float* dout, float lb_scale, float z_scale, float* scratch);
   int64_t scratch_floats() const;
+  int64_t alltoall_bytes_sent() const { return dispatcher_.bytes_sent(); }
+  // Whether the last forward's router logits hold a NaN or Inf.
+  bool router_logits_nonfinite() const {
+    return be_.count_nonfinite(logits_.data(), logits_.size()) > 0;
+  }
   int64_t activation_floats() const {
     return jittered_.size() + logits_.size() + probs_.size() + lse_.size() + gate_.size() +
            expert_.size() + slot_.size() + counts_.size() + balance_.size() + buf_.size() +
@@ -76,6 +95,7 @@ class SwitchFFN {
   const float* x_ = nullptr;
   const float* xr_ = nullptr;    // router input (x itself, or jittered_)
   float jitter_eps_ = 0.0f;
+  uint64_t jitter_offset_ = 0;
   uint64_t seed_ = 0;
   int C_ = 1;
   DeviceArray<float> jittered_;  // [T,D]
@@ -85,6 +105,9 @@ class SwitchFFN {
   DeviceArray<float> counts_;               // [G,E]
   DeviceArray<float> balance_;              // [G]
   DeviceArray<float> buf_, y_;              // [E, G*C_max, D]
+  ExpertDispatcher dispatcher_;
+  DeviceArray<float> ep_in_, ep_out_;       // [E_loc, P*G*C_max, D] (expert parallel only)
+  int P_ = 1, E_local_ = 1;
   std::vector<float> host_counts_;          // [G,E] host copy of counts_ for the statistics
   RouterStats stats_;
 };

@@ -11,4 +11,7 @@ namespace switcht5 {
 // the gradients are left untouched, so the caller can see it and skip the step.
 double clip_grad_norm(Backend& be, ParamStore& params, double max_norm);
 
+// The scaling step alone, for a norm computed elsewhere (over several processes).
+void clip_grad_norm_scaled(Backend& be, ParamStore& params, double norm, double max_norm);
+
 }  // namespace switcht5

@@ -41,23 +41,41 @@ float weight_decay_for(const ParamInfo& p, double weight_decay) {
   return p.kind == ParamKind::kVector ? 0.0f : static_cast<float>(weight_decay);
 }
 
+// Which parameters this optimizer updates (ZeRO-1 gives each data rank a share); empty: all.
+std::vector<bool> resolve_updates(const std::vector<bool>& updates, const ParamStore& params) {
+  if (updates.empty()) return std::vector<bool>(params.infos().size(), true);
+  SWT_CHECK(updates.size() == params.infos().size(), "update mask of {} for {} parameters",
+            updates.size(), params.infos().size());
+  return updates;
+}
+
 class AdamW final : public Optimizer {
  public:
-  AdamW(const OptimizerOptions& o, Backend& be, const ParamStore& params)
-      : options_(o),
-        layout_(params),
-        infos_(params.infos()),
-        exp_avg_(be, params.total_numel()),
-        exp_avg_sq_(be, params.total_numel()) {}
+  AdamW(const OptimizerOptions& o, Backend& be, const ParamStore& params,
+        const std::vector<bool>& updates)
+      : options_(o), layout_(params), infos_(params.infos()),
+        updates_(resolve_updates(updates, params)) {
+    // State only for the parameters this optimizer updates, packed.
+    int64_t total = 0;
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      state_offset_.push_back(total);
+      if (updates_[i]) total += infos_[i].numel;
+    }
+    exp_avg_ = DeviceArray<float>(be, total);
+    exp_avg_sq_ = DeviceArray<float>(be, total);
+  }
 
   void step(Backend& be, ParamStore& params, float lr) override {
     layout_.check(params);
     const int64_t t = ++steps_taken_;
     const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(t));
-    for (const ParamInfo& p : infos_) {
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      if (!updates_[i]) continue;
+      const ParamInfo& p = infos_[i];
+      const int64_t so = state_offset_[i];
       be.adamw_update(params.values() + p.offset, params.grads() + p.offset,
-                      exp_avg_.data() + p.offset, exp_avg_sq_.data() + p.offset, p.numel, lr,
+                      exp_avg_.data() + so, exp_avg_sq_.data() + so, p.numel, lr,
                       static_cast<float>(options_.beta1), static_cast<float>(options_.beta2),
                       static_cast<float>(options_.epsilon),
                       weight_decay_for(p, options_.weight_decay), static_cast<float>(bc1),
@@ -67,9 +85,11 @@ class AdamW final : public Optimizer {
 
   std::vector<StateTensor> state() override {
     std::vector<StateTensor> out;
-    for (const ParamInfo& p : infos_) {
-      out.push_back({p.name + ".exp_avg", p.shape, exp_avg_.data() + p.offset});
-      out.push_back({p.name + ".exp_avg_sq", p.shape, exp_avg_sq_.data() + p.offset});
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      if (!updates_[i]) continue;
+      const ParamInfo& p = infos_[i];
+      out.push_back({p.name + ".exp_avg", p.shape, exp_avg_.data() + state_offset_[i]});
+      out.push_back({p.name + ".exp_avg_sq", p.shape, exp_avg_sq_.data() + state_offset_[i]});
     }
     return out;
   }
@@ -78,18 +98,23 @@ class AdamW final : public Optimizer {
   OptimizerOptions options_;
   Layout layout_;
   std::vector<ParamInfo> infos_;
-  DeviceArray<float> exp_avg_;     // (total_numel) m, laid out like ParamStore::values()
-  DeviceArray<float> exp_avg_sq_;  // (total_numel) v
+  std::vector<bool> updates_;
+  std::vector<int64_t> state_offset_;  // per parameter, into the packed state
+  DeviceArray<float> exp_avg_;         // m of the updated parameters, packed
+  DeviceArray<float> exp_avg_sq_;      // v
 };
 
 class Adafactor final : public Optimizer {
  public:
-  Adafactor(const OptimizerOptions& o, Backend& be, const ParamStore& params)
-      : options_(o), layout_(params), infos_(params.infos()) {
-    // One contiguous state array; per parameter either row and column statistics
+  Adafactor(const OptimizerOptions& o, Backend& be, const ParamStore& params,
+            const std::vector<bool>& updates)
+      : options_(o), layout_(params), infos_(params.infos()),
+        updates_(resolve_updates(updates, params)) {
+    // One contiguous state array; per updated parameter either row and column statistics
     // ([count, R] then [count, C]) or a full second moment (numel).
     int64_t total = 0;
-    for (const ParamInfo& p : infos_) {
+    for (size_t i = 0; i < infos_.size(); ++i) {
+      const ParamInfo& p = infos_[i];
       Slot s;
       s.factored = adafactor_factored(p);
       s.count = p.matrix_count();
@@ -103,7 +128,7 @@ class Adafactor final : public Optimizer {
                 "parameter {}: {} matrices of [{}, {}] != numel {}", p.name, s.count, s.rows,
                 s.cols, p.numel);
       s.offset = total;
-      total += s.factored ? s.count * (s.rows + s.cols) : p.numel;
+      if (updates_[i]) total += s.factored ? s.count * (s.rows + s.cols) : p.numel;
       slots_.push_back(s);
     }
     state_ = DeviceArray<float>(be, total);
@@ -115,6 +140,7 @@ class Adafactor final : public Optimizer {
     const float beta2t =
         static_cast<float>(1.0 - std::pow(static_cast<double>(t), -options_.decay_rate));
     for (size_t i = 0; i < infos_.size(); ++i) {
+      if (!updates_[i]) continue;
       const ParamInfo& p = infos_[i];
       const Slot& s = slots_[i];
       float* base = state_.data() + s.offset;
@@ -134,6 +160,7 @@ class Adafactor final : public Optimizer {
   std::vector<StateTensor> state() override {
     std::vector<StateTensor> out;
     for (size_t i = 0; i < infos_.size(); ++i) {
+      if (!updates_[i]) continue;
       const ParamInfo& p = infos_[i];
       const Slot& s = slots_[i];
       float* base = state_.data() + s.offset;
@@ -161,6 +188,7 @@ class Adafactor final : public Optimizer {
   OptimizerOptions options_;
   Layout layout_;
   std::vector<ParamInfo> infos_;
+  std::vector<bool> updates_;
   std::vector<Slot> slots_;
   DeviceArray<float> state_;
 };
@@ -168,7 +196,8 @@ class Adafactor final : public Optimizer {
 }  // namespace
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
-                                          const ParamStore& params) {
+                                          const ParamStore& params,
+                                          const std::vector<bool>& updates) {
   SWT_USER_CHECK(options.weight_decay >= 0.0, "optimizer weight_decay must be >= 0, got {}",
                  options.weight_decay);
   if (options.name == "adamw") {
@@ -177,7 +206,7 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backe
     SWT_USER_CHECK(options.beta2 >= 0.0 && options.beta2 < 1.0,
                    "adamw beta2 must be in [0, 1), got {}", options.beta2);
     SWT_USER_CHECK(options.epsilon > 0.0, "adamw epsilon must be > 0, got {}", options.epsilon);
-    return std::make_unique<AdamW>(options, be, params);
+    return std::make_unique<AdamW>(options, be, params, updates);
   }
   if (options.name == "adafactor") {
     SWT_USER_CHECK(
@@ -188,7 +217,7 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backe
                    "adafactor clipping_threshold must be > 0, got {}", options.clipping_threshold);
     SWT_USER_CHECK(options.epsilon1 > 0.0, "adafactor epsilon1 must be > 0, got {}",
                    options.epsilon1);
-    return std::make_unique<Adafactor>(options, be, params);
+    return std::make_unique<Adafactor>(options, be, params, updates);
   }
   throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", options.name));
 }

@@ -69,7 +69,11 @@ bool adafactor_factored(const ParamInfo& info);
 
 // Makes the optimizer named by options.name for the parameters of `params` (which need not be
 // allocated yet: only the table is read). Throws UserError for an unknown name or bad options.
+// `updates` (one flag per parameter, empty = all) restricts the optimizer to a subset, with
+// state only for that subset: ZeRO-1 gives each data rank its share of the replicated
+// parameters.
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
-                                          const ParamStore& params);
+                                          const ParamStore& params,
+                                          const std::vector<bool>& updates = {});
 
 }  // namespace switcht5

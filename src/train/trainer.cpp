@@ -1,6 +1,8 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -9,6 +11,7 @@
 
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
@@ -16,52 +19,35 @@
 #include "core/rng.h"
 #include "model/flops.h"
 #include "model/model.h"
+#include "comm/communicator.h"
 #include "train/grad_clip.h"
 
 namespace switcht5 {
 
 namespace {
 
-// Accumulates routing statistics over micro-batches and Switch layers.
-struct RouterTotals {
-  double balance = 0.0, z = 0.0;
-  int64_t layer_calls = 0, tokens = 0, dropped = 0;
-  void add(const ForwardStats& st) {
-    for (const auto* layers : {&st.encoder_router, &st.decoder_router})
-      for (const RouterStats& r : *layers) {
-        balance += r.balance_loss;
-        z += r.z_loss;
-        tokens += r.tokens;
-        dropped += r.dropped;
-        ++layer_calls;
-      }
+std::shared_ptr<spdlog::logger> make_logger(const RunConfig& cfg, const ProcessGrid& grid,
+                                            const std::string& run_dir) {
+  std::vector<spdlog::sink_ptr> sinks;
+  if (grid.is_root()) {
+    sinks.push_back(std::make_shared<spdlog::sinks::stdout_color_sink_mt>());
+    sinks.push_back(
+        std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", true));
   }
-};
-
-std::shared_ptr<spdlog::logger> make_logger(const std::string& run_dir, const std::string& level) {
-  auto console = std::make_shared<spdlog::sinks::stdout_color_sink_mt>();
-  auto file = std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", true);
-  auto logger = std::make_shared<spdlog::logger>("switcht5", spdlog::sinks_init_list{console, file});
-  logger->set_level(spdlog::level::from_str(level));
-  logger->set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
+  if (cfg.log.per_rank_files)
+    sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(
+        fmt::format("{}/rank-{}.log", run_dir, grid.world_rank), true));
+  auto logger = std::make_shared<spdlog::logger>("switcht5", sinks.begin(), sinks.end());
+  logger->set_level(spdlog::level::from_str(cfg.log.level));
+  logger->set_pattern(grid.world_size > 1
+                          ? fmt::format("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] [rank {}] %v",
+                                        grid.world_rank)
+                          : std::string("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v"));
   logger->flush_on(spdlog::level::info);
   return logger;
 }
 
-}  // namespace
-
-std::string metrics_json(const StepMetrics& m) {
-  std::string s = fmt::format(
-      "{{\"step\": {}, \"loss\": {:.9g}, \"aux_loss\": {:.9g}, \"z_loss\": {:.9g}, \"lr\": {:.9g}, "
-      "\"grad_norm\": {:.9g}, \"tokens_per_s\": {:.6g}, \"dropped_fraction\": {:.9g}, "
-      "\"step_ms\": {:.6g}",
-      m.step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
-      m.dropped_fraction, m.step_ms);
-  if (m.has_val) s += fmt::format(", \"val_loss\": {:.9g}", m.val_loss);
-  return s + "}";
-}
-
-static OptimizerOptions optimizer_options(const TrainConfig& tc) {
+OptimizerOptions optimizer_options(const TrainConfig& tc) {
   OptimizerOptions oo;
   oo.name = tc.optimizer;
   oo.beta1 = tc.adam_beta1;
@@ -74,18 +60,67 @@ static OptimizerOptions optimizer_options(const TrainConfig& tc) {
   return oo;
 }
 
-Trainer::Trainer(const RunConfig& cfg)
-    : cfg_(cfg), micro_(cfg.train.batch_size / cfg.train.grad_accum_steps),
+// Per Switch layer, the sums all-reduced over the data group after a step:
+// [aux_loss_sum, z_loss_sum, calls, tokens, dropped, expert counts x E]
+constexpr int kRoutingFixed = 5;
+
+}  // namespace
+
+Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
+    : cfg_(cfg), grid_(grid), local_rows_(cfg.train.batch_size / grid.data),
+      micro_(local_rows_ / cfg.train.grad_accum_steps),
       be_(make_backend(cfg.train.backend)),
       schedule_({cfg.train.schedule, cfg.train.learning_rate, cfg.train.warmup_steps,
                  cfg.train.steps, cfg.train.min_learning_rate}),
-      train_source_(make_train_source(cfg, /*rank=*/0, /*ranks=*/1)),
-      val_source_(make_validation_source(cfg, 0, 1)), batches_(cfg.train.grad_accum_steps) {
+      batches_(cfg.train.grad_accum_steps) {
+  const ParallelConfig& pc = cfg.parallel;
+  SWT_USER_CHECK(pc.data == grid.data && pc.model == grid.model && pc.expert == grid.expert,
+                 "parallel = (data {}, model {}, expert {}) but the process grid is ({}, {}, {})",
+                 pc.data, pc.model, pc.expert, grid.data, grid.model, grid.expert);
+  SWT_USER_CHECK(pc.model == 1,
+                 "parallel.model: got {}, expected 1 (tensor model parallelism is not implemented "
+                 "yet; use data and expert parallelism)",
+                 pc.model);
+  SWT_CHECK(local_rows_ * grid.data == cfg.train.batch_size &&
+                micro_ * cfg.train.grad_accum_steps == local_rows_,
+            "batch {} does not split over {} data ranks x {} micro-batches",
+            cfg.train.batch_size, grid.data, cfg.train.grad_accum_steps);
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
-  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt});
-  model_->params().initialize(*be_, cfg.train.seed);
-  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, model_->params());
+  ModelParallelism mp;
+  mp.expert_group = grid.expert_group.get();
+  mp.expert_parallel = grid.expert;
+  mp.expert_rank = grid.expert_rank;
+  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp);
+  ParamStore& ps = model_->params();
+  ps.initialize(*be_, cfg.train.seed);
+
+  // ZeRO-1: each replicated parameter is updated (and its optimizer state kept) by one data
+  // rank, chosen greedily by size; the owner broadcasts the new values after the step. Expert
+  // parameters are updated by every replica.
+  owner_.assign(ps.infos().size(), -1);
+  std::vector<bool> updates(ps.infos().size(), true);
+  if (pc.zero1 && grid.data > 1) {
+    std::vector<int64_t> load(grid.data, 0);
+    for (size_t i = 0; i < ps.infos().size(); ++i) {
+      if (ps.infos()[i].kind == ParamKind::kStacked) continue;
+      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+      owner_[i] = r;
+      load[r] += ps.infos()[i].numel;
+      updates[i] = r == grid.data_rank;
+    }
+  }
+  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates);
+  train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
+  val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
+  switch_layers_ = model_->switch_layer_names();
   step_flops_ = 3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, Ti, Tt, true);
+  if (const char* env = std::getenv("SWITCHT5_INJECT_NAN")) {
+    long long s = -1;
+    int r = -1;
+    SWT_USER_CHECK(std::sscanf(env, "%lld:%d", &s, &r) == 2,
+                   "SWITCHT5_INJECT_NAN=\"{}\": expected STEP:RANK", env);
+    inject_nan(s, r);
+  }
 }
 
 Trainer::~Trainer() = default;
@@ -93,100 +128,228 @@ Trainer::~Trainer() = default;
 double Trainer::evaluate() {
   const TrainConfig& tc = cfg_.train;
   if (!val_source_) return std::numeric_limits<double>::quiet_NaN();
-  double ce = 0.0;
-  int64_t tokens = 0;
+  double sums[2] = {0.0, 0.0};  // cross-entropy, target tokens
   val_source_->rewind();
   for (int e = 0; e < tc.eval_batches; ++e) {
     val_source_->next(local_);
     for (int m = 0; m < tc.grad_accum_steps; ++m) {
       local_.slice_rows(m * micro_, micro_, eval_batch_);
       const ForwardStats& st = model_->forward(eval_batch_, /*training=*/false, 0);
-      ce += st.ce_sum;
-      tokens += st.target_tokens;
+      sums[0] += st.ce_sum;
+      sums[1] += double(st.target_tokens);
     }
   }
-  return tokens > 0 ? ce / tokens : 0.0;
+  grid_.data_group->all_reduce_sum(sums, 2);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+
+void Trainer::sync_gradients() {
+  ParamStore& ps = model_->params();
+  const int64_t expert_begin = ps.expert_region_begin();
+  // Non-expert gradients: summed over every data rank. Expert gradients: only over the ranks
+  // holding the same experts (each expert group member holds different experts).
+  if (grid_.data > 1) grid_.data_group->all_reduce_sum(ps.grads(), expert_begin);
+  if (grid_.expert_replica_group->size() > 1)
+    grid_.expert_replica_group->all_reduce_sum(ps.grads() + expert_begin,
+                                               ps.total_numel() - expert_begin);
+}
+
+double Trainer::global_grad_norm() {
+  ParamStore& ps = model_->params();
+  const int64_t expert_begin = ps.expert_region_begin();
+  // After sync, non-expert gradients are identical on every rank; expert gradients differ
+  // across an expert group (different experts), so their squares are summed over it.
+  double sq[2] = {be_->sum_squares(ps.grads(), expert_begin),
+                  be_->sum_squares(ps.grads() + expert_begin, ps.total_numel() - expert_begin)};
+  grid_.expert_group->all_reduce_sum(&sq[1], 1);
+  return std::sqrt(sq[0] + sq[1]);
+}
+
+std::string Trainer::first_nonfinite() {
+  // Router logits first (a router blowing up is the usual first sign), then the gradients in
+  // parameter order.
+  std::string what = model_->first_nonfinite_router_logits();
+  if (!what.empty()) return what + " router logits";
+  ParamStore& ps = model_->params();
+  for (const ParamInfo& p : ps.infos())
+    if (be_->count_nonfinite(ps.grads() + p.offset, p.numel) > 0) return p.name + " gradient";
+  return "loss";
 }
 
 StepMetrics Trainer::train_step(int64_t step) {
   const TrainConfig& tc = cfg_.train;
   const auto t0 = std::chrono::steady_clock::now();
-  int64_t global_tokens = 0;
+  ParamStore& ps = model_->params();
   train_source_->next(local_);
+  int64_t tokens = 0;
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
     local_.slice_rows(m * micro_, micro_, batches_[m]);
-    global_tokens += batches_[m].target_tokens();
+    tokens += batches_[m].target_tokens();
   }
-  // Weights that make the sum over micro-batches the global-batch objective (model.h).
+  grid_.data_group->all_reduce_sum(&tokens, 1);
+  // Weights that make the sum over micro-batches and data ranks the global-batch objective.
   LossWeights w;
-  w.ce_scale = global_tokens > 0 ? 1.0 / double(global_tokens) : 0.0;
+  w.ce_scale = tokens > 0 ? 1.0 / double(tokens) : 0.0;
   w.logit_z_loss = tc.z_loss;
-  w.microbatches = tc.grad_accum_steps;
-  model_->params().zero_grads(*be_);
-  double ce = 0.0;
-  RouterTotals router;
+  w.microbatches = double(tc.grad_accum_steps) * grid_.data;
+  ps.zero_grads(*be_);
+  const size_t layers = switch_layers_.size();
+  const int E = cfg_.model.num_experts;
+  const size_t stride = kRoutingFixed + size_t(E);
+  routing_acc_.assign(layers * stride + 1, 0.0);  // + cross-entropy sum
+  const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step));
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
-    const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step) * 4096 + m);
-    const ForwardStats& st = model_->forward(batches_[m], /*training=*/true, seed);
+    const uint64_t first_row = uint64_t(grid_.data_rank) * local_rows_ + uint64_t(m) * micro_;
+    const ForwardStats& st = model_->forward(batches_[m], /*training=*/true, seed, first_row);
     model_->backward(w);
-    ce += st.ce_sum;
-    router.add(st);
+    routing_acc_.back() += st.ce_sum;
+    size_t l = 0;
+    for (const auto* stack : {&st.encoder_router, &st.decoder_router})
+      for (const RouterStats& r : *stack) {
+        double* a = routing_acc_.data() + (l++) * stride;
+        a[0] += r.balance_loss;
+        a[1] += r.z_loss;
+        a[2] += 1.0;
+        a[3] += double(r.tokens);
+        a[4] += double(r.dropped);
+        for (int e = 0; e < E; ++e) a[kRoutingFixed + e] += r.expert_fraction[e] * r.tokens;
+      }
   }
-  const double grad_norm = clip_grad_norm(*be_, model_->params(), tc.max_grad_norm);
-  const double loss = w.ce_scale * ce;
-  SWT_CHECK(std::isfinite(loss) && std::isfinite(grad_norm),
-            "non-finite loss ({}) or gradient norm ({}) at step {}", loss, grad_norm, step);
-  const double lr = schedule_.lr(step);
-  optimizer_->step(*be_, model_->params(), float(lr));
-  be_->synchronize();
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (step == inject_step_ && grid_.world_rank == inject_rank_) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    be_->copy_to_device(ps.grads(), &nan, sizeof(float));
+  }
+  // Whether this rank's own loss or gradients went non-finite, before the sums spread it.
+  const bool local_bad = !std::isfinite(routing_acc_.back()) ||
+                         !std::isfinite(be_->sum_squares(ps.grads(), ps.total_numel()));
+  // Local router statistics are gone after the all-reduce; the first bad tensor is named now.
+  std::string what = local_bad ? first_nonfinite() : std::string();
+  sync_gradients();
+  grid_.data_group->all_reduce_sum(routing_acc_.data(), int64_t(routing_acc_.size()));
+  const double loss = w.ce_scale * routing_acc_.back();
+  double grad_norm = global_grad_norm();
 
   StepMetrics m;
   m.step = step;
   m.loss = loss;
-  m.aux_loss = router.layer_calls ? router.balance / router.layer_calls : 0.0;
-  m.z_loss = router.layer_calls ? router.z / router.layer_calls : 0.0;
-  m.lr = lr;
+  m.lr = schedule_.lr(step);
   m.grad_norm = grad_norm;
+  // Every rank decides together: skip when any rank saw a non-finite value.
+  int64_t bad = (std::isfinite(loss) && std::isfinite(grad_norm)) ? 0 : 1;
+  grid_.world->all_reduce_max(&bad, 1);
+  if (bad) {
+    // Report the first rank (in world order) whose own values were non-finite, and what.
+    int64_t key = local_bad ? int64_t(grid_.world_size - grid_.world_rank) : -1;
+    grid_.world->all_reduce_max(&key, 1);
+    const int root = key > 0 ? int(grid_.world_size - key) : 0;
+    if (key <= 0) what = "gradient norm (overflow in the sum)";
+    grid_.world->broadcast(what, root);
+    m.skipped = true;
+    m.nonfinite = fmt::format("{} (rank {})", what, root);
+    ++consecutive_skips_;
+    SWT_CHECK(consecutive_skips_ <= tc.max_skipped_steps,
+              "{} consecutive steps had a non-finite loss or gradient (train.max_skipped_steps = "
+              "{}); the last, step {}, first at {}",
+              consecutive_skips_, tc.max_skipped_steps, step, m.nonfinite);
+  } else {
+    consecutive_skips_ = 0;
+    clip_grad_norm_scaled(*be_, ps, grad_norm, tc.max_grad_norm);
+    optimizer_->step(*be_, ps, float(m.lr));
+    // ZeRO-1: owners broadcast the parameters they updated.
+    for (size_t i = 0; i < ps.infos().size(); ++i)
+      if (owner_[i] >= 0)
+        grid_.data_group->broadcast(ps.values() + ps.infos()[i].offset, ps.infos()[i].numel,
+                                    owner_[i]);
+  }
+  be_->synchronize();
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  double routed = 0.0, dropped = 0.0;
+  for (size_t l = 0; l < layers; ++l) {
+    const double* a = routing_acc_.data() + l * stride;
+    LayerRouting r;
+    r.layer = switch_layers_[l];
+    r.aux_loss = a[0] / a[2];
+    r.z_loss = a[1] / a[2];
+    r.dropped_fraction = a[3] > 0 ? a[4] / a[3] : 0.0;
+    for (int e = 0; e < E; ++e) r.expert_fraction.push_back(a[3] > 0 ? a[kRoutingFixed + e] / a[3] : 0.0);
+    m.aux_loss += r.aux_loss / double(layers);
+    m.z_loss += r.z_loss / double(layers);
+    routed += a[3];
+    dropped += a[4];
+    m.routing.push_back(std::move(r));
+  }
+  m.dropped_fraction = routed > 0 ? dropped / routed : 0.0;
   m.step_ms = secs * 1e3;
   m.tokens_per_s =
       double(tc.batch_size) * (cfg_.data.inputs_length + cfg_.data.targets_length) / secs;
-  m.dropped_fraction = router.tokens ? double(router.dropped) / router.tokens : 0.0;
   return m;
 }
 
-TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
-  std::filesystem::create_directories(run_dir);
-  {
+std::string metrics_json(const StepMetrics& m) {
+  std::string s = fmt::format(
+      "{{\"step\": {}, \"loss\": {:.9g}, \"aux_loss\": {:.9g}, \"z_loss\": {:.9g}, \"lr\": {:.9g}, "
+      "\"grad_norm\": {:.9g}, \"tokens_per_s\": {:.6g}, \"dropped_fraction\": {:.9g}, "
+      "\"step_ms\": {:.6g}",
+      m.step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
+      m.dropped_fraction, m.step_ms);
+  if (m.skipped) s += fmt::format(", \"skipped\": true, \"nonfinite\": \"{}\"", m.nonfinite);
+  if (m.has_val) s += fmt::format(", \"val_loss\": {:.9g}", m.val_loss);
+  if (!m.routing.empty()) {
+    s += ", \"router\": [";
+    for (size_t i = 0; i < m.routing.size(); ++i) {
+      const LayerRouting& r = m.routing[i];
+      s += fmt::format("{}{{\"layer\": \"{}\", \"aux_loss\": {:.6g}, \"z_loss\": {:.6g}, "
+                       "\"dropped_fraction\": {:.6g}, \"expert_fraction\": [{:.6g}]}}",
+                       i ? ", " : "", r.layer, r.aux_loss, r.z_loss, r.dropped_fraction,
+                       fmt::join(r.expert_fraction, ", "));
+    }
+    s += "]";
+  }
+  return s + "}";
+}
+
+TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir) {
+  if (grid.is_root()) {
+    std::filesystem::create_directories(run_dir);
     std::ofstream f(run_dir + "/config.yaml");
     SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write to the run directory", run_dir);
     f << to_yaml(cfg);
   }
-  auto log = make_logger(run_dir, cfg.log.level);
-  SWT_USER_CHECK(cfg.parallel.data * cfg.parallel.model == 1,
-                 "parallel.data x parallel.model = {} x {} = {}, but this run has 1 process",
-                 cfg.parallel.data, cfg.parallel.model, cfg.parallel.data * cfg.parallel.model);
+  grid.world->barrier();  // the run directory exists before any rank opens a log in it
+  if (cfg.log.per_rank_files) std::filesystem::create_directories(run_dir);
+  auto log = make_logger(cfg, grid, run_dir);
   log->info("switcht5 train: run dir {}, config {}", run_dir, cfg.source_path);
   log->info("resolved config:\n{}", to_yaml(cfg));
 
   const TrainConfig& tc = cfg.train;
-  Trainer trainer(cfg);
-  log->info("backend {}; {} parameters ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
-            "micro-batches per step; {:.3g} GFLOP of matmul per step",
-            trainer.backend().name(), trainer.model().params().total_numel(),
-            trainer.model().params().total_numel() * 4e-6, tc.batch_size / tc.grad_accum_steps,
-            cfg.data.inputs_length, cfg.data.targets_length, tc.grad_accum_steps,
-            trainer.step_flops() * 1e-9);
+  Trainer trainer(cfg, grid);
+  log->info("{} processes: data {} x model {}, experts over groups of {}{}; backend {}; {} "
+            "parameters on this rank ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
+            "micro-batches per step; {:.3g} GFLOP of matmul per global step",
+            grid.world_size, grid.data, grid.model, grid.expert,
+            cfg.parallel.zero1 ? ", ZeRO-1 optimizer sharding" : "", trainer.backend().name(),
+            trainer.model().params().total_numel(), trainer.model().params().total_numel() * 4e-6,
+            tc.batch_size / (grid.data * tc.grad_accum_steps), cfg.data.inputs_length,
+            cfg.data.targets_length, tc.grad_accum_steps, trainer.step_flops() * 1e-9);
 
-  std::ofstream metrics(run_dir + "/metrics.jsonl");
-  SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
+  std::ofstream metrics;
+  if (grid.is_root()) {
+    metrics.open(run_dir + "/metrics.jsonl");
+    SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
+  }
   TrainResult result;
   for (int64_t step = 1; step <= tc.steps; ++step) {
     StepMetrics m = trainer.train_step(step);
     result.final_loss = m.loss;
+    if (m.skipped)
+      log->warn("step {}: non-finite loss or gradient, update skipped on every rank; first "
+                "non-finite: {}",
+                step, m.nonfinite);
     const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
-    const bool do_log = step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval;
+    const bool do_log =
+        step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval || m.skipped;
     if (!do_log) continue;
     if (do_eval && trainer.has_validation()) {
       m.has_val = true;
@@ -197,13 +360,21 @@ TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
               step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
               m.step_ms, m.tokens_per_s, trainer.step_flops() / m.step_ms * 1e-6,
               m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
-    metrics << metrics_json(m) << "\n";
-    metrics.flush();
-    result.logged.push_back(m);
+    if (grid.is_root()) {
+      metrics << metrics_json(m) << "\n";
+      metrics.flush();
+    }
+    result.logged.push_back(std::move(m));
   }
   log->info("done: {} steps, final loss {:.4f}", tc.steps, result.final_loss);
   spdlog::drop("switcht5");
   return result;
+}
+
+TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), cfg.parallel.data,
+                                         cfg.parallel.model, cfg.parallel.expert);
+  return train(cfg, grid, run_dir);
 }
 
 }  // namespace switcht5

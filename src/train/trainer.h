@@ -1,9 +1,16 @@
-// The training loop on one process: synthetic batches -> forward/backward over gradient
-// accumulation micro-batches -> global-norm clipping -> optimizer step, with logging to spdlog
-// and DIR/metrics.jsonl, and periodic validation.
+// The training loop: this rank's rows of each global batch -> forward/backward over gradient
+// accumulation micro-batches -> gradient synchronisation over the process grid -> global-norm
+// clipping -> optimizer step (non-finite steps skipped on every rank together), with logging to
+// spdlog and DIR/metrics.jsonl, and periodic validation.
 //
-// Trainer holds everything a step needs (backend, model, optimizer, schedule, data) and does no
-// I/O, so the benchmark (bench/bench_step) times exactly the step that train() runs.
+// Data parallelism: every data rank holds all non-expert parameters and computes on its rows;
+// their gradients are summed over the data group. Expert parallelism: experts are sharded over
+// expert groups (SwitchFFN exchanges tokens); expert gradients are summed only over the ranks
+// holding the same experts. The loss weights are global counts (model.h), so the sum over ranks
+// is exactly the one-process gradient: the layout does not change the math.
+//
+// Trainer holds everything a step needs and does no file I/O, so the benchmark
+// (bench/bench_step) times exactly the step that train() runs.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -11,14 +18,24 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "comm/process_grid.h"
 #include "config/config.h"
 #include "model/batch.h"
 #include "model/model.h"
+#include "train/batch_source.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
-#include "train/batch_source.h"
 
 namespace switcht5 {
+
+// Routing statistics of one Switch layer over a step (all micro-batches and data ranks).
+struct LayerRouting {
+  std::string layer;                     // e.g. "encoder.block.1"
+  double aux_loss = 0.0;                 // load-balancing loss, mean over groups
+  double z_loss = 0.0;                   // router z-loss, mean over tokens
+  double dropped_fraction = 0.0;
+  std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
+};
 
 struct StepMetrics {
   int64_t step = 0;
@@ -30,51 +47,74 @@ struct StepMetrics {
   double tokens_per_s = 0.0;      // (inputs + targets) tokens of the global batch per second
   double dropped_fraction = 0.0;  // tokens past capacity / routed tokens, all Switch layers
   double step_ms = 0.0;
+  bool skipped = false;           // non-finite loss or gradient: no update was applied
+  std::string nonfinite;          // then: the first non-finite tensor and the rank that saw it
+  std::vector<LayerRouting> routing;
   bool has_val = false;
   double val_loss = 0.0;
 };
 
 class Trainer {
  public:
-  explicit Trainer(const RunConfig& cfg);
+  // `grid` must outlive the trainer; its degrees must match cfg.parallel.
+  Trainer(const RunConfig& cfg, ProcessGrid& grid);
   ~Trainer();
 
-  // Runs optimizer step `step` (1-based) on the next global batch of the training source:
-  // forward/backward over the micro-batches, clipping and the update. Throws Error on a
-  // non-finite loss or gradient.
+  // Runs optimizer step `step` (1-based) on the next global batch of the training source. A
+  // non-finite loss or gradient on any rank skips the update on every rank (metrics.skipped);
+  // more than train.max_skipped_steps consecutive skips throw Error.
   StepMetrics train_step(int64_t step);
   // Mean cross-entropy over the first train.eval_batches global validation batches (eval
   // mode); NaN when the config has no validation data.
   double evaluate();
   bool has_validation() const { return val_source_ != nullptr; }
-  BatchSource& train_source() { return *train_source_; }
 
   Backend& backend() { return *be_; }
   SwitchT5Model& model() { return *model_; }
-  // Matmul FLOPs of one optimizer step (forward + backward).
+  ProcessGrid& grid() { return grid_; }
+  BatchSource& train_source() { return *train_source_; }
+  // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
   double step_flops() const { return step_flops_; }
 
+  // Test hook: the gradients of rank `rank` get a NaN at step `step` (also set by the
+  // environment variable SWITCHT5_INJECT_NAN=STEP:RANK).
+  void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
+
  private:
+  void sync_gradients();
+  double global_grad_norm();
+  std::string first_nonfinite();
+
   RunConfig cfg_;
-  int micro_;
+  ProcessGrid& grid_;
+  int local_rows_, micro_;
   std::unique_ptr<Backend> be_;
   std::unique_ptr<SwitchT5Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
   LrSchedule schedule_;
   std::unique_ptr<BatchSource> train_source_;
   std::unique_ptr<BatchSource> val_source_;
-  Batch local_;                 // this process's rows of the global batch
-  std::vector<Batch> batches_;  // one per micro-batch, reused every step
+  std::vector<std::string> switch_layers_;
+  std::vector<int> owner_;         // ZeRO-1: data rank that updates each parameter (-1: all)
+  Batch local_;                    // this rank's rows of the global batch
+  std::vector<Batch> batches_;     // one per micro-batch, reused every step
   Batch eval_batch_;
+  std::vector<double> routing_acc_;  // per-layer sums, all-reduced over the data group
   double step_flops_ = 0.0;
+  int consecutive_skips_ = 0;
+  int64_t inject_step_ = -1;
+  int inject_rank_ = -1;
 };
 
 struct TrainResult {
-  std::vector<StepMetrics> logged;  // every logged step
+  std::vector<StepMetrics> logged;  // every logged step (rank 0 writes them to metrics.jsonl)
   double final_loss = 0.0;
 };
 
-// Trains per `cfg`, writing config.yaml, train.log and metrics.jsonl into run_dir.
+// Trains per `cfg` on `grid`; rank 0 writes config.yaml, train.log and metrics.jsonl into
+// run_dir (every rank writes rank-<r>.log too with log.per_rank_files).
+TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir);
+// One process, no MPI: train() on a single-process grid.
 TrainResult train(const RunConfig& cfg, const std::string& run_dir);
 
 // One metrics.jsonl line (no trailing newline).

@@ -382,10 +382,11 @@ void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_
   }
 }
 
-void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) {
+void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+                                uint64_t offset) {
 #pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
   for (int64_t i = 0; i < n; ++i)
-    out[i] = x[i] * (1.0f - eps + 2.0f * eps * uniform01(seed, static_cast<uint64_t>(i)));
+    out[i] = x[i] * (1.0f - eps + 2.0f * eps * uniform01(seed, offset + static_cast<uint64_t>(i)));
 }
 
 // ---- loss -------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class CpuBackend final : public Backend {
                            int64_t n) override;
 
   void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) override;
-  void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed) override;
+  void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+                      uint64_t offset = 0) override;
 
   void cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* labels,
                              int64_t N, int V) override;

@@ -329,9 +329,9 @@ void ReferenceBackend::dropout(float* out, const float* x, int64_t n, float p, u
 }
 
 void ReferenceBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps,
-                                      uint64_t seed) {
+                                      uint64_t seed, uint64_t offset) {
   for (int64_t i = 0; i < n; ++i) {
-    double u = uniform01(seed, static_cast<uint64_t>(i));
+    double u = uniform01(seed, offset + static_cast<uint64_t>(i));
     out[i] = static_cast<float>(double(x[i]) * (1.0 - double(eps) + 2.0 * double(eps) * u));
   }
 }

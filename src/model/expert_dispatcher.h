@@ -1,0 +1,45 @@
+// Moves routed tokens between a process's dispatch buffer and its local experts, over an
+// expert-parallel group of P processes (Megatron-Core's token dispatcher, all-to-all flavour).
+//
+// Legend: E experts, P processes, E_loc = E / P local experts (group rank p holds experts
+// [p*E_loc, (p+1)*E_loc)), GC rows per expert per process (groups x capacity), D features.
+//   dispatch: buf [E, GC, D] = [P, E_loc, GC, D]  --all_to_all-->  [P(source), E_loc, GC, D]
+//             --permute-->  experts' input [E_loc, P*GC, D]
+//   combine:  the exact inverse: experts' output [E_loc, P*GC, D] -> [E, GC, D]
+// Both are permutations of rows, so each is the other's transpose: the backward of dispatch is
+// combine applied to the gradient, and vice versa. Static shapes (the paper's capacity
+// buffers), no sums: the layout cannot change the values.
+#pragma once
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace switcht5 {
+
+class Communicator;
+
+class ExpertDispatcher {
+ public:
+  // group: null or size 1 for no expert parallelism. max_rows_per_expert: the largest GC.
+  ExpertDispatcher(Backend& be, Communicator* group, int num_experts, int64_t max_rows_per_expert,
+                   int D);
+  int peers() const { return P_; }
+  int local_experts() const { return E_local_; }
+  // Bytes this process has sent to other processes so far (all_to_all blocks not addressed to
+  // itself), for the communication report.
+  int64_t bytes_sent() const { return bytes_sent_; }
+
+  // out [E_loc, P*GC, D] <- buf [E, GC, D]. out must not alias buf.
+  void dispatch(float* out, const float* buf, int GC);
+  // out [E, GC, D] <- y [E_loc, P*GC, D]. out must not alias y.
+  void combine(float* out, const float* y, int GC);
+
+ private:
+  Backend& be_;
+  Communicator* group_;
+  int P_, E_local_, D_;
+  DeviceArray<float> exchange_;  // [E, max GC, D]
+  int64_t bytes_sent_ = 0;
+};
+
+}  // namespace switcht5

@@ -1,0 +1,208 @@
+// Layout never changes the math: the tiny Switch model trained for several Adafactor steps with
+// data and expert parallelism (and ZeRO-1, and gradient accumulation) gives the losses and final
+// parameters of one process, to 1e-5 relative. Router jitter stays on: it is indexed by global
+// position. Also: the expert dispatcher's exchange is exact and its own transpose, and a NaN on
+// one rank skips that step on every rank.
+//
+// Runs under mpirun with 2 and 4 ranks; each layout of D data ranks runs on every sub-world of D
+// consecutive ranks that fits.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "comm/communicator.h"
+#include "comm/process_grid.h"
+#include "config/config.h"
+#include "core/check.h"
+#include "core/rng.h"
+#include "model/expert_dispatcher.h"
+#include "mpi_test_env.h"
+#include "train/trainer.h"
+
+namespace switcht5 {
+namespace {
+
+using testing::test_world;
+
+RunConfig tiny_config(int data, int expert, bool zero1, int accum) {
+  RunConfig cfg = load_config(std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml",
+                              {"train.steps=6", "train.batch_size=8", "model.dropout_rate=0",
+                               "model.expert_dropout=0", "model.router_jitter_noise=0.01",
+                               "model.num_experts=4", "model.encoder_sparse_step=1",
+                               "model.decoder_sparse_step=2", "train.eval_every=0"});
+  cfg.parallel.data = data;
+  cfg.parallel.expert = expert;
+  cfg.parallel.zero1 = zero1;
+  cfg.train.grad_accum_steps = accum;
+  return cfg;
+}
+
+struct TrainedRun {
+  std::vector<double> losses, grad_norms;
+  std::map<std::string, std::vector<float>> params;  // full logical tensors
+};
+
+// Trains `cfg` on `world` (size cfg.parallel.data) and gathers every parameter in full.
+TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicator> world) {
+  ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data, 1,
+                                         cfg.parallel.expert);
+  Trainer trainer(cfg, grid);
+  TrainedRun r;
+  for (int64_t s = 1; s <= cfg.train.steps; ++s) {
+    StepMetrics m = trainer.train_step(s);
+    r.losses.push_back(m.loss);
+    r.grad_norms.push_back(m.grad_norm);
+  }
+  Backend& be = trainer.backend();
+  ParamStore& ps = trainer.model().params();
+  for (const ParamInfo& p : ps.infos()) {
+    std::vector<float> local(p.numel);
+    be.copy_to_host(local.data(), ps.values() + p.offset, sizeof(float) * p.numel);
+    if (p.kind == ParamKind::kStacked) {
+      std::vector<float> full(p.numel * grid.expert);
+      grid.expert_group->all_gather(full.data(), local.data(), p.numel);
+      r.params[p.name] = std::move(full);
+    } else {
+      r.params[p.name] = std::move(local);
+    }
+  }
+  return r;
+}
+
+const TrainedRun& reference() {
+  static const TrainedRun ref = train_layout(tiny_config(1, 1, false, 1), make_self_communicator());
+  return ref;
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::fabs(x)));
+  return m;
+}
+
+struct Layout {
+  const char* name;
+  int data, expert;
+  bool zero1;
+  int accum;
+};
+
+class Equivalence : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(Equivalence, SameLossesAndParametersAsOneProcess) {
+  const Layout l = GetParam();
+  Communicator& world = test_world();
+  if (world.size() % l.data != 0) GTEST_SKIP() << "needs a multiple of " << l.data << " ranks";
+  const TrainedRun& ref = reference();
+  TrainedRun run = train_layout(tiny_config(l.data, l.expert, l.zero1, l.accum),
+                         world.split(world.rank() / l.data, world.rank()));
+  ASSERT_EQ(run.losses.size(), ref.losses.size());
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    EXPECT_LE(std::fabs(run.losses[s] - ref.losses[s]), 1e-5 * std::fabs(ref.losses[s]))
+        << "step " << s + 1 << ": " << run.losses[s] << " vs " << ref.losses[s];
+    EXPECT_LE(std::fabs(run.grad_norms[s] - ref.grad_norms[s]), 1e-5 * ref.grad_norms[s])
+        << "step " << s + 1;
+  }
+  // The steps changed the parameters (so equality is not trivially true) ...
+  EXPECT_GT(ref.losses.front() - ref.losses.back(), 0.5);
+  // ... and every tensor matches, relative to its largest entry.
+  ASSERT_EQ(run.params.size(), ref.params.size());
+  for (const auto& [name, want] : ref.params) {
+    const std::vector<float>& got = run.params.at(name);
+    ASSERT_EQ(got.size(), want.size()) << name;
+    double diff = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      diff = std::max(diff, double(std::fabs(got[i] - want[i])));
+    EXPECT_LE(diff, 1e-5 * max_abs(want)) << name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, Equivalence,
+    ::testing::Values(Layout{"D2_E1", 2, 1, false, 1}, Layout{"D2_E2", 2, 2, false, 1},
+                      Layout{"D2_E2_accum2", 2, 2, false, 2}, Layout{"D2_E2_zero1", 2, 2, true, 1},
+                      Layout{"D4_E4", 4, 4, false, 1}, Layout{"D4_E2", 4, 2, false, 1},
+                      Layout{"D4_E2_zero1", 4, 2, true, 1}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// combine(dispatch(x)) == x, and dispatch and combine are each other's transpose:
+// <dispatch(a), b> == <a, combine(b)> summed over the group. Values and gradients both pass.
+TEST(ExpertDispatcher, ExchangeIsExactAndSelfTransposed) {
+  Communicator& world = test_world();
+  auto be = make_backend("cpu");
+  for (int P : {1, 2, 4}) {
+    if (world.size() % P != 0) continue;
+    auto group = world.split(world.rank() / P, world.rank());
+    const int E = 8, GC = 3, D = 5;
+    ExpertDispatcher dispatcher(*be, group.get(), E, GC, D);
+    EXPECT_EQ(dispatcher.local_experts(), E / P);
+    const int64_t n = int64_t(E) * GC * D;
+    auto fill = [&](uint64_t seed) {
+      std::vector<float> h(n);
+      CounterRng rng(seed + 100 * uint64_t(world.rank()));
+      for (auto& x : h) x = float(rng.next_double() - 0.5);
+      DeviceArray<float> d(*be, n);
+      be->copy_to_device(d.data(), h.data(), sizeof(float) * n);
+      return std::make_pair(h, std::move(d));
+    };
+    auto [a_h, a] = fill(1);
+    auto [b_h, b] = fill(2);
+    DeviceArray<float> da(*be, n), back(*be, n), cb(*be, n);
+    dispatcher.dispatch(da.data(), a.data(), GC);
+    dispatcher.combine(back.data(), da.data(), GC);
+    std::vector<float> back_h(n);
+    be->copy_to_host(back_h.data(), back.data(), sizeof(float) * n);
+    EXPECT_EQ(back_h, a_h) << "P=" << P;
+    dispatcher.combine(cb.data(), b.data(), GC);
+    std::vector<float> da_h(n), cb_h(n);
+    be->copy_to_host(da_h.data(), da.data(), sizeof(float) * n);
+    be->copy_to_host(cb_h.data(), cb.data(), sizeof(float) * n);
+    double dots[2] = {0, 0};
+    for (int64_t i = 0; i < n; ++i) {
+      dots[0] += double(da_h[i]) * b_h[i];
+      dots[1] += double(a_h[i]) * cb_h[i];
+    }
+    group->all_reduce_sum(dots, 2);
+    EXPECT_NEAR(dots[0], dots[1], 1e-9 * std::fabs(dots[1]) + 1e-12) << "P=" << P;
+  }
+}
+
+// A NaN in one rank's gradients at step 3 skips step 3 on every rank and nothing else; the
+// run stops once more than max_skipped_steps consecutive steps are skipped.
+TEST(NonFinite, OneRankNanSkipsTheStepEverywhere) {
+  Communicator& world = test_world();
+  const int D = world.size();
+  RunConfig cfg = tiny_config(D, D, false, 1);
+  ProcessGrid grid = ProcessGrid::create(world.split(0, world.rank()), D, 1, D);
+  Trainer trainer(cfg, grid);
+  trainer.inject_nan(3, D - 1);
+  for (int64_t s = 1; s <= 5; ++s) {
+    StepMetrics m = trainer.train_step(s);
+    EXPECT_EQ(m.skipped, s == 3) << "step " << s;
+    if (s == 3) {
+      EXPECT_NE(m.nonfinite.find("gradient"), std::string::npos) << m.nonfinite;
+      EXPECT_NE(m.nonfinite.find("rank " + std::to_string(D - 1)), std::string::npos)
+          << m.nonfinite;
+    } else {
+      EXPECT_TRUE(std::isfinite(m.loss));
+    }
+  }
+  cfg.train.max_skipped_steps = 0;
+  ProcessGrid grid2 = ProcessGrid::create(world.split(0, world.rank()), D, 1, D);
+  Trainer strict(cfg, grid2);
+  strict.inject_nan(2, 0);
+  strict.train_step(1);
+  try {
+    strict.train_step(2);
+    ADD_FAILURE() << "no stop after a skipped step with max_skipped_steps = 0";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_skipped_steps"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace switcht5
