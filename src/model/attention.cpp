@@ -7,13 +7,18 @@
 namespace switcht5 {
 
 void Attention::register_params(ParamStore& ps, const std::string& prefix, int D, int H, int K,
-                                double init_scale) {
+                                double init_scale, const Sharding& sh) {
   const int64_t HK = int64_t(H) * K;
   const double in_std = std::sqrt(init_scale / D);
-  ps.add({.name = prefix + ".q.weight", .shape = {HK, D}, .init_std = in_std / std::sqrt(double(K))});
-  ps.add({.name = prefix + ".k.weight", .shape = {HK, D}, .init_std = in_std});
-  ps.add({.name = prefix + ".v.weight", .shape = {HK, D}, .init_std = in_std});
-  ps.add({.name = prefix + ".o.weight", .shape = {D, HK}, .init_std = std::sqrt(init_scale / double(HK))});
+  auto add = [&](const char* name, int64_t r, int64_t c, double std, int split_dim) {
+    ParamInfo p{.name = prefix + name, .shape = {r, c}, .init_std = std};
+    if (sh.model_parallel > 1) split_param(p, split_dim, sh.model_parallel, sh.model_rank, true);
+    ps.add(std::move(p));
+  };
+  add(".q.weight", HK, D, in_std / std::sqrt(double(K)), 0);
+  add(".k.weight", HK, D, in_std, 0);
+  add(".v.weight", HK, D, in_std, 0);
+  add(".o.weight", D, HK, std::sqrt(init_scale / double(HK)), 1);
 }
 
 Attention::Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape s)

@@ -25,8 +25,10 @@ class Attention {
   // Registers the layer's parameters under `prefix` (e.g.
   // "encoder.block.0.layer.0.SelfAttention"). init_scale: std = sqrt(init_scale / fan_in), with
   // q additionally scaled by K^-0.5 (Mesh TF folds the missing softmax scaling into q's init).
+  // Under model parallelism (sharding.model_parallel = M) this process holds heads
+  // [m*H/M, (m+1)*H/M): q, k, v split by rows, o by columns (Megatron-LM).
   static void register_params(ParamStore& ps, const std::string& prefix, int D, int H, int K,
-                              double init_scale);
+                              double init_scale, const Sharding& sharding = {});
 
   Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape shape);
 

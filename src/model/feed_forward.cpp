@@ -9,9 +9,9 @@ namespace switcht5 {
 
 void FeedForward::register_params(ParamStore& ps, const std::string& prefix, int count,
                                   bool stacked, int D, int F, bool gated, double init_scale,
-                                  const ExpertShard* shard) {
+                                  const ExpertShard* shard, int model_parallel, int model_rank) {
   const ParamKind kind = stacked ? ParamKind::kStacked : ParamKind::kMatrix;
-  auto add = [&](const std::string& name, int64_t r, int64_t c, double std) {
+  auto add = [&](const std::string& name, int64_t r, int64_t c, double std, int split_dim) {
     ParamInfo p{.name = prefix + name, .shape = {r, c}, .kind = kind, .init_std = std};
     if (stacked) p.shape.insert(p.shape.begin(), count);
     if (shard) {
@@ -20,16 +20,18 @@ void FeedForward::register_params(ParamStore& ps, const std::string& prefix, int
       p.full_shape = {shard->total, r, c};
       p.slice_start = {shard->first, 0, 0};
     }
+    if (model_parallel > 1)
+      split_param(p, split_dim + (stacked ? 1 : 0), model_parallel, model_rank, true);
     ps.add(std::move(p));
   };
   const double in_std = std::sqrt(init_scale / D), out_std = std::sqrt(init_scale / F);
   if (gated) {
-    add(".wi_0.weight", F, D, in_std);
-    add(".wi_1.weight", F, D, in_std);
+    add(".wi_0.weight", F, D, in_std, 0);
+    add(".wi_1.weight", F, D, in_std, 0);
   } else {
-    add(".wi.weight", F, D, in_std);
+    add(".wi.weight", F, D, in_std, 0);
   }
-  add(".wo.weight", D, F, out_std);
+  add(".wo.weight", D, F, out_std, 1);
 }
 
 FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count,

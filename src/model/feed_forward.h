@@ -26,10 +26,13 @@ class FeedForward {
  public:
   // Parameter names: "<prefix>.wi.weight" etc. (prefix "encoder.block.0.layer.1.mlp" for a dense
   // block; "...mlp.experts" for stacked experts, count > 1 or stacked = true).
-  // `shard` (stacked only) registers a block of a larger expert tensor.
+  // `shard` (stacked only) registers a block of a larger expert tensor. Under model parallelism
+  // (model_parallel = M) this process holds d_ff columns [m*F/M, (m+1)*F/M): wi split by rows,
+  // wo by columns (Megatron-LM), for every expert alike.
   static void register_params(ParamStore& ps, const std::string& prefix, int count, bool stacked,
                               int D, int F, bool gated, double init_scale,
-                              const ExpertShard* shard = nullptr);
+                              const ExpertShard* shard = nullptr, int model_parallel = 1,
+                              int model_rank = 0);
 
   // max_rows: the largest N passed to forward.
   FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count, int max_rows,

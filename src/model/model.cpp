@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "comm/communicator.h"
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/linear.h"
@@ -26,8 +27,7 @@ uint64_t site_seed(uint64_t seed, bool decoder, int block, int site) {
 
 }  // namespace
 
-void register_model_params(ParamStore& ps, const ModelConfig& cfg, int expert_parallel,
-                           int expert_rank) {
+void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Sharding& sh) {
   const int D = cfg.d_model, F = cfg.d_ff, H = cfg.num_heads, K = cfg.d_kv, E = cfg.num_experts;
   const bool gated = feed_forward_gated(cfg);
   const double sc = cfg.init_scale;
@@ -40,25 +40,29 @@ void register_model_params(ParamStore& ps, const ModelConfig& cfg, int expert_pa
     const int step = decoder ? cfg.decoder_sparse_step : cfg.encoder_sparse_step;
     for (int i = 0; i < layers; ++i) {
       const std::string b = block_prefix(decoder, i);
-      Attention::register_params(ps, b + ".layer.0.SelfAttention", D, H, K, sc);
-      if (i == 0)
-        ps.add({.name = b + ".layer.0.SelfAttention.relative_attention_bias.weight",
-                .shape = {cfg.relative_attention_num_buckets, H},
-                .init_std = std::sqrt(sc / D)});
+      Attention::register_params(ps, b + ".layer.0.SelfAttention", D, H, K, sc, sh);
+      if (i == 0) {
+        ParamInfo bias{.name = b + ".layer.0.SelfAttention.relative_attention_bias.weight",
+                       .shape = {cfg.relative_attention_num_buckets, H},
+                       .init_std = std::sqrt(sc / D)};
+        if (sh.model_parallel > 1) split_param(bias, 1, sh.model_parallel, sh.model_rank, true);
+        ps.add(std::move(bias));
+      }
       ps.add({.name = b + ".layer.0.layer_norm.weight", .shape = {D}, .kind = ParamKind::kVector,
               .init_value = 1.0f});
       int ff = 1;
       if (decoder) {
-        Attention::register_params(ps, b + ".layer.1.EncDecAttention", D, H, K, sc);
+        Attention::register_params(ps, b + ".layer.1.EncDecAttention", D, H, K, sc, sh);
         ps.add({.name = b + ".layer.1.layer_norm.weight", .shape = {D},
                 .kind = ParamKind::kVector, .init_value = 1.0f});
         ff = 2;
       }
       const std::string mlp = fmt::format("{}.layer.{}.mlp", b, ff);
       if (is_sparse_layer(step, i))
-        SwitchFFN::register_params(ps, mlp, D, F, E, gated, sc, expert_parallel, expert_rank);
+        SwitchFFN::register_params(ps, mlp, D, F, E, gated, sc, sh);
       else
-        FeedForward::register_params(ps, mlp, 1, false, D, F, gated, sc);
+        FeedForward::register_params(ps, mlp, 1, false, D, F, gated, sc, nullptr,
+                                     sh.model_parallel, sh.model_rank);
       ps.add({.name = fmt::format("{}.layer.{}.layer_norm.weight", b, ff), .shape = {D},
               .kind = ParamKind::kVector, .init_value = 1.0f});
     }
@@ -96,6 +100,8 @@ struct SwitchT5Model::Stack {
   bool decoder;
   int B, T, Tenc, N, D;
   int S;  // routing group size
+  Communicator* model_group;  // null or size 1: no tensor parallelism
+  int H, F;                   // this process's heads and d_ff columns
   std::vector<Block> blocks;
   const ParamInfo* relbias;   // [num_buckets, H], block 0
   const ParamInfo* final_ln;
@@ -110,9 +116,11 @@ struct SwitchT5Model::Stack {
   float dropout_p = 0.0f;
 
   Stack(Backend& be_, const ModelConfig& cfg_, ParamStore& ps_, bool decoder_, int B_, int T_,
-        int Tenc_, Communicator* expert_group)
+        int Tenc_, const ModelParallelism& mp)
       : be(be_), cfg(cfg_), ps(ps_), decoder(decoder_), B(B_), T(T_), Tenc(Tenc_), N(B_ * T_),
-        D(cfg_.d_model) {
+        D(cfg_.d_model), model_group(mp.model_group),
+        H(cfg_.num_heads / mp.sharding.model_parallel),
+        F(cfg_.d_ff / mp.sharding.model_parallel) {
     const std::string name = decoder ? "decoder" : "encoder";
     const int layers = decoder ? cfg.num_decoder_layers : cfg.num_layers;
     const int step = decoder ? cfg.decoder_sparse_step : cfg.encoder_sparse_step;
@@ -124,8 +132,8 @@ struct SwitchT5Model::Stack {
     relbias = &ps.info(name + ".block.0.layer.0.SelfAttention.relative_attention_bias.weight");
     final_ln = &ps.info(name + ".final_layer_norm.weight");
     const bool gated = feed_forward_gated(cfg);
-    AttentionShape self{B, T, T, D, cfg.num_heads, cfg.d_kv, decoder};
-    AttentionShape cross{B, T, Tenc, D, cfg.num_heads, cfg.d_kv, false};
+    AttentionShape self{B, T, T, D, H, cfg.d_kv, decoder};
+    AttentionShape cross{B, T, Tenc, D, H, cfg.d_kv, false};
     blocks.resize(layers);
     auto make_residual = [&](NormedResidual& r, const std::string& ln_name) {
       r.ln = &ps.info(ln_name);
@@ -148,11 +156,11 @@ struct SwitchT5Model::Stack {
       make_residual(blk.ff, fmt::format("{}.layer.{}.layer_norm.weight", b, ff));
       const std::string mlp = fmt::format("{}.layer.{}.mlp", b, ff);
       if (is_sparse_layer(step, i)) {
-        SwitchShape ss{N, S, D, cfg.d_ff, cfg.num_experts, capacity(cfg, S, true),
-                       capacity(cfg, S, false), gated, expert_group};
+        SwitchShape ss{N, S, D, F, cfg.num_experts, capacity(cfg, S, true),
+                       capacity(cfg, S, false), gated, mp.expert_group, mp.model_group};
         blk.sparse = std::make_unique<SwitchFFN>(be, ps, mlp, ss);
       } else {
-        blk.dense = std::make_unique<FeedForward>(be, ps, mlp, 1, N, D, cfg.d_ff, gated);
+        blk.dense = std::make_unique<FeedForward>(be, ps, mlp, 1, N, D, F, gated);
       }
     }
     const auto host_buckets = relative_position_buckets(
@@ -160,7 +168,7 @@ struct SwitchT5Model::Stack {
         cfg.relative_attention_max_distance);
     buckets = DeviceArray<int32_t>(be, int64_t(T) * T);
     be.copy_to_device(buckets.data(), host_buckets.data(), buckets.bytes());
-    bias = DeviceArray<float>(be, int64_t(cfg.num_heads) * T * T);
+    bias = DeviceArray<float>(be, int64_t(H) * T * T);
     dbias = DeviceArray<float>(be, bias.size());
     h0 = DeviceArray<float>(be, int64_t(N) * D);
     out = DeviceArray<float>(be, int64_t(N) * D);
@@ -169,6 +177,12 @@ struct SwitchT5Model::Stack {
     dh = DeviceArray<float>(be, int64_t(N) * D);
     dtmp = DeviceArray<float>(be, int64_t(N) * D);
     dnormed = DeviceArray<float>(be, int64_t(N) * D);
+  }
+
+  // Sums a partial [N,D] activation (or gradient) over the model group: the Megatron "g"
+  // operator after row-parallel layers, and "f"'s backward before column-parallel ones.
+  void model_sum(float* x) {
+    if (model_group && model_group->size() > 1) model_group->all_reduce_sum(x, int64_t(N) * D);
   }
 
   int64_t scratch_floats() const {
@@ -220,7 +234,7 @@ struct SwitchT5Model::Stack {
     be.embedding_forward(h0.data(), ids, ps.values() + ps.info("shared.weight").offset, N, D);
     be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
-                           cfg.num_heads, T, T);
+                           H, T, T);
     const float* h = h0.data();
     size_t sparse_index = 0;  // router_stats is overwritten in place: no allocation once sized
     for (size_t i = 0; i < blocks.size(); ++i) {
@@ -229,6 +243,7 @@ struct SwitchT5Model::Stack {
       residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
         blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
                                     site_seed(drop, decoder, bi, 1));
+        model_sum(o);
       });
       h = blk.attn.h_next.data();
       if (decoder) {
@@ -236,12 +251,14 @@ struct SwitchT5Model::Stack {
                          [&](float* o, const float* x) {
                            blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
                                                         site_seed(drop, decoder, bi, 3));
+                           model_sum(o);
                          });
         h = blk.cross.h_next.data();
       }
       residual_forward(blk.ff, h, site_seed(drop, decoder, bi, 4), [&](float* o, const float* x) {
         if (blk.dense) {
           blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5));
+          model_sum(o);
         } else {
           if (router_stats.size() <= sparse_index) router_stats.emplace_back();
           router_stats[sparse_index++] =
@@ -274,22 +291,27 @@ struct SwitchT5Model::Stack {
     for (int i = static_cast<int>(blocks.size()) - 1; i >= 0; --i) {
       Block& blk = blocks[i];
       residual_backward(blk.ff, [&](float* dx, const float* dsub) {
-        if (blk.dense)
+        if (blk.dense) {
           blk.dense->backward(dx, dsub, scratch);
-        else
+          model_sum(dx);
+        } else {
           blk.sparse->backward(dx, dsub, lb_scale, z_scale, scratch);
+        }
       });
       if (decoder) {
+        // d_enc collects partial sums from every decoder block; the model sums it once.
         residual_backward(blk.cross, [&](float* dx, const float* dsub) {
           blk.cross_attention->backward(dx, d_enc, nullptr, dsub, scratch);
+          model_sum(dx);
         });
       }
       residual_backward(blk.attn, [&](float* dx, const float* dsub) {
         blk.self_attention->backward(dx, dx, dbias.data(), dsub, scratch);
+        model_sum(dx);
       });
     }
     be.relpos_bias_backward(ps.grads() + relbias->offset, dbias.data(), buckets.data(),
-                            cfg.num_heads, T, T, cfg.relative_attention_num_buckets);
+                            H, T, T, cfg.relative_attention_num_buckets);
     be.dropout(dh.data(), dh.data(), n, dropout_p, embed_seed);
     be.embedding_backward(ps.grads() + ps.info("shared.weight").offset, ids, dh.data(), N, D,
                           cfg.vocab_size);
@@ -314,11 +336,11 @@ SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape sha
                              ModelParallelism parallel)
     : be_(be), cfg_(cfg), shape_(shape), parallel_(parallel) {
   SWT_CHECK(cfg_.num_decoder_layers >= 1 && cfg_.num_layers >= 1, "unresolved layer counts");
-  register_model_params(params_, cfg_, parallel.expert_parallel, parallel.expert_rank);
+  register_model_params(params_, cfg_, parallel.sharding);
   params_.allocate(be);
   const int B = shape.batch, Ti = shape.inputs_length, Tt = shape.targets_length;
-  encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel.expert_group);
-  decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti, parallel.expert_group);
+  encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel);
+  decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti, parallel);
   scratch_ = DeviceArray<float>(be, std::max(encoder_->scratch_floats(), decoder_->scratch_floats()));
   enc_ids_ = DeviceArray<int32_t>(be, int64_t(B) * Ti);
   enc_mask_ = DeviceArray<float>(be, int64_t(B) * Ti);
@@ -453,6 +475,8 @@ void SwitchT5Model::backward(const LossWeights& w) {
   be_.fill(d_enc.data(), 0.0f, d_enc.size());
   router_scales(*decoder_, lb, z);
   decoder_->backward(d_dec_out, dec_ids_.data(), d_enc.data(), lb, z, scratch_.data());
+  if (parallel_.model_group && parallel_.model_group->size() > 1)
+    parallel_.model_group->all_reduce_sum(d_enc.data(), d_enc.size());
   router_scales(*encoder_, lb, z);
   encoder_->backward(d_enc.data(), enc_ids_.data(), nullptr, lb, z, scratch_.data());
 }

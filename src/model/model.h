@@ -43,12 +43,17 @@ struct ModelShape {
 
 class Communicator;
 
-// This process's share of the model. Expert parallelism: the Switch layers' experts are split
-// over `expert_group` (size P), this process holding block `expert_rank` (E/P experts).
+// This process's share of the model.
+// Expert parallelism: the Switch layers' experts are split over `expert_group` (size P), this
+// process holding block sharding.expert_rank (E/P experts).
+// Tensor model parallelism (Megatron-LM) over `model_group` (size M): attention heads and d_ff
+// (of the dense FFNs and of every expert) are split M ways; each attention and FFN output, and
+// each of their input gradients, is summed over the model group, so every model rank holds the
+// full activations and identical copies of the other parameters.
 struct ModelParallelism {
   Communicator* expert_group = nullptr;
-  int expert_parallel = 1;
-  int expert_rank = 0;
+  Communicator* model_group = nullptr;
+  Sharding sharding;
 };
 
 struct LossWeights {
@@ -126,7 +131,6 @@ class SwitchT5Model {
 
 // Registers every parameter of a model with this config (names, shapes, init rules) without
 // building activations: used by `plan` and by checkpoint tools.
-void register_model_params(ParamStore& ps, const ModelConfig& cfg, int expert_parallel = 1,
-                           int expert_rank = 0);
+void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Sharding& sharding = {});
 
 }  // namespace switcht5

@@ -7,6 +7,20 @@
 
 namespace switcht5 {
 
+void split_param(ParamInfo& p, int dim, int parts, int index, bool model) {
+  if (parts == 1 && !model) return;
+  if (p.full_shape.empty()) {
+    p.full_shape = p.shape;
+    p.slice_start.assign(p.shape.size(), 0);
+  }
+  SWT_CHECK(dim >= 0 && size_t(dim) < p.shape.size() && p.shape[dim] % parts == 0,
+            "parameter {}: dimension {} of {} does not split into {} parts", p.name, dim,
+            dim >= 0 && size_t(dim) < p.shape.size() ? p.shape[dim] : -1, parts);
+  p.shape[dim] /= parts;
+  p.slice_start[dim] += int64_t(index) * p.shape[dim];
+  if (model) p.model_split_dim = dim;
+}
+
 int ParamStore::add(ParamInfo info) {
   SWT_CHECK(!values_.data(), "ParamStore::add after allocate ({})", info.name);
   SWT_CHECK(!index_.count(info.name), "duplicate parameter {}", info.name);

@@ -38,6 +38,9 @@ struct ParamInfo {
   // [slice_start[0], slice_start[0] + shape[0]) of full_shape[0]). Empty: the whole tensor.
   std::vector<int64_t> full_shape{};
   std::vector<int64_t> slice_start{};
+  // Tensor (Megatron) model parallelism: the dimension split over the model group, or -1 when
+  // every model rank holds the whole tensor (it is then replicated, with identical gradients).
+  int model_split_dim = -1;
 
   // Matrices per tensor and their [rows, cols] as optimizers see them.
   int matrix_count() const { return kind == ParamKind::kStacked ? static_cast<int>(shape[0]) : 1; }
@@ -45,6 +48,16 @@ struct ParamInfo {
   int64_t cols() const { return shape.back(); }
   const std::vector<int64_t>& logical_shape() const { return full_shape.empty() ? shape : full_shape; }
 };
+
+// How a process's parameters are cut out of the logical model.
+struct Sharding {
+  int expert_parallel = 1, expert_rank = 0;  // experts split over the expert group
+  int model_parallel = 1, model_rank = 0;    // heads and d_ff split over the model group
+};
+
+// Makes `p` the block `index` of `parts` equal blocks along `dim` of its (logical) tensor; an
+// existing block (expert shard) is cut further. `model` marks the split as the model-parallel one.
+void split_param(ParamInfo& p, int dim, int parts, int index, bool model);
 
 class ParamStore {
  public:

@@ -11,15 +11,15 @@
 namespace switcht5 {
 
 void SwitchFFN::register_params(ParamStore& ps, const std::string& prefix, int D, int F, int E,
-                                bool gated, double init_scale, int expert_parallel,
-                                int expert_rank) {
+                                bool gated, double init_scale, const Sharding& sh) {
+  const int expert_parallel = sh.expert_parallel, expert_rank = sh.expert_rank;
   SWT_CHECK(E % expert_parallel == 0, "{} experts over {} processes", E, expert_parallel);
   ps.add({.name = prefix + ".router.classifier.weight", .shape = {E, D},
           .init_std = std::sqrt(init_scale / D)});
   const int local = E / expert_parallel;
   const ExpertShard shard{E, expert_rank * local, local};
   FeedForward::register_params(ps, prefix + ".experts", local, /*stacked=*/true, D, F, gated,
-                               init_scale, &shard);
+                               init_scale, &shard, sh.model_parallel, sh.model_rank);
 }
 
 namespace {
@@ -93,6 +93,9 @@ const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training,
     experts_.forward(ep_out_.data(), ep_in_.data(), P_ * GC, drop, drop_seed);
     dispatcher_.combine(y_.data(), ep_out_.data(), GC);
   }
+  // Each model rank computed its d_ff share of every expert: sum the partial outputs.
+  if (s_.model_group && s_.model_group->size() > 1)
+    s_.model_group->all_reduce_sum(y_.data(), int64_t(E) * GC * D);
   be_.moe_combine(out, y_.data(), gate_.data(), expert_.data(), slot_.data(), T, D, GC);
 
   // Statistics: small [G,E] and [G] reductions on the host.
@@ -138,6 +141,8 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
     experts_.backward(ex_b, ex_a, ffn_scratch);
     dispatcher_.combine(dx_buf, ex_b, GC);
   }
+  if (s_.model_group && s_.model_group->size() > 1)
+    s_.model_group->all_reduce_sum(dx_buf, int64_t(E) * GC * D);
   be_.moe_dispatch_backward(dx, dx_buf, expert_.data(), slot_.data(), T, D, GC);
   // Router: gate, load-balancing and z-loss terms, then logits = xr Wr^T.
   be_.router_backward(dlogits, probs_.data(), lse_.data(), expert_.data(), dgate, counts_.data(),

@@ -41,6 +41,7 @@ struct SwitchShape {
   int capacity_eval = 1;   // C in evaluation
   bool gated = false;
   Communicator* expert_group = nullptr;  // null or size 1: every expert is local
+  Communicator* model_group = nullptr;   // null or size 1: each expert's d_ff is whole (F = d_ff)
 };
 
 // Host-side routing statistics of one forward call.
@@ -57,8 +58,7 @@ class SwitchFFN {
   // prefix: "...layer.1.mlp"; registers router.classifier.weight [E,D] and experts.* stacked
   // [E/expert_parallel, ...], the block of group rank expert_rank.
   static void register_params(ParamStore& ps, const std::string& prefix, int D, int F, int E,
-                              bool gated, double init_scale, int expert_parallel = 1,
-                              int expert_rank = 0);
+                              bool gated, double init_scale, const Sharding& sharding = {});
 
   SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape shape);
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "comm/communicator.h"
 #include "core/check.h"
 
 namespace switcht5 {
@@ -107,31 +108,47 @@ class AdamW final : public Optimizer {
 class Adafactor final : public Optimizer {
  public:
   Adafactor(const OptimizerOptions& o, Backend& be, const ParamStore& params,
-            const std::vector<bool>& updates)
+            const std::vector<bool>& updates, Communicator* model_group)
       : options_(o), layout_(params), infos_(params.infos()),
-        updates_(resolve_updates(updates, params)) {
+        updates_(resolve_updates(updates, params)), model_group_(model_group),
+        M_(model_group ? model_group->size() : 1) {
     // One contiguous state array; per updated parameter either row and column statistics
-    // ([count, R] then [count, C]) or a full second moment (numel).
-    int64_t total = 0;
+    // ([count, R] then [count, C]) or a full second moment (numel). A parameter split over the
+    // model group has the statistics of its whole logical matrix: its factored second moments
+    // need every row and column, so each model rank gathers the matrix, runs the same update,
+    // and keeps its block (see step()).
+    int64_t total = 0, gather = 0;
     for (size_t i = 0; i < infos_.size(); ++i) {
       const ParamInfo& p = infos_[i];
+      std::vector<int64_t> shape = p.shape;
+      const bool split = M_ > 1 && p.model_split_dim >= 0;
+      if (split) {
+        shape[size_t(p.model_split_dim)] *= M_;
+        gather = std::max(gather, p.numel * M_);
+      }
       Slot s;
       s.factored = adafactor_factored(p);
-      s.count = p.matrix_count();
-      s.rows = p.rows();
-      s.cols = p.cols();
+      s.split = split;
+      s.count = p.kind == ParamKind::kStacked ? shape[0] : 1;
+      s.rows = shape.size() >= 2 ? shape[shape.size() - 2] : 1;
+      s.cols = shape.back();
       // Checked once here so that step() builds no strings (it runs allocation-free).
       to_int(s.count, p.name + " count");
       to_int(s.rows, p.name + " rows");
       to_int(s.cols, p.name + " cols");
-      SWT_CHECK(s.count * s.rows * s.cols == p.numel,
+      SWT_CHECK(s.count * s.rows * s.cols == p.numel * (split ? M_ : 1),
                 "parameter {}: {} matrices of [{}, {}] != numel {}", p.name, s.count, s.rows,
                 s.cols, p.numel);
       s.offset = total;
-      if (updates_[i]) total += s.factored ? s.count * (s.rows + s.cols) : p.numel;
+      if (updates_[i]) total += s.factored ? s.count * (s.rows + s.cols) : s.count * s.rows * s.cols;
       slots_.push_back(s);
     }
     state_ = DeviceArray<float>(be, total);
+    if (gather > 0) {
+      full_value_ = DeviceArray<float>(be, gather);
+      full_grad_ = DeviceArray<float>(be, gather);
+      gathered_ = DeviceArray<float>(be, gather);
+    }
   }
 
   void step(Backend& be, ParamStore& params, float lr) override {
@@ -147,11 +164,19 @@ class Adafactor final : public Optimizer {
       float* vr = s.factored ? base : nullptr;
       float* vc = s.factored ? base + s.count * s.rows : nullptr;
       float* v = s.factored ? nullptr : base;
-      be.adafactor_update(params.values() + p.offset, params.grads() + p.offset, vr, vc, v,
-                          s.factored, int(s.count), int(s.rows), int(s.cols), lr,
-                          beta2t, static_cast<float>(options_.epsilon1),
+      float* value = params.values() + p.offset;
+      const float* grad = params.grads() + p.offset;
+      if (s.split) {
+        gather_split(be, p, value, full_value_.data());
+        gather_split(be, p, grad, full_grad_.data());
+        value = full_value_.data();
+        grad = full_grad_.data();
+      }
+      be.adafactor_update(value, grad, vr, vc, v, s.factored, int(s.count), int(s.rows),
+                          int(s.cols), lr, beta2t, static_cast<float>(options_.epsilon1),
                           static_cast<float>(options_.clipping_threshold),
                           weight_decay_for(p, options_.weight_decay));
+      if (s.split) scatter_split(be, p, value, params.values() + p.offset);
     }
   }
 
@@ -180,7 +205,28 @@ class Adafactor final : public Optimizer {
   }
 
  private:
+  // The model-split block `local` of p -> the logical tensor `full`: an all_gather gives
+  // [M, outer, inner] (outer = the dimensions before the split one, inner = the rest of the
+  // block), which is the logical [outer, M, inner] after one permutation.
+  void gather_split(Backend& be, const ParamInfo& p, const float* local, float* full) {
+    int64_t outer = 1;
+    for (int k = 0; k < p.model_split_dim; ++k) outer *= p.shape[size_t(k)];
+    const int64_t inner = p.numel / outer;
+    model_group_->all_gather(gathered_.data(), local, p.numel);
+    be.permute_0213(full, gathered_.data(), 1, M_, int(outer), int(inner));
+  }
+  // The inverse for this rank's block.
+  void scatter_split(Backend& be, const ParamInfo& p, const float* full, float* local) {
+    int64_t outer = 1;
+    for (int k = 0; k < p.model_split_dim; ++k) outer *= p.shape[size_t(k)];
+    const int64_t inner = p.numel / outer;
+    be.permute_0213(gathered_.data(), full, 1, int(outer), M_, int(inner));
+    be.copy(local, gathered_.data() + int64_t(model_group_->rank()) * p.numel,
+            sizeof(float) * p.numel);
+  }
+
   struct Slot {
+    bool split = false;  // model-parallel block: the update runs on the gathered matrix
     bool factored = false;
     int64_t count = 1, rows = 1, cols = 1;
     int64_t offset = 0;  // into state_
@@ -189,7 +235,10 @@ class Adafactor final : public Optimizer {
   Layout layout_;
   std::vector<ParamInfo> infos_;
   std::vector<bool> updates_;
+  Communicator* model_group_;
+  int M_;
   std::vector<Slot> slots_;
+  DeviceArray<float> full_value_, full_grad_, gathered_;  // largest gathered parameter
   DeviceArray<float> state_;
 };
 
@@ -197,7 +246,8 @@ class Adafactor final : public Optimizer {
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
                                           const ParamStore& params,
-                                          const std::vector<bool>& updates) {
+                                          const std::vector<bool>& updates,
+                                          Communicator* model_group) {
   SWT_USER_CHECK(options.weight_decay >= 0.0, "optimizer weight_decay must be >= 0, got {}",
                  options.weight_decay);
   if (options.name == "adamw") {
@@ -217,7 +267,7 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backe
                    "adafactor clipping_threshold must be > 0, got {}", options.clipping_threshold);
     SWT_USER_CHECK(options.epsilon1 > 0.0, "adafactor epsilon1 must be > 0, got {}",
                    options.epsilon1);
-    return std::make_unique<Adafactor>(options, be, params, updates);
+    return std::make_unique<Adafactor>(options, be, params, updates, model_group);
   }
   throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", options.name));
 }

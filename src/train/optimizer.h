@@ -33,6 +33,8 @@
 
 namespace switcht5 {
 
+class Communicator;
+
 struct OptimizerOptions {
   std::string name = "adafactor";  // adafactor | adamw
   // AdamW
@@ -71,9 +73,12 @@ bool adafactor_factored(const ParamInfo& info);
 // allocated yet: only the table is read). Throws UserError for an unknown name or bad options.
 // `updates` (one flag per parameter, empty = all) restricts the optimizer to a subset, with
 // state only for that subset: ZeRO-1 gives each data rank its share of the replicated
-// parameters.
+// parameters. `model_group` (tensor parallelism): Adafactor updates a parameter split over it
+// as the whole logical matrix (gathered; factored statistics and update clipping need every
+// row and column), so the result equals the unsplit model's; AdamW is elementwise.
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
                                           const ParamStore& params,
-                                          const std::vector<bool>& updates = {});
+                                          const std::vector<bool>& updates = {},
+                                          Communicator* model_group = nullptr);
 
 }  // namespace switcht5

@@ -77,10 +77,6 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
   SWT_USER_CHECK(pc.data == grid.data && pc.model == grid.model && pc.expert == grid.expert,
                  "parallel = (data {}, model {}, expert {}) but the process grid is ({}, {}, {})",
                  pc.data, pc.model, pc.expert, grid.data, grid.model, grid.expert);
-  SWT_USER_CHECK(pc.model == 1,
-                 "parallel.model: got {}, expected 1 (tensor model parallelism is not implemented "
-                 "yet; use data and expert parallelism)",
-                 pc.model);
   SWT_CHECK(local_rows_ * grid.data == cfg.train.batch_size &&
                 micro_ * cfg.train.grad_accum_steps == local_rows_,
             "batch {} does not split over {} data ranks x {} micro-batches",
@@ -88,8 +84,8 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
   ModelParallelism mp;
   mp.expert_group = grid.expert_group.get();
-  mp.expert_parallel = grid.expert;
-  mp.expert_rank = grid.expert_rank;
+  mp.model_group = grid.model_group.get();
+  mp.sharding = Sharding{grid.expert, grid.expert_rank, grid.model, grid.model_rank};
   model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp);
   ParamStore& ps = model_->params();
   ps.initialize(*be_, cfg.train.seed);
@@ -109,7 +105,8 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
       updates[i] = r == grid.data_rank;
     }
   }
-  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates);
+  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
+                              grid.model_group.get());
   train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
   switch_layers_ = model_->switch_layer_names();
@@ -156,13 +153,17 @@ void Trainer::sync_gradients() {
 
 double Trainer::global_grad_norm() {
   ParamStore& ps = model_->params();
-  const int64_t expert_begin = ps.expert_region_begin();
-  // After sync, non-expert gradients are identical on every rank; expert gradients differ
-  // across an expert group (different experts), so their squares are summed over it.
-  double sq[2] = {be_->sum_squares(ps.grads(), expert_begin),
-                  be_->sum_squares(ps.grads() + expert_begin, ps.total_numel() - expert_begin)};
-  grid_.expert_group->all_reduce_sum(&sq[1], 1);
-  return std::sqrt(sq[0] + sq[1]);
+  // After sync, a gradient is identical on the ranks that hold the same block. Squares are
+  // summed once per block: replicated tensors count once, model-split blocks are summed over
+  // the model group, experts over the expert group (and the model group when split).
+  double sq[3] = {0.0, 0.0, 0.0};  // replicated, model-split, experts
+  for (const ParamInfo& p : ps.infos()) {
+    const int kind = p.kind == ParamKind::kStacked ? 2 : (p.model_split_dim >= 0 ? 1 : 0);
+    sq[kind] += be_->sum_squares(ps.grads() + p.offset, p.numel);
+  }
+  grid_.expert_group->all_reduce_sum(&sq[2], 1);
+  grid_.model_group->all_reduce_sum(&sq[1], 2);
+  return std::sqrt(sq[0] + sq[1] + sq[2]);
 }
 
 std::string Trainer::first_nonfinite() {

@@ -1,6 +1,6 @@
 // Layout never changes the math: the tiny Switch model trained for several Adafactor steps with
-// data and expert parallelism (and ZeRO-1, and gradient accumulation) gives the losses and final
-// parameters of one process, to 1e-5 relative. Router jitter stays on: it is indexed by global
+// data, expert and tensor model parallelism (and ZeRO-1, and gradient accumulation) gives the
+// losses and final parameters of one process, to 1e-5 relative. Router jitter stays on: it is indexed by global
 // position. Also: the expert dispatcher's exchange is exact and its own transpose, and a NaN on
 // one rank skips that step on every rank.
 //
@@ -28,13 +28,14 @@ namespace {
 
 using testing::test_world;
 
-RunConfig tiny_config(int data, int expert, bool zero1, int accum) {
+RunConfig tiny_config(int data, int expert, bool zero1, int accum, int model = 1) {
   RunConfig cfg = load_config(std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml",
                               {"train.steps=6", "train.batch_size=8", "model.dropout_rate=0",
                                "model.expert_dropout=0", "model.router_jitter_noise=0.01",
                                "model.num_experts=4", "model.encoder_sparse_step=1",
                                "model.decoder_sparse_step=2", "train.eval_every=0"});
   cfg.parallel.data = data;
+  cfg.parallel.model = model;
   cfg.parallel.expert = expert;
   cfg.parallel.zero1 = zero1;
   cfg.train.grad_accum_steps = accum;
@@ -46,10 +47,27 @@ struct TrainedRun {
   std::map<std::string, std::vector<float>> params;  // full logical tensors
 };
 
-// Trains `cfg` on `world` (size cfg.parallel.data) and gathers every parameter in full.
+// Gathers a model-split block into the logical tensor (blocks along `dim`).
+std::vector<float> gather_model_split(Communicator& group, const ParamInfo& p,
+                                      const std::vector<float>& local) {
+  const int M = group.size();
+  std::vector<float> blocks(local.size() * M);
+  group.all_gather(blocks.data(), local.data(), int64_t(local.size()));
+  int64_t outer = 1;
+  for (int k = 0; k < p.model_split_dim; ++k) outer *= p.shape[size_t(k)];
+  const int64_t inner = int64_t(local.size()) / outer;
+  std::vector<float> full(blocks.size());
+  for (int m = 0; m < M; ++m)
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(blocks.begin() + (m * outer + o) * inner, inner,
+                  full.begin() + (o * M + m) * inner);
+  return full;
+}
+
+// Trains `cfg` on `world` (size data x model) and gathers every parameter in full.
 TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicator> world) {
-  ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data, 1,
-                                         cfg.parallel.expert);
+  ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data,
+                                         cfg.parallel.model, cfg.parallel.expert);
   Trainer trainer(cfg, grid);
   TrainedRun r;
   for (int64_t s = 1; s <= cfg.train.steps; ++s) {
@@ -62,9 +80,10 @@ TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicator> worl
   for (const ParamInfo& p : ps.infos()) {
     std::vector<float> local(p.numel);
     be.copy_to_host(local.data(), ps.values() + p.offset, sizeof(float) * p.numel);
+    if (p.model_split_dim >= 0 && grid.model > 1) local = gather_model_split(*grid.model_group, p, local);
     if (p.kind == ParamKind::kStacked) {
-      std::vector<float> full(p.numel * grid.expert);
-      grid.expert_group->all_gather(full.data(), local.data(), p.numel);
+      std::vector<float> full(local.size() * grid.expert);
+      grid.expert_group->all_gather(full.data(), local.data(), int64_t(local.size()));
       r.params[p.name] = std::move(full);
     } else {
       r.params[p.name] = std::move(local);
@@ -89,6 +108,7 @@ struct Layout {
   int data, expert;
   bool zero1;
   int accum;
+  int model = 1;
 };
 
 class Equivalence : public ::testing::TestWithParam<Layout> {};
@@ -96,10 +116,11 @@ class Equivalence : public ::testing::TestWithParam<Layout> {};
 TEST_P(Equivalence, SameLossesAndParametersAsOneProcess) {
   const Layout l = GetParam();
   Communicator& world = test_world();
-  if (world.size() % l.data != 0) GTEST_SKIP() << "needs a multiple of " << l.data << " ranks";
+  const int n = l.data * l.model;
+  if (world.size() % n != 0) GTEST_SKIP() << "needs a multiple of " << n << " ranks";
   const TrainedRun& ref = reference();
-  TrainedRun run = train_layout(tiny_config(l.data, l.expert, l.zero1, l.accum),
-                         world.split(world.rank() / l.data, world.rank()));
+  TrainedRun run = train_layout(tiny_config(l.data, l.expert, l.zero1, l.accum, l.model),
+                                world.split(world.rank() / n, world.rank()));
   ASSERT_EQ(run.losses.size(), ref.losses.size());
   for (size_t s = 0; s < ref.losses.size(); ++s) {
     EXPECT_LE(std::fabs(run.losses[s] - ref.losses[s]), 1e-5 * std::fabs(ref.losses[s]))
@@ -126,7 +147,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Layout{"D2_E1", 2, 1, false, 1}, Layout{"D2_E2", 2, 2, false, 1},
                       Layout{"D2_E2_accum2", 2, 2, false, 2}, Layout{"D2_E2_zero1", 2, 2, true, 1},
                       Layout{"D4_E4", 4, 4, false, 1}, Layout{"D4_E2", 4, 2, false, 1},
-                      Layout{"D4_E2_zero1", 4, 2, true, 1}),
+                      Layout{"D4_E2_zero1", 4, 2, true, 1}, Layout{"M2", 1, 1, false, 1, 2},
+                      Layout{"D2_M2", 2, 1, false, 1, 2}, Layout{"D2_E2_M2", 2, 2, false, 1, 2},
+                      Layout{"D2_E2_M2_zero1", 2, 2, true, 2, 2}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // combine(dispatch(x)) == x, and dispatch and combine are each other's transpose:
