@@ -127,11 +127,14 @@ class Adafactor final : public Optimizer {
         gather = std::max(gather, p.numel * M_);
       }
       Slot s;
-      s.factored = adafactor_factored(p);
       s.split = split;
       s.count = p.kind == ParamKind::kStacked ? shape[0] : 1;
       s.rows = shape.size() >= 2 ? shape[shape.size() - 2] : 1;
       s.cols = shape.back();
+      // Decided on the logical matrix: a [32, 4] table split 4 ways is four [32, 1] blocks, but
+      // it is factored like the [32, 4] it is.
+      s.factored = adafactor_factored(p) || (split && p.kind != ParamKind::kVector &&
+                                             s.rows > 1 && s.cols > 1);
       // Checked once here so that step() builds no strings (it runs allocation-free).
       to_int(s.count, p.name + " count");
       to_int(s.rows, p.name + " rows");

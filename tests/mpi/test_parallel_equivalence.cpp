@@ -149,7 +149,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Layout{"D4_E4", 4, 4, false, 1}, Layout{"D4_E2", 4, 2, false, 1},
                       Layout{"D4_E2_zero1", 4, 2, true, 1}, Layout{"M2", 1, 1, false, 1, 2},
                       Layout{"D2_M2", 2, 1, false, 1, 2}, Layout{"D2_E2_M2", 2, 2, false, 1, 2},
-                      Layout{"D2_E2_M2_zero1", 2, 2, true, 2, 2}),
+                      Layout{"D2_E2_M2_zero1", 2, 2, true, 2, 2}, Layout{"M4", 1, 1, false, 1, 4}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // combine(dispatch(x)) == x, and dispatch and combine are each other's transpose:
