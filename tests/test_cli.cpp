@@ -1,37 +1,21 @@
 // The switcht5 binary as a user runs it: bad configs and command lines end with exit code 2 and
 // one line naming the file:line, key, value and what is allowed; plan and a short train work.
-#include <sys/wait.h>
-
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 namespace {
 
 const std::string kBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5";
 const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml";
 
-struct Result {
-  int code;
-  std::string output;  // stdout and stderr
-};
+using Result = switcht5::testing::CommandResult;
 
-Result run(const std::string& args) {
-  const std::string cmd = kBin + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  Result r{-1, ""};
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+Result run(const std::string& args) { return switcht5::testing::run_command(kBin + " " + args); }
 
 std::string write_config(const std::string& name, const std::string& text) {
   auto path = std::filesystem::temp_directory_path() / ("switcht5_cli_" + name + ".yaml");

@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -28,23 +27,9 @@ using switcht5::testing::shared_data_dir;
 
 const std::string kBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5-data";
 
-struct Result {
-  int code;
-  std::string output;  // stdout and stderr
-};
+using Result = switcht5::testing::CommandResult;
 
-Result run(const std::string& args) {
-  const std::string cmd = kBin + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  Result r{-1, ""};
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+Result run(const std::string& args) { return switcht5::testing::run_command(kBin + " " + args); }
 
 // The path in single quotes for the shell (test paths hold no quotes).
 std::string q(const fs::path& p) {

@@ -1,9 +1,6 @@
 // End to end on real data: real C4 documents tokenized with the real T5 vocabulary by
 // switcht5-data, then `switcht5 train --config configs/tiny.yaml` on those shards, with
 // validation. Needs ../shared/data; skips with the reason when it is absent.
-#include <sys/wait.h>
-
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -20,14 +17,9 @@ const std::string kBin = std::string(SWITCHT5_BINARY_DIR);
 const std::string kSrc = std::string(SWITCHT5_SOURCE_DIR);
 
 int run(const std::string& cmd, std::string& output) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return -1;
-  std::array<char, 4096> buf;
-  size_t n;
-  output.clear();
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) output.append(buf.data(), n);
-  const int status = pclose(p);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  const switcht5::testing::CommandResult r = switcht5::testing::run_command(cmd);
+  output = r.output;
+  return r.code;
 }
 
 TEST(TrainOnShards, TinyConfigTrainsOnRealC4WithValidation) {

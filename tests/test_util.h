@@ -1,6 +1,9 @@
 // Shared test helpers: random fills, host<->backend copies and closeness checks.
 #pragma once
+#include <sys/wait.h>
+
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -53,6 +56,25 @@ inline ::testing::AssertionResult all_close(const std::vector<float>& a, const s
              << "index " << i << ": " << a[i] << " vs " << b[i] << " (|diff| " << d << ")";
   }
   return ::testing::AssertionSuccess();
+}
+
+// Result of a shell command: exit code (-1 if it did not exit normally) and stdout + stderr.
+struct CommandResult {
+  int code;
+  std::string output;
+};
+
+// Runs `command` through the shell with stderr merged into stdout.
+inline CommandResult run_command(const std::string& command) {
+  FILE* p = popen((command + " 2>&1").c_str(), "r");
+  CommandResult r{-1, ""};
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
 }
 
 // Directory holding the shared data (../shared/data beside the checkout), or "" if absent.
