@@ -91,6 +91,23 @@ int cmd_plan(const RunConfig& cfg) {
   return 0;
 }
 
+// Reports an error and ends the process, or, under MPI with several ranks, the whole job (the
+// other ranks may be waiting in a collective and would otherwise hang).
+int fail(const char* what, int code) {
+  if (g_world_size > 1) {
+    std::fprintf(stderr, "[rank %d] switcht5: error: %s\n", g_world_rank, what);
+    std::fflush(stderr);
+    abort_all_ranks(code);
+  }
+  // Before the grid exists every rank of an MPI job raises the same (config) error: only the
+  // launcher's rank 0 reports it.
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
+    if (const char* r = std::getenv(var); r && std::string(r) != "0") return code;
+  std::fprintf(stderr, "switcht5: error: %s\n", what);
+  return code;
+}
+
+
 int run(int argc, char** argv) {
   if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
     std::fputs(kUsage, stdout);
@@ -112,24 +129,14 @@ int run(int argc, char** argv) {
                                          cfg.parallel.expert);
   g_world_rank = grid.world_rank;
   g_world_size = grid.world_size;
-  train(cfg, grid, dir);
-  return 0;
-}
-
-// Reports an error and ends the process, or, under MPI with several ranks, the whole job (the
-// other ranks may be waiting in a collective and would otherwise hang).
-int fail(const char* what, int code) {
-  if (g_world_size > 1) {
-    std::fprintf(stderr, "[rank %d] switcht5: error: %s\n", g_world_rank, what);
-    std::fflush(stderr);
-    abort_all_ranks(code);
+  try {
+    train(cfg, grid, dir);
+  } catch (const UserError& e) {
+    return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
+  } catch (const std::exception& e) {
+    return fail(e.what(), 1);
   }
-  // Before the grid exists every rank of an MPI job raises the same (config) error: only the
-  // launcher's rank 0 reports it.
-  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
-    if (const char* r = std::getenv(var); r && std::string(r) != "0") return code;
-  std::fprintf(stderr, "switcht5: error: %s\n", what);
-  return code;
+  return 0;
 }
 
 }  // namespace

@@ -88,7 +88,11 @@ class ParamStore {
   void initialize(Backend& be, uint64_t seed);
   void zero_grads(Backend& be);
 
-  // HF state_dict view: (HF key, internal name, offset within that parameter, HF shape).
+  // HF state_dict view of the tensors THIS process holds: (HF key, internal name, offset within
+  // that parameter, shape of the block held). Under expert parallelism the expert numbers are
+  // global; under model parallelism a split tensor appears with this rank's block shape (its
+  // place in the logical tensor is ParamInfo::slice_start), so a complete state dict is the
+  // union over the model group.
   struct HfEntry {
     std::string hf_name;
     std::string internal_name;

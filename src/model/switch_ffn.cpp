@@ -80,6 +80,11 @@ const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training,
     xr_ = jittered_.data();
   }
   linear_forward(be_, logits_.data(), xr_, ps_.values() + router_->offset, T, D, E);
+  // Every model rank must route identically (each sums its share of the same experts' outputs):
+  // take model rank 0's logits, so that a GEMM rounding difference (other thread count or
+  // instruction set) cannot send a near-tied token to different experts on different ranks.
+  if (s_.model_group && s_.model_group->size() > 1)
+    s_.model_group->broadcast(logits_.data(), logits_.size(), 0);
   be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), gate_.data(),
                      counts_.data(), logits_.data(), G, S, E, C);
   const int GC = G * C;

@@ -67,7 +67,9 @@ LoaderOptions loader_options(const RunConfig& cfg, const std::string& glob, cons
   o.rank = rank;
   o.ranks = ranks;
   o.prefetch = cfg.data.prefetch;
-  o.verify_checksums = cfg.data.verify_checksums;
+  // Verifying reads every shard whole: data rank 0 does it (its failure ends the job), the
+  // other ranks trust the headers instead of all reading the whole corpus at startup.
+  o.verify_checksums = cfg.data.verify_checksums && rank == 0;
   o.pad_id = cfg.model.pad_token_id;
   o.decoder_start_id = cfg.model.decoder_start_token_id;
   o.what = what;

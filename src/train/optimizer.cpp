@@ -193,7 +193,10 @@ class Adafactor final : public Optimizer {
       const Slot& s = slots_[i];
       float* base = state_.data() + s.offset;
       if (!s.factored) {
-        out.push_back({p.name + ".exp_avg_sq", p.shape, base});
+        // A model-split parameter's state covers the gathered logical tensor.
+        std::vector<int64_t> shape = p.shape;
+        if (s.split) shape[size_t(p.model_split_dim)] *= M_;
+        out.push_back({p.name + ".exp_avg_sq", shape, base});
         continue;
       }
       std::vector<int64_t> row_shape{s.rows}, col_shape{s.cols};

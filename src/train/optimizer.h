@@ -69,8 +69,8 @@ class Optimizer {
 // Whether Adafactor keeps factored row/column statistics for this parameter.
 bool adafactor_factored(const ParamInfo& info);
 
-// Makes the optimizer named by options.name for the parameters of `params` (which need not be
-// allocated yet: only the table is read). Throws UserError for an unknown name or bad options.
+// Makes the optimizer named by options.name for the parameters of `params`, which must be
+// allocated (their offsets are fixed then). Throws UserError for an unknown name or bad options.
 // `updates` (one flag per parameter, empty = all) restricts the optimizer to a subset, with
 // state only for that subset: ZeRO-1 gives each data rank its share of the replicated
 // parameters. `model_group` (tensor parallelism): Adafactor updates a parameter split over it

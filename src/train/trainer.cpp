@@ -11,7 +11,6 @@
 
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
-#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
@@ -288,23 +287,50 @@ StepMetrics Trainer::train_step(int64_t step) {
   return m;
 }
 
+namespace {
+
+// JSON has no NaN or Infinity: a non-finite number (a skipped step's loss or gradient norm) is
+// written as null.
+std::string json_number(double v, const char* format = "{:.9g}") {
+  return std::isfinite(v) ? fmt::format(fmt::runtime(format), v) : std::string("null");
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", int(c));
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
 std::string metrics_json(const StepMetrics& m) {
   std::string s = fmt::format(
-      "{{\"step\": {}, \"loss\": {:.9g}, \"aux_loss\": {:.9g}, \"z_loss\": {:.9g}, \"lr\": {:.9g}, "
-      "\"grad_norm\": {:.9g}, \"tokens_per_s\": {:.6g}, \"dropped_fraction\": {:.9g}, "
-      "\"step_ms\": {:.6g}",
-      m.step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
-      m.dropped_fraction, m.step_ms);
-  if (m.skipped) s += fmt::format(", \"skipped\": true, \"nonfinite\": \"{}\"", m.nonfinite);
-  if (m.has_val) s += fmt::format(", \"val_loss\": {:.9g}", m.val_loss);
+      "{{\"step\": {}, \"loss\": {}, \"aux_loss\": {}, \"z_loss\": {}, \"lr\": {}, "
+      "\"grad_norm\": {}, \"tokens_per_s\": {}, \"dropped_fraction\": {}, \"step_ms\": {}",
+      m.step, json_number(m.loss), json_number(m.aux_loss), json_number(m.z_loss),
+      json_number(m.lr), json_number(m.grad_norm), json_number(m.tokens_per_s, "{:.6g}"),
+      json_number(m.dropped_fraction), json_number(m.step_ms, "{:.6g}"));
+  if (m.skipped) s += ", \"skipped\": true, \"nonfinite\": " + json_string(m.nonfinite);
+  if (m.has_val) s += ", \"val_loss\": " + json_number(m.val_loss);
   if (!m.routing.empty()) {
     s += ", \"router\": [";
     for (size_t i = 0; i < m.routing.size(); ++i) {
       const LayerRouting& r = m.routing[i];
-      s += fmt::format("{}{{\"layer\": \"{}\", \"aux_loss\": {:.6g}, \"z_loss\": {:.6g}, "
-                       "\"dropped_fraction\": {:.6g}, \"expert_fraction\": [{:.6g}]}}",
-                       i ? ", " : "", r.layer, r.aux_loss, r.z_loss, r.dropped_fraction,
-                       fmt::join(r.expert_fraction, ", "));
+      std::string fractions;
+      for (size_t e = 0; e < r.expert_fraction.size(); ++e)
+        fractions += (e ? ", " : "") + json_number(r.expert_fraction[e], "{:.6g}");
+      s += fmt::format("{}{{\"layer\": {}, \"aux_loss\": {}, \"z_loss\": {}, "
+                       "\"dropped_fraction\": {}, \"expert_fraction\": [{}]}}",
+                       i ? ", " : "", json_string(r.layer), json_number(r.aux_loss, "{:.6g}"),
+                       json_number(r.z_loss, "{:.6g}"), json_number(r.dropped_fraction, "{:.6g}"),
+                       fractions);
     }
     s += "]";
   }

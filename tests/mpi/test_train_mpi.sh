@@ -5,7 +5,9 @@
 #  2. one rank failing (it cannot create its own log file: rank-1.log is a directory) ends the
 #     whole job within seconds with a non-zero status and that rank's tagged message, while the
 #     other rank is already waiting in a collective;
-#  3. a layout that does not match the number of processes is one clear error, printed once.
+#  3. a layout that does not match the number of processes is one clear error, printed once;
+#  4. a NaN injected into rank 1's gradients at step 3 (SWITCHT5_INJECT_NAN) skips that step:
+#     the line says so, names the tensor and rank, and every metrics.jsonl line is valid JSON.
 #   tests/mpi/test_train_mpi.sh MPIRUN_SH SWITCHT5_BINARY SOURCE_DIR
 set -uo pipefail
 mpirun_sh=$1 bin=$2 src=$3
@@ -44,4 +46,14 @@ status=$?
 cat "$dir/layout.log"
 check "((status == 2))" "a wrong layout should exit 2, got $status"
 check "[[ \$(grep -c 'but mpirun started 2 processes' '$dir/layout.log') -eq 1 ]]" "the layout error should be printed once"
+SWITCHT5_INJECT_NAN=3:1 bash "$mpirun_sh" -np 2 "$bin" train --config "$src/configs/tiny-synthetic.yaml" \
+  --run-dir "$dir/nan" --set train.steps=5 --set log.every=1 --set parallel.data=2 \
+  --set parallel.expert=2 >"$dir/nan.log" 2>&1
+status=$?
+check "((status == 0))" "the NaN run exited with status $status"
+check "grep -q 'step 3: non-finite loss or gradient, update skipped on every rank; first non-finite: .*gradient (rank 1)' '$dir/nan.log'" \
+  "the skipped step is not reported with its tensor and rank"
+check "python3 -c 'import json,sys; [json.loads(l) for l in open(sys.argv[1])]' '$dir/nan/metrics.jsonl'" \
+  "metrics.jsonl is not valid JSON"
+check "[[ \$(grep -c '\"skipped\": true' '$dir/nan/metrics.jsonl') -eq 1 ]]" "exactly one step should be skipped"
 exit $fail
