@@ -86,6 +86,12 @@ int run(int argc, char** argv) {
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
   std::sort(ms.begin(), ms.end());
   const double median = ms[ms.size() / 2];
+  int64_t opt_floats = 0;
+  for (const auto& t : trainer.optimizer().state()) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    opt_floats += n;
+  }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   const double tokens = double(cfg.train.batch_size) *
@@ -106,9 +112,10 @@ int run(int argc, char** argv) {
              "({}x{}x{} FFN shape), {:.1f} GFLOP/s (2048^3): {:.0f}% of the FFN-shape peak\n",
              trainer.step_flops() * 1e-9, achieved, peak, rows, F, D, peak_square,
              100.0 * achieved / peak);
-  fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; activations {:.1f} MB\n",
+  fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; optimizer state {:.2f} MB; "
+             "activations {:.1f} MB\n",
              ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
-             trainer.model().activation_floats() * 4e-6);
+             opt_floats * 4e-6, trainer.model().activation_floats() * 4e-6);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
   if (grid.expert > 1) {

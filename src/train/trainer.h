@@ -71,6 +71,7 @@ class Trainer {
 
   Backend& backend() { return *be_; }
   SwitchT5Model& model() { return *model_; }
+  Optimizer& optimizer() { return *optimizer_; }
   ProcessGrid& grid() { return grid_; }
   BatchSource& train_source() { return *train_source_; }
   // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
