@@ -2,7 +2,8 @@
 # One command from a fresh Debian 12 machine to a trained tiny model:
 #   1. installs every system dependency from Debian's archive (needs root or sudo),
 #   2. builds Release into build/ (the CUDA backend too when the CUDA toolkit is present),
-#   3. runs the main job: the tiny config pretrained on the CPU, logs in runs/tiny. With the
+#   3. runs the main job: the tiny config pretrained on the CPU by 2 MPI ranks (data 2 x
+#      expert 2), logs in runs/tiny. With the
 #      sample data beside the checkout (../shared/data: the T5 vocabulary and 2,000 real C4
 #      documents) it first tokenizes them into data/c4-sample/{train,val} and trains
 #      configs/tiny.yaml on C4; without it, it trains configs/tiny-synthetic.yaml.
@@ -45,10 +46,12 @@ if [[ "${SWITCHT5_SKIP_RUN:-0}" != 1 ]]; then
       --input "$shared/c4/c4-en-train-00000-first1000.json.gz"
     ./build/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/val \
       --input "$shared/c4/olmo/c4-sample.00000-of-00001.json.gz"
-    ./build/switcht5 train --config configs/tiny.yaml --run-dir runs/tiny
+    bash scripts/mpirun.sh -np 2 ./build/switcht5 train --config configs/tiny.yaml \
+      --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
   else
     echo "setup: no sample C4 at $shared (set SWITCHT5_SHARED_DATA); training the synthetic task"
-    ./build/switcht5 train --config configs/tiny-synthetic.yaml --run-dir runs/tiny
+    bash scripts/mpirun.sh -np 2 ./build/switcht5 train --config configs/tiny-synthetic.yaml \
+      --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
   fi
   echo "setup: done; logs and metrics in runs/tiny"
 fi
