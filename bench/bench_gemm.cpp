@@ -63,6 +63,9 @@ int main(int argc, char** argv) {
       {"square", 2048, 2048, 2048, 1},
       {"T x d_model -> d_ff", 4096, 1024, 256, 1},
       {"T x d_ff -> d_model", 4096, 256, 1024, 1},
+      // Weight gradients dW += dy^T x run as TN with K = tokens.
+      {"dW wi: d_ff x d_model over T", 1024, 256, 4096, 1},
+      {"dW wo: d_model x d_ff over T", 256, 1024, 4096, 1},
   };
   if (batched) {
     shapes.push_back({"attn scores (B*H, T, T, d_kv)", 512, 512, 64, 64});
