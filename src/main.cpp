@@ -88,6 +88,35 @@ int cmd_plan(const RunConfig& cfg) {
                                         cfg.data.targets_length, true);
   fmt::print("matmul GFLOP per training step (batch {}): {:.3f} forward, {:.3f} total\n",
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
+
+  // What one rank holds under cfg.parallel (rank 0's share; every rank's is the same size):
+  // parameters and gradients, and the optimizer state (Adafactor: row + column statistics per
+  // matrix, full second moments for vectors; AdamW: two moments per element), with ZeRO-1
+  // dividing the replicated parameters' state over the data ranks.
+  const ParallelConfig& pc = cfg.parallel;
+  ParamStore local;
+  register_model_params(local, m, Sharding{pc.expert, 0, pc.model, 0});
+  int64_t held = 0;
+  double state_rep = 0, state_other = 0;
+  for (const ParamInfo& p : local.infos()) {
+    held += p.numel;
+    std::vector<int64_t> shape = p.shape;  // Adafactor keeps a split matrix's full statistics
+    if (p.model_split_dim >= 0) shape[size_t(p.model_split_dim)] *= pc.model;
+    double st = 2.0 * double(p.numel);
+    if (cfg.train.optimizer == "adafactor") {
+      const double count = p.kind == ParamKind::kStacked ? double(shape[0]) : 1.0;
+      const double rows = shape.size() >= 2 ? double(shape[shape.size() - 2]) : 1.0;
+      const double cols = double(shape.back());
+      st = (p.kind != ParamKind::kVector && rows > 1 && cols > 1) ? count * (rows + cols)
+                                                                 : count * rows * cols;
+    }
+    (p.kind == ParamKind::kStacked || p.model_split_dim >= 0 ? state_other : state_rep) += st;
+  }
+  if (pc.zero1) state_rep /= pc.data;
+  fmt::print("per rank (data {} x model {}, experts over {}{}): parameters {:.1f} MB, gradients "
+             "{:.1f} MB, {} state {:.1f} MB (fp32)\n",
+             pc.data, pc.model, pc.expert, pc.zero1 ? ", ZeRO-1" : "", held * 4e-6, held * 4e-6,
+             cfg.train.optimizer, (state_rep + state_other) * 4e-6);
   return 0;
 }
 

@@ -77,6 +77,17 @@ TEST(Cli, PlanPrintsTheModel) {
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("parameters:"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("Switch blocks [1,3,5,7,9,11]"), std::string::npos) << r.output;
+  // switch-base-8: 166,354,176 parameters outside the experts, 8 x 56,623,104 in them.
+  EXPECT_NE(r.output.find("parameters: 619339008 (166354176 outside experts, 452984832 in experts)"),
+            std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("per rank (data 1 x model 1, experts over 1): parameters 2477.4 MB"),
+            std::string::npos) << r.output;
+  // Experts over 8 ranks: each holds 1/8 of the expert parameters (452984832 / 8 + 166354176).
+  r = run("plan --config " + std::string(SWITCHT5_SOURCE_DIR) +
+          "/configs/switch-base-8.yaml --set parallel.data=8 --set parallel.expert=8");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("per rank (data 8 x model 1, experts over 8): parameters 891.9 MB"),
+            std::string::npos) << r.output;
 }
 
 TEST(Cli, ShortTrainWritesTheRunDirectory) {
