@@ -12,7 +12,7 @@ void Attention::register_params(ParamStore& ps, const std::string& prefix, int D
   const double in_std = std::sqrt(init_scale / D);
   auto add = [&](const char* name, int64_t r, int64_t c, double std, int split_dim) {
     ParamInfo p{.name = prefix + name, .shape = {r, c}, .init_std = std};
-    if (sh.model_parallel > 1) split_param(p, split_dim, sh.model_parallel, sh.model_rank, true);
+    if (sh.model_parallel > 1) split_over_model(p, split_dim, sh.model_parallel, sh.model_rank);
     ps.add(std::move(p));
   };
   add(".q.weight", HK, D, in_std / std::sqrt(double(K)), 0);

@@ -21,7 +21,7 @@ void FeedForward::register_params(ParamStore& ps, const std::string& prefix, int
       p.slice_start = {shard->first, 0, 0};
     }
     if (model_parallel > 1)
-      split_param(p, split_dim + (stacked ? 1 : 0), model_parallel, model_rank, true);
+      split_over_model(p, split_dim + (stacked ? 1 : 0), model_parallel, model_rank);
     ps.add(std::move(p));
   };
   const double in_std = std::sqrt(init_scale / D), out_std = std::sqrt(init_scale / F);

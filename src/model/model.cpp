@@ -45,7 +45,7 @@ void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Shardin
         ParamInfo bias{.name = b + ".layer.0.SelfAttention.relative_attention_bias.weight",
                        .shape = {cfg.relative_attention_num_buckets, H},
                        .init_std = std::sqrt(sc / D)};
-        if (sh.model_parallel > 1) split_param(bias, 1, sh.model_parallel, sh.model_rank, true);
+        if (sh.model_parallel > 1) split_over_model(bias, 1, sh.model_parallel, sh.model_rank);
         ps.add(std::move(bias));
       }
       ps.add({.name = b + ".layer.0.layer_norm.weight", .shape = {D}, .kind = ParamKind::kVector,
@@ -103,7 +103,8 @@ struct SwitchT5Model::Stack {
   Communicator* model_group;  // null or size 1: no tensor parallelism
   int H, F;                   // this process's heads and d_ff columns
   std::vector<Block> blocks;
-  const ParamInfo* relbias;   // [num_buckets, H], block 0
+  const ParamInfo* embedding;  // shared.weight [V, D]
+  const ParamInfo* relbias;    // [num_buckets, H], block 0
   const ParamInfo* final_ln;
   DeviceArray<int32_t> buckets;          // [T,T]
   DeviceArray<float> bias, dbias;        // [H,T,T]
@@ -129,6 +130,7 @@ struct SwitchT5Model::Stack {
                    "model.group_size {} does not divide the {} {} tokens of a micro-batch "
                    "({} sequences x {})",
                    S, N, name, B, T);
+    embedding = &ps.info("shared.weight");
     relbias = &ps.info(name + ".block.0.layer.0.SelfAttention.relative_attention_bias.weight");
     final_ln = &ps.info(name + ".final_layer_norm.weight");
     const bool gated = feed_forward_gated(cfg);
@@ -231,7 +233,7 @@ struct SwitchT5Model::Stack {
     const uint64_t drop = derive_seed(seed, first_row + 1);
     embed_seed = site_seed(drop, decoder, -1, 0);
     final_seed = site_seed(drop, decoder, -1, 1);
-    be.embedding_forward(h0.data(), ids, ps.values() + ps.info("shared.weight").offset, N, D);
+    be.embedding_forward(h0.data(), ids, ps.values() + embedding->offset, N, D);
     be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
                            H, T, T);
@@ -313,7 +315,7 @@ struct SwitchT5Model::Stack {
     be.relpos_bias_backward(ps.grads() + relbias->offset, dbias.data(), buckets.data(),
                             H, T, T, cfg.relative_attention_num_buckets);
     be.dropout(dh.data(), dh.data(), n, dropout_p, embed_seed);
-    be.embedding_backward(ps.grads() + ps.info("shared.weight").offset, ids, dh.data(), N, D,
+    be.embedding_backward(ps.grads() + embedding->offset, ids, dh.data(), N, D,
                           cfg.vocab_size);
   }
 
@@ -338,6 +340,7 @@ SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape sha
   SWT_CHECK(cfg_.num_decoder_layers >= 1 && cfg_.num_layers >= 1, "unresolved layer counts");
   register_model_params(params_, cfg_, parallel.sharding);
   params_.allocate(be);
+  head_ = &params_.info(cfg_.tie_word_embeddings ? "shared.weight" : "lm_head.weight");
   const int B = shape.batch, Ti = shape.inputs_length, Tt = shape.targets_length;
   encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel);
   decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti, parallel);
@@ -417,13 +420,9 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
                     training, seed, first_row, st.decoder_router);
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
-  const float* W;
-  if (cfg_.tie_word_embeddings) {
+  const float* W = params_.values() + head_->offset;
+  if (cfg_.tie_word_embeddings)
     be_.scale(head_in_.data(), float(1.0 / std::sqrt(double(D))), head_in_.size());
-    W = params_.value("shared.weight");
-  } else {
-    W = params_.value("lm_head.weight");
-  }
   linear_forward(be_, logits_.data(), head_in_.data(), W, int(N), D, V);
   be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
                             N, V);
@@ -456,8 +455,8 @@ void SwitchT5Model::backward(const LossWeights& w) {
   be_.cross_entropy_backward(logits_.data(), logits_.data(), token_lse_.data(), labels_.data(), N,
                              V, float(w.ce_scale), float(w.logit_z_loss));
   const bool tied = cfg_.tie_word_embeddings;
-  float* dW = params_.grad(tied ? "shared.weight" : "lm_head.weight");
-  const float* W = params_.value(tied ? "shared.weight" : "lm_head.weight");
+  float* dW = params_.grads() + head_->offset;
+  const float* W = params_.values() + head_->offset;
   linear_backward_weight(be_, dW, logits_.data(), head_in_.data(), int(N), D, V);
   float* d_dec_out = head_in_.data();  // head_in is dead once dW is formed
   linear_backward_input(be_, d_dec_out, logits_.data(), W, int(N), D, V, false);

@@ -113,6 +113,7 @@ class SwitchT5Model {
   ModelShape shape_;
   ModelParallelism parallel_;
   ParamStore params_;
+  const ParamInfo* head_ = nullptr;  // the LM head's weight: shared.weight (tied) or lm_head.weight
   std::unique_ptr<Stack> encoder_, decoder_;
   DeviceArray<float> scratch_;
   // Batch on the device.

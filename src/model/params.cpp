@@ -7,18 +7,17 @@
 
 namespace switcht5 {
 
-void split_param(ParamInfo& p, int dim, int parts, int index, bool model) {
-  if (parts == 1 && !model) return;
+void split_over_model(ParamInfo& p, int dim, int parts, int index) {
+  SWT_CHECK(dim >= 0 && size_t(dim) < p.shape.size(), "parameter {}: no dimension {}", p.name, dim);
+  SWT_CHECK(p.shape[dim] % parts == 0, "parameter {}: dimension {} of {} does not split into {}",
+            p.name, dim, p.shape[dim], parts);
   if (p.full_shape.empty()) {
     p.full_shape = p.shape;
     p.slice_start.assign(p.shape.size(), 0);
   }
-  SWT_CHECK(dim >= 0 && size_t(dim) < p.shape.size() && p.shape[dim] % parts == 0,
-            "parameter {}: dimension {} of {} does not split into {} parts", p.name, dim,
-            dim >= 0 && size_t(dim) < p.shape.size() ? p.shape[dim] : -1, parts);
   p.shape[dim] /= parts;
   p.slice_start[dim] += int64_t(index) * p.shape[dim];
-  if (model) p.model_split_dim = dim;
+  p.model_split_dim = dim;
 }
 
 int ParamStore::add(ParamInfo info) {

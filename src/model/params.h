@@ -55,9 +55,9 @@ struct Sharding {
   int model_parallel = 1, model_rank = 0;    // heads and d_ff split over the model group
 };
 
-// Makes `p` the block `index` of `parts` equal blocks along `dim` of its (logical) tensor; an
-// existing block (expert shard) is cut further. `model` marks the split as the model-parallel one.
-void split_param(ParamInfo& p, int dim, int parts, int index, bool model);
+// Makes `p` model rank `index`'s block of `parts` equal blocks along `dim` of its logical
+// tensor (tensor parallelism); an existing block (expert shard) is cut further.
+void split_over_model(ParamInfo& p, int dim, int parts, int index);
 
 class ParamStore {
  public:

@@ -19,6 +19,14 @@ constexpr int64_t kParallelMin = 16384;
 constexpr int kColBlock = 64;
 // Unfactored: partial sums of u^2 per block of this many elements.
 constexpr int64_t kElemBlock = 4096;
+
+// Update clipping: 1 / max(1, rms(u) / clip), rms from the partial sums of u^2 (added in order)
+// over the matrix's n elements.
+float clip_factor(const double* partial, int64_t parts, int64_t n, float clip) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < parts; ++i) ss += partial[i];
+  return static_cast<float>(1.0 / std::max(1.0, std::sqrt(ss / double(n)) / double(clip)));
+}
 }  // namespace
 
 // p_new = p - lr * ((m/bc1) / (sqrt(v/bc2) + eps) + wd * p), p before the step.
@@ -105,10 +113,7 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
         }
         partial[i] = s;
       }
-      double ss = 0.0;
-      for (int i = 0; i < R; ++i) ss += partial[i];
-      const float inv_denom =
-          static_cast<float>(1.0 / std::max(1.0, std::sqrt(ss / double(RC)) / double(clip)));
+      const float inv_denom = clip_factor(partial, R, RC, clip);
 #pragma omp parallel for schedule(static) if (par)
       for (int i = 0; i < R; ++i) {
         const float* Gi = G + int64_t(i) * C;
@@ -135,10 +140,7 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
         }
         partial[b] = s;
       }
-      double ss = 0.0;
-      for (int64_t b = 0; b < nblocks; ++b) ss += partial[b];
-      const float inv_denom =
-          static_cast<float>(1.0 / std::max(1.0, std::sqrt(ss / double(RC)) / double(clip)));
+      const float inv_denom = clip_factor(partial, nblocks, RC, clip);
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t e = 0; e < RC; ++e) {
         const float u = G[e] / std::sqrt(V[e]);
