@@ -88,6 +88,7 @@ int run(int argc, char** argv) {
   const double median = ms[ms.size() / 2];
   int64_t opt_floats = 0;
   for (const auto& t : trainer.optimizer().state()) {
+    if (!t.data) continue;  // ZeRO-1: another rank's share
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
     opt_floats += n;

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   build-essential cmake pkg-config ccache git
-  libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
+  libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools
   libyaml-cpp-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
   libdnnl-dev

@@ -1,8 +1,7 @@
-// switcht5: train and inspect Switch Transformers.
-//   [mpirun -np N] switcht5 train --config FILE [--run-dir DIR] [--set section.key=value ...]
-//   switcht5 plan  --config FILE [--set section.key=value ...]
-// Exit codes: 0 success, 2 bad user input (config, CLI, data), 1 any other failure. Under MPI a
-// failing rank prints its error tagged with the rank and ends every rank of the job.
+// switcht5: train, evaluate and inspect Switch Transformers (usage in kUsage below).
+// Exit codes: 0 success, 2 bad user input (config, CLI, data, checkpoint), 1 any other failure,
+// 128 + signal number when SIGTERM / SIGUSR1 stopped training after saving a checkpoint. Under
+// MPI a failing rank prints its error tagged with the rank and ends every rank of the job.
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -11,12 +10,15 @@
 
 #include <fmt/format.h>
 
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/h5_file.h"
 #include "comm/mpi_communicator.h"
 #include "comm/process_grid.h"
 #include "core/check.h"
 #include "config/config.h"
 #include "model/flops.h"
 #include "model/model.h"
+#include "train/batch_source.h"
 #include "train/trainer.h"
 
 namespace {
@@ -26,13 +28,16 @@ using namespace switcht5;
 constexpr const char* kUsage =
     "usage: switcht5 <command> [options]\n"
     "commands:\n"
-    "  train --config FILE [--run-dir DIR] [--set section.key=value ...]\n"
+    "  train --config FILE [--run-dir DIR] [--resume auto|CKPT|CKPT_DIR] [--set section.key=value ...]\n"
     "        train a model; DIR (default: log.run_dir, else runs/<config name>) receives\n"
-    "        config.yaml, train.log and metrics.jsonl\n"
+    "        config.yaml, train.log, metrics.jsonl and checkpoints/ (checkpoint.dir)\n"
+    "  eval  --checkpoint CKPT [--config FILE] [--set ...] [--dump-batch OUT.h5]\n"
+    "        validation loss of a checkpoint as one JSON line, on any layout (the config\n"
+    "        defaults to the checkpoint's own, with one data-parallel rank per process)\n"
+    "  inspect CKPT\n"
+    "        datasets, shapes, dtypes, step, layout, config and checksum status of a checkpoint\n"
     "  plan  --config FILE [--set section.key=value ...]\n"
-    "        validate a config and print the model's parameters, capacities and FLOPs\n"
-    "  (eval and inspect read checkpoints; they arrive with HDF5 checkpointing)\n";
-
+    "        validate a config and print the model's parameters, capacities and FLOPs\n";
 // Set once the process grid exists; read by the error path in main().
 int g_world_rank = 0;
 int g_world_size = 1;
@@ -41,6 +46,10 @@ struct Args {
   std::string command;
   std::string config;
   std::string run_dir;
+  std::string resume;
+  std::string checkpoint;
+  std::string dump_batch;
+  std::vector<std::string> positional;
   std::vector<std::string> overrides;
 };
 
@@ -56,8 +65,12 @@ Args parse_args(int argc, char** argv) {
     };
     if (flag == "--config") a.config = value();
     else if (flag == "--run-dir") a.run_dir = value();
+    else if (flag == "--resume") a.resume = value();
+    else if (flag == "--checkpoint") a.checkpoint = value();
+    else if (flag == "--dump-batch") a.dump_batch = value();
     else if (flag == "--set") a.overrides.push_back(value());
     else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
+    else if (flag.rfind("-", 0) != 0) a.positional.push_back(flag);
     else SWT_USER_CHECK(false, "unknown option \"{}\" for \"{}\"\n{}", flag, a.command, kUsage);
   }
   return a;
@@ -137,17 +150,87 @@ int fail(const char* what, int code) {
 }
 
 
+// Writes the first micro-batch of validation data, our logits on it and its mean cross-entropy
+// to `path` (the HF parity tests compare them with transformers' outputs).
+void dump_batch(Trainer& t, const std::string& path) {
+  SWT_USER_CHECK(t.grid().world_size == 1, "--dump-batch runs on one process, not {}",
+                 t.grid().world_size);
+  const RunConfig& cfg = t.config();
+  auto source = make_validation_source(cfg, 0, 1);
+  Batch full, b;
+  source->next(full);
+  full.slice_rows(0, cfg.train.batch_size / cfg.train.grad_accum_steps, b);
+  const ForwardStats& st = t.model().forward(b, /*training=*/false, 0);
+  const int64_t B = b.batch, Ti = b.inputs_length, Tt = b.targets_length, V = cfg.model.vocab_size;
+  std::vector<float> logits(size_t(B * Tt * V));
+  t.backend().copy_to_host(logits.data(), t.model().logits(), sizeof(float) * logits.size());
+  write_h5_arrays(path,
+                  {{"encoder_input_tokens", {B, Ti}, b.encoder_input_tokens.data(), true},
+                   {"encoder_mask", {B, Ti}, b.encoder_mask.data(), false},
+                   {"decoder_input_tokens", {B, Tt}, b.decoder_input_tokens.data(), true},
+                   {"decoder_mask", {B, Tt}, b.decoder_mask.data(), false},
+                   {"labels", {B, Tt}, b.labels.data(), true},
+                   {"logits", {B, Tt, V}, logits.data(), false}},
+                  {{"loss", st.target_tokens > 0 ? st.ce_sum / double(st.target_tokens) : 0.0}});
+}
+
+int cmd_eval(const Args& a) {
+  SWT_USER_CHECK(!a.checkpoint.empty(), "eval: --checkpoint CKPT is required");
+  std::unique_ptr<Communicator> world = mpi_world();
+  RunConfig cfg;
+  if (!a.config.empty()) {
+    cfg = load_config(a.config, a.overrides);
+  } else {
+    // The checkpoint's own config, on however many processes run this: data parallel.
+    std::vector<std::string> o = {fmt::format("parallel.data={}", world->size()),
+                                  "parallel.model=1", "parallel.expert=1", "parallel.zero1=false"};
+    o.insert(o.end(), a.overrides.begin(), a.overrides.end());
+    cfg = checkpoint_config(a.checkpoint, o);
+  }
+  ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data, cfg.parallel.model,
+                                         cfg.parallel.expert);
+  g_world_rank = grid.world_rank;
+  g_world_size = grid.world_size;
+  Trainer t(cfg, grid, TrainerUse::kEvaluate);
+  SWT_USER_CHECK(t.has_validation(),
+                 "eval: the config has no validation data (set data.val_glob, or data.source "
+                 "synthetic)");
+  const LoadResult lr = load_checkpoint(t, a.checkpoint, /*training_state=*/false);
+  const double loss = t.evaluate();
+  if (!a.dump_batch.empty()) dump_batch(t, a.dump_batch);
+  if (grid.is_root())
+    fmt::print("{{\"checkpoint\": \"{}\", \"step\": {}, \"val_loss\": {:.9g}, "
+               "\"eval_batches\": {}, \"batch_size\": {}, \"layout\": \"data {} x model {}, "
+               "expert {}\"}}\n",
+               a.checkpoint, lr.step, loss, cfg.train.eval_batches, cfg.train.batch_size,
+               grid.data, grid.model, grid.expert);
+  return 0;
+}
+
 int run(int argc, char** argv) {
   if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
     std::fputs(kUsage, stdout);
     return 0;
   }
   Args a = parse_args(argc, argv);
-  if (a.command == "eval" || a.command == "inspect")
-    SWT_USER_CHECK(false, "\"{}\" needs checkpoints, which this build cannot write or read yet",
-                   a.command);
-  SWT_USER_CHECK(a.command == "train" || a.command == "plan",
-                 "unknown command \"{}\" (expected train or plan)\n{}", a.command, kUsage);
+  SWT_USER_CHECK(a.command == "train" || a.command == "plan" || a.command == "eval" ||
+                     a.command == "inspect",
+                 "unknown command \"{}\" (expected train, eval, inspect or plan)\n{}", a.command,
+                 kUsage);
+  SWT_USER_CHECK(a.positional.empty() || a.command == "inspect",
+                 "{}: unexpected argument \"{}\"\n{}", a.command,
+                 a.positional.empty() ? "" : a.positional[0], kUsage);
+  if (a.command == "inspect") {
+    SWT_USER_CHECK(a.positional.size() == 1, "inspect: expected one checkpoint file\n{}", kUsage);
+    return inspect_checkpoint(a.positional[0]);
+  }
+  try {
+    if (a.command == "eval") return cmd_eval(a);
+  } catch (const UserError& e) {
+    return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
+  } catch (const std::exception& e) {
+    return fail(e.what(), 1);
+  }
   SWT_USER_CHECK(!a.config.empty(), "{}: --config FILE is required", a.command);
   RunConfig cfg = load_config(a.config, a.overrides);
   if (a.command == "plan") return cmd_plan(cfg);
@@ -159,7 +242,10 @@ int run(int argc, char** argv) {
   g_world_rank = grid.world_rank;
   g_world_size = grid.world_size;
   try {
-    train(cfg, grid, dir);
+    TrainOptions options;
+    options.resume = a.resume;
+    const TrainResult r = train(cfg, grid, dir, options);
+    if (r.stop_signal) return 128 + r.stop_signal;
   } catch (const UserError& e) {
     return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
   } catch (const std::exception& e) {

@@ -472,10 +472,11 @@ TEST(ConfigErrors, DataSourceMustBeSynthetic) {
                         {"x.yaml:5: ", "data.val_glob", "train.eval_every = 5"}));
 }
 
-TEST(ConfigErrors, CheckpointingNotYet) {
-  EXPECT_TRUE(has_parts(error_of("checkpoint:\n  every: 100\n"),
-                        {"x.yaml:2: ", "checkpoint.every: got 100, expected 0",
-                         "HDF5 checkpointing is not implemented yet"}));
+TEST(ConfigErrors, CheckpointKeys) {
+  EXPECT_TRUE(has_parts(error_of("checkpoint:\n  every: -1\n"),
+                        {"x.yaml:2: ", "checkpoint.every: got -1", "0: only at the end"}));
+  EXPECT_TRUE(has_parts(error_of("checkpoint:\n  keep: 0\n"),
+                        {"x.yaml:2: ", "checkpoint.keep: got 0, expected an integer >= 1"}));
 }
 
 TEST(ConfigErrors, ParallelDegrees) {

@@ -1,5 +1,6 @@
 // MpiCommunicator: collectives from point-to-point messages in a fixed order (see the header).
 #include "comm/mpi_communicator.h"
+#include "comm/mpi_native.h"
 
 #include <mpi.h>
 
@@ -275,6 +276,11 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) const {
   auto sub = std::make_unique<MpiCommunicator>(std::move(st));
   sub->max_chunk_bytes_ = max_chunk_bytes_;
   return sub;
+}
+
+MPI_Comm native_mpi_comm(const Communicator& comm) {
+  const auto* mpi = dynamic_cast<const MpiCommunicator*>(&comm);
+  return mpi ? mpi->mpi_state().comm : MPI_COMM_NULL;
 }
 
 std::unique_ptr<Communicator> mpi_world() {

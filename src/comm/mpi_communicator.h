@@ -56,6 +56,8 @@ class MpiCommunicator final : public Communicator {
   void set_max_chunk_bytes(int64_t bytes);
   int64_t max_chunk_bytes() const { return max_chunk_bytes_; }
 
+  const detail::MpiState& mpi_state() const { return *state_; }  // see comm/mpi_native.h
+
  private:
   std::unique_ptr<detail::MpiState> state_;
   int rank_ = 0, size_ = 1;

@@ -144,7 +144,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("parallel", "zero1", p.zero1, BoolRule{});
 
   CheckpointConfig& k = c.checkpoint;
-  v("checkpoint", "every", k.every, IntRule{0, 0, "HDF5 checkpointing is not implemented yet"});
+  v("checkpoint", "every", k.every, IntRule{0, std::nullopt, "0: only at the end"});
   v("checkpoint", "keep", k.keep, at_least(1));
   v("checkpoint", "dir", k.dir, any_string());
 

@@ -110,7 +110,7 @@ struct ParallelConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 0;     // steps between checkpoints; must be 0 until HDF5 checkpointing lands
+  int64_t every = 0;     // steps between checkpoints; 0: only at the end (and on SIGTERM/SIGUSR1)
   int keep = 3;          // newest checkpoints kept
   std::string dir = "";  // "": <log.run_dir>/checkpoints
 

@@ -87,10 +87,16 @@ class AdamW final : public Optimizer {
   std::vector<StateTensor> state() override {
     std::vector<StateTensor> out;
     for (size_t i = 0; i < infos_.size(); ++i) {
-      if (!updates_[i]) continue;
       const ParamInfo& p = infos_[i];
-      out.push_back({p.name + ".exp_avg", p.shape, exp_avg_.data() + state_offset_[i]});
-      out.push_back({p.name + ".exp_avg_sq", p.shape, exp_avg_sq_.data() + state_offset_[i]});
+      float* so = updates_[i] ? exp_avg_.data() + state_offset_[i] : nullptr;
+      float* so2 = updates_[i] ? exp_avg_sq_.data() + state_offset_[i] : nullptr;
+      // Elementwise state: placed exactly as the parameter block.
+      const std::vector<int64_t> start =
+          p.slice_start.empty() ? std::vector<int64_t>(p.shape.size(), 0) : p.slice_start;
+      out.push_back({p.name + ".exp_avg", p.shape, so, p.logical_shape(), start,
+                     p.model_split_dim, int(i)});
+      out.push_back({p.name + ".exp_avg_sq", p.shape, so2, p.logical_shape(), start,
+                     p.model_split_dim, int(i)});
     }
     return out;
   }
@@ -184,28 +190,38 @@ class Adafactor final : public Optimizer {
   }
 
   // HF's names: exp_avg_sq_row [.., R] and exp_avg_sq_col [.., C] (leading E for stacked
-  // experts), or exp_avg_sq with the parameter's shape.
+  // experts), or exp_avg_sq with the parameter's shape. A model-split parameter's state covers
+  // its whole logical matrix and is the same on every model rank; an expert shard's state covers
+  // its experts only.
   std::vector<StateTensor> state() override {
     std::vector<StateTensor> out;
     for (size_t i = 0; i < infos_.size(); ++i) {
-      if (!updates_[i]) continue;
       const ParamInfo& p = infos_[i];
       const Slot& s = slots_[i];
-      float* base = state_.data() + s.offset;
+      float* base = updates_[i] ? state_.data() + s.offset : nullptr;
+      const bool stacked = p.kind == ParamKind::kStacked;
+      const int64_t e0 = stacked && !p.slice_start.empty() ? p.slice_start[0] : 0;
+      const int64_t E = stacked ? p.logical_shape()[0] : 1;
       if (!s.factored) {
-        // A model-split parameter's state covers the gathered logical tensor.
         std::vector<int64_t> shape = p.shape;
         if (s.split) shape[size_t(p.model_split_dim)] *= M_;
-        out.push_back({p.name + ".exp_avg_sq", shape, base});
+        std::vector<int64_t> start(shape.size(), 0);
+        if (stacked) start[0] = e0;
+        out.push_back({p.name + ".exp_avg_sq", shape, base, p.logical_shape(), start, -1, int(i)});
         continue;
       }
-      std::vector<int64_t> row_shape{s.rows}, col_shape{s.cols};
-      if (p.kind == ParamKind::kStacked) {
+      std::vector<int64_t> row_shape{s.rows}, col_shape{s.cols}, row_full{s.rows},
+          col_full{s.cols}, start{0};
+      if (stacked) {
         row_shape.insert(row_shape.begin(), s.count);
         col_shape.insert(col_shape.begin(), s.count);
+        row_full.insert(row_full.begin(), E);
+        col_full.insert(col_full.begin(), E);
+        start = {e0, 0};
       }
-      out.push_back({p.name + ".exp_avg_sq_row", row_shape, base});
-      out.push_back({p.name + ".exp_avg_sq_col", col_shape, base + s.count * s.rows});
+      out.push_back({p.name + ".exp_avg_sq_row", row_shape, base, row_full, start, -1, int(i)});
+      out.push_back({p.name + ".exp_avg_sq_col", col_shape,
+                     base ? base + s.count * s.rows : nullptr, col_full, start, -1, int(i)});
     }
     return out;
   }

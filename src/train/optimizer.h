@@ -54,12 +54,21 @@ class Optimizer {
   void set_steps_taken(int64_t steps) { steps_taken_ = steps; }  // when restoring a checkpoint
 
   // A named view of one state tensor in backend memory, e.g. "<param>.exp_avg" (AdamW) or
-  // "<param>.exp_avg_sq_row" (Adafactor; the names are those of HF's optimizer state).
+  // "<param>.exp_avg_sq_row" (Adafactor; the names are those of HF's optimizer state), placed in
+  // its logical tensor the way ParamInfo places a parameter block (for checkpoints).
   struct StateTensor {
     std::string name;
-    std::vector<int64_t> shape;
-    float* data;
+    std::vector<int64_t> shape;        // the block this process holds
+    float* data;                       // null: this optimizer keeps no state for the parameter
+                                       // (ZeRO-1: another data rank updates it)
+    std::vector<int64_t> full_shape;   // the logical tensor (the same over every layout)
+    std::vector<int64_t> slice_start;  // the block's first index in it
+    int model_split_dim;               // the logical dimension split over the model group, or
+                                       // -1 when every model rank holds the same block
+    int param;                         // index of the parameter in ParamStore::infos()
   };
+  // Every state tensor of every parameter, in parameter order, the same list on every rank
+  // (entries of parameters this optimizer does not update have data == null).
   virtual std::vector<StateTensor> state() = 0;
 
  protected:

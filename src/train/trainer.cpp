@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cmath>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
+#include "checkpoint/checkpoint.h"
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/flops.h"
@@ -26,16 +28,16 @@ namespace switcht5 {
 namespace {
 
 std::shared_ptr<spdlog::logger> make_logger(const RunConfig& cfg, const ProcessGrid& grid,
-                                            const std::string& run_dir) {
+                                            const std::string& run_dir, bool append) {
   std::vector<spdlog::sink_ptr> sinks;
   if (grid.is_root()) {
     sinks.push_back(std::make_shared<spdlog::sinks::stdout_color_sink_mt>());
     sinks.push_back(
-        std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", true));
+        std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", !append));
   }
   if (cfg.log.per_rank_files)
     sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(
-        fmt::format("{}/rank-{}.log", run_dir, grid.world_rank), true));
+        fmt::format("{}/rank-{}.log", run_dir, grid.world_rank), !append));
   auto logger = std::make_shared<spdlog::logger>("switcht5", sinks.begin(), sinks.end());
   logger->set_level(spdlog::level::from_str(cfg.log.level));
   logger->set_pattern(grid.world_size > 1
@@ -65,7 +67,7 @@ constexpr int kRoutingFixed = 5;
 
 }  // namespace
 
-Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
+Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use)
     : cfg_(cfg), grid_(grid), local_rows_(cfg.train.batch_size / grid.data),
       micro_(local_rows_ / cfg.train.grad_accum_steps),
       be_(make_backend(cfg.train.backend)),
@@ -104,9 +106,11 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid)
       updates[i] = r == grid.data_rank;
     }
   }
-  optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
-                              grid.model_group.get());
-  train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
+  if (use == TrainerUse::kTrain) {
+    optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
+                                grid.model_group.get());
+    train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
+  }
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
   switch_layers_ = model_->switch_layer_names();
   step_flops_ = 3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, Ti, Tt, true);
@@ -337,16 +341,57 @@ std::string metrics_json(const StepMetrics& m) {
   return s + "}";
 }
 
-TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir) {
-  if (grid.is_root()) {
-    std::filesystem::create_directories(run_dir);
-    std::ofstream f(run_dir + "/config.yaml");
-    SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write to the run directory", run_dir);
-    f << to_yaml(cfg);
+namespace {
+
+// The stop request of a SIGTERM / SIGUSR1 handler. A signal handler can only reach a global: this
+// is the one global of the trainer, written by the handler and read by train() between steps.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int signo) { g_stop_signal = signo; }
+
+// Installs the handlers for the duration of train() and restores the previous ones after.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, &old_term_);
+    sigaction(SIGUSR1, &sa, &old_usr1_);
   }
+  ~StopSignals() {
+    sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGUSR1, &old_usr1_, nullptr);
+  }
+  // The signal any rank received, agreed by every rank (collective).
+  static int agreed(Communicator& world) {
+    int64_t s = g_stop_signal;
+    world.all_reduce_max(&s, 1);
+    return int(s);
+  }
+
+ private:
+  struct sigaction old_term_ {}, old_usr1_ {};
+};
+
+}  // namespace
+
+TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir,
+                  const TrainOptions& options) {
+  const std::string ckpt_dir = checkpoint_dir(cfg, run_dir);
+  // Which checkpoint to resume from, decided by rank 0 (it may be the only one to see the
+  // directory first) and shared.
+  std::string resume_path;
+  if (!options.resume.empty()) {
+    if (grid.is_root()) resume_path = resolve_resume(options.resume, ckpt_dir);
+    grid.world->broadcast(resume_path, 0);
+  }
+  const bool resuming = !resume_path.empty();
+  if (grid.is_root()) std::filesystem::create_directories(run_dir);
   grid.world->barrier();  // the run directory exists before any rank opens a log in it
   if (cfg.log.per_rank_files) std::filesystem::create_directories(run_dir);
-  auto log = make_logger(cfg, grid, run_dir);
+  auto log = make_logger(cfg, grid, run_dir, /*append=*/resuming);
   log->info("switcht5 train: run dir {}, config {}", run_dir, cfg.source_path);
   log->info("resolved config:\n{}", to_yaml(cfg));
 
@@ -361,15 +406,38 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
             tc.batch_size / (grid.data * tc.grad_accum_steps), cfg.data.inputs_length,
             cfg.data.targets_length, tc.grad_accum_steps, trainer.step_flops() * 1e-9);
 
+  TrainResult result;
+  if (resuming) {
+    const LoadResult lr = load_checkpoint(trainer, resume_path, /*training_state=*/true);
+    result.start_step = lr.step;
+    log->info("resumed from {} (step {}, saved with {}){}", resume_path, lr.step, lr.layout,
+              lr.training_state ? ""
+                                : "; it holds parameters only: fresh optimizer state and data "
+                                  "position");
+  } else if (options.resume == "auto") {
+    log->info("--resume auto: no checkpoint in {}; starting from step 0", ckpt_dir);
+  }
+
+  // Written only now, so that a failed resume leaves the run directory as it was.
   std::ofstream metrics;
   if (grid.is_root()) {
-    metrics.open(run_dir + "/metrics.jsonl");
+    std::ofstream f(run_dir + "/config.yaml");
+    SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write to the run directory", run_dir);
+    f << to_yaml(cfg);
+    metrics.open(run_dir + "/metrics.jsonl", resuming ? std::ios::app : std::ios::trunc);
     SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
   }
-  TrainResult result;
-  for (int64_t step = 1; step <= tc.steps; ++step) {
+  auto save = [&](int64_t step, const char* why) {
+    const SaveResult s = save_checkpoint(trainer, step, ckpt_dir);
+    log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
+    result.checkpoints.push_back(s.path);
+  };
+  StopSignals signals;
+  int64_t saved_step = -1;
+  for (int64_t step = result.start_step + 1; step <= tc.steps; ++step) {
     StepMetrics m = trainer.train_step(step);
     result.final_loss = m.loss;
+    result.last_step = step;
     if (m.skipped)
       log->warn("step {}: non-finite loss or gradient, update skipped on every rank; first "
                 "non-finite: {}",
@@ -377,31 +445,49 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
     const bool do_log =
         step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval || m.skipped;
-    if (!do_log) continue;
-    if (do_eval && trainer.has_validation()) {
-      m.has_val = true;
-      m.val_loss = trainer.evaluate();
+    if (do_log) {
+      if (do_eval && trainer.has_validation()) {
+        m.has_val = true;
+        m.val_loss = trainer.evaluate();
+      }
+      log->info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
+                "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",
+                step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
+                m.step_ms, m.tokens_per_s, trainer.step_flops() / m.step_ms * 1e-6,
+                m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
+      if (grid.is_root()) {
+        metrics << metrics_json(m) << "\n";
+        metrics.flush();
+      }
+      result.logged.push_back(std::move(m));
     }
-    log->info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
-              "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",
-              step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
-              m.step_ms, m.tokens_per_s, trainer.step_flops() / m.step_ms * 1e-6,
-              m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
-    if (grid.is_root()) {
-      metrics << metrics_json(m) << "\n";
-      metrics.flush();
+    if (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) {
+      save(step, "every checkpoint.every steps");
+      saved_step = step;
     }
-    result.logged.push_back(std::move(m));
+    if (const int sig = StopSignals::agreed(*grid.world)) {
+      log->warn("received {} : saving a checkpoint after step {} and stopping",
+                sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal", step);
+      if (saved_step != step) save(step, "stop signal");
+      result.stop_signal = sig;
+      log->info("stopped at step {} of {}; continue with --resume auto", step, tc.steps);
+      spdlog::drop("switcht5");
+      return result;
+    }
   }
+  if (result.last_step > 0 && saved_step != result.last_step) save(result.last_step, "end of training");
+  if (result.last_step == 0)
+    log->info("nothing to train: the checkpoint is at step {} of train.steps = {}",
+              result.start_step, tc.steps);
   log->info("done: {} steps, final loss {:.4f}", tc.steps, result.final_loss);
   spdlog::drop("switcht5");
   return result;
 }
 
-TrainResult train(const RunConfig& cfg, const std::string& run_dir) {
+TrainResult train(const RunConfig& cfg, const std::string& run_dir, const TrainOptions& options) {
   ProcessGrid grid = ProcessGrid::create(make_self_communicator(), cfg.parallel.data,
                                          cfg.parallel.model, cfg.parallel.expert);
-  return train(cfg, grid, run_dir);
+  return train(cfg, grid, run_dir, options);
 }
 
 }  // namespace switcht5

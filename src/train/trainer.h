@@ -54,10 +54,14 @@ struct StepMetrics {
   double val_loss = 0.0;
 };
 
+// What a Trainer is built for: training (model, optimizer, training and validation data) or
+// evaluation only (model and validation data: no optimizer state, no training shards read).
+enum class TrainerUse { kTrain, kEvaluate };
+
 class Trainer {
  public:
   // `grid` must outlive the trainer; its degrees must match cfg.parallel.
-  Trainer(const RunConfig& cfg, ProcessGrid& grid);
+  Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use = TrainerUse::kTrain);
   ~Trainer();
 
   // Runs optimizer step `step` (1-based) on the next global batch of the training source. A
@@ -71,9 +75,17 @@ class Trainer {
 
   Backend& backend() { return *be_; }
   SwitchT5Model& model() { return *model_; }
+  bool has_optimizer() const { return optimizer_ != nullptr; }
   Optimizer& optimizer() { return *optimizer_; }
   ProcessGrid& grid() { return grid_; }
   BatchSource& train_source() { return *train_source_; }
+  const RunConfig& config() const { return cfg_; }
+  // ZeRO-1: the data rank that updates parameter i (index into ParamStore::infos()) and keeps
+  // its optimizer state, or -1 when every data rank holding it does.
+  int param_owner(size_t i) const { return owner_[i]; }
+  // Consecutive skipped (non-finite) steps so far; part of the state a checkpoint restores.
+  int consecutive_skips() const { return consecutive_skips_; }
+  void set_consecutive_skips(int n) { consecutive_skips_ = n; }
   // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
   double step_flops() const { return step_flops_; }
 
@@ -107,16 +119,32 @@ class Trainer {
   int inject_rank_ = -1;
 };
 
+struct TrainOptions {
+  // --resume: "" (start fresh), "auto" (the latest checkpoint in the checkpoint directory, or
+  // fresh when there is none), or a checkpoint file or directory.
+  std::string resume;
+};
+
 struct TrainResult {
   std::vector<StepMetrics> logged;  // every logged step (rank 0 writes them to metrics.jsonl)
   double final_loss = 0.0;
+  int64_t start_step = 0;           // steps already done when training started (resume)
+  int64_t last_step = 0;            // the last step trained
+  std::vector<std::string> checkpoints;  // files saved, in order
+  int stop_signal = 0;              // SIGTERM / SIGUSR1 that stopped the run after a save, or 0
 };
 
 // Trains per `cfg` on `grid`; rank 0 writes config.yaml, train.log and metrics.jsonl into
-// run_dir (every rank writes rank-<r>.log too with log.per_rank_files).
-TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir);
+// run_dir (every rank writes rank-<r>.log too with log.per_rank_files); checkpoints go to
+// checkpoint_dir(cfg, run_dir) every checkpoint.every steps and after the last step. SIGTERM or
+// SIGUSR1 (what SLURM sends before a time limit; mpirun forwards SIGUSR1) on any rank makes
+// every rank finish the current step, save a checkpoint and return with stop_signal set.
+// On resume, train.log and metrics.jsonl are appended to.
+TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir,
+                  const TrainOptions& options = {});
 // One process, no MPI: train() on a single-process grid.
-TrainResult train(const RunConfig& cfg, const std::string& run_dir);
+TrainResult train(const RunConfig& cfg, const std::string& run_dir,
+                  const TrainOptions& options = {});
 
 // One metrics.jsonl line (no trailing newline).
 std::string metrics_json(const StepMetrics& m);

@@ -1,0 +1,81 @@
+// Training checkpoints: what a Trainer's state is as one HDF5 file (checkpoint/h5_file.h), and
+// the directory protocol that makes saving atomic.
+//
+// File contents (format "switcht5-checkpoint", version 1):
+//   /params/<name>               every parameter, float32, its full logical shape; names are the
+//                                HF state_dict keys except stacked experts [E, ...] (model/params.h)
+//   /optimizer/<name>.<state>    optimizer state, HF names (exp_avg, exp_avg_sq, exp_avg_sq_row,
+//                                exp_avg_sq_col), full logical shapes (train/optimizer.h)
+//   each dataset: attribute "checksum" (see h5_file.h), verified on every load
+//   root attributes: format, format_version, step (training steps done), optimizer_steps
+//   (updates applied: skipped steps do not count), consecutive_skips, optimizer, config (the
+//   resolved YAML), layout + layout_data/model/expert/zero1 + world_size, data_loader_states
+//   (one per data rank), seed + rng and schedule (how they derive from the step),
+//   checksum_algorithm.
+// The learning-rate schedule and every random draw (dropout, jitter, data order, span
+// corruption) are pure functions of (train.seed, step, index), so step + loader state +
+// parameters + optimizer state is the whole training state: resuming on the same layout is
+// bitwise identical to not stopping, and on another layout it differs only by the reduction
+// order of the sums.
+//
+// Directory protocol (DIR = checkpoint.dir, default <run dir>/checkpoints):
+//   1. every rank writes DIR/ckpt-<step, 8 digits>.h5.tmp collectively; HDF5 flushes and closes;
+//   2. rank 0 fsyncs it, renames it to DIR/ckpt-<step>.h5 and fsyncs DIR;
+//   3. rank 0 writes DIR/latest.tmp (the file name), fsyncs, renames it to DIR/latest;
+//   4. rank 0 deletes all but the newest checkpoint.keep checkpoints and stale *.tmp files.
+// A crash at any point leaves every earlier complete checkpoint and a `latest` naming one.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "config/config.h"
+
+namespace switcht5 {
+
+class Trainer;
+
+// "ckpt-00000120.h5"
+std::string checkpoint_file_name(int64_t step);
+// checkpoint.dir, or <run_dir>/checkpoints when it is empty.
+std::string checkpoint_dir(const RunConfig& cfg, const std::string& run_dir);
+
+struct SaveResult {
+  std::string path;
+  double seconds = 0.0;
+  int64_t bytes = 0;
+};
+
+// Saves the trainer's state after training step `step` into `dir` (protocol above). Collective
+// over the trainer's world. The environment variable SWITCHT5_CRASH_IN_SAVE=POINT:STEP kills
+// every rank with SIGKILL at POINT (datasets: half the datasets written; written: file closed,
+// not renamed; renamed: renamed, `latest` not updated; latest: `latest` updated, not pruned)
+// of the save of step STEP: the crash tests use it.
+SaveResult save_checkpoint(Trainer& trainer, int64_t step, const std::string& dir);
+
+// What --resume names: "auto" -> the checkpoint DIR/latest names (else the newest complete
+// ckpt-*.h5 in `dir`), or "" when there is none; a directory -> its latest checkpoint (an
+// error when it has none); a file -> itself.
+std::string resolve_resume(const std::string& arg, const std::string& dir);
+
+struct LoadResult {
+  int64_t step = 0;              // training steps the checkpoint had done
+  bool training_state = false;   // optimizer state, counters and data position were restored
+  std::string layout;            // the layout it was saved with
+};
+
+// Loads `path` into the trainer: the parameters always; with `training_state`, also the
+// optimizer state, step counters and training data position when the file has them (a
+// params-only file, e.g. from scripts/import_hf.py, starts a fresh optimizer at its step).
+// Any layout loads into any layout. Collective over the trainer's world. UserError (naming
+// the file and what is wrong) for a file that is not a checkpoint, is truncated or corrupt,
+// fails a checksum, lacks a dataset, or holds a model of other dimensions than the config's.
+LoadResult load_checkpoint(Trainer& trainer, const std::string& path, bool training_state);
+
+// The run config stored in a checkpoint, with `overrides` applied (--set). One process.
+RunConfig checkpoint_config(const std::string& path, const std::vector<std::string>& overrides);
+
+// `switcht5 inspect`: prints attributes, layout, config and every dataset (shape, dtype,
+// checksum verified) to stdout. Returns 0 when every checksum matches, 2 otherwise.
+int inspect_checkpoint(const std::string& path);
+
+}  // namespace switcht5

@@ -1,0 +1,602 @@
+// Checkpoint files over parallel HDF5 (see h5_file.h).
+//
+// Collective rules of parallel HDF5 that shape this file: every rank creates the same groups,
+// datasets and attributes in the same order with the same arguments (metadata is collective),
+// and, with collective transfers, every rank calls H5Dwrite / H5Dread the same number of times
+// per dataset, a rank with nothing to move selecting none. Blocks are moved in pieces of at most
+// kPieceBytes along their first dimension (MPI-IO counts are ints), and the number of pieces per
+// dataset is agreed by an all-reduce.
+#include "checkpoint/h5_file.h"
+
+#include <hdf5.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+
+#include "comm/communicator.h"
+#include "comm/mpi_native.h"
+#include "core/check.h"
+#include "core/rng.h"
+
+namespace switcht5 {
+
+namespace {
+
+constexpr int64_t kPieceBytes = int64_t{256} << 20;
+
+// The innermost messages of HDF5's error stack (e.g. "truncated file: eof = ..."), for errors.
+std::string h5_error_text() {
+  std::vector<std::string> descs;
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_DOWNWARD,
+      [](unsigned, const H5E_error2_t* e, void* out) -> herr_t {
+        if (e->desc && *e->desc) static_cast<std::vector<std::string>*>(out)->push_back(e->desc);
+        return 0;
+      },
+      &descs);
+  H5Eclear2(H5E_DEFAULT);
+  return descs.empty() ? std::string("HDF5 error") : descs.back();
+}
+
+// Owns an hid_t and closes it with the matching H5?close.
+class Handle {
+ public:
+  Handle() = default;
+  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Handle(Handle&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = H5I_INVALID_HID; }
+  Handle& operator=(Handle&& o) noexcept {
+    std::swap(id_, o.id_);
+    std::swap(close_, o.close_);
+    return *this;
+  }
+  ~Handle() {
+    if (id_ >= 0 && close_) close_(id_);
+  }
+  hid_t get() const { return id_; }
+  // Closes now and reports the result (a file's close is collective and flushes).
+  herr_t close() {
+    const herr_t rc = id_ >= 0 && close_ ? close_(id_) : 0;
+    id_ = H5I_INVALID_HID;
+    return rc;
+  }
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+// Internal failures (a write or close that should not fail) throw Error; reading what a user
+// gave us throws UserError from the callers.
+hid_t check_id(hid_t id, const std::string& file, const char* what) {
+  if (id < 0) throw Error(fmt::format("{}: {} failed: {}", file, what, h5_error_text()));
+  return id;
+}
+void check_status(herr_t rc, const std::string& file, const char* what) {
+  if (rc < 0) throw Error(fmt::format("{}: {} failed: {}", file, what, h5_error_text()));
+}
+
+void quiet_hdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+
+std::vector<hsize_t> dims_of(const std::vector<int64_t>& v) {
+  return std::vector<hsize_t>(v.begin(), v.end());
+}
+
+int64_t product(const std::vector<int64_t>& v) {
+  int64_t n = 1;
+  for (int64_t d : v) n *= d;
+  return n;
+}
+
+std::string shape_text(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+// A file access list: MPI-IO over `comm` when it is an MPI communicator of several ranks,
+// otherwise the default (POSIX) driver. Superblock format 1.8+ so attributes may exceed 64 KiB
+// (dense attribute storage; h5py and HDF5 >= 1.8 read it).
+Handle file_access(Communicator& comm) {
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST);
+  if (comm.size() > 1) {
+    MPI_Comm mc = native_mpi_comm(comm);
+    SWT_CHECK(mc != MPI_COMM_NULL, "parallel HDF5 needs an MPI communicator ({} ranks)",
+              comm.size());
+    check_status(H5Pset_fapl_mpio(fapl.get(), mc, MPI_INFO_NULL), "", "H5Pset_fapl_mpio");
+    H5Pset_all_coll_metadata_ops(fapl.get(), true);
+    H5Pset_coll_metadata_write(fapl.get(), true);
+  }
+  return fapl;
+}
+
+Handle transfer_list(Communicator& comm) {
+  Handle dxpl(H5Pcreate(H5P_DATASET_XFER), H5Pclose);
+  if (comm.size() > 1) H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE);
+  return dxpl;
+}
+
+Handle string_type() {
+  Handle t(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(t.get(), H5T_VARIABLE);
+  H5Tset_cset(t.get(), H5T_CSET_UTF8);
+  return t;
+}
+
+// Pieces of a block along its first dimension, each at most kPieceBytes (one row at least).
+int64_t rows_per_piece(const TensorSlot& s) {
+  const int64_t row = s.count.empty() ? 1 : product(s.count) / std::max<int64_t>(1, s.count[0]);
+  return std::max<int64_t>(1, kPieceBytes / (4 * std::max<int64_t>(1, row)));
+}
+int64_t piece_count(const TensorSlot& s, bool moves) {
+  if (!moves || s.count.empty()) return moves ? 1 : 0;
+  const int64_t rpp = rows_per_piece(s);
+  return (s.count[0] + rpp - 1) / rpp;
+}
+
+// Moves piece `k` of slot `s` (H5Dwrite or H5Dread); a rank with fewer pieces selects none.
+void move_piece(hid_t dset, hid_t dxpl, const TensorSlot& s, bool moves, int64_t k, bool write,
+                const std::string& file) {
+  Handle fspace(check_id(H5Dget_space(dset), file, "H5Dget_space"), H5Sclose);
+  const int64_t pieces = piece_count(s, moves);
+  if (k >= pieces) {
+    H5Sselect_none(fspace.get());
+    hsize_t one = 1;
+    Handle mspace(H5Screate_simple(1, &one, nullptr), H5Sclose);
+    H5Sselect_none(mspace.get());
+    float dummy = 0.0f;
+    check_status(write ? H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, &dummy)
+                       : H5Dread(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, &dummy),
+                 file, write ? "H5Dwrite" : "H5Dread");
+    return;
+  }
+  std::vector<int64_t> start = s.start, count = s.count;
+  if (start.empty()) start.assign(s.full_shape.size(), 0);
+  if (count.empty()) count = s.full_shape;
+  const int64_t rpp = rows_per_piece(s);
+  const int64_t first = k * rpp, rows = std::min(rpp, count[0] - first);
+  const int64_t row_elems = product(count) / count[0];
+  start[0] += first;
+  count[0] = rows;
+  std::vector<hsize_t> hstart = dims_of(start), hcount = dims_of(count);
+  check_status(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, hstart.data(), nullptr,
+                                   hcount.data(), nullptr),
+               file, "H5Sselect_hyperslab");
+  Handle mspace(H5Screate_simple(int(hcount.size()), hcount.data(), nullptr), H5Sclose);
+  float* p = s.data + first * row_elems;
+  check_status(write ? H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, p)
+                     : H5Dread(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, p),
+               file, write ? "H5Dwrite" : "H5Dread");
+}
+
+// Pieces every rank moves for each slot: the maximum over ranks (collective).
+std::vector<int64_t> agreed_pieces(Communicator& comm, const std::vector<TensorSlot>& slots,
+                                   const std::function<bool(const TensorSlot&)>& moves) {
+  std::vector<int64_t> n(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) n[i] = piece_count(slots[i], moves(slots[i]));
+  if (!n.empty()) comm.all_reduce_max(n.data(), int64_t(n.size()));
+  return n;
+}
+
+// Sums per-rank uint64 checksums (mod 2^64) and owned-element counts over the ranks. Doubles
+// carry the halves exactly: each half is < 2^32 and a sum over < 2^21 ranks stays below 2^53.
+void sum_checksums(Communicator& comm, std::vector<uint64_t>& sums, std::vector<int64_t>& owned) {
+  const size_t n = sums.size();
+  std::vector<double> parts(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    parts[2 * i] = double(sums[i] >> 32);
+    parts[2 * i + 1] = double(sums[i] & 0xFFFFFFFFull);
+  }
+  if (n) comm.all_reduce_sum(parts.data(), int64_t(parts.size()));
+  for (size_t i = 0; i < n; ++i)
+    sums[i] = (uint64_t(parts[2 * i]) << 32) + uint64_t(parts[2 * i + 1]);
+  if (n) comm.all_reduce_sum(owned.data(), int64_t(owned.size()));
+}
+
+void write_scalar_attr(hid_t obj, const std::string& name, hid_t file_type, hid_t mem_type,
+                    const void* value, const std::string& file) {
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Handle a(check_id(H5Acreate2(obj, name.c_str(), file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                    file, "H5Acreate2"),
+           H5Aclose);
+  check_status(H5Awrite(a.get(), mem_type, value), file, "H5Awrite");
+}
+
+void write_string_attr(hid_t obj, const std::string& name, const std::vector<std::string>& values,
+                       bool scalar, const std::string& file) {
+  Handle t = string_type();
+  hsize_t n = values.size();
+  Handle space(scalar ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr), H5Sclose);
+  Handle a(check_id(H5Acreate2(obj, name.c_str(), t.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                    file, "H5Acreate2"),
+           H5Aclose);
+  std::vector<const char*> ptrs;
+  for (const std::string& v : values) ptrs.push_back(v.c_str());
+  const char* none = "";
+  check_status(H5Awrite(a.get(), t.get(), ptrs.empty() ? &none : ptrs.data()), file, "H5Awrite");
+}
+
+// Creates the groups on the way to `path` ("a/b/name" -> a, a/b) that do not exist yet.
+void make_parent_groups(hid_t file, const std::string& path, const std::string& fname) {
+  for (size_t pos = path.find('/'); pos != std::string::npos; pos = path.find('/', pos + 1)) {
+    const std::string group = path.substr(0, pos);
+    if (H5Lexists(file, group.c_str(), H5P_DEFAULT) > 0) continue;
+    Handle g(check_id(H5Gcreate2(file, group.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                      fname, "H5Gcreate2"),
+             H5Gclose);
+  }
+}
+
+}  // namespace
+
+TensorSlot whole_tensor(std::string path, std::vector<int64_t> shape, float* data) {
+  TensorSlot s;
+  s.path = std::move(path);
+  s.start.assign(shape.size(), 0);
+  s.count = shape;
+  s.full_shape = std::move(shape);
+  s.data = data;
+  s.owner = true;
+  return s;
+}
+
+uint64_t block_checksum(const TensorSlot& s) {
+  const size_t nd = s.full_shape.size();
+  if (nd == 0) return 0;
+  std::vector<int64_t> start = s.start, count = s.count;
+  if (start.empty()) start.assign(nd, 0);
+  if (count.empty()) count = s.full_shape;
+  SWT_CHECK(start.size() == nd && count.size() == nd, "{}: block rank {} / {} for a rank-{} tensor",
+            s.path, start.size(), count.size(), nd);
+  // Row-major strides of the logical tensor; the block is walked as rows of its last dimension.
+  std::vector<uint64_t> stride(nd, 1);
+  for (size_t k = nd - 1; k > 0; --k) stride[k - 1] = stride[k] * uint64_t(s.full_shape[k]);
+  const int64_t inner = count[nd - 1];
+  const int64_t rows = product(count) / std::max<int64_t>(1, inner);
+  uint64_t sum = 0;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    // Logical index of the row's first element: unravel r over count[0..nd-2].
+    uint64_t base = uint64_t(start[nd - 1]) * stride[nd - 1];
+    int64_t rem = r;
+    for (size_t k = nd - 1; k-- > 0;) {
+      const int64_t idx = rem % count[k];
+      rem /= count[k];
+      base += uint64_t(start[k] + idx) * stride[k];
+    }
+    const float* row = s.data + r * inner;
+    uint64_t part = 0;
+    for (int64_t j = 0; j < inner; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, row + j, 4);
+      part += mix64(mix64(base + uint64_t(j)) + bits);
+    }
+    sum += part;
+  }
+  return sum;
+}
+
+void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5Attributes& attrs,
+                         const std::vector<TensorSlot>& slots,
+                         const std::function<void(size_t k, size_t total)>& after_dataset) {
+  quiet_hdf5();
+  // Checksums first: every rank needs them to write the (collective) attributes.
+  std::vector<uint64_t> sums(slots.size(), 0);
+  std::vector<int64_t> owned(slots.size(), 0);
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (slots[i].owner) {
+      SWT_CHECK(slots[i].data, "{}: owner without data", slots[i].path);
+      sums[i] = block_checksum(slots[i]);
+      owned[i] = product(slots[i].count.empty() ? slots[i].full_shape : slots[i].count);
+    }
+  sum_checksums(comm, sums, owned);
+  for (size_t i = 0; i < slots.size(); ++i)
+    SWT_CHECK(owned[i] == product(slots[i].full_shape),
+              "{}: the ranks own {} of its {} elements (each must have exactly one owner)",
+              slots[i].path, owned[i], product(slots[i].full_shape));
+
+  Handle fapl = file_access(comm);
+  Handle file(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), path,
+                       "H5Fcreate"),
+              H5Fclose);
+  for (const auto& [k, v] : attrs.ints)
+    write_scalar_attr(file.get(), k, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, path);
+  for (const auto& [k, v] : attrs.strings) write_string_attr(file.get(), k, {v}, true, path);
+  for (const auto& [k, v] : attrs.string_lists) write_string_attr(file.get(), k, v, false, path);
+
+  Handle dxpl = transfer_list(comm);
+  const std::vector<int64_t> pieces =
+      agreed_pieces(comm, slots, [](const TensorSlot& s) { return s.owner; });
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const TensorSlot& s = slots[i];
+    make_parent_groups(file.get(), s.path, path);
+    std::vector<hsize_t> dims = dims_of(s.full_shape);
+    Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
+    Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+    H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY);
+    H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER);  // every element is written below
+    Handle dset(check_id(H5Dcreate2(file.get(), s.path.c_str(), H5T_IEEE_F32LE, space.get(),
+                                    H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                         path, "H5Dcreate2"),
+                H5Dclose);
+    write_scalar_attr(dset.get(), "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sums[i], path);
+    for (int64_t k = 0; k < pieces[i]; ++k)
+      move_piece(dset.get(), dxpl.get(), s, s.owner, k, /*write=*/true, path);
+    if (after_dataset) after_dataset(i + 1, slots.size());
+  }
+  check_status(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "H5Fflush");
+  check_status(file.close(), path, "H5Fclose");
+}
+
+// ---- reading ----------------------------------------------------------------------------------
+
+struct H5CheckpointReader::Impl {
+  Handle fapl, file;
+};
+
+H5CheckpointReader::H5CheckpointReader(const std::string& path, Communicator& comm)
+    : path_(path), comm_(comm), impl_(std::make_unique<Impl>()) {
+  quiet_hdf5();
+  // Existence is checked first for a clear message; every rank sees the same file system.
+  if (FILE* f = std::fopen(path.c_str(), "rb")) {
+    std::fclose(f);
+  } else {
+    throw UserError(fmt::format("{}: cannot open the checkpoint: {}", path, std::strerror(errno)));
+  }
+  impl_->fapl = file_access(comm);
+  const hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, impl_->fapl.get());
+  if (id < 0)
+    throw UserError(fmt::format("{}: not a readable HDF5 checkpoint (truncated or corrupt?): {}",
+                                path, h5_error_text()));
+  impl_->file = Handle(id, H5Fclose);
+}
+
+H5CheckpointReader::~H5CheckpointReader() = default;
+
+bool H5CheckpointReader::has_attribute(const std::string& name) const {
+  return H5Aexists(impl_->file.get(), name.c_str()) > 0;
+}
+
+std::vector<std::string> H5CheckpointReader::attribute_names() const {
+  std::vector<std::string> names;
+  H5Aiterate2(
+      impl_->file.get(), H5_INDEX_NAME, H5_ITER_INC, nullptr,
+      [](hid_t, const char* name, const H5A_info_t*, void* out) -> herr_t {
+        static_cast<std::vector<std::string>*>(out)->push_back(name);
+        return 0;
+      },
+      &names);
+  return names;
+}
+
+namespace {
+Handle open_attribute(hid_t obj, const std::string& name, const std::string& file,
+                      const std::string& where) {
+  if (H5Aexists(obj, name.c_str()) <= 0)
+    throw UserError(fmt::format("{}: missing attribute \"{}\"{} (not a switcht5 checkpoint?)",
+                                file, name, where));
+  return Handle(check_id(H5Aopen(obj, name.c_str(), H5P_DEFAULT), file, "H5Aopen"), H5Aclose);
+}
+}  // namespace
+
+int64_t H5CheckpointReader::int_attribute(const std::string& name) const {
+  Handle a = open_attribute(impl_->file.get(), name, path_, "");
+  Handle t(H5Aget_type(a.get()), H5Tclose);
+  if (H5Tget_class(t.get()) != H5T_INTEGER)
+    throw UserError(fmt::format("{}: attribute \"{}\" is not an integer", path_, name));
+  int64_t v = 0;
+  check_status(H5Aread(a.get(), H5T_NATIVE_INT64, &v), path_, "H5Aread");
+  return v;
+}
+
+std::vector<std::string> H5CheckpointReader::string_list_attribute(const std::string& name) const {
+  Handle a = open_attribute(impl_->file.get(), name, path_, "");
+  Handle ft(H5Aget_type(a.get()), H5Tclose);
+  if (H5Tget_class(ft.get()) != H5T_STRING || H5Tis_variable_str(ft.get()) <= 0)
+    throw UserError(fmt::format("{}: attribute \"{}\" is not a variable-length string", path_, name));
+  Handle space(H5Aget_space(a.get()), H5Sclose);
+  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  std::vector<char*> ptrs(size_t(std::max<hssize_t>(n, 1)), nullptr);
+  Handle t = string_type();
+  check_status(H5Aread(a.get(), t.get(), ptrs.data()), path_, "H5Aread");
+  std::vector<std::string> out;
+  for (hssize_t i = 0; i < n; ++i) {
+    out.emplace_back(ptrs[size_t(i)] ? ptrs[size_t(i)] : "");
+    H5free_memory(ptrs[size_t(i)]);
+  }
+  return out;
+}
+
+std::string H5CheckpointReader::string_attribute(const std::string& name) const {
+  std::vector<std::string> v = string_list_attribute(name);
+  if (v.size() != 1)
+    throw UserError(fmt::format("{}: attribute \"{}\" holds {} strings, expected one", path_, name,
+                                v.size()));
+  return v[0];
+}
+
+std::string H5CheckpointReader::attribute_text(const std::string& name) const {
+  Handle a = open_attribute(impl_->file.get(), name, path_, "");
+  Handle t(H5Aget_type(a.get()), H5Tclose);
+  const H5T_class_t cls = H5Tget_class(t.get());
+  if (cls == H5T_INTEGER) return fmt::format("{}", int_attribute(name));
+  if (cls == H5T_STRING) {
+    std::vector<std::string> v = string_list_attribute(name);
+    Handle space(H5Aget_space(a.get()), H5Sclose);
+    return H5Sget_simple_extent_type(space.get()) == H5S_SCALAR ? v[0]
+                                                                 : fmt::format("[{}]", fmt::join(v, ", "));
+  }
+  return "(unsupported type)";
+}
+
+bool H5CheckpointReader::has_group(const std::string& name) const {
+  if (H5Lexists(impl_->file.get(), name.c_str(), H5P_DEFAULT) <= 0) return false;
+  H5O_info_t info;
+  return H5Oget_info_by_name(impl_->file.get(), name.c_str(), &info, H5P_DEFAULT) >= 0 &&
+         info.type == H5O_TYPE_GROUP;
+}
+
+std::vector<std::string> H5CheckpointReader::datasets() const {
+  std::vector<std::string> out;
+  H5Ovisit(
+      impl_->file.get(), H5_INDEX_NAME, H5_ITER_INC,
+      [](hid_t, const char* name, const H5O_info_t* info, void* o) -> herr_t {
+        if (info->type == H5O_TYPE_DATASET) static_cast<std::vector<std::string>*>(o)->push_back(name);
+        return 0;
+      },
+      &out);
+  return out;
+}
+
+namespace {
+Handle open_dataset(hid_t file, const std::string& name, const std::string& fname) {
+  // H5Lexists needs each parent group to exist.
+  bool exists = true;
+  for (size_t pos = name.find('/'); exists && pos != std::string::npos; pos = name.find('/', pos + 1))
+    exists = H5Lexists(file, name.substr(0, pos).c_str(), H5P_DEFAULT) > 0;
+  if (!exists || H5Lexists(file, name.c_str(), H5P_DEFAULT) <= 0)
+    throw UserError(fmt::format("{}: missing dataset \"{}\"", fname, name));
+  const hid_t id = H5Dopen2(file, name.c_str(), H5P_DEFAULT);
+  if (id < 0)
+    throw UserError(fmt::format("{}: cannot open dataset \"{}\": {}", fname, name, h5_error_text()));
+  return Handle(id, H5Dclose);
+}
+
+std::vector<int64_t> dataset_shape(hid_t dset) {
+  Handle space(H5Dget_space(dset), H5Sclose);
+  const int nd = H5Sget_simple_extent_ndims(space.get());
+  std::vector<hsize_t> d(size_t(std::max(nd, 0)));
+  if (nd > 0) H5Sget_simple_extent_dims(space.get(), d.data(), nullptr);
+  return std::vector<int64_t>(d.begin(), d.end());
+}
+
+std::string dtype_name(hid_t dset) {
+  Handle t(H5Dget_type(dset), H5Tclose);
+  const size_t bytes = H5Tget_size(t.get());
+  switch (H5Tget_class(t.get())) {
+    case H5T_FLOAT: return fmt::format("float{}", 8 * bytes);
+    case H5T_INTEGER:
+      return fmt::format("{}int{}", H5Tget_sign(t.get()) == H5T_SGN_NONE ? "u" : "", 8 * bytes);
+    case H5T_STRING: return "string";
+    default: return "other";
+  }
+}
+}  // namespace
+
+std::vector<int64_t> H5CheckpointReader::shape(const std::string& dataset) const {
+  Handle d = open_dataset(impl_->file.get(), dataset, path_);
+  return dataset_shape(d.get());
+}
+
+std::string H5CheckpointReader::dtype(const std::string& dataset) const {
+  Handle d = open_dataset(impl_->file.get(), dataset, path_);
+  return dtype_name(d.get());
+}
+
+uint64_t H5CheckpointReader::stored_checksum(const std::string& dataset) const {
+  Handle d = open_dataset(impl_->file.get(), dataset, path_);
+  Handle a = open_attribute(d.get(), "checksum", path_, " on dataset \"" + dataset + "\"");
+  uint64_t v = 0;
+  check_status(H5Aread(a.get(), H5T_NATIVE_UINT64, &v), path_, "H5Aread");
+  return v;
+}
+
+void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
+  // Metadata checks first, identical on every rank, so that all ranks fail together.
+  std::vector<Handle> dsets;
+  std::vector<uint64_t> expected(slots.size());
+  for (const TensorSlot& s : slots) {
+    Handle d = open_dataset(impl_->file.get(), s.path, path_);
+    const std::string type = dtype_name(d.get());
+    if (type != "float32")
+      throw UserError(fmt::format("{}: dataset \"{}\" is {}, expected float32", path_, s.path, type));
+    const std::vector<int64_t> shape = dataset_shape(d.get());
+    if (shape != s.full_shape)
+      throw UserError(fmt::format("{}: dataset \"{}\" has shape {}, expected {} (from the config's "
+                                  "model)",
+                                  path_, s.path, shape_text(shape), shape_text(s.full_shape)));
+    expected[dsets.size()] = stored_checksum(s.path);
+    dsets.push_back(std::move(d));
+  }
+  Handle dxpl = transfer_list(comm_);
+  const std::vector<int64_t> pieces =
+      agreed_pieces(comm_, slots, [](const TensorSlot& s) { return s.data != nullptr; });
+  // Checksums per dataset (a dataset may appear in several slots: blocks read separately).
+  std::vector<size_t> dataset_of(slots.size());
+  std::vector<size_t> first_slot;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    size_t d = 0;
+    while (d < first_slot.size() && slots[first_slot[d]].path != slots[i].path) ++d;
+    if (d == first_slot.size()) first_slot.push_back(i);
+    dataset_of[i] = d;
+  }
+  std::vector<uint64_t> sums(first_slot.size(), 0);
+  std::vector<int64_t> owned(first_slot.size(), 0);
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const TensorSlot& s = slots[i];
+    for (int64_t k = 0; k < pieces[i]; ++k)
+      move_piece(dsets[i].get(), dxpl.get(), s, s.data != nullptr, k, /*write=*/false, path_);
+    if (s.owner) {
+      sums[dataset_of[i]] += block_checksum(s);
+      owned[dataset_of[i]] += product(s.count.empty() ? s.full_shape : s.count);
+    }
+  }
+  sum_checksums(comm_, sums, owned);
+  for (size_t d = 0; d < first_slot.size(); ++d) {
+    const TensorSlot& s = slots[first_slot[d]];
+    SWT_CHECK(owned[d] == product(s.full_shape),
+              "{}: the ranks own {} of its {} elements (each must have exactly one owner)", s.path,
+              owned[d], product(s.full_shape));
+    if (sums[d] != expected[first_slot[d]])
+      throw UserError(fmt::format("{}: dataset \"{}\" fails its checksum (stored {:#018x}, "
+                                  "computed {:#018x}): the file is corrupt",
+                                  path_, s.path, expected[first_slot[d]], sums[d]));
+  }
+}
+
+uint64_t H5CheckpointReader::compute_checksum(const std::string& dataset) {
+  SWT_CHECK(comm_.size() == 1, "compute_checksum runs on one process");
+  Handle d = open_dataset(impl_->file.get(), dataset, path_);
+  const std::vector<int64_t> shape = dataset_shape(d.get());
+  if (shape.empty()) return 0;
+  // Row blocks of at most kPieceBytes.
+  const int64_t row = product(shape) / std::max<int64_t>(1, shape[0]);
+  const int64_t rows = std::max<int64_t>(1, kPieceBytes / (4 * std::max<int64_t>(1, row)));
+  std::vector<float> buf;
+  uint64_t sum = 0;
+  Handle dxpl = transfer_list(comm_);
+  for (int64_t r0 = 0; r0 < shape[0]; r0 += rows) {
+    TensorSlot s;
+    s.path = dataset;
+    s.full_shape = shape;
+    s.start.assign(shape.size(), 0);
+    s.start[0] = r0;
+    s.count = shape;
+    s.count[0] = std::min(rows, shape[0] - r0);
+    buf.resize(size_t(product(s.count)));
+    s.data = buf.data();
+    move_piece(d.get(), dxpl.get(), s, true, 0, false, path_);
+    sum += block_checksum(s);
+  }
+  return sum;
+}
+
+void write_h5_arrays(const std::string& path, const std::vector<H5Array>& arrays,
+                     const std::map<std::string, double>& attributes) {
+  quiet_hdf5();
+  Handle file(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), path,
+                       "H5Fcreate"),
+              H5Fclose);
+  for (const auto& [k, v] : attributes)
+    write_scalar_attr(file.get(), k, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, path);
+  for (const H5Array& a : arrays) {
+    std::vector<hsize_t> dims = dims_of(a.shape);
+    Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
+    const hid_t ft = a.is_int32 ? H5T_STD_I32LE : H5T_IEEE_F32LE;
+    const hid_t mt = a.is_int32 ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT;
+    Handle d(check_id(H5Dcreate2(file.get(), a.name.c_str(), ft, space.get(), H5P_DEFAULT,
+                                 H5P_DEFAULT, H5P_DEFAULT),
+                      path, "H5Dcreate2"),
+             H5Dclose);
+    check_status(H5Dwrite(d.get(), mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.data), path, "H5Dwrite");
+  }
+}
+
+}  // namespace switcht5
