@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -57,6 +58,67 @@ TEST(TrainOnShards, TinyConfigTrainsOnRealC4WithValidation) {
   // log(32128) = 10.4 at the start; the unigram statistics alone take it well below.
   EXPECT_GT(loss_of(first), 9.0) << first;
   EXPECT_LT(loss_of(last), loss_of(first) - 2.0) << first << "\n" << last;
+}
+
+// metrics.jsonl lines by step (a resumed run appends; the last line of a step wins).
+std::map<int, std::string> metrics_by_step(const fs::path& file) {
+  std::ifstream in(file);
+  std::map<int, std::string> out;
+  for (std::string line; std::getline(in, line);)
+    out[std::stoi(line.substr(line.find("\"step\": ") + 8))] = line;
+  return out;
+}
+
+std::string field(const std::string& line, const std::string& key) {
+  const size_t at = line.find("\"" + key + "\": ");
+  if (at == std::string::npos) return "";
+  const size_t begin = at + key.size() + 4;
+  return line.substr(begin, line.find_first_of(",}", begin) - begin);
+}
+
+TEST(TrainOnShards, ResumeContinuesTheDataStreamBitwise) {
+  // The C4 loader's position (shuffled pieces, span corruption) is restored from the
+  // checkpoint: 10 steps + resume + 10 steps logs exactly what 20 straight steps log.
+  const std::string data = switcht5::testing::shared_data_dir();
+  if (data.empty()) GTEST_SKIP() << "../shared/data (T5 vocabulary and C4 sample) is absent";
+  const fs::path dir = fs::temp_directory_path() / "switcht5_resume_shards";
+  fs::remove_all(dir);
+  std::string out;
+  for (const char* part : {"train", "val"})
+    ASSERT_EQ(run(kBin + "/switcht5-data tokenize --quiet --spm " + data + "/spiece.model --output " +
+                      (dir / part).string() + " --input " + data + "/c4/olmo/c4-sample.0" +
+                      (part[0] == 't' ? "1" : "3") + ".json.gz",
+                  out), 0) << out;
+  const std::string common = " --config " + kSrc + "/configs/tiny.yaml --set data.train_glob=" +
+                             (dir / "train").string() + "/'*.shard' --set data.val_glob=" +
+                             (dir / "val").string() +
+                             "/'*.shard' --set train.batch_size=4 --set train.eval_every=10 "
+                             "--set log.every=1 --set data.shuffle_window=16";
+  ASSERT_EQ(run(kBin + "/switcht5 train" + common + " --run-dir " + (dir / "straight").string() +
+                    " --set train.steps=20",
+                out), 0) << out;
+  ASSERT_EQ(run(kBin + "/switcht5 train" + common + " --run-dir " + (dir / "split").string() +
+                    " --set train.steps=10",
+                out), 0) << out;
+  ASSERT_EQ(run(kBin + "/switcht5 train" + common + " --run-dir " + (dir / "split").string() +
+                    " --set train.steps=20 --resume auto",
+                out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  const auto straight = metrics_by_step(dir / "straight" / "metrics.jsonl");
+  const auto split = metrics_by_step(dir / "split" / "metrics.jsonl");
+  ASSERT_EQ(straight.size(), 20u);
+  ASSERT_EQ(split.size(), 20u);
+  for (int step = 11; step <= 20; ++step) {
+    EXPECT_EQ(field(split.at(step), "loss"), field(straight.at(step), "loss")) << "step " << step;
+    EXPECT_EQ(field(split.at(step), "grad_norm"), field(straight.at(step), "grad_norm"));
+  }
+  EXPECT_EQ(field(split.at(20), "val_loss"), field(straight.at(20), "val_loss"));
+  // eval on the final checkpoint reports the validation loss the run logged at that step.
+  ASSERT_EQ(run(kBin + "/switcht5 eval --checkpoint " +
+                    (dir / "split" / "checkpoints" / "ckpt-00000020.h5").string(),
+                out), 0) << out;
+  EXPECT_EQ(field(out, "val_loss"), field(straight.at(20), "val_loss")) << out;
+  EXPECT_EQ(field(out, "step"), "20") << out;
 }
 
 }  // namespace
