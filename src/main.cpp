@@ -34,7 +34,7 @@ constexpr const char* kUsage =
     "  eval  --checkpoint CKPT [--config FILE] [--set ...] [--dump-batch OUT.h5]\n"
     "        validation loss of a checkpoint as one JSON line, on any layout (the config\n"
     "        defaults to the checkpoint's own, with one data-parallel rank per process)\n"
-    "  inspect CKPT\n"
+    "  inspect CKPT   (CKPT: a checkpoint file, a checkpoint directory or its latest file)\n"
     "        datasets, shapes, dtypes, step, layout, config and checksum status of a checkpoint\n"
     "  plan  --config FILE [--set section.key=value ...]\n"
     "        validate a config and print the model's parameters, capacities and FLOPs\n";
@@ -177,6 +177,8 @@ void dump_batch(Trainer& t, const std::string& path) {
 int cmd_eval(const Args& a) {
   SWT_USER_CHECK(!a.checkpoint.empty(), "eval: --checkpoint CKPT is required");
   std::unique_ptr<Communicator> world = mpi_world();
+  const std::string checkpoint = resolve_resume(a.checkpoint, "");  // a file, directory or latest
+  SWT_USER_CHECK(!checkpoint.empty(), "eval: --checkpoint {}: no checkpoint there", a.checkpoint);
   RunConfig cfg;
   if (!a.config.empty()) {
     cfg = load_config(a.config, a.overrides);
@@ -185,7 +187,7 @@ int cmd_eval(const Args& a) {
     std::vector<std::string> o = {fmt::format("parallel.data={}", world->size()),
                                   "parallel.model=1", "parallel.expert=1", "parallel.zero1=false"};
     o.insert(o.end(), a.overrides.begin(), a.overrides.end());
-    cfg = checkpoint_config(a.checkpoint, o);
+    cfg = checkpoint_config(checkpoint, o);
   }
   ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data, cfg.parallel.model,
                                          cfg.parallel.expert);
@@ -195,14 +197,14 @@ int cmd_eval(const Args& a) {
   SWT_USER_CHECK(t.has_validation(),
                  "eval: the config has no validation data (set data.val_glob, or data.source "
                  "synthetic)");
-  const LoadResult lr = load_checkpoint(t, a.checkpoint, /*training_state=*/false);
+  const LoadResult lr = load_checkpoint(t, checkpoint, /*training_state=*/false);
   const double loss = t.evaluate();
   if (!a.dump_batch.empty()) dump_batch(t, a.dump_batch);
   if (grid.is_root())
     fmt::print("{{\"checkpoint\": \"{}\", \"step\": {}, \"val_loss\": {:.9g}, "
                "\"eval_batches\": {}, \"batch_size\": {}, \"layout\": \"data {} x model {}, "
                "expert {}\"}}\n",
-               a.checkpoint, lr.step, loss, cfg.train.eval_batches, cfg.train.batch_size,
+               checkpoint, lr.step, loss, cfg.train.eval_batches, cfg.train.batch_size,
                grid.data, grid.model, grid.expert);
   return 0;
 }
@@ -222,7 +224,9 @@ int run(int argc, char** argv) {
                  a.positional.empty() ? "" : a.positional[0], kUsage);
   if (a.command == "inspect") {
     SWT_USER_CHECK(a.positional.size() == 1, "inspect: expected one checkpoint file\n{}", kUsage);
-    return inspect_checkpoint(a.positional[0]);
+    const std::string path = resolve_resume(a.positional[0], "");
+    SWT_USER_CHECK(!path.empty(), "inspect {}: no checkpoint there", a.positional[0]);
+    return inspect_checkpoint(path);
   }
   try {
     if (a.command == "eval") return cmd_eval(a);

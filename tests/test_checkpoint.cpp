@@ -266,6 +266,27 @@ TEST(Checkpoint, ResumeAutoWithoutCheckpointsStartsFresh) {
   EXPECT_TRUE(again.checkpoints.empty());
 }
 
+TEST(Checkpoint, ResolvesWhatResumeNames) {
+  const std::string dir = temp_dir("resolve");
+  train(tiny({"train.steps=4", "checkpoint.every=2"}), dir);
+  const std::string ck = dir + "/checkpoints";
+  EXPECT_EQ(resolve_resume("auto", ck), ck + "/ckpt-00000004.h5");
+  EXPECT_EQ(resolve_resume(ck, ""), ck + "/ckpt-00000004.h5");
+  EXPECT_EQ(resolve_resume(ck + "/latest", ""), ck + "/ckpt-00000004.h5");
+  EXPECT_EQ(resolve_resume(ck + "/ckpt-00000002.h5", ""), ck + "/ckpt-00000002.h5");
+  // Without `latest` (a crash before the first pointer was written): the newest complete file;
+  // a leftover temporary is never taken.
+  fs::remove(ck + "/latest");
+  write_bytes(ck + "/ckpt-00000006.h5.tmp", "partial");
+  EXPECT_EQ(resolve_resume("auto", ck), ck + "/ckpt-00000004.h5");
+  EXPECT_EQ(resolve_resume("auto", dir + "/nothing-here"), "");
+  EXPECT_NE(user_error([&] { resolve_resume(dir + "/nope.h5", ""); }).find("no such file or directory"),
+            std::string::npos);
+  fs::create_directories(dir + "/empty");
+  EXPECT_NE(user_error([&] { resolve_resume(dir + "/empty", ""); }).find("holds no checkpoint"),
+            std::string::npos);
+}
+
 TEST(Checkpoint, KeepsTheNewestCheckpointsOnly) {
   const std::string dir = temp_dir("keep");
   train(tiny({"train.steps=7", "checkpoint.every=2", "checkpoint.keep=2"}), dir);

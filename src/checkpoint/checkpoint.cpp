@@ -284,9 +284,16 @@ std::string resolve_resume(const std::string& arg, const std::string& dir) {
     SWT_USER_CHECK(!p.empty(), "--resume {}: the directory holds no checkpoint (ckpt-*.h5)", arg);
     return p;
   }
-  SWT_USER_CHECK(fs::exists(arg), "--resume {}: no such file or directory (expected auto, a "
-                                  "checkpoint file or a checkpoint directory)",
+  SWT_USER_CHECK(fs::exists(arg), "{}: no such file or directory (expected a checkpoint file or "
+                                  "a checkpoint directory)",
                  arg);
+  if (fs::path(arg).filename() == "latest") {
+    std::ifstream f(arg);
+    std::string name;
+    SWT_USER_CHECK(f && std::getline(f, name) && step_of(name) >= 0,
+                   "{}: expected the name of a checkpoint file (ckpt-<step>.h5)", arg);
+    return (fs::path(arg).parent_path() / name).string();
+  }
   return arg;
 }
 

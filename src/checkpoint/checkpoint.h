@@ -47,14 +47,16 @@ struct SaveResult {
 
 // Saves the trainer's state after training step `step` into `dir` (protocol above). Collective
 // over the trainer's world. The environment variable SWITCHT5_CRASH_IN_SAVE=POINT:STEP kills
-// every rank with SIGKILL at POINT (datasets: half the datasets written; written: file closed,
-// not renamed; renamed: renamed, `latest` not updated; latest: `latest` updated, not pruned)
-// of the save of step STEP: the crash tests use it.
+// with SIGKILL, at POINT of the save of step STEP, every rank (datasets: half the datasets
+// written; written: file closed, not renamed) or rank 0, which alone runs the rest (renamed:
+// renamed, `latest` not updated; latest: `latest` updated, not pruned); mpirun then ends the
+// others. The crash tests use it.
 SaveResult save_checkpoint(Trainer& trainer, int64_t step, const std::string& dir);
 
-// What --resume names: "auto" -> the checkpoint DIR/latest names (else the newest complete
-// ckpt-*.h5 in `dir`), or "" when there is none; a directory -> its latest checkpoint (an
-// error when it has none); a file -> itself.
+// What --resume (and eval --checkpoint, inspect) names: "auto" -> the checkpoint DIR/latest
+// names (else the newest complete ckpt-*.h5 in `dir`), or "" when there is none; a directory ->
+// its latest checkpoint (an error when it has none); a `latest` pointer file -> the checkpoint
+// it names; any other file -> itself.
 std::string resolve_resume(const std::string& arg, const std::string& dir);
 
 struct LoadResult {

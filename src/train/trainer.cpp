@@ -465,8 +465,9 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       save(step, "every checkpoint.every steps");
       saved_step = step;
     }
-    if (const int sig = StopSignals::agreed(*grid.world)) {
-      log->warn("received {} : saving a checkpoint after step {} and stopping",
+    // A signal during the last step changes nothing: the end-of-training save follows.
+    if (const int sig = step < tc.steps ? StopSignals::agreed(*grid.world) : 0) {
+      log->warn("received {}: saving a checkpoint after step {} and stopping",
                 sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal", step);
       if (saved_step != step) save(step, "stop signal");
       result.stop_signal = sig;
