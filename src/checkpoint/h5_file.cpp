@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <unordered_map>
 
 #include "comm/communicator.h"
 #include "comm/mpi_native.h"
@@ -190,6 +191,14 @@ void sum_checksums(Communicator& comm, std::vector<uint64_t>& sums, std::vector<
   if (n) comm.all_reduce_sum(owned.data(), int64_t(owned.size()));
 }
 
+// Every element of a dataset has exactly one owner among the ranks (the owner rules of the
+// caller hold): `owned` is the sum over ranks of the owned block sizes.
+void check_one_owner(const TensorSlot& s, int64_t owned) {
+  SWT_CHECK(owned == product(s.full_shape),
+            "{}: the ranks own {} of its {} elements (each must have exactly one owner)", s.path,
+            owned, product(s.full_shape));
+}
+
 void write_scalar_attr(hid_t obj, const std::string& name, hid_t file_type, hid_t mem_type,
                     const void* value, const std::string& file) {
   Handle space(H5Screate(H5S_SCALAR), H5Sclose);
@@ -287,10 +296,7 @@ void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5At
       owned[i] = product(slots[i].count.empty() ? slots[i].full_shape : slots[i].count);
     }
   sum_checksums(comm, sums, owned);
-  for (size_t i = 0; i < slots.size(); ++i)
-    SWT_CHECK(owned[i] == product(slots[i].full_shape),
-              "{}: the ranks own {} of its {} elements (each must have exactly one owner)",
-              slots[i].path, owned[i], product(slots[i].full_shape));
+  for (size_t i = 0; i < slots.size(); ++i) check_one_owner(slots[i], owned[i]);
 
   Handle fapl = file_access(comm);
   Handle file(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), path,
@@ -521,11 +527,11 @@ void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
   // Checksums per dataset (a dataset may appear in several slots: blocks read separately).
   std::vector<size_t> dataset_of(slots.size());
   std::vector<size_t> first_slot;
+  std::unordered_map<std::string, size_t> index;
   for (size_t i = 0; i < slots.size(); ++i) {
-    size_t d = 0;
-    while (d < first_slot.size() && slots[first_slot[d]].path != slots[i].path) ++d;
-    if (d == first_slot.size()) first_slot.push_back(i);
-    dataset_of[i] = d;
+    auto [it, added] = index.emplace(slots[i].path, first_slot.size());
+    if (added) first_slot.push_back(i);
+    dataset_of[i] = it->second;
   }
   std::vector<uint64_t> sums(first_slot.size(), 0);
   std::vector<int64_t> owned(first_slot.size(), 0);
@@ -541,9 +547,7 @@ void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
   sum_checksums(comm_, sums, owned);
   for (size_t d = 0; d < first_slot.size(); ++d) {
     const TensorSlot& s = slots[first_slot[d]];
-    SWT_CHECK(owned[d] == product(s.full_shape),
-              "{}: the ranks own {} of its {} elements (each must have exactly one owner)", s.path,
-              owned[d], product(s.full_shape));
+    check_one_owner(s, owned[d]);
     if (sums[d] != expected[first_slot[d]])
       throw UserError(fmt::format("{}: dataset \"{}\" fails its checksum (stored {:#018x}, "
                                   "computed {:#018x}): the file is corrupt",
