@@ -26,7 +26,7 @@ std::string write_config(const std::string& name, const std::string& text) {
 struct BadCase {
   const char* name;
   const char* yaml;        // config text ("" = use tiny-synthetic.yaml)
-  const char* extra_args;  // appended to "train --config FILE"
+  std::string extra_args;  // appended to "train --config FILE"
   std::vector<std::string> expect;  // substrings of the message
 };
 
@@ -60,8 +60,28 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"set_unknown", "", "--set train.stepz=3", {"train.stepz"}},
         BadCase{"unknown_flag", "", "--frobnicate", {"--frobnicate"}},
         BadCase{"missing_file", "", "--config /nonexistent/x.yaml", {"/nonexistent/x.yaml"}},
-        BadCase{"bad_backend", "", "--set train.backend=tpu", {"train.backend", "tpu"}}),
+        BadCase{"bad_backend", "", "--set train.backend=tpu", {"train.backend", "tpu"}},
+        BadCase{"resume_missing", "", "--resume /nonexistent/ckpt.h5",
+                {"/nonexistent/ckpt.h5", "no such file or directory"}},
+        BadCase{"resume_not_hdf5", "", std::string("--resume ") + kTiny,
+                {"tiny-synthetic.yaml", "not a readable HDF5 checkpoint"}}),
     [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Cli, EvalAndInspectBadInput) {
+  const std::string not_ckpt = write_config("not_a_checkpoint", "model:\n  d_model: 8\n");
+  for (const auto& [args, parts] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"eval", {"eval: --checkpoint CKPT is required"}},
+           {"eval --checkpoint /nonexistent/c.h5", {"/nonexistent/c.h5", "no such file"}},
+           {"eval --checkpoint " + not_ckpt, {not_ckpt, "not a readable HDF5 checkpoint"}},
+           {"inspect", {"inspect: expected one checkpoint file"}},
+           {"inspect a.h5 b.h5", {"inspect: expected one checkpoint file"}},
+           {"inspect " + not_ckpt, {not_ckpt, "not a readable HDF5 checkpoint"}},
+           {"train --config " + kTiny + " stray", {"unexpected argument \"stray\""}}}) {
+    Result r = run(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    for (const std::string& p : parts) EXPECT_NE(r.output.find(p), std::string::npos) << args << "\n" << r.output;
+  }
+}
 
 TEST(Cli, UnknownCommandAndMissingConfig) {
   Result r = run("frobnicate");
