@@ -7,7 +7,8 @@
 #      sample data beside the checkout (../shared/data: the T5 vocabulary and 2,000 real C4
 #      documents) it first tokenizes them into data/c4-sample/{train,val} and trains
 #      configs/tiny.yaml on C4; without it, it trains configs/tiny-synthetic.yaml.
-# Set SWITCHT5_SKIP_APT=1 to skip step 1, SWITCHT5_SKIP_RUN=1 to skip step 3.
+# Set SWITCHT5_SKIP_APT=1 to skip step 1, SWITCHT5_SKIP_RUN=1 to skip step 3;
+# SWITCHT5_BUILD_DIR (default build) and SWITCHT5_CMAKE_ARGS change step 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ PACKAGES=(
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools
   libyaml-cpp-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
-  libdnnl-dev
+  libdnnl-dev ocl-icd-opencl-dev
   libgtest-dev libgmock-dev
   zlib1g-dev
 )
@@ -36,21 +37,22 @@ if [[ "${SWITCHT5_SKIP_APT:-0}" != 1 ]]; then
 fi
 
 JOBS=${JOBS:-$(nproc)}
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release ${SWITCHT5_CMAKE_ARGS:-}
-cmake --build build -j "$JOBS" --target switcht5 switcht5-data
+BUILD=${SWITCHT5_BUILD_DIR:-build}
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release ${SWITCHT5_CMAKE_ARGS:-}
+cmake --build "$BUILD" -j "$JOBS" --target switcht5 switcht5-data
 
 if [[ "${SWITCHT5_SKIP_RUN:-0}" != 1 ]]; then
   shared=${SWITCHT5_SHARED_DATA:-../shared/data}
   if [[ -f "$shared/spiece.model" && -d "$shared/c4" ]]; then
-    ./build/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/train \
+    "$BUILD"/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/train \
       --input "$shared/c4/c4-en-train-00000-first1000.json.gz"
-    ./build/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/val \
+    "$BUILD"/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/val \
       --input "$shared/c4/olmo/c4-sample.00000-of-00001.json.gz"
-    bash scripts/mpirun.sh -np 2 ./build/switcht5 train --config configs/tiny.yaml \
+    bash scripts/mpirun.sh -np 2 "$BUILD"/switcht5 train --config configs/tiny.yaml \
       --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
   else
     echo "setup: no sample C4 at $shared (set SWITCHT5_SHARED_DATA); training the synthetic task"
-    bash scripts/mpirun.sh -np 2 ./build/switcht5 train --config configs/tiny-synthetic.yaml \
+    bash scripts/mpirun.sh -np 2 "$BUILD"/switcht5 train --config configs/tiny-synthetic.yaml \
       --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
   fi
   echo "setup: done; logs and metrics in runs/tiny"
