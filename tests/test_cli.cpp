@@ -2,6 +2,7 @@
 // one line naming the file:line, key, value and what is allowed; plan and a short train work.
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -16,6 +17,11 @@ const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synt
 using Result = switcht5::testing::CommandResult;
 
 Result run(const std::string& args) { return switcht5::testing::run_command(kBin + " " + args); }
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
 
 std::string write_config(const std::string& name, const std::string& text) {
   auto path = std::filesystem::temp_directory_path() / ("switcht5_cli_" + name + ".yaml");
@@ -119,6 +125,29 @@ TEST(Cli, ShortTrainWritesTheRunDirectory) {
   EXPECT_NE(r.output.find("step      3"), std::string::npos) << r.output;
   for (const char* f : {"config.yaml", "train.log", "metrics.jsonl"})
     EXPECT_TRUE(std::filesystem::exists(dir / f)) << f;
+  // Piped output and the log file are plain text: no ANSI escape sequences.
+  EXPECT_EQ(r.output.find('\x1b'), std::string::npos) << r.output;
+  EXPECT_EQ(read_file(dir / "train.log").find('\x1b'), std::string::npos);
+}
+
+// On a terminal the console colours the level names (so the check above can fail), while
+// train.log stays plain; NO_COLOR and TERM=dumb turn the colours off. `script` (util-linux,
+// in every Debian) runs the trainer on a pseudo-terminal.
+TEST(Cli, ColoursOnlyOnATerminal) {
+  if (switcht5::testing::run_command("script --version").code != 0)
+    GTEST_SKIP() << "util-linux 'script' is not available to provide a pseudo-terminal";
+  const auto dir = std::filesystem::temp_directory_path() / "switcht5_cli_tty";
+  for (const std::string env : {"TERM=xterm", "TERM=xterm NO_COLOR=1", "TERM=dumb"}) {
+    std::filesystem::remove_all(dir);
+    const std::string train = kBin + " train --config " + kTiny + " --run-dir " + dir.string() +
+                              " --set train.steps=2 --set log.every=1";
+    Result r = switcht5::testing::run_command("env " + env + " script -qec '" + train + "' /dev/null");
+    EXPECT_EQ(r.code, 0) << env << "\n" << r.output;
+    EXPECT_NE(r.output.find("step      2"), std::string::npos) << env << "\n" << r.output;
+    const bool coloured = r.output.find("\x1b[") != std::string::npos;
+    EXPECT_EQ(coloured, env == "TERM=xterm") << env << "\n" << r.output;
+    EXPECT_EQ(read_file(dir / "train.log").find('\x1b'), std::string::npos) << env;
+  }
 }
 
 }  // namespace

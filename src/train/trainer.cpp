@@ -9,6 +9,9 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <string_view>
+
+#include <unistd.h>
 
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -27,11 +30,27 @@ namespace switcht5 {
 
 namespace {
 
+// Colour the console's level names only where a person reads them: one process whose stdout is
+// a terminal (TERM not "dumb", NO_COLOR unset: no-color.org). Under mpirun a rank's stdout is a
+// pseudo-terminal even when mpirun's own output goes to a pipe or a file, so more than one
+// process never colours: logs, pipes and SLURM output files stay plain text.
+bool console_colours(const ProcessGrid& grid) {
+  if (grid.world_size > 1 || ::isatty(STDOUT_FILENO) != 1) return false;
+  // mpirun -np 1 (Open MPI; MPICH's hydra sets PMI_RANK): still a pseudo-terminal. Not
+  // PMIX_RANK: Open MPI sets it in a process started without mpirun too.
+  for (const char* launcher_var : {"OMPI_COMM_WORLD_SIZE", "PMI_RANK"})
+    if (std::getenv(launcher_var) != nullptr) return false;
+  if (std::getenv("NO_COLOR") != nullptr) return false;
+  const char* term = std::getenv("TERM");
+  return term != nullptr && std::string_view(term) != "dumb";
+}
+
 std::shared_ptr<spdlog::logger> make_logger(const RunConfig& cfg, const ProcessGrid& grid,
                                             const std::string& run_dir, bool append) {
   std::vector<spdlog::sink_ptr> sinks;
   if (grid.is_root()) {
-    sinks.push_back(std::make_shared<spdlog::sinks::stdout_color_sink_mt>());
+    sinks.push_back(std::make_shared<spdlog::sinks::stdout_color_sink_mt>(
+        console_colours(grid) ? spdlog::color_mode::always : spdlog::color_mode::never));
     sinks.push_back(
         std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", !append));
   }

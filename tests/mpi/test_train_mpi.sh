@@ -7,7 +7,8 @@
 #     other rank is already waiting in a collective;
 #  3. a layout that does not match the number of processes is one clear error, printed once;
 #  4. a NaN injected into rank 1's gradients at step 3 (SWITCHT5_INJECT_NAN) skips that step:
-#     the line says so, names the tensor and rank, and every metrics.jsonl line is valid JSON.
+#     the line says so, names the tensor and rank, and every metrics.jsonl line is valid JSON;
+#  5. mpirun's piped output, train.log and the per-rank logs are plain text (no escape codes).
 #   tests/mpi/test_train_mpi.sh MPIRUN_SH SWITCHT5_BINARY SOURCE_DIR
 set -uo pipefail
 mpirun_sh=$1 bin=$2 src=$3
@@ -27,6 +28,11 @@ check "grep -q '\"router\": \[{\"layer\": \"encoder.block.1\"' '$dir/ok/metrics.
   "per-layer routing statistics missing from metrics.jsonl"
 check "grep -q 'expert_fraction' '$dir/ok/metrics.jsonl'" "expert fractions missing"
 check "[[ -s '$dir/ok/rank-1.log' ]]" "rank 1 wrote no log of its own"
+# Under mpirun a rank's stdout is a pseudo-terminal even though mpirun's output goes to a file
+# here: neither that output nor the log files may carry ANSI escape sequences.
+for f in "$dir/ok.log" "$dir/ok/train.log" "$dir/ok/rank-0.log" "$dir/ok/rank-1.log"; do
+  check "! grep -q \$'\\x1b' '$f'" "$f contains an escape character"
+done
 
 mkdir -p "$dir/bad/rank-1.log"
 start_ms=$(($(date +%s%N) / 1000000))
