@@ -95,7 +95,7 @@ int cmd_plan(const RunConfig& cfg) {
       if (is_sparse_layer(step, i)) sparse += fmt::format("{}{}", sparse.empty() ? "" : ",", i);
     fmt::print("{}: {} blocks, Switch blocks [{}], group {} tokens, capacity {} train / {} eval\n",
                dec ? "decoder" : "encoder", layers, sparse, S,
-               sparse.empty() ? 0 : capacity(m, S, true), sparse.empty() ? 0 : capacity(m, S, false));
+               sparse.empty() ? 0 : expert_capacity(m, S, true), sparse.empty() ? 0 : expert_capacity(m, S, false));
   }
   const double f = forward_matmul_flops(m, cfg.train.batch_size, cfg.data.inputs_length,
                                         cfg.data.targets_length, true);

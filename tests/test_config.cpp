@@ -12,6 +12,8 @@
 
 #include "config/config.h"
 #include "core/check.h"
+#include "model/model.h"
+#include "model/router.h"
 
 namespace switcht5 {
 namespace {
@@ -100,16 +102,16 @@ TEST(Config, Capacity) {
   m.num_experts = 8;
   m.capacity_factor = 1.25;
   m.eval_capacity_factor = 2.0;
-  EXPECT_EQ(capacity(m, 512, true), 80);    // 1.25 * 512 / 8
-  EXPECT_EQ(capacity(m, 512, false), 128);  // 2.0 * 512 / 8
-  EXPECT_EQ(capacity(m, 100, true), 16);    // ceil(15.625)
-  EXPECT_EQ(capacity(m, 2, true), 1);       // ceil(0.3125)
+  EXPECT_EQ(expert_capacity(m, 512, true), 80);    // 1.25 * 512 / 8
+  EXPECT_EQ(expert_capacity(m, 512, false), 128);  // 2.0 * 512 / 8
+  EXPECT_EQ(expert_capacity(m, 100, true), 16);    // ceil(15.625)
+  EXPECT_EQ(expert_capacity(m, 2, true), 1);       // ceil(0.3125)
   m.num_experts = 10;
   m.capacity_factor = 1.1;
-  EXPECT_EQ(capacity(m, 100, true), 11);    // 1.1 * 100 / 10 is 11.000000000000002 in doubles
+  EXPECT_EQ(expert_capacity(m, 100, true), 11);    // 1.1 * 100 / 10 is 11.000000000000002 in doubles
   m.expert_capacity = 7;
-  EXPECT_EQ(capacity(m, 100, true), 7);
-  EXPECT_EQ(capacity(m, 100, false), 7);
+  EXPECT_EQ(expert_capacity(m, 100, true), 7);
+  EXPECT_EQ(expert_capacity(m, 100, false), 7);
 }
 
 TEST(Config, SparseLayerRule) {

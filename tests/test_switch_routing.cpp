@@ -76,12 +76,12 @@ TEST(Capacity, Arithmetic) {
   m.num_experts = 4;
   m.capacity_factor = 1.25;
   m.eval_capacity_factor = 2.0;
-  EXPECT_EQ(capacity(m, 24, true), 8);    // ceil(1.25 * 24 / 4) = ceil(7.5)
-  EXPECT_EQ(capacity(m, 24, false), 12);  // 2.0 * 24 / 4
-  EXPECT_EQ(capacity(m, 3, true), 1);     // ceil(0.9375)
+  EXPECT_EQ(expert_capacity(m, 24, true), 8);    // ceil(1.25 * 24 / 4) = ceil(7.5)
+  EXPECT_EQ(expert_capacity(m, 24, false), 12);  // 2.0 * 24 / 4
+  EXPECT_EQ(expert_capacity(m, 3, true), 1);     // ceil(0.9375)
   m.expert_capacity = 5;                  // an explicit capacity wins, train and eval
-  EXPECT_EQ(capacity(m, 24, true), 5);
-  EXPECT_EQ(capacity(m, 24, false), 5);
+  EXPECT_EQ(expert_capacity(m, 24, true), 5);
+  EXPECT_EQ(expert_capacity(m, 24, false), 5);
 }
 
 // A Switch layer: kept tokens output gate * expert(x), dropped tokens output exactly zero.

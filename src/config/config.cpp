@@ -749,21 +749,4 @@ std::string to_yaml(const RunConfig& config) {
   return writer.out;
 }
 
-int capacity(const ModelConfig& model, int tokens_per_group, bool training) {
-  if (model.expert_capacity > 0) return model.expert_capacity;
-  SWT_CHECK(model.num_experts >= 1, "capacity() of a model without experts (num_experts = {})", model.num_experts);
-  SWT_CHECK(tokens_per_group >= 1, "tokens_per_group = {}", tokens_per_group);
-  double factor = training ? model.capacity_factor : model.eval_capacity_factor;
-  double exact = factor * tokens_per_group / model.num_experts;
-  SWT_CHECK(exact < std::numeric_limits<int>::max(), "expert capacity {} overflows int", exact);
-  // The 1e-9 keeps floating-point noise (1.1 * 100 / 10 = 11.000000000000002) from rounding an
-  // exact capacity up by one.
-  int c = static_cast<int>(std::ceil(exact - 1e-9));
-  return std::max(1, c);
-}
-
-bool is_sparse_layer(int step, int layer_index) {
-  return step > 0 && (step == 1 || layer_index % step == 1);
-}
-
 }  // namespace switcht5

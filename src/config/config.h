@@ -150,15 +150,4 @@ RunConfig parse_config(const std::string& yaml_text, const std::string& source_n
 // an equal RunConfig (given the same source name).
 std::string to_yaml(const RunConfig& config);
 
-// Expert capacity (tokens each expert accepts per routing group):
-//   expert_capacity                                        if expert_capacity > 0
-//   max(1, ceil(factor * tokens_per_group / num_experts))  otherwise,
-// with factor = capacity_factor when training, eval_capacity_factor when evaluating.
-int capacity(const ModelConfig& model, int tokens_per_group, bool training);
-
-// Whether block `layer_index` (0-based) of a stack with sparse step `step` is a Switch (MoE)
-// block. HuggingFace's rule: step > 0 && (step == 1 || layer_index % step == 1), so step 2
-// makes blocks 1, 3, 5, ... sparse and step 0 makes the stack dense.
-bool is_sparse_layer(int step, int layer_index);
-
 }  // namespace switcht5

@@ -1,5 +1,8 @@
 #include "model/flops.h"
 
+#include "model/model.h"
+#include "model/router.h"
+
 namespace switcht5 {
 
 double forward_matmul_flops(const ModelConfig& cfg, int batch, int inputs_length,
@@ -19,7 +22,7 @@ double forward_matmul_flops(const ModelConfig& cfg, int batch, int inputs_length
       if (decoder) f += attention(N, Nenc, inputs_length);
       if (is_sparse_layer(step, i)) {
         const int S = cfg.group_size > 0 ? cfg.group_size : T;
-        const double rows = (N / S) * capacity(cfg, S, training) * E;
+        const double rows = (N / S) * expert_capacity(cfg, S, training) * E;
         f += 2.0 * N * D * E + 2.0 * ff_mats * rows * D * F;
       } else {
         f += 2.0 * ff_mats * N * D * F;

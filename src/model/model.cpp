@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "comm/communicator.h"
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/linear.h"
@@ -26,6 +25,10 @@ uint64_t site_seed(uint64_t seed, bool decoder, int block, int site) {
 }
 
 }  // namespace
+
+bool is_sparse_layer(int step, int layer_index) {
+  return step > 0 && (step == 1 || layer_index % step == 1);
+}
 
 void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Sharding& sh) {
   const int D = cfg.d_model, F = cfg.d_ff, H = cfg.num_heads, K = cfg.d_kv, E = cfg.num_experts;
@@ -100,7 +103,7 @@ struct SwitchT5Model::Stack {
   bool decoder;
   int B, T, Tenc, N, D;
   int S;  // routing group size
-  Communicator* model_group;  // null or size 1: no tensor parallelism
+  TensorParallel tp;          // heads and d_ff split over the model group (or not)
   int H, F;                   // this process's heads and d_ff columns
   std::vector<Block> blocks;
   const ParamInfo* embedding;  // shared.weight [V, D]
@@ -119,7 +122,7 @@ struct SwitchT5Model::Stack {
   Stack(Backend& be_, const ModelConfig& cfg_, ParamStore& ps_, bool decoder_, int B_, int T_,
         int Tenc_, const ModelParallelism& mp)
       : be(be_), cfg(cfg_), ps(ps_), decoder(decoder_), B(B_), T(T_), Tenc(Tenc_), N(B_ * T_),
-        D(cfg_.d_model), model_group(mp.model_group),
+        D(cfg_.d_model), tp(mp.model_group),
         H(cfg_.num_heads / mp.sharding.model_parallel),
         F(cfg_.d_ff / mp.sharding.model_parallel) {
     const std::string name = decoder ? "decoder" : "encoder";
@@ -158,8 +161,8 @@ struct SwitchT5Model::Stack {
       make_residual(blk.ff, fmt::format("{}.layer.{}.layer_norm.weight", b, ff));
       const std::string mlp = fmt::format("{}.layer.{}.mlp", b, ff);
       if (is_sparse_layer(step, i)) {
-        SwitchShape ss{N, S, D, F, cfg.num_experts, capacity(cfg, S, true),
-                       capacity(cfg, S, false), gated, mp.expert_group, mp.model_group};
+        SwitchShape ss{N, S, D, F, cfg.num_experts, expert_capacity(cfg, S, true),
+                       expert_capacity(cfg, S, false), gated, mp.expert_group, tp};
         blk.sparse = std::make_unique<SwitchFFN>(be, ps, mlp, ss);
       } else {
         blk.dense = std::make_unique<FeedForward>(be, ps, mlp, 1, N, D, F, gated);
@@ -179,12 +182,6 @@ struct SwitchT5Model::Stack {
     dh = DeviceArray<float>(be, int64_t(N) * D);
     dtmp = DeviceArray<float>(be, int64_t(N) * D);
     dnormed = DeviceArray<float>(be, int64_t(N) * D);
-  }
-
-  // Sums a partial [N,D] activation (or gradient) over the model group: the Megatron "g"
-  // operator after row-parallel layers, and "f"'s backward before column-parallel ones.
-  void model_sum(float* x) {
-    if (model_group && model_group->size() > 1) model_group->all_reduce_sum(x, int64_t(N) * D);
   }
 
   int64_t scratch_floats() const {
@@ -245,7 +242,7 @@ struct SwitchT5Model::Stack {
       residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
         blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
                                     site_seed(drop, decoder, bi, 1));
-        model_sum(o);
+        tp.g_forward(o, int64_t(N) * D);
       });
       h = blk.attn.h_next.data();
       if (decoder) {
@@ -253,14 +250,14 @@ struct SwitchT5Model::Stack {
                          [&](float* o, const float* x) {
                            blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
                                                         site_seed(drop, decoder, bi, 3));
-                           model_sum(o);
+                           tp.g_forward(o, int64_t(N) * D);
                          });
         h = blk.cross.h_next.data();
       }
       residual_forward(blk.ff, h, site_seed(drop, decoder, bi, 4), [&](float* o, const float* x) {
         if (blk.dense) {
           blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5));
-          model_sum(o);
+          tp.g_forward(o, int64_t(N) * D);
         } else {
           if (router_stats.size() <= sparse_index) router_stats.emplace_back();
           router_stats[sparse_index++] =
@@ -295,7 +292,7 @@ struct SwitchT5Model::Stack {
       residual_backward(blk.ff, [&](float* dx, const float* dsub) {
         if (blk.dense) {
           blk.dense->backward(dx, dsub, scratch);
-          model_sum(dx);
+          tp.f_backward(dx, int64_t(N) * D);
         } else {
           blk.sparse->backward(dx, dsub, lb_scale, z_scale, scratch);
         }
@@ -304,12 +301,12 @@ struct SwitchT5Model::Stack {
         // d_enc collects partial sums from every decoder block; the model sums it once.
         residual_backward(blk.cross, [&](float* dx, const float* dsub) {
           blk.cross_attention->backward(dx, d_enc, nullptr, dsub, scratch);
-          model_sum(dx);
+          tp.f_backward(dx, int64_t(N) * D);
         });
       }
       residual_backward(blk.attn, [&](float* dx, const float* dsub) {
         blk.self_attention->backward(dx, dx, dbias.data(), dsub, scratch);
-        model_sum(dx);
+        tp.f_backward(dx, int64_t(N) * D);
       });
     }
     be.relpos_bias_backward(ps.grads() + relbias->offset, dbias.data(), buckets.data(),
@@ -474,8 +471,8 @@ void SwitchT5Model::backward(const LossWeights& w) {
   be_.fill(d_enc.data(), 0.0f, d_enc.size());
   router_scales(*decoder_, lb, z);
   decoder_->backward(d_dec_out, dec_ids_.data(), d_enc.data(), lb, z, scratch_.data());
-  if (parallel_.model_group && parallel_.model_group->size() > 1)
-    parallel_.model_group->all_reduce_sum(d_enc.data(), d_enc.size());
+  // The encoder output feeds every decoder block's column-parallel k/v projections: f's backward.
+  TensorParallel(parallel_.model_group).f_backward(d_enc.data(), d_enc.size());
   router_scales(*encoder_, lb, z);
   encoder_->backward(d_enc.data(), enc_ids_.data(), nullptr, lb, z, scratch_.data());
 }

@@ -130,6 +130,11 @@ class SwitchT5Model {
   bool training_ = false;
 };
 
+// Whether block `layer_index` (0-based) of a stack with sparse step `step` is a Switch (MoE)
+// block. HuggingFace's rule: step > 0 && (step == 1 || layer_index % step == 1), so step 2
+// makes blocks 1, 3, 5, ... sparse and step 0 makes the stack dense.
+bool is_sparse_layer(int step, int layer_index);
+
 // Registers every parameter of a model with this config (names, shapes, init rules) without
 // building activations: used by `plan` and by checkpoint tools.
 void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Sharding& sharding = {});

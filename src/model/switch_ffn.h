@@ -1,33 +1,32 @@
 // Switch feed-forward layer (Fedus et al. 2021): route -> dispatch -> experts -> combine.
 //
 // Legend: T tokens = G groups x S tokens per group, D d_model, E experts, C capacity per expert
-// per group, GC = G*C rows per expert buffer.
-//   router input   xr = x * U(1-eps, 1+eps)       (training only, for the router alone)
-//   logits [T,E]   = xr Wr^T                      (float32, HF router.classifier.weight [E,D])
-//   probs, top-1 expert, gate = probs[t, expert], slot (position < C or dropped) per group
+// per group, GC = G*C rows per expert buffer. The routing math (jitter, logits, top-1, capacity,
+// aux and z losses) is in model/router.h.
 //   buf [E,GC,D]   = dispatch(x)                  (kept tokens only, zeros elsewhere)
 //   y   [E,GC,D]   = expert_e(buf[e])             (FeedForward with count = E)
 //   out [T,D]      = gate[t] * y[expert[t], slot[t]]; dropped tokens output 0 (the residual
 //                    connection outside carries them)
-// Auxiliary losses (flaxformer / HF definitions):
-//   load balancing  lb = mean_g  E * sum_e f[g,e] * P[g,e]
-//                   (f: fraction of the group's tokens whose top-1 is e, before dropping;
-//                    P: the group's mean router probability for e)
-//   router z-loss   z  = mean_t logsumexp(logits[t,:])^2
-// The objective adds router_aux_loss_coef * lb + router_z_loss_coef * z for every Switch layer.
 //
 // Expert parallelism over P processes (the expert group): each holds E / P experts and
-// ExpertDispatcher moves every process's routed tokens to the experts' owners and back, so every
-// token meets the same expert weights and the same capacity as on one process.
+// ExpertExchange moves every process's capacity buffers to the experts' owners and back, so
+// every token meets the same expert weights and the same capacity as on one process.
+// Tensor parallelism over M processes: each holds 1/M of every expert's d_ff, so y is a partial
+// sum; the combine is linear in y, so the layer combines its partial y and sums the [T,D] output
+// over the model group (Megatron's g), which is capacity_factor times less data than the padded
+// [E,GC,D] buffer. In backward the gate gradient <dout, y> is likewise a partial sum ([T]
+// floats), and the input gradient of the column-parallel wi is summed as [T,D] (f's backward).
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
-#include "model/expert_dispatcher.h"
+#include "model/expert_exchange.h"
 #include "model/feed_forward.h"
 #include "model/params.h"
+#include "model/router.h"
+#include "model/tensor_parallel.h"
 
 namespace switcht5 {
 
@@ -41,16 +40,7 @@ struct SwitchShape {
   int capacity_eval = 1;   // C in evaluation
   bool gated = false;
   Communicator* expert_group = nullptr;  // null or size 1: every expert is local
-  Communicator* model_group = nullptr;   // null or size 1: each expert's d_ff is whole (F = d_ff)
-};
-
-// Host-side routing statistics of one forward call.
-struct RouterStats {
-  double balance_loss = 0.0;     // lb, mean over groups
-  double z_loss = 0.0;           // z, mean over tokens
-  int64_t tokens = 0;
-  int64_t dropped = 0;           // tokens past capacity
-  std::vector<double> expert_fraction;  // [E] fraction of tokens whose top-1 is e
+  TensorParallel tp{};                   // no group: each expert's d_ff is whole (F = d_ff)
 };
 
 class SwitchFFN {
@@ -63,10 +53,9 @@ class SwitchFFN {
   SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape shape);
 
   // x [T,D] must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
-  // indexed from `jitter_offset` (the index of x's first element in the global batch's router
-  // input, so the noise does not depend on the layout); expert dropout by (seed, dropout_salt).
-  // The statistics live in this layer
-  // (valid until the next forward), so the steady state allocates nothing.
+  // indexed from `jitter_offset` (see Router::forward); expert dropout by (seed, dropout_salt).
+  // The statistics live in the router (valid until the next forward), so the steady state
+  // allocates nothing.
   const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
                       float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
                       uint64_t dropout_salt = 0);
@@ -74,42 +63,23 @@ class SwitchFFN {
   // in the objective (e.g. aux_coef / total groups, z_coef / total tokens).
   void backward(float* dx, const float* dout, float lb_scale, float z_scale, float* scratch);
   int64_t scratch_floats() const;
-  int64_t alltoall_bytes_sent() const { return dispatcher_.bytes_sent(); }
+  int64_t alltoall_bytes_sent() const { return exchange_.bytes_sent(); }
   // Whether the last forward's router logits hold a NaN or Inf.
-  bool router_logits_nonfinite() const {
-    return be_.count_nonfinite(logits_.data(), logits_.size()) > 0;
-  }
+  bool router_logits_nonfinite() const { return router_.logits_nonfinite(); }
   int64_t activation_floats() const {
-    return jittered_.size() + logits_.size() + probs_.size() + lse_.size() + gate_.size() +
-           expert_.size() + slot_.size() + counts_.size() + balance_.size() + buf_.size() +
-           y_.size() + experts_.activation_floats();
+    return router_.activation_floats() + buf_.size() + y_.size() + ep_in_.size() +
+           ep_out_.size() + experts_.activation_floats();
   }
 
  private:
   Backend& be_;
-  ParamStore& ps_;
   SwitchShape s_;
-  const ParamInfo* router_;
+  Router router_;
   FeedForward experts_;
-  // Saved for backward.
-  const float* x_ = nullptr;
-  const float* xr_ = nullptr;    // router input (x itself, or jittered_)
-  float jitter_eps_ = 0.0f;
-  uint64_t jitter_offset_ = 0;
-  uint64_t seed_ = 0;
-  int C_ = 1;
-  DeviceArray<float> jittered_;  // [T,D]
-  DeviceArray<float> logits_, probs_;       // [T,E]
-  DeviceArray<float> lse_, gate_;           // [T]
-  DeviceArray<int32_t> expert_, slot_;      // [T]
-  DeviceArray<float> counts_;               // [G,E]
-  DeviceArray<float> balance_;              // [G]
   DeviceArray<float> buf_, y_;              // [E, G*C_max, D]
-  ExpertDispatcher dispatcher_;
+  ExpertExchange exchange_;
   DeviceArray<float> ep_in_, ep_out_;       // [E_loc, P*G*C_max, D] (expert parallel only)
   int P_ = 1, E_local_ = 1;
-  std::vector<float> host_counts_;          // [G,E] host copy of counts_ for the statistics
-  RouterStats stats_;
 };
 
 }  // namespace switcht5

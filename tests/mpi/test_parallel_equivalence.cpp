@@ -19,7 +19,7 @@
 #include "config/config.h"
 #include "core/check.h"
 #include "core/rng.h"
-#include "model/expert_dispatcher.h"
+#include "model/expert_exchange.h"
 #include "mpi_test_env.h"
 #include "train/trainer.h"
 
@@ -152,17 +152,17 @@ INSTANTIATE_TEST_SUITE_P(
                       Layout{"D2_E2_M2_zero1", 2, 2, true, 2, 2}, Layout{"M4", 1, 1, false, 1, 4}),
     [](const auto& info) { return std::string(info.param.name); });
 
-// combine(dispatch(x)) == x, and dispatch and combine are each other's transpose:
-// <dispatch(a), b> == <a, combine(b)> summed over the group. Values and gradients both pass.
-TEST(ExpertDispatcher, ExchangeIsExactAndSelfTransposed) {
+// from_experts(to_experts(x)) == x, and the two are each other's transpose:
+// <to_experts(a), b> == <a, from_experts(b)> summed over the group. Values and gradients both pass.
+TEST(ExpertExchange, ExchangeIsExactAndSelfTransposed) {
   Communicator& world = test_world();
   auto be = make_backend("cpu");
   for (int P : {1, 2, 4}) {
     if (world.size() % P != 0) continue;
     auto group = world.split(world.rank() / P, world.rank());
     const int E = 8, GC = 3, D = 5;
-    ExpertDispatcher dispatcher(*be, group.get(), E, GC, D);
-    EXPECT_EQ(dispatcher.local_experts(), E / P);
+    ExpertExchange exchange(*be, group.get(), E, GC, D);
+    EXPECT_EQ(exchange.local_experts(), E / P);
     const int64_t n = int64_t(E) * GC * D;
     auto fill = [&](uint64_t seed) {
       std::vector<float> h(n);
@@ -175,12 +175,12 @@ TEST(ExpertDispatcher, ExchangeIsExactAndSelfTransposed) {
     auto [a_h, a] = fill(1);
     auto [b_h, b] = fill(2);
     DeviceArray<float> da(*be, n), back(*be, n), cb(*be, n);
-    dispatcher.dispatch(da.data(), a.data(), GC);
-    dispatcher.combine(back.data(), da.data(), GC);
+    exchange.to_experts(da.data(), a.data(), GC);
+    exchange.from_experts(back.data(), da.data(), GC);
     std::vector<float> back_h(n);
     be->copy_to_host(back_h.data(), back.data(), sizeof(float) * n);
     EXPECT_EQ(back_h, a_h) << "P=" << P;
-    dispatcher.combine(cb.data(), b.data(), GC);
+    exchange.from_experts(cb.data(), b.data(), GC);
     std::vector<float> da_h(n), cb_h(n);
     be->copy_to_host(da_h.data(), da.data(), sizeof(float) * n);
     be->copy_to_host(cb_h.data(), cb.data(), sizeof(float) * n);

@@ -1,11 +1,11 @@
-#include "model/expert_dispatcher.h"
+#include "model/expert_exchange.h"
 
 #include "comm/communicator.h"
 #include "core/check.h"
 
 namespace switcht5 {
 
-ExpertDispatcher::ExpertDispatcher(Backend& be, Communicator* group, int num_experts,
+ExpertExchange::ExpertExchange(Backend& be, Communicator* group, int num_experts,
                                    int64_t max_rows_per_expert, int D)
     : be_(be), group_(group), P_(group ? group->size() : 1), E_local_(num_experts / P_), D_(D) {
   SWT_CHECK(num_experts % P_ == 0, "{} experts over an expert-parallel group of {}", num_experts,
@@ -13,7 +13,7 @@ ExpertDispatcher::ExpertDispatcher(Backend& be, Communicator* group, int num_exp
   if (P_ > 1) exchange_ = DeviceArray<float>(be, int64_t(num_experts) * max_rows_per_expert * D);
 }
 
-void ExpertDispatcher::dispatch(float* out, const float* buf, int GC) {
+void ExpertExchange::to_experts(float* out, const float* buf, int GC) {
   const int64_t block = int64_t(E_local_) * GC * D_;
   if (P_ == 1) {
     be_.copy(out, buf, sizeof(float) * block);
@@ -25,7 +25,7 @@ void ExpertDispatcher::dispatch(float* out, const float* buf, int GC) {
   be_.permute_0213(out, exchange_.data(), 1, P_, E_local_, GC * D_);
 }
 
-void ExpertDispatcher::combine(float* out, const float* y, int GC) {
+void ExpertExchange::from_experts(float* out, const float* y, int GC) {
   const int64_t block = int64_t(E_local_) * GC * D_;
   if (P_ == 1) {
     be_.copy(out, y, sizeof(float) * block);

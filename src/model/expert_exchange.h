@@ -1,13 +1,15 @@
-// Moves routed tokens between a process's dispatch buffer and its local experts, over an
-// expert-parallel group of P processes (Megatron-Core's token dispatcher, all-to-all flavour).
+// ExpertExchange: moves routed tokens between a process's capacity buffers and the processes
+// that own the experts, over an expert-parallel group of P processes (Megatron-Core's
+// all-to-all token dispatcher). Not to be confused with Backend::moe_dispatch, which scatters a
+// process's tokens into its own [E, GC, D] capacity buffers: the exchange runs after it.
 //
 // Legend: E experts, P processes, E_loc = E / P local experts (group rank p holds experts
 // [p*E_loc, (p+1)*E_loc)), GC rows per expert per process (groups x capacity), D features.
-//   dispatch: buf [E, GC, D] = [P, E_loc, GC, D]  --all_to_all-->  [P(source), E_loc, GC, D]
+//   to_experts:   buf [E, GC, D] = [P, E_loc, GC, D]  --all_to_all-->  [P(source), E_loc, GC, D]
 //             --permute-->  experts' input [E_loc, P*GC, D]
-//   combine:  the exact inverse: experts' output [E_loc, P*GC, D] -> [E, GC, D]
-// Both are permutations of rows, so each is the other's transpose: the backward of dispatch is
-// combine applied to the gradient, and vice versa. Static shapes (the paper's capacity
+//   from_experts: the exact inverse: experts' output [E_loc, P*GC, D] -> [E, GC, D]
+// Both are permutations of rows, so each is the other's transpose: the backward of to_experts
+// is from_experts applied to the gradient, and vice versa. Static shapes (the paper's capacity
 // buffers), no sums: the layout cannot change the values.
 #pragma once
 #include <cstdint>
@@ -18,10 +20,10 @@ namespace switcht5 {
 
 class Communicator;
 
-class ExpertDispatcher {
+class ExpertExchange {
  public:
   // group: null or size 1 for no expert parallelism. max_rows_per_expert: the largest GC.
-  ExpertDispatcher(Backend& be, Communicator* group, int num_experts, int64_t max_rows_per_expert,
+  ExpertExchange(Backend& be, Communicator* group, int num_experts, int64_t max_rows_per_expert,
                    int D);
   int peers() const { return P_; }
   int local_experts() const { return E_local_; }
@@ -30,9 +32,9 @@ class ExpertDispatcher {
   int64_t bytes_sent() const { return bytes_sent_; }
 
   // out [E_loc, P*GC, D] <- buf [E, GC, D]. out must not alias buf.
-  void dispatch(float* out, const float* buf, int GC);
+  void to_experts(float* out, const float* buf, int GC);
   // out [E, GC, D] <- y [E_loc, P*GC, D]. out must not alias y.
-  void combine(float* out, const float* y, int GC);
+  void from_experts(float* out, const float* y, int GC);
 
  private:
   Backend& be_;

@@ -1,0 +1,116 @@
+#include "model/router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/check.h"
+#include "core/rng.h"
+#include "model/linear.h"
+
+namespace switcht5 {
+
+int expert_capacity(const ModelConfig& model, int tokens_per_group, bool training) {
+  if (model.expert_capacity > 0) return model.expert_capacity;
+  SWT_CHECK(model.num_experts >= 1, "expert_capacity() of a model without experts (num_experts = {})",
+            model.num_experts);
+  SWT_CHECK(tokens_per_group >= 1, "tokens_per_group = {}", tokens_per_group);
+  const double factor = training ? model.capacity_factor : model.eval_capacity_factor;
+  const double exact = factor * tokens_per_group / model.num_experts;
+  SWT_CHECK(exact < std::numeric_limits<int>::max(), "expert capacity {} overflows int", exact);
+  // The 1e-9 keeps floating-point noise (1.1 * 100 / 10 = 11.000000000000002) from rounding an
+  // exact capacity up by one.
+  const int c = static_cast<int>(std::ceil(exact - 1e-9));
+  return std::max(1, c);
+}
+
+void Router::register_params(ParamStore& ps, const std::string& prefix, int D, int E,
+                             double init_scale) {
+  ps.add({.name = prefix + ".router.classifier.weight", .shape = {E, D},
+          .init_std = std::sqrt(init_scale / D)});
+}
+
+Router::Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterShape s,
+               TensorParallel tp)
+    : be_(be), ps_(ps), s_(s), tp_(tp), weight_(&ps.info(prefix + ".router.classifier.weight")) {
+  SWT_CHECK(s.T % s.S == 0, "tokens {} not a multiple of the group size {}", s.T, s.S);
+  const int G = s.T / s.S;
+  logits_ = DeviceArray<float>(be, int64_t(s.T) * s.E);
+  probs_ = DeviceArray<float>(be, int64_t(s.T) * s.E);
+  lse_ = DeviceArray<float>(be, s.T);
+  gate_ = DeviceArray<float>(be, s.T);
+  expert_ = DeviceArray<int32_t>(be, s.T);
+  slot_ = DeviceArray<int32_t>(be, s.T);
+  counts_ = DeviceArray<float>(be, int64_t(G) * s.E);
+  balance_ = DeviceArray<float>(be, G);
+}
+
+void Router::forward(const float* x, bool training, float jitter_eps, uint64_t seed,
+                     uint64_t jitter_offset) {
+  const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
+  C_ = training ? s_.capacity_train : s_.capacity_eval;
+  x_ = x;
+  jitter_eps_ = training ? jitter_eps : 0.0f;
+  jitter_offset_ = jitter_offset;
+  jitter_seed_ = derive_seed(seed, 1);
+  xr_ = x;
+  if (jitter_eps_ > 0.0f) {
+    if (jittered_.size() == 0) jittered_ = DeviceArray<float>(be_, int64_t(T) * D);
+    be_.uniform_jitter(jittered_.data(), x, int64_t(T) * D, jitter_eps_, jitter_seed_,
+                       jitter_offset);
+    xr_ = jittered_.data();
+  }
+  linear_forward(be_, logits_.data(), xr_, ps_.values() + weight_->offset, T, D, E);
+  tp_.broadcast_from_first(logits_.data(), logits_.size());
+  be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), gate_.data(),
+                     counts_.data(), logits_.data(), G, S, E, C_);
+}
+
+const RouterStats& Router::statistics() {
+  const int T = s_.T, S = s_.S, E = s_.E, G = T / S;
+  RouterStats& st = stats_;
+  st.dropped = 0;
+  be_.router_balance_loss(balance_.data(), probs_.data(), counts_.data(), G, S, E);
+  st.balance_loss = be_.sum(balance_.data(), G) / G;
+  st.z_loss = be_.sum_squares(lse_.data(), T) / T;
+  st.tokens = T;
+  std::vector<float>& counts = host_counts_;
+  counts.resize(static_cast<size_t>(G) * E);
+  be_.copy_to_host(counts.data(), counts_.data(), sizeof(float) * counts.size());
+  st.expert_fraction.assign(E, 0.0);
+  for (int g = 0; g < G; ++g)
+    for (int e = 0; e < E; ++e) {
+      const double c = counts[size_t(g) * E + e];
+      st.expert_fraction[e] += c / T;
+      st.dropped += static_cast<int64_t>(std::max(0.0, c - C_));
+    }
+  return st;
+}
+
+int64_t Router::scratch_floats() const { return int64_t(s_.T) * s_.E + int64_t(s_.T) * s_.D; }
+
+void Router::backward(float* dx, const float* dgate, float lb_scale, float z_scale,
+                      float* scratch) {
+  const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
+  float* dlogits = scratch;                  // [T,E]
+  float* dxr = dlogits + int64_t(T) * E;     // [T,D]
+  be_.router_backward(dlogits, probs_.data(), lse_.data(), expert_.data(), dgate, counts_.data(),
+                      G, S, E, lb_scale, z_scale);
+  linear_backward_weight(be_, ps_.grads() + weight_->offset, dlogits, xr_, T, D, E);
+  linear_backward_input(be_, dxr, dlogits, ps_.values() + weight_->offset, T, D, E, false);
+  // Jitter is linear in x: its backward is the same multiplication.
+  if (jitter_eps_ > 0.0f)
+    be_.uniform_jitter(dxr, dxr, int64_t(T) * D, jitter_eps_, jitter_seed_, jitter_offset_);
+  be_.add(dx, dx, dxr, int64_t(T) * D);
+}
+
+bool Router::logits_nonfinite() const {
+  return be_.count_nonfinite(logits_.data(), logits_.size()) > 0;
+}
+
+int64_t Router::activation_floats() const {
+  return jittered_.size() + logits_.size() + probs_.size() + lse_.size() + gate_.size() +
+         expert_.size() + slot_.size() + counts_.size() + balance_.size();
+}
+
+}  // namespace switcht5

@@ -1,0 +1,114 @@
+// The Switch router (Fedus et al. 2021, Sec. 2.1-2.2): which expert each token goes to, where in
+// that expert's capacity buffer it lands, its gate value, and the router's auxiliary losses.
+// Pure math on backend buffers; the layer around it (SwitchFFN) moves the tokens.
+//
+// Legend: T tokens = G groups x S tokens per group (token t = g*S + s), D d_model, E experts,
+// C capacity (tokens per expert per group).
+//   router input   xr = x * U(1 - eps, 1 + eps)     multiplicative jitter, training only; the
+//                                                    noise is a counter-based function of the
+//                                                    seed and the token's global index
+//   logits [T,E]   = xr Wr^T                         float32 (HF router.classifier.weight [E,D])
+//   probs  [T,E]   = softmax(logits);  lse[t] = logsumexp(logits[t,:])
+//   expert [T]     = argmax_e probs (lowest index on ties);  gate[t] = probs[t, expert[t]]
+//   slot   [T]     = g*C + (number of earlier tokens of the group with the same expert), or -1
+//                    when that number is >= C (the token is dropped: it skips the expert)
+//   counts [G,E]   = tokens of group g whose top-1 is e, before dropping
+// Auxiliary losses (flaxformer / HF definitions):
+//   load balancing  lb = mean_g  E * sum_e f[g,e] * P[g,e]
+//                   f[g,e] = counts[g,e] / S,  P[g,e] = mean over the group's tokens of probs[.,e]
+//   router z-loss   z  = mean_t lse[t]^2
+// The objective adds router_aux_loss_coef * lb + router_z_loss_coef * z per Switch layer.
+//
+// Capacity (tokens each expert accepts per routing group):
+//   C = expert_capacity                                        if expert_capacity > 0
+//   C = max(1, ceil(factor * tokens_per_group / num_experts))  otherwise,
+// factor = capacity_factor when training, eval_capacity_factor when evaluating. Capacity is
+// static, so every buffer downstream of the router has a static shape.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+#include "model/tensor_parallel.h"
+
+namespace switcht5 {
+
+// C for a routing group of `tokens_per_group` tokens (formula above).
+int expert_capacity(const ModelConfig& model, int tokens_per_group, bool training);
+
+// Host-side routing statistics of one forward call.
+struct RouterStats {
+  double balance_loss = 0.0;     // lb, mean over groups
+  double z_loss = 0.0;           // z, mean over tokens
+  int64_t tokens = 0;
+  int64_t dropped = 0;           // tokens past capacity
+  std::vector<double> expert_fraction;  // [E] fraction of tokens whose top-1 is e
+};
+
+struct RouterShape {
+  int T = 1;               // tokens per forward call
+  int S = 1;               // tokens per routing group (T % S == 0)
+  int D = 1, E = 1;
+  int capacity_train = 1;  // C while training
+  int capacity_eval = 1;   // C in evaluation
+};
+
+class Router {
+ public:
+  // Registers "<prefix>.router.classifier.weight" [E, D] (replicated on every rank).
+  static void register_params(ParamStore& ps, const std::string& prefix, int D, int E,
+                              double init_scale);
+
+  Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterShape shape,
+         TensorParallel tp);
+
+  // Routes x [T,D] (kept alive until backward). Jitter (eps > 0, training only) is keyed by
+  // `seed` and indexed from `jitter_offset`, the index of x's first element in the global
+  // batch's router input, so a token's noise does not depend on the layout.
+  void forward(const float* x, bool training, float jitter_eps, uint64_t seed,
+               uint64_t jitter_offset);
+  // Backward of the last forward. dgate [T] = dJ/dgate (0 for dropped tokens); lb_scale /
+  // z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2 in the objective. Accumulates
+  // dJ/dWr into the parameter gradients and ADDS dJ/dx through the router to dx [T,D].
+  // scratch: scratch_floats() floats.
+  void backward(float* dx, const float* dgate, float lb_scale, float z_scale, float* scratch);
+  int64_t scratch_floats() const;  // dlogits [T,E] + d(router input) [T,D]
+
+  // Results of the last forward (backend memory).
+  int capacity() const { return C_; }
+  const int32_t* expert() const { return expert_.data(); }  // [T]
+  const int32_t* slot() const { return slot_.data(); }      // [T]
+  const float* gate() const { return gate_.data(); }        // [T]
+  // lb, z, dropped tokens and expert fractions of the last forward (host).
+  const RouterStats& statistics();
+  // Whether the last forward's logits hold a NaN or Inf.
+  bool logits_nonfinite() const;
+  int64_t activation_floats() const;
+
+ private:
+  Backend& be_;
+  ParamStore& ps_;
+  RouterShape s_;
+  TensorParallel tp_;
+  const ParamInfo* weight_;
+  // Saved for backward.
+  const float* x_ = nullptr;
+  const float* xr_ = nullptr;    // router input (x itself, or jittered_)
+  float jitter_eps_ = 0.0f;
+  uint64_t jitter_offset_ = 0;
+  uint64_t jitter_seed_ = 0;
+  int C_ = 1;
+  DeviceArray<float> jittered_;             // [T,D], allocated on the first jittered forward
+  DeviceArray<float> logits_, probs_;       // [T,E]
+  DeviceArray<float> lse_, gate_;           // [T]
+  DeviceArray<int32_t> expert_, slot_;      // [T]
+  DeviceArray<float> counts_;               // [G,E]
+  DeviceArray<float> balance_;              // [G]
+  std::vector<float> host_counts_;          // [G,E] host copy of counts_ for the statistics
+  RouterStats stats_;
+};
+
+}  // namespace switcht5
