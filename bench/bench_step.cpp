@@ -80,9 +80,11 @@ int run(int argc, char** argv) {
   for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
   std::vector<double> ms;
   const int64_t alloc0 = g_allocations.load();
+  const int64_t syncs0 = trainer.backend().host_syncs();
   const int64_t bytes0 = trainer.model().alltoall_bytes_sent();
   for (int s = warmup + 1; s <= warmup + steps; ++s) ms.push_back(trainer.train_step(s).step_ms);
   const int64_t allocs = g_allocations.load() - alloc0;
+  const double syncs = double(trainer.backend().host_syncs() - syncs0) / steps;
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
   std::sort(ms.begin(), ms.end());
   const double median = ms[ms.size() / 2];
@@ -119,6 +121,9 @@ int run(int argc, char** argv) {
              opt_floats * 4e-6, trainer.model().activation_floats() * 4e-6);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
+  // Backend calls that hand data to the host (copy_to_host, sum, sum_squares, count_nonfinite):
+  // each waits for the device on a GPU backend.
+  fmt::print("host synchronisations: {:.1f} per step\n", syncs);
   if (grid.expert > 1) {
     // Routed tokens per rank per step: every Switch layer routes the rank's encoder or decoder
     // tokens once.

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "comm/communicator.h"
+#include "comm/process_grid.h"
 #include "config/config.h"
 #include "train/trainer.h"
 
@@ -39,6 +41,29 @@ TEST(Training, SameSeedGivesBitwiseSameLossCurve) {
   sets_c.push_back("train.seed=1");
   TrainResult c = train(load_config(kTiny, sets_c), temp_dir("seed_c"));
   EXPECT_NE(a.logged.back().loss, c.logged.back().loss);
+}
+
+// A training step hands data to the host once (the statistics array: losses, router
+// statistics, non-finite check, gradient-norm partials), however many micro-batches and Switch
+// layers it has; a non-finite step may read more to name the bad tensor. Evaluation likewise
+// reads once per evaluate() call.
+TEST(Training, OneHostSynchronisationPerStep) {
+  for (const char* accum : {"train.grad_accum_steps=1", "train.grad_accum_steps=4"}) {
+    RunConfig cfg = load_config(kTiny, {"train.steps=4", accum, "train.optimizer=adafactor",
+                                        "train.max_grad_norm=0.5"});
+    ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+    Trainer trainer(cfg, grid);
+    ASSERT_GE(trainer.model().switch_layer_names().size(), 2u);
+    for (int64_t step = 1; step <= 4; ++step) {
+      const int64_t before = trainer.backend().host_syncs();
+      const StepMetrics m = trainer.train_step(step);
+      EXPECT_FALSE(m.skipped);
+      EXPECT_EQ(trainer.backend().host_syncs() - before, 1) << accum << " step " << step;
+    }
+    const int64_t before = trainer.backend().host_syncs();
+    trainer.evaluate();
+    EXPECT_EQ(trainer.backend().host_syncs() - before, 1) << accum << " evaluate";
+  }
 }
 
 TEST(Training, SyntheticTaskIsLearned) {

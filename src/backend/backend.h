@@ -36,6 +36,7 @@ class Backend {
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device to device
   virtual void fill(float* x, float value, int64_t n) = 0;
+  virtual void zero_bytes(void* x, size_t bytes) = 0;  // any dtype: all bits 0 (0.0, 0)
   virtual void synchronize() {}
 
   // ---- GEMM ---------------------------------------------------------------------------------
@@ -60,6 +61,32 @@ class Backend {
   virtual void sum_over_batch(float* out, const float* in, int batch, int64_t n) = 0;
   // Number of non-finite (NaN or Inf) entries, to the host.
   virtual int64_t count_nonfinite(const float* x, int64_t n) = 0;
+
+  // ---- statistics accumulated in backend memory ----------------------------------------------
+  // A training step adds its losses, router statistics and gradient norms into one backend
+  // array of doubles and reads it back once (copy_to_host) at the end of the step, instead of
+  // returning every sum to the host as it is made. `acc` is backend memory; each op ADDS to it,
+  // in double, in an order that depends on the shapes only.
+  //   acc[0] += sum_i x[i]^2
+  virtual void accumulate_sum_squares(double* acc, const float* x, int64_t n) = 0;
+  // Cross-entropy of N rows (labels -100 ignored; their loss is 0):
+  //   acc[0] += sum_r loss[r];  acc[1] += sum_{r: label >= 0} lse[r]^2;  acc[2] += #{r: label >= 0}
+  virtual void accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
+                                          const int32_t* labels, int64_t N) = 0;
+  // One router call over G groups of S tokens (T = G*S), E experts, capacity C (RouterStatsSlot
+  // in model/router.h names the entries):
+  //   acc[0] += (1/G) sum_g lb[g]            load-balancing loss of the call (lb is [G])
+  //   acc[1] += (1/T) sum_t lse[t]^2         router z-loss of the call (lse is [T])
+  //   acc[2] += 1                            calls
+  //   acc[3] += T                            routed tokens
+  //   acc[4] += sum_{g,e} max(0, counts[g,e] - C)    tokens past capacity (dropped)
+  //   acc[5 + e] += sum_g counts[g,e]        tokens whose top-1 is e (counts is [G,E])
+  virtual void accumulate_router_statistics(double* acc, const float* lb, const float* lse,
+                                            const float* counts, int G, int S, int E, int C) = 0;
+
+  // Host synchronisations so far: calls that wait for the backend and hand data to the host
+  // (copy_to_host, sum, sum_squares, count_nonfinite). The benchmark reports them per step.
+  int64_t host_syncs() const { return host_syncs_; }
 
   // ---- layout ---------------------------------------------------------------------------------
   // out[a,c,b,d] = in[a,b,c,d] for in of shape [A,B,C,D]. Its own inverse with B and C swapped:
@@ -201,6 +228,12 @@ class Backend {
   virtual void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v,
                                 bool factored, int count, int R, int C, float lr, float beta2t,
                                 float eps1, float clip, float weight_decay) = 0;
+
+ protected:
+  void count_host_sync() { ++host_syncs_; }
+
+ private:
+  int64_t host_syncs_ = 0;
 };
 
 // Backends by name: "reference" (plain loops, double accumulation, single thread: the oracle)

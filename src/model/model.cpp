@@ -218,10 +218,16 @@ struct SwitchT5Model::Stack {
     be.add(dh.data(), dh.data(), dtmp.data(), n);
   }
 
-  // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only).
+  int switch_layers() const {
+    int n = 0;
+    for (const Block& blk : blocks) n += blk.sparse ? 1 : 0;
+    return n;
+  }
+
+  // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only). router_stats:
+  // switch_layers() consecutive RouterStatsSlot arrays in backend memory, added to.
   void forward(const int32_t* ids, const float* mask, const float* enc, const float* enc_mask,
-               bool training, uint64_t seed, uint64_t first_row,
-               std::vector<RouterStats>& router_stats) {
+               bool training, uint64_t seed, uint64_t first_row, double* router_stats) {
     const int64_t n = int64_t(N) * D;
     dropout_p = training ? float(cfg.dropout_rate) : 0.0f;
     const float expert_dropout = training ? float(cfg.expert_dropout) : 0.0f;
@@ -235,7 +241,7 @@ struct SwitchT5Model::Stack {
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
                            H, T, T);
     const float* h = h0.data();
-    size_t sparse_index = 0;  // router_stats is overwritten in place: no allocation once sized
+    double* layer_stats = router_stats;
     for (size_t i = 0; i < blocks.size(); ++i) {
       Block& blk = blocks[i];
       const int bi = static_cast<int>(i);
@@ -259,15 +265,14 @@ struct SwitchT5Model::Stack {
           blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5));
           tp.g_forward(o, int64_t(N) * D);
         } else {
-          if (router_stats.size() <= sparse_index) router_stats.emplace_back();
-          router_stats[sparse_index++] =
-              blk.sparse->forward(o, x, training, float(cfg.router_jitter_noise), expert_dropout,
-                                  site_seed(seed, decoder, bi, 6), first_row * T * D, first_row);
+          blk.sparse->forward_accumulate(o, x, training, float(cfg.router_jitter_noise),
+                                         expert_dropout, site_seed(seed, decoder, bi, 6),
+                                         first_row * T * D, first_row, layer_stats);
+          layer_stats += router_stats_size(cfg.num_experts);
         }
       });
       h = blk.ff.h_next.data();
     }
-    router_stats.resize(sparse_index);
     be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.values() + final_ln->offset, N, D,
                        float(cfg.layer_norm_epsilon));
     be.dropout(out.data(), out.data(), n, dropout_p, final_seed);
@@ -386,8 +391,38 @@ int64_t SwitchT5Model::activation_floats() const {
          head_in_.size() + logits_.size();
 }
 
+int64_t SwitchT5Model::statistics_size() const {
+  return kModelStatsFixed + int64_t(encoder_->switch_layers() + decoder_->switch_layers()) *
+                                router_stats_size(cfg_.num_experts);
+}
+
+ForwardStats SwitchT5Model::decode_statistics(const double* stats) const {
+  ForwardStats st;
+  st.ce_sum = stats[kCeSum];
+  st.logit_lse_sq_sum = stats[kLogitLseSqSum];
+  st.target_tokens = static_cast<int64_t>(stats[kTargetTokens]);
+  const int E = cfg_.num_experts;
+  const double* layer = stats + kModelStatsFixed;
+  for (auto [stack, out] : {std::pair{encoder_.get(), &st.encoder_router},
+                            std::pair{decoder_.get(), &st.decoder_router}})
+    for (int l = 0; l < stack->switch_layers(); ++l, layer += router_stats_size(E))
+      out->push_back(decode_router_stats(layer, E));
+  return st;
+}
+
 const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed,
                                            uint64_t first_row) {
+  if (stats_acc_.size() == 0) stats_acc_ = DeviceArray<double>(be_, statistics_size());
+  be_.zero_bytes(stats_acc_.data(), stats_acc_.bytes());
+  forward_accumulate(batch, training, seed, first_row, stats_acc_.data());
+  host_stats_.resize(stats_acc_.size());
+  be_.copy_to_host(host_stats_.data(), stats_acc_.data(), stats_acc_.bytes());
+  stats_ = decode_statistics(host_stats_.data());
+  return stats_;
+}
+
+void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64_t seed,
+                                       uint64_t first_row, double* stats) {
   const int B = shape_.batch, Ti = shape_.inputs_length, Tt = shape_.targets_length;
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   SWT_CHECK(batch.batch == B && batch.inputs_length == Ti && batch.targets_length == Tt,
@@ -406,15 +441,13 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
   be_.copy_to_device(dec_ids_.data(), batch.decoder_input_tokens.data(), dec_ids_.bytes());
   be_.copy_to_device(dec_mask_.data(), batch.decoder_mask.data(), dec_mask_.bytes());
   be_.copy_to_device(labels_.data(), batch.labels.data(), labels_.bytes());
-  host_labels_ = batch.labels;
 
-  ForwardStats& st = stats_;
-  st.ce_sum = st.logit_lse_sq_sum = 0.0;
-  st.target_tokens = 0;
+  double* router_stats = stats + kModelStatsFixed;
   encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
-                    first_row, st.encoder_router);
+                    first_row, router_stats);
+  router_stats += int64_t(encoder_->switch_layers()) * router_stats_size(cfg_.num_experts);
   decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
-                    training, seed, first_row, st.decoder_router);
+                    training, seed, first_row, router_stats);
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
   const float* W = params_.values() + head_->offset;
@@ -423,16 +456,8 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
   linear_forward(be_, logits_.data(), head_in_.data(), W, int(N), D, V);
   be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
                             N, V);
-  st.ce_sum = be_.sum(token_loss_.data(), N);
-  std::vector<float>& lse = host_lse_;
-  lse.resize(N);
-  be_.copy_to_host(lse.data(), token_lse_.data(), sizeof(float) * N);
-  for (int64_t t = 0; t < N; ++t)
-    if (host_labels_[t] != kIgnoreLabel) {
-      st.logit_lse_sq_sum += double(lse[t]) * lse[t];
-      ++st.target_tokens;
-    }
-  return st;
+  be_.accumulate_loss_statistics(stats + kCeSum, token_loss_.data(), token_lse_.data(),
+                                 labels_.data(), N);
 }
 
 double SwitchT5Model::objective(const ForwardStats& st, const LossWeights& w) const {

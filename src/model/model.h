@@ -62,12 +62,23 @@ struct LossWeights {
   double microbatches = 1.0;  // forward calls in the global batch
 };
 
+// Statistics of forward calls (summed over the calls since the statistics array was zeroed).
 struct ForwardStats {
   double ce_sum = 0.0;          // sum of CE over valid target tokens
   double logit_lse_sq_sum = 0.0;// sum of lse^2 over valid target tokens
   int64_t target_tokens = 0;
   std::vector<RouterStats> encoder_router;  // one per encoder Switch layer, in order
   std::vector<RouterStats> decoder_router;
+};
+
+// The statistics array a forward call adds to (backend memory, doubles): these entries, then
+// router_stats_size(num_experts) per Switch layer (encoder first, in block order; see
+// RouterStatsSlot in model/router.h).
+enum ModelStatsSlot : int {
+  kCeSum = 0,
+  kLogitLseSqSum = 1,
+  kTargetTokens = 2,
+  kModelStatsFixed = 3,
 };
 
 class SwitchT5Model {
@@ -85,7 +96,16 @@ class SwitchT5Model {
   // Runs the forward pass; `seed` keys dropout and router jitter (ignored when !training).
   // `first_row` is the global-batch index of the batch's first sequence: router jitter is
   // indexed by global position, so it does not depend on how the global batch is split.
-  // The statistics are valid until the next forward.
+  // Adds the call's losses and router statistics to `stats` [statistics_size()] in backend
+  // memory (ModelStatsSlot): no host synchronisation, so a training step accumulates over its
+  // micro-batches and reads the array back once.
+  void forward_accumulate(const Batch& batch, bool training, uint64_t seed, uint64_t first_row,
+                          double* stats);
+  int64_t statistics_size() const;
+  // ForwardStats from a host copy of a statistics array.
+  ForwardStats decode_statistics(const double* stats) const;
+  // forward_accumulate into a zeroed array of the model's own, read back: the statistics of
+  // this one call (tests, evaluation tools). Valid until the next forward.
   const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed,
                               uint64_t first_row = 0);
   // Accumulates dJ/dparams into params().grads() for the last forward call.
@@ -119,8 +139,8 @@ class SwitchT5Model {
   // Batch on the device.
   DeviceArray<int32_t> enc_ids_, dec_ids_, labels_;
   DeviceArray<float> enc_mask_, dec_mask_;
-  std::vector<int32_t> host_labels_;
-  std::vector<float> host_lse_;
+  DeviceArray<double> stats_acc_;    // [statistics_size()] for forward()
+  std::vector<double> host_stats_;
   ForwardStats stats_;
   // Head.
   DeviceArray<float> head_in_;   // [B*Tt, D] decoder output (scaled when tied)

@@ -39,13 +39,17 @@ int ParamStore::add(ParamInfo info) {
 }
 
 void ParamStore::allocate(Backend& be) {
-  // Non-expert parameters first, then experts; every parameter 16-float aligned (64 bytes) so
-  // vectorised kernels see aligned rows.
+  // Three contiguous regions (see params.h): replicated, model-split, experts; every parameter
+  // 16-float aligned (64 bytes) so vectorised kernels see aligned rows. The padding stays zero.
+  auto region = [](const ParamInfo& p) {
+    return p.kind == ParamKind::kStacked ? 2 : (p.model_split_dim >= 0 ? 1 : 0);
+  };
   total_ = 0;
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1) expert_begin_ = total_;
+  for (int pass = 0; pass < 3; ++pass) {
+    if (pass == 1) model_split_begin_ = total_;
+    if (pass == 2) expert_begin_ = total_;
     for (ParamInfo& p : infos_) {
-      if ((p.kind == ParamKind::kStacked) != (pass == 1)) continue;
+      if (region(p) != pass) continue;
       p.offset = total_;
       total_ += (p.numel + 15) / 16 * 16;
     }

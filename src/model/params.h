@@ -63,11 +63,14 @@ class ParamStore {
  public:
   // Registers a parameter; returns its index. Call before allocate().
   int add(ParamInfo info);
-  // Lays the parameters out and allocates values and grads (zeroed). Layout: every
-  // non-expert parameter first, then the stacked experts, so that the two regions (reduced over
-  // different process groups) are contiguous: [0, expert_region_begin()) and
-  // [expert_region_begin(), total_numel()).
+  // Lays the parameters out and allocates values and grads (zeroed), in three contiguous
+  // regions that are reduced and normed over different process groups, each one call:
+  //   [0, model_split_region_begin())                        replicated on every model rank
+  //   [model_split_region_begin(), expert_region_begin())    split over the model group
+  //   [expert_region_begin(), total_numel())                 stacked experts
+  // The first two are summed over the data group, the experts over their replicas.
   void allocate(Backend& be);
+  int64_t model_split_region_begin() const { return model_split_begin_; }
   int64_t expert_region_begin() const { return expert_begin_; }
 
   const std::vector<ParamInfo>& infos() const { return infos_; }
@@ -105,6 +108,7 @@ class ParamStore {
   std::vector<ParamInfo> infos_;
   std::unordered_map<std::string, int> index_;
   int64_t total_ = 0;
+  int64_t model_split_begin_ = 0;
   int64_t expert_begin_ = 0;
   DeviceArray<float> values_;
   DeviceArray<float> grads_;

@@ -66,25 +66,33 @@ void Router::forward(const float* x, bool training, float jitter_eps, uint64_t s
                      counts_.data(), logits_.data(), G, S, E, C_);
 }
 
-const RouterStats& Router::statistics() {
-  const int T = s_.T, S = s_.S, E = s_.E, G = T / S;
-  RouterStats& st = stats_;
-  st.dropped = 0;
-  be_.router_balance_loss(balance_.data(), probs_.data(), counts_.data(), G, S, E);
-  st.balance_loss = be_.sum(balance_.data(), G) / G;
-  st.z_loss = be_.sum_squares(lse_.data(), T) / T;
-  st.tokens = T;
-  std::vector<float>& counts = host_counts_;
-  counts.resize(static_cast<size_t>(G) * E);
-  be_.copy_to_host(counts.data(), counts_.data(), sizeof(float) * counts.size());
-  st.expert_fraction.assign(E, 0.0);
-  for (int g = 0; g < G; ++g)
-    for (int e = 0; e < E; ++e) {
-      const double c = counts[size_t(g) * E + e];
-      st.expert_fraction[e] += c / T;
-      st.dropped += static_cast<int64_t>(std::max(0.0, c - C_));
-    }
+RouterStats decode_router_stats(const double* acc, int num_experts) {
+  RouterStats st;
+  st.balance_loss = acc[kRouterBalanceSum];
+  st.z_loss = acc[kRouterZSum];
+  st.tokens = static_cast<int64_t>(acc[kRouterTokens]);
+  st.dropped = static_cast<int64_t>(acc[kRouterDropped]);
+  st.expert_fraction.resize(num_experts);
+  for (int e = 0; e < num_experts; ++e)
+    st.expert_fraction[e] = acc[kRouterTokens] > 0 ? acc[kRouterStatsFixed + e] / acc[kRouterTokens] : 0.0;
   return st;
+}
+
+void Router::accumulate_statistics(double* acc) {
+  const int T = s_.T, S = s_.S, E = s_.E, G = T / S;
+  be_.router_balance_loss(balance_.data(), probs_.data(), counts_.data(), G, S, E);
+  be_.accumulate_router_statistics(acc, balance_.data(), lse_.data(), counts_.data(), G, S, E, C_);
+}
+
+const RouterStats& Router::statistics() {
+  const int64_t n = router_stats_size(s_.E);
+  if (stats_acc_.size() == 0) stats_acc_ = DeviceArray<double>(be_, n);
+  be_.zero_bytes(stats_acc_.data(), stats_acc_.bytes());
+  accumulate_statistics(stats_acc_.data());
+  host_stats_.resize(n);
+  be_.copy_to_host(host_stats_.data(), stats_acc_.data(), stats_acc_.bytes());
+  stats_ = decode_router_stats(host_stats_.data(), s_.E);
+  return stats_;
 }
 
 int64_t Router::scratch_floats() const { return int64_t(s_.T) * s_.E + int64_t(s_.T) * s_.D; }

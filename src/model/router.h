@@ -39,7 +39,20 @@ namespace switcht5 {
 // C for a routing group of `tokens_per_group` tokens (formula above).
 int expert_capacity(const ModelConfig& model, int tokens_per_group, bool training);
 
-// Host-side routing statistics of one forward call.
+// The router statistics a forward call adds to a statistics array in backend memory
+// (Backend::accumulate_router_statistics): kRouterStatsFixed doubles, then one per expert.
+enum RouterStatsSlot : int {
+  kRouterBalanceSum = 0,  // sum over calls of the call's load-balancing loss lb
+  kRouterZSum = 1,        // sum over calls of the call's router z-loss
+  kRouterCalls = 2,
+  kRouterTokens = 3,      // routed tokens
+  kRouterDropped = 4,     // tokens past capacity
+  kRouterStatsFixed = 5,  // then [E]: tokens whose top-1 is each expert
+};
+inline int64_t router_stats_size(int num_experts) { return kRouterStatsFixed + num_experts; }
+
+// Host-side routing statistics (of one forward call, or summed over several: then balance_loss
+// and z_loss are sums over the calls).
 struct RouterStats {
   double balance_loss = 0.0;     // lb, mean over groups
   double z_loss = 0.0;           // z, mean over tokens
@@ -47,6 +60,9 @@ struct RouterStats {
   int64_t dropped = 0;           // tokens past capacity
   std::vector<double> expert_fraction;  // [E] fraction of tokens whose top-1 is e
 };
+
+// RouterStats from a host copy of an accumulated statistics array (RouterStatsSlot).
+RouterStats decode_router_stats(const double* acc, int num_experts);
 
 struct RouterShape {
   int T = 1;               // tokens per forward call
@@ -82,7 +98,11 @@ class Router {
   const int32_t* expert() const { return expert_.data(); }  // [T]
   const int32_t* slot() const { return slot_.data(); }      // [T]
   const float* gate() const { return gate_.data(); }        // [T]
-  // lb, z, dropped tokens and expert fractions of the last forward (host).
+  // Adds the last forward's statistics to acc [router_stats_size(E)] in backend memory
+  // (RouterStatsSlot); no host synchronisation.
+  void accumulate_statistics(double* acc);
+  // lb, z, dropped tokens and expert fractions of the last forward, read back to the host (one
+  // synchronisation: for tests and tools; training reads accumulated statistics once a step).
   const RouterStats& statistics();
   // Whether the last forward's logits hold a NaN or Inf.
   bool logits_nonfinite() const;
@@ -107,7 +127,8 @@ class Router {
   DeviceArray<int32_t> expert_, slot_;      // [T]
   DeviceArray<float> counts_;               // [G,E]
   DeviceArray<float> balance_;              // [G]
-  std::vector<float> host_counts_;          // [G,E] host copy of counts_ for the statistics
+  DeviceArray<double> stats_acc_;           // [router_stats_size(E)] for statistics()
+  std::vector<double> host_stats_;
   RouterStats stats_;
 };
 

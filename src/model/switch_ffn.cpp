@@ -56,6 +56,14 @@ int64_t SwitchFFN::scratch_floats() const {
 const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training,
                                       float jitter_eps, float expert_dropout, uint64_t seed,
                                       uint64_t jitter_offset, uint64_t dropout_salt) {
+  forward_accumulate(out, x, training, jitter_eps, expert_dropout, seed, jitter_offset,
+                     dropout_salt, nullptr);
+  return router_.statistics();
+}
+
+void SwitchFFN::forward_accumulate(float* out, const float* x, bool training, float jitter_eps,
+                                   float expert_dropout, uint64_t seed, uint64_t jitter_offset,
+                                   uint64_t dropout_salt, double* stats) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
   router_.forward(x, training, jitter_eps, seed, jitter_offset);
   const int GC = G * router_.capacity();
@@ -72,7 +80,7 @@ const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training,
   // y is this model rank's partial sum over its d_ff share; the combine is linear in y.
   be_.moe_combine(out, y_.data(), router_.gate(), router_.expert(), router_.slot(), T, D, GC);
   s_.tp.g_forward(out, int64_t(T) * D);
-  return router_.statistics();
+  if (stats) router_.accumulate_statistics(stats);
 }
 
 void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_scale,

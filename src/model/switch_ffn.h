@@ -54,8 +54,12 @@ class SwitchFFN {
 
   // x [T,D] must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
   // indexed from `jitter_offset` (see Router::forward); expert dropout by (seed, dropout_salt).
-  // The statistics live in the router (valid until the next forward), so the steady state
-  // allocates nothing.
+  // Adds the router statistics to `stats` [router_stats_size(E)] in backend memory (none when
+  // null): no host synchronisation.
+  void forward_accumulate(float* out, const float* x, bool training, float jitter_eps,
+                          float expert_dropout, uint64_t seed, uint64_t jitter_offset,
+                          uint64_t dropout_salt, double* stats);
+  // forward_accumulate, then this call's statistics read back to the host (tests and tools).
   const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
                       float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
                       uint64_t dropout_salt = 0);

@@ -80,9 +80,16 @@ OptimizerOptions optimizer_options(const TrainConfig& tc) {
   return oo;
 }
 
-// Per Switch layer, the sums all-reduced over the data group after a step:
-// [aux_loss_sum, z_loss_sum, calls, tokens, dropped, expert counts x E]
-constexpr int kRoutingFixed = 5;
+// After the model's statistics (ModelStatsSlot, then RouterStatsSlot per Switch layer), the
+// step's statistics array holds these sums of squares (backend memory, read back once a step):
+enum StepStatsSlot : int {
+  kLocalGradSq = 0,        // this rank's own gradients before the data-parallel sum: non-finite
+                           // here means this rank produced the NaN/Inf
+  kNormReplicated = 1,     // summed gradients of the three ParamStore regions
+  kNormModelSplit = 2,
+  kNormExperts = 3,
+  kStepStatsExtra = 4,
+};
 
 }  // namespace
 
@@ -132,6 +139,8 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use)
   }
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
   switch_layers_ = model_->switch_layer_names();
+  step_stats_ = DeviceArray<double>(*be_, model_->statistics_size() + kStepStatsExtra);
+  host_stats_.assign(step_stats_.size(), 0.0);
   step_flops_ = 3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, Ti, Tt, true);
   if (const char* env = std::getenv("SWITCHT5_INJECT_NAN")) {
     long long s = -1;
@@ -147,17 +156,17 @@ Trainer::~Trainer() = default;
 double Trainer::evaluate() {
   const TrainConfig& tc = cfg_.train;
   if (!val_source_) return std::numeric_limits<double>::quiet_NaN();
-  double sums[2] = {0.0, 0.0};  // cross-entropy, target tokens
+  be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
   val_source_->rewind();
   for (int e = 0; e < tc.eval_batches; ++e) {
     val_source_->next(local_);
     for (int m = 0; m < tc.grad_accum_steps; ++m) {
       local_.slice_rows(m * micro_, micro_, eval_batch_);
-      const ForwardStats& st = model_->forward(eval_batch_, /*training=*/false, 0);
-      sums[0] += st.ce_sum;
-      sums[1] += double(st.target_tokens);
+      model_->forward_accumulate(eval_batch_, /*training=*/false, 0, 0, step_stats_.data());
     }
   }
+  be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
+  double sums[2] = {host_stats_[kCeSum], host_stats_[kTargetTokens]};
   grid_.data_group->all_reduce_sum(sums, 2);
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
@@ -173,16 +182,21 @@ void Trainer::sync_gradients() {
                                                ps.total_numel() - expert_begin);
 }
 
-double Trainer::global_grad_norm() {
+void Trainer::accumulate_grad_norm_squares(double* extra) {
+  // After sync, a gradient is identical on the ranks that hold the same block: one sum of
+  // squares per ParamStore region, combined over the right groups in global_grad_norm.
   ParamStore& ps = model_->params();
-  // After sync, a gradient is identical on the ranks that hold the same block. Squares are
-  // summed once per block: replicated tensors count once, model-split blocks are summed over
-  // the model group, experts over the expert group (and the model group when split).
-  double sq[3] = {0.0, 0.0, 0.0};  // replicated, model-split, experts
-  for (const ParamInfo& p : ps.infos()) {
-    const int kind = p.kind == ParamKind::kStacked ? 2 : (p.model_split_dim >= 0 ? 1 : 0);
-    sq[kind] += be_->sum_squares(ps.grads() + p.offset, p.numel);
-  }
+  const int64_t split = ps.model_split_region_begin(), experts = ps.expert_region_begin();
+  be_->accumulate_sum_squares(extra + kNormReplicated, ps.grads(), split);
+  be_->accumulate_sum_squares(extra + kNormModelSplit, ps.grads() + split, experts - split);
+  be_->accumulate_sum_squares(extra + kNormExperts, ps.grads() + experts,
+                              ps.total_numel() - experts);
+}
+
+double Trainer::global_grad_norm(const double* extra) {
+  // Replicated tensors count once; model-split blocks are summed over the model group, experts
+  // over the expert group (and the model group when split).
+  double sq[3] = {extra[kNormReplicated], extra[kNormModelSplit], extra[kNormExperts]};
   grid_.expert_group->all_reduce_sum(&sq[2], 1);
   grid_.model_group->all_reduce_sum(&sq[1], 2);
   return std::sqrt(sq[0] + sq[1] + sq[2]);
@@ -218,39 +232,37 @@ StepMetrics Trainer::train_step(int64_t step) {
   ps.zero_grads(*be_);
   const size_t layers = switch_layers_.size();
   const int E = cfg_.model.num_experts;
-  const size_t stride = kRoutingFixed + size_t(E);
-  routing_acc_.assign(layers * stride + 1, 0.0);  // + cross-entropy sum
+  const int64_t stride = router_stats_size(E);
+  const int64_t model_stats = model_->statistics_size();
+  be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
   const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step));
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
     const uint64_t first_row = uint64_t(grid_.data_rank) * local_rows_ + uint64_t(m) * micro_;
-    const ForwardStats& st = model_->forward(batches_[m], /*training=*/true, seed, first_row);
+    model_->forward_accumulate(batches_[m], /*training=*/true, seed, first_row,
+                               step_stats_.data());
     model_->backward(w);
-    routing_acc_.back() += st.ce_sum;
-    size_t l = 0;
-    for (const auto* stack : {&st.encoder_router, &st.decoder_router})
-      for (const RouterStats& r : *stack) {
-        double* a = routing_acc_.data() + (l++) * stride;
-        a[0] += r.balance_loss;
-        a[1] += r.z_loss;
-        a[2] += 1.0;
-        a[3] += double(r.tokens);
-        a[4] += double(r.dropped);
-        for (int e = 0; e < E; ++e) a[kRoutingFixed + e] += r.expert_fraction[e] * r.tokens;
-      }
   }
   if (step == inject_step_ && grid_.world_rank == inject_rank_) {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     be_->copy_to_device(ps.grads(), &nan, sizeof(float));
   }
-  // Whether this rank's own loss or gradients went non-finite, before the sums spread it.
-  const bool local_bad = !std::isfinite(routing_acc_.back()) ||
-                         !std::isfinite(be_->sum_squares(ps.grads(), ps.total_numel()));
-  // Local router statistics are gone after the all-reduce; the first bad tensor is named now.
-  std::string what = local_bad ? first_nonfinite() : std::string();
+  // Whether this rank's own gradients went non-finite, before the sums spread it.
+  double* extra = step_stats_.data() + model_stats;
+  be_->accumulate_sum_squares(extra + kLocalGradSq, ps.grads(), ps.total_numel());
   sync_gradients();
-  grid_.data_group->all_reduce_sum(routing_acc_.data(), int64_t(routing_acc_.size()));
-  const double loss = w.ce_scale * routing_acc_.back();
-  double grad_norm = global_grad_norm();
+  accumulate_grad_norm_squares(extra);
+  // The step's one read-back: losses, router statistics, non-finite check, norm partials.
+  be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
+  const double* host_extra = host_stats_.data() + model_stats;
+  const bool local_bad =
+      !std::isfinite(host_stats_[kCeSum]) || !std::isfinite(host_extra[kLocalGradSq]);
+  // Named now, before the router statistics are summed; only on a bad step (the search reads
+  // tensors back one by one). Gradients are already summed here: a rank that was bad on its
+  // own names the first non-finite tensor it then holds.
+  std::string what = local_bad ? first_nonfinite() : std::string();
+  grid_.data_group->all_reduce_sum(host_stats_.data(), model_stats);
+  const double loss = w.ce_scale * host_stats_[kCeSum];
+  double grad_norm = global_grad_norm(host_extra);
 
   StepMetrics m;
   m.step = step;
@@ -290,17 +302,19 @@ StepMetrics Trainer::train_step(int64_t step) {
 
   double routed = 0.0, dropped = 0.0;
   for (size_t l = 0; l < layers; ++l) {
-    const double* a = routing_acc_.data() + l * stride;
+    const double* a = host_stats_.data() + kModelStatsFixed + int64_t(l) * stride;
+    const double calls = a[kRouterCalls], tokens = a[kRouterTokens];
     LayerRouting r;
     r.layer = switch_layers_[l];
-    r.aux_loss = a[0] / a[2];
-    r.z_loss = a[1] / a[2];
-    r.dropped_fraction = a[3] > 0 ? a[4] / a[3] : 0.0;
-    for (int e = 0; e < E; ++e) r.expert_fraction.push_back(a[3] > 0 ? a[kRoutingFixed + e] / a[3] : 0.0);
+    r.aux_loss = a[kRouterBalanceSum] / calls;
+    r.z_loss = a[kRouterZSum] / calls;
+    r.dropped_fraction = tokens > 0 ? a[kRouterDropped] / tokens : 0.0;
+    for (int e = 0; e < E; ++e)
+      r.expert_fraction.push_back(tokens > 0 ? a[kRouterStatsFixed + e] / tokens : 0.0);
     m.aux_loss += r.aux_loss / double(layers);
     m.z_loss += r.z_loss / double(layers);
-    routed += a[3];
-    dropped += a[4];
+    routed += tokens;
+    dropped += a[kRouterDropped];
     m.routing.push_back(std::move(r));
   }
   m.dropped_fraction = routed > 0 ? dropped / routed : 0.0;

@@ -95,7 +95,10 @@ class Trainer {
 
  private:
   void sync_gradients();
-  double global_grad_norm();
+  // Adds the sums of squares of the (summed) gradients of the three ParamStore regions to
+  // extra[kNorm*] (backend memory); global_grad_norm combines a host copy over the groups.
+  void accumulate_grad_norm_squares(double* extra);
+  double global_grad_norm(const double* extra);
   std::string first_nonfinite();
 
   RunConfig cfg_;
@@ -112,7 +115,11 @@ class Trainer {
   Batch local_;                    // this rank's rows of the global batch
   std::vector<Batch> batches_;     // one per micro-batch, reused every step
   Batch eval_batch_;
-  std::vector<double> routing_acc_;  // per-layer sums, all-reduced over the data group
+  // A step's statistics in backend memory: the model's (ModelStatsSlot, summed over the
+  // micro-batches, then all-reduced over the data group on the host copy) and the trainer's
+  // sums of squares (StepStatsSlot in trainer.cpp). Read back once per step.
+  DeviceArray<double> step_stats_;
+  std::vector<double> host_stats_;
   double step_flops_ = 0.0;
   int consecutive_skips_ = 0;
   int64_t inject_step_ = -1;

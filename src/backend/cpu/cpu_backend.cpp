@@ -75,11 +75,16 @@ void* CpuBackend::alloc_bytes(size_t bytes) {
 void CpuBackend::free_bytes(void* ptr) { std::free(ptr); }
 
 void CpuBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
+  count_host_sync();
   if (bytes > 0) std::memcpy(dst, src, bytes);
 }
 
 void CpuBackend::copy_to_device(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) std::memcpy(dst, src, bytes);
+}
+
+void CpuBackend::zero_bytes(void* x, size_t bytes) {
+  if (bytes > 0) std::memset(x, 0, bytes);
 }
 
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
@@ -154,11 +159,17 @@ void CpuBackend::scale(float* x, float alpha, int64_t n) {
 }
 
 double CpuBackend::sum(const float* x, int64_t n) {
+  count_host_sync();
   return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
                      [](float v) { return double(v); });
 }
 
 double CpuBackend::sum_squares(const float* x, int64_t n) {
+  count_host_sync();
+  return sum_squares_no_sync(x, n);
+}
+
+double CpuBackend::sum_squares_no_sync(const float* x, int64_t n) {
   return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
                      [](float v) { return double(v) * v; });
 }
@@ -173,10 +184,57 @@ void CpuBackend::sum_over_batch(float* out, const float* in, int batch, int64_t 
 }
 
 int64_t CpuBackend::count_nonfinite(const float* x, int64_t n) {
+  count_host_sync();
   int64_t count = 0;
 #pragma omp parallel for schedule(static) reduction(+ : count) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) count += std::isfinite(x[i]) ? 0 : 1;
   return count;
+}
+
+// ---- statistics accumulated in backend memory ---------------------------------------------------
+// The sums use the blocked order of sum / sum_squares, so a statistic read back here equals the
+// one those ops return.
+
+void CpuBackend::accumulate_sum_squares(double* acc, const float* x, int64_t n) {
+  acc[0] += sum_squares_no_sync(x, n);
+}
+
+void CpuBackend::accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
+                                            const int32_t* labels, int64_t N) {
+  const double loss_sum = blocked_sum(loss, N, scratch(size_t((N + kReduceBlock - 1) / kReduceBlock)),
+                                      [](float v) { return double(v); });
+  double lse_sq = 0.0, valid = 0.0;  // rows in order (N is a micro-batch's target tokens)
+  for (int64_t r = 0; r < N; ++r)
+    if (labels[r] >= 0) {
+      lse_sq += double(lse[r]) * lse[r];
+      valid += 1.0;
+    }
+  acc[0] += loss_sum;
+  acc[1] += lse_sq;
+  acc[2] += valid;
+}
+
+void CpuBackend::accumulate_router_statistics(double* acc, const float* lb, const float* lse,
+                                              const float* counts, int G, int S, int E, int C) {
+  const int64_t T = int64_t(G) * S;
+  const double lb_sum = blocked_sum(lb, G, scratch(size_t((G + kReduceBlock - 1) / kReduceBlock)),
+                                    [](float v) { return double(v); });
+  const double z_sum = sum_squares_no_sync(lse, T);
+  double dropped = 0.0;
+  for (int e = 0; e < E; ++e) {
+    double routed = 0.0;
+    for (int g = 0; g < G; ++g) {
+      const double c = counts[int64_t(g) * E + e];
+      routed += c;
+      dropped += std::max(0.0, c - C);
+    }
+    acc[5 + e] += routed;
+  }
+  acc[0] += lb_sum / G;
+  acc[1] += z_sum / double(T);
+  acc[2] += 1.0;
+  acc[3] += double(T);
+  acc[4] += dropped;
 }
 
 // ---- layout -----------------------------------------------------------------------------------

@@ -60,11 +60,16 @@ void* ReferenceBackend::alloc_bytes(size_t bytes) {
 void ReferenceBackend::free_bytes(void* ptr) { std::free(ptr); }
 
 void ReferenceBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
+  count_host_sync();
   if (bytes > 0) std::memcpy(dst, src, bytes);
 }
 
 void ReferenceBackend::copy_to_device(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) std::memcpy(dst, src, bytes);
+}
+
+void ReferenceBackend::zero_bytes(void* x, size_t bytes) {
+  if (bytes > 0) std::memset(x, 0, bytes);
 }
 
 void ReferenceBackend::copy(void* dst, const void* src, size_t bytes) {
@@ -121,12 +126,14 @@ void ReferenceBackend::scale(float* x, float alpha, int64_t n) {
 }
 
 double ReferenceBackend::sum(const float* x, int64_t n) {
+  count_host_sync();
   double acc = 0.0;
   for (int64_t i = 0; i < n; ++i) acc += x[i];
   return acc;
 }
 
 double ReferenceBackend::sum_squares(const float* x, int64_t n) {
+  count_host_sync();
   double acc = 0.0;
   for (int64_t i = 0; i < n; ++i) acc += double(x[i]) * x[i];
   return acc;
@@ -141,9 +148,56 @@ void ReferenceBackend::sum_over_batch(float* out, const float* in, int batch, in
 }
 
 int64_t ReferenceBackend::count_nonfinite(const float* x, int64_t n) {
+  count_host_sync();
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) count += std::isfinite(x[i]) ? 0 : 1;
   return count;
+}
+
+// ---- statistics accumulated in backend memory ---------------------------------------------------
+
+void ReferenceBackend::accumulate_sum_squares(double* acc, const float* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += double(x[i]) * x[i];
+  acc[0] += s;
+}
+
+void ReferenceBackend::accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
+                                                  const int32_t* labels, int64_t N) {
+  double loss_sum = 0.0, lse_sq = 0.0, valid = 0.0;
+  for (int64_t r = 0; r < N; ++r) {
+    loss_sum += loss[r];
+    if (labels[r] >= 0) {
+      lse_sq += double(lse[r]) * lse[r];
+      valid += 1.0;
+    }
+  }
+  acc[0] += loss_sum;
+  acc[1] += lse_sq;
+  acc[2] += valid;
+}
+
+void ReferenceBackend::accumulate_router_statistics(double* acc, const float* lb, const float* lse,
+                                                    const float* counts, int G, int S, int E,
+                                                    int C) {
+  const int64_t T = int64_t(G) * S;
+  double lb_sum = 0.0, z_sum = 0.0, dropped = 0.0;
+  for (int g = 0; g < G; ++g) lb_sum += lb[g];
+  for (int64_t t = 0; t < T; ++t) z_sum += double(lse[t]) * lse[t];
+  for (int e = 0; e < E; ++e) {
+    double routed = 0.0;
+    for (int g = 0; g < G; ++g) {
+      const double c = counts[int64_t(g) * E + e];
+      routed += c;
+      dropped += std::max(0.0, c - C);
+    }
+    acc[5 + e] += routed;
+  }
+  acc[0] += lb_sum / G;
+  acc[1] += z_sum / double(T);
+  acc[2] += 1.0;
+  acc[3] += double(T);
+  acc[4] += dropped;
 }
 
 // ---- layout -----------------------------------------------------------------------------------

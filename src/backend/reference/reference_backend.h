@@ -18,6 +18,7 @@ class ReferenceBackend final : public Backend {
   void copy_to_device(void* dst, const void* src, size_t bytes) override;
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill(float* x, float value, int64_t n) override;
+  void zero_bytes(void* x, size_t bytes) override;
 
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C,
@@ -30,6 +31,11 @@ class ReferenceBackend final : public Backend {
   double sum_squares(const float* x, int64_t n) override;
   void sum_over_batch(float* out, const float* in, int batch, int64_t n) override;
   int64_t count_nonfinite(const float* x, int64_t n) override;
+  void accumulate_sum_squares(double* acc, const float* x, int64_t n) override;
+  void accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
+                                  const int32_t* labels, int64_t N) override;
+  void accumulate_router_statistics(double* acc, const float* lb, const float* lse,
+                                    const float* counts, int G, int S, int E, int C) override;
 
   void permute_0213(float* out, const float* in, int A, int B, int C, int D) override;
 
