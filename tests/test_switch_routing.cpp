@@ -51,7 +51,8 @@ TEST_P(Routing, HandWorkedGroup) {
   EXPECT_NEAR(gates[3], 0.5, 1e-6);
   const std::vector<float> p = download(*be, probs.data(), T * E);
   const std::vector<double> expected_probs = {s(2), s(-2), s(-1), s(1), s(1), s(-1), 0.5, 0.5};
-  for (int i = 0; i < T * E; ++i) EXPECT_NEAR(p[i], expected_probs[i], 1e-6) << "probs[" << i << "]";
+  for (int i = 0; i < T * E; ++i)
+    EXPECT_NEAR(p[i], expected_probs[i], 1e-6) << "probs[" << i << "]";
   const double P0 = (s(2) + s(-1) + s(1) + 0.5) / 4, P1 = (s(-2) + s(1) + s(-1) + 0.5) / 4;
   const float lb_code = download(*be, lb.data(), 1)[0];
   EXPECT_NEAR(lb_code, 2.0 * (0.75 * P0 + 0.25 * P1), 1e-6);
