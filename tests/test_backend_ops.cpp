@@ -1,15 +1,43 @@
-// Every op of backend/backend.h (but the optimizer updates, tested in test_optimizer.cpp):
-//  1. the reference backend against hand-computed values and finite differences;
-//  2. the CPU backend against the reference over several shapes, odd sizes included;
-//  3. the CPU backend's non-GEMM ops bitwise equal under different OpenMP thread counts.
+// Every op of backend/backend.h, on every backend:
+//  1. ReferenceOps: the reference backend against hand-computed values and finite differences.
+//  2. BackendVsReference: each backend of kBackendsUnderTest against the reference (the oracle:
+//     plain loops, double accumulation) over several shapes, odd sizes included. Inputs are
+//     random, every output is poisoned before every call, tolerances come from tolerance_for().
+//  3. EveryBackend: what each backend, the reference included, must do on its own (memory,
+//     NaN in C with beta = 0, dropout and jitter statistics, count_nonfinite, make_backend).
+//  4. CpuThreads: the CPU backend's non-GEMM ops bitwise equal under different OpenMP thread
+//     counts.
+// The optimizer updates are also checked against a host model over several steps in
+// test_optimizer.cpp.
+//
+// Where each Backend method is checked against the reference (section 2); a new method adds a
+// case and a line here:
+//   alloc_bytes free_bytes            EveryBackend.AllocIsZeroedAndAligned
+//   copy_to_host copy_to_device copy  EveryBackend.CopiesRoundTrip, Copy
+//   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise
+//   gemm                              Gemm
+//   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
+//   permute_0213                      Permute
+//   embedding_forward/backward        Embedding
+//   rmsnorm_forward/backward          Rmsnorm
+//   attention_softmax_forward softmax_backward   AttentionSoftmax
+//   relpos_bias_forward/backward      RelposBias
+//   cross_entropy_forward/backward    CrossEntropy
+//   router_forward router_balance_loss router_backward moe_dispatch(_backward)
+//   moe_combine(_backward)            RouterAndDispatch
+//   adamw_update adafactor_update     AdamW, Adafactor
+//   synchronize                       no output of its own (host backends: a no-op)
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -29,47 +57,110 @@ using testing::random_int_vector;
 using testing::random_vector;
 using testing::upload;
 
-// ---- tolerances: fp32 backends against the double-accumulating reference ----------------------
+// ---- the backends under test --------------------------------------------------------------------
+// Each backend named here runs every case of section 2 against the reference backend, and every
+// case of section 3. A new backend (CUDA) is one more name, built by make_backend.
+const std::vector<std::string> kBackendsUnderTest = {"cpu"};
+
+// The reference and every backend under test.
+std::vector<std::string> all_backends() {
+  std::vector<std::string> names = {"reference"};
+  names.insert(names.end(), kBackendsUnderTest.begin(), kBackendsUnderTest.end());
+  return names;
+}
+
+std::string param_name(const ::testing::TestParamInfo<std::string>& info) { return info.param; }
+
+// ---- tolerances per dtype, against the double-accumulating reference ----------------------------
+// The dtypes a backend computes in. Every backend computes in fp32 today.
+enum class DType { fp32 };
+
 struct Tolerance {
   double rtol, atol;
 };
-// Elementwise ops and short reductions.
-constexpr Tolerance kFp32{1e-5, 1e-6};
-// An output that sums `terms` O(1) products in float carries rounding error up to about
-// terms * 2^-24 times its magnitude; atol grows with the number of terms.
-constexpr Tolerance fp32_sum_of(int64_t terms) { return {1e-5, 1e-6 + 6e-8 * double(terms)}; }
+
+struct DTypeTolerance {
+  Tolerance elementwise;   // elementwise ops and short reductions
+  double atol_per_term;    // an output that sums `terms` O(1) products carries rounding error up
+                           // to about terms * unit roundoff times its magnitude
+};
+
+// The one table of tolerances (as TransformerEngine's getTolerances). Every comparison with the
+// reference in section 2 derives its tolerance from here.
+DTypeTolerance tolerance_for(DType dtype) {
+  switch (dtype) {
+    case DType::fp32:
+      return {{1e-5, 1e-6}, 6e-8};  // 6e-8 ~ 2^-24, fp32's unit roundoff
+    // DType::bf16: its entry comes with the bf16 work, measured against the reference there.
+  }
+  throw std::logic_error("tolerance_for: no entry for this dtype");
+}
+
+Tolerance elementwise_tolerance(DType dtype) { return tolerance_for(dtype).elementwise; }
+
+// For outputs that sum `terms` O(1) products: atol grows with the number of terms.
+Tolerance sum_tolerance(DType dtype, int64_t terms) {
+  const DTypeTolerance t = tolerance_for(dtype);
+  return {t.elementwise.rtol, t.elementwise.atol + t.atol_per_term * double(terms)};
+}
+
+// Pure data movement (permute, copy) is exact in every dtype.
+constexpr Tolerance kExact{0, 0};
+
 // Finite differences on the reference (central, step kFdStep, float outputs).
 constexpr Tolerance kFiniteDifference{2e-3, 2e-3};
 constexpr float kFdStep = 1e-2f;
 
-// ---- harness
-// -------------------------------------------------------------------------------------
+// ---- poisoned outputs ---------------------------------------------------------------------------
+// Before every call, each output an op must assign is filled with a NaN bit pattern (kPoisonInt
+// for int32 outputs) rather than left as alloc_bytes' zeros: an op that skips part of its output
+// would otherwise still pass wherever the right answer is 0. all_close fails on any NaN, and
+// to_float maps kPoisonInt to NaN, so an unwritten entry fails the comparison even when the
+// reference leaves it unwritten too.
+constexpr uint32_t kPoisonBits = 0x7FC0DEADu;  // a quiet NaN with a recognisable payload
+constexpr int32_t kPoisonInt = int32_t(kPoisonBits);
+
+template <class T>
+void poison(Backend& be, T* ptr, int64_t n) {
+  static_assert(sizeof(T) == sizeof(uint32_t));
+  const std::vector<uint32_t> bits(n, kPoisonBits);
+  if (n > 0) be.copy_to_device(ptr, bits.data(), sizeof(uint32_t) * n);
+}
+
+// A poisoned output array of n elements.
+template <class T>
+DeviceArray<T> poisoned(Backend& be, int64_t n) {
+  DeviceArray<T> a(be, n);
+  poison(be, a.data(), n);
+  return a;
+}
+
+const float kPoisonFloat = std::bit_cast<float>(kPoisonBits);
+
 using Outputs = std::vector<std::vector<float>>;
 
-std::vector<float> to_float(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
+std::vector<float> to_float(const std::vector<int32_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i)
+    f[i] = v[i] == kPoisonInt ? std::numeric_limits<float>::quiet_NaN() : float(v[i]);
+  return f;
+}
 
-class BackendOps : public ::testing::Test {
- protected:
-  ReferenceBackend ref_;
-  CpuBackend cpu_;
-
-  // Runs op on both backends and compares every output of the CPU with the reference's.
-  void expect_cpu_matches_reference(const std::function<Outputs(Backend&)>& op, Tolerance tol,
-                                    const std::string& what) {
-    Outputs expected = op(ref_);
-    Outputs actual = op(cpu_);
-    ASSERT_EQ(expected.size(), actual.size()) << what;
-    for (size_t i = 0; i < expected.size(); ++i)
-      EXPECT_TRUE(all_close(actual[i], expected[i], tol.rtol, tol.atol))
-          << what << ", output " << i;
-  }
-};
+// Positive random values in [lo, hi) (second moments, Adafactor statistics).
+std::vector<float> random_positive(int64_t n, uint64_t seed, float lo = 0.1f, float hi = 2.0f) {
+  return random_vector(n, seed, lo, hi);
+}
 
 // ================================================================================================
 // 1. The reference against hand-computed values
 // ================================================================================================
 
-TEST_F(BackendOps, ReferenceGemm2x2EveryTranspose) {
+class ReferenceOps : public ::testing::Test {
+ protected:
+  ReferenceBackend ref_;
+};
+
+TEST_F(ReferenceOps, Gemm2x2EveryTranspose) {
   // A = [1 2; 3 4], B = [5 6; 7 8]
   const std::vector<float> a = {1, 2, 3, 4}, b = {5, 6, 7, 8};
   struct Case {
@@ -96,22 +187,8 @@ TEST_F(BackendOps, ReferenceGemm2x2EveryTranspose) {
   }
 }
 
-TEST_F(BackendOps, GemmBetaZeroIgnoresNaNInC) {
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-    for (int batch : {1, 4}) {
-      auto A = upload(*be, random_vector(3 * 5 * batch, 1));
-      auto B = upload(*be, random_vector(5 * 7 * batch, 2));
-      auto C = upload(*be, std::vector<float>(3 * 7 * batch, nan));
-      be->gemm(false, false, 3, 7, 5, 1.0f, A.data(), 5, 15, B.data(), 7, 35, 0.0f, C.data(), 7, 21,
-               batch);
-      EXPECT_EQ(be->count_nonfinite(C.data(), 3 * 7 * batch), 0)
-          << be->name() << " batch " << batch;
-    }
-  }
-}
 
-TEST_F(BackendOps, ReferenceAttentionSoftmaxMaskedAndCausal) {
+TEST_F(ReferenceOps, AttentionSoftmaxMaskedAndCausal) {
   // B=2, H=1, Tq=3, Tk=3. Batch 0 masks key 1; batch 1 masks every key.
   // clang-format off
   const std::vector<float> scores = {0.0f, 5.0f, std::log(3.0f),   // batch 0
@@ -156,7 +233,7 @@ TEST_F(BackendOps, ReferenceAttentionSoftmaxMaskedAndCausal) {
   EXPECT_TRUE(all_close(p, {0.5f, 0.0f, 0.5f}, 1e-6, 1e-7));
 }
 
-TEST_F(BackendOps, ReferenceRouterSlotsAndDropping) {
+TEST_F(ReferenceOps, RouterSlotsAndDropping) {
   // G=2 groups of S=4 tokens, E=3 experts. Top-1 experts: group 0 -> 0,1,0,0; group 1 ->
   // 2,2,0,2 where token 2 of group 1 ties experts 0 and 1 (lowest index wins).
   // clang-format off
@@ -167,8 +244,6 @@ TEST_F(BackendOps, ReferenceRouterSlotsAndDropping) {
   // clang-format on
   const std::vector<int32_t> expected_expert = {0, 1, 0, 0, 2, 2, 0, 2};
   const std::vector<float> expected_counts = {3, 1, 0, 1, 0, 3};  // [G,E], before dropping
-  // Position of each token among earlier same-expert tokens in its group.
-  const std::vector<int> position = {0, 0, 1, 2, 0, 1, 0, 2};
   for (int C : {1, 2}) {
     auto L = upload(ref_, logits);
     DeviceArray<float> probs(ref_, 24), lse(ref_, 8), gate(ref_, 8), counts(ref_, 6);
@@ -177,12 +252,20 @@ TEST_F(BackendOps, ReferenceRouterSlotsAndDropping) {
                         counts.data(), L.data(), 2, 4, 3, C);
     EXPECT_EQ(download(ref_, expert.data(), 8), expected_expert);
     EXPECT_EQ(download(ref_, counts.data(), 6), expected_counts);
-    std::vector<int32_t> expected_slot(8);
-    for (int t = 0; t < 8; ++t) expected_slot[t] = position[t] < C ? (t / 4) * C + position[t] : -1;
-    EXPECT_EQ(download(ref_, slot.data(), 8), expected_slot) << "capacity " << C;
+    const std::vector<int32_t> slot_code = download(ref_, slot.data(), 8);
+    // By hand (slot = g*C + position, position = earlier same-expert tokens of the group):
+    // group 0 experts 0,1,0,0 have positions 0,0,1,2; group 1 experts 2,2,0,2 have 0,1,0,2.
     const std::vector<int32_t> by_hand = C == 1 ? std::vector<int32_t>{0, 0, -1, -1, 1, -1, 1, -1}
                                                 : std::vector<int32_t>{0, 0, 1, -1, 2, 3, 2, -1};
-    EXPECT_EQ(expected_slot, by_hand);
+    EXPECT_EQ(slot_code, by_hand) << "capacity " << C;
+    // The same rule applied by a counting loop to the expected experts.
+    std::vector<int32_t> counted(8);
+    for (int t = 0; t < 8; ++t) {
+      int position = 0;
+      for (int u = (t / 4) * 4; u < t; ++u) position += expected_expert[u] == expected_expert[t];
+      counted[t] = position < C ? (t / 4) * C + position : -1;
+    }
+    EXPECT_EQ(slot_code, counted) << "capacity " << C;
     // Token 0: softmax(2,0,0) = e^2 / (e^2 + 2); lse = log(e^2 + 2).
     auto g = download(ref_, gate.data(), 8);
     auto l = download(ref_, lse.data(), 8);
@@ -192,7 +275,7 @@ TEST_F(BackendOps, ReferenceRouterSlotsAndDropping) {
   }
 }
 
-TEST_F(BackendOps, ReferenceRouterBalanceLossUniformIsOne) {
+TEST_F(ReferenceOps, RouterBalanceLossUniformIsOne) {
   // Uniform probabilities and a balanced assignment give lb = E * sum_e (1/E)(1/E) = 1.
   const int G = 1, S = 4, E = 4;
   auto probs = upload(ref_, std::vector<float>(S * E, 0.25f));
@@ -209,7 +292,7 @@ TEST_F(BackendOps, ReferenceRouterBalanceLossUniformIsOne) {
   EXPECT_NEAR(download(ref_, lb.data(), 1)[0], float(E), 1e-6);
 }
 
-TEST_F(BackendOps, ReferenceCrossEntropyWithIgnoredLabel) {
+TEST_F(ReferenceOps, CrossEntropyWithIgnoredLabel) {
   // Row 0: logits (0, ln 3), label 1: lse = ln 4, loss = ln 4 - ln 3. Row 1: ignored (-100).
   const std::vector<float> logits = {0.0f, std::log(3.0f), 1.0f, 1.0f};
   const std::vector<int32_t> labels = {1, -100};
@@ -232,7 +315,7 @@ TEST_F(BackendOps, ReferenceCrossEntropyWithIgnoredLabel) {
                         1e-7));
 }
 
-TEST_F(BackendOps, ReferenceRmsnormByHand) {
+TEST_F(ReferenceOps, RmsnormByHand) {
   // x = (3, 4): mean x^2 = 12.5; w = (1, 2); eps = 0.
   auto X = upload(ref_, std::vector<float>{3, 4});
   auto W = upload(ref_, std::vector<float>{1, 2});
@@ -243,7 +326,7 @@ TEST_F(BackendOps, ReferenceRmsnormByHand) {
   EXPECT_TRUE(all_close(download(ref_, out.data(), 2), {float(3 * r), float(8 * r)}, 1e-7, 0));
 }
 
-TEST_F(BackendOps, ReferenceEmbeddingBackwardAccumulatesRepeats) {
+TEST_F(ReferenceOps, EmbeddingBackwardAccumulatesRepeats) {
   // V=3, D=2; ids (2, 0, 2): row 2 receives tokens 0 and 2, row 1 nothing; dtable starts at 1.
   auto ids = upload(ref_, std::vector<int32_t>{2, 0, 2});
   auto dout = upload(ref_, std::vector<float>{1, 2, 3, 4, 5, 6});
@@ -252,7 +335,26 @@ TEST_F(BackendOps, ReferenceEmbeddingBackwardAccumulatesRepeats) {
   EXPECT_EQ(download(ref_, dtable.data(), 6), (std::vector<float>{4, 5, 1, 1, 7, 9}));
 }
 
-TEST_F(BackendOps, ReferenceMoeDispatchCombineByHand) {
+TEST_F(ReferenceOps, PermuteByIndexFormula) {
+  // out[a,c,b,d] = in[a,b,c,d] for in of shape [A,B,C,D] = [2,3,5,7], every element.
+  const int A = 2, B = 3, C = 5, D = 7, n = A * B * C * D;
+  const auto x = random_vector(n, 41);
+  auto X = upload(ref_, x);
+  auto out = poisoned<float>(ref_, n), back = poisoned<float>(ref_, n);
+  ref_.permute_0213(out.data(), X.data(), A, B, C, D);
+  const auto o = download(ref_, out.data(), n);
+  for (int a = 0; a < A; ++a)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < C; ++c)
+        for (int d = 0; d < D; ++d)
+          ASSERT_EQ(o[((a * C + c) * B + b) * D + d], x[((a * B + b) * C + c) * D + d])
+              << a << "," << b << "," << c << "," << d;
+  // Its own inverse with B and C swapped.
+  ref_.permute_0213(back.data(), out.data(), A, C, B, D);
+  EXPECT_EQ(download(ref_, back.data(), n), x);
+}
+
+TEST_F(ReferenceOps, MoeDispatchCombineByHand) {
   // T=3, D=2, E=2, GC=2: token 0 -> (1, 0), token 1 dropped, token 2 -> (0, 1).
   auto x = upload(ref_, std::vector<float>{1, 2, 3, 4, 5, 6});
   auto expert = upload(ref_, std::vector<int32_t>{1, 0, 0});
@@ -274,82 +376,6 @@ TEST_F(BackendOps, ReferenceMoeDispatchCombineByHand) {
   EXPECT_EQ(download(ref_, dgate.data(), 3), (std::vector<float>{3, 0, -1}));
 }
 
-TEST_F(BackendOps, DropoutZeroProbabilityIsIdentity) {
-  const auto x = random_vector(1001, 5);
-  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-    auto X = upload(*be, x);
-    DeviceArray<float> out(*be, 1001);
-    be->dropout(out.data(), X.data(), 1001, 0.0f, 42);
-    EXPECT_EQ(download(*be, out.data(), 1001), x) << be->name();
-    be->dropout(X.data(), X.data(), 1001, 0.0f, 42);  // in place
-    EXPECT_EQ(download(*be, X.data(), 1001), x) << be->name();
-  }
-}
-
-TEST_F(BackendOps, DropoutPreservesMeanAndDropsFractionP) {
-  const int64_t n = 1 << 20;
-  const float p = 0.1f;
-  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-    DeviceArray<float> x(*be, n);
-    be->fill(x.data(), 1.0f, n);
-    be->dropout(x.data(), x.data(), n, p, 1234);
-    auto h = download(*be, x.data(), n);
-    int64_t zeros = 0;
-    for (float v : h) {
-      zeros += v == 0.0f;
-      if (v != 0.0f) {
-        EXPECT_NEAR(v, 1.0f / (1.0f - p), 1e-6);
-      }
-    }
-    // Standard errors: the mean sqrt(p/(1-p)/n) ~ 3e-4, the drop fraction sqrt(p(1-p)/n) ~ 3e-4.
-    EXPECT_NEAR(be->sum(x.data(), n) / double(n), 1.0, 2e-3) << be->name();
-    EXPECT_NEAR(double(zeros) / double(n), p, 2e-3) << be->name();
-  }
-}
-
-TEST_F(BackendOps, UniformJitterStaysInRange) {
-  const int64_t n = 100000;
-  const float eps = 0.01f;
-  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-    DeviceArray<float> x(*be, n);
-    be->fill(x.data(), 1.0f, n);
-    be->uniform_jitter(x.data(), x.data(), n, eps, 99);
-    auto h = download(*be, x.data(), n);
-    float lo = 2, hi = 0;
-    for (float v : h) lo = std::min(lo, v), hi = std::max(hi, v);
-    EXPECT_GE(lo, 1.0f - eps) << be->name();
-    EXPECT_LE(hi, 1.0f + eps) << be->name();
-    EXPECT_LT(lo, 1.0f - 0.99f * eps) << be->name();  // the range is actually covered
-    EXPECT_GT(hi, 1.0f + 0.99f * eps) << be->name();
-    EXPECT_NEAR(be->sum(x.data(), n) / double(n), 1.0, 1e-4) << be->name();
-  }
-}
-
-TEST_F(BackendOps, MakeBackendByName) {
-  EXPECT_EQ(make_backend("reference")->name(), "reference");
-  EXPECT_EQ(make_backend("cpu")->name(), "cpu");
-  try {
-    make_backend("cuda9");
-    FAIL() << "expected UserError";
-  } catch (const UserError& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find("cuda9"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("reference"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("cpu"), std::string::npos) << msg;
-  }
-}
-
-TEST_F(BackendOps, AllocIsZeroedAndAligned) {
-  for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-    for (size_t bytes : {size_t{1}, size_t{4}, size_t{100}, size_t{4096 + 4}}) {
-      void* p = be->alloc_bytes(bytes);
-      EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u) << be->name();
-      const auto* c = static_cast<const unsigned char*>(p);
-      for (size_t i = 0; i < bytes; ++i) ASSERT_EQ(c[i], 0) << be->name() << " byte " << i;
-      be->free_bytes(p);
-    }
-  }
-}
 
 // ================================================================================================
 // 1b. Reference backwards against central finite differences of the reference forwards
@@ -376,7 +402,7 @@ double dot(const std::vector<float>& a, const std::vector<float>& b) {
   return acc;
 }
 
-TEST_F(BackendOps, ReferenceRmsnormBackwardMatchesFiniteDifferences) {
+TEST_F(ReferenceOps, RmsnormBackwardMatchesFiniteDifferences) {
   const int N = 3, D = 7;
   const float eps = 1e-6f;
   const auto x = random_vector(N * D, 1), w = random_vector(D, 2, 0.5f, 1.5f),
@@ -397,7 +423,7 @@ TEST_F(BackendOps, ReferenceRmsnormBackwardMatchesFiniteDifferences) {
                              download(ref_, dw.data(), D), "rmsnorm dw");
 }
 
-TEST_F(BackendOps, ReferenceSoftmaxBackwardMatchesFiniteDifferences) {
+TEST_F(ReferenceOps, SoftmaxBackwardMatchesFiniteDifferences) {
   const int B = 2, H = 2, Tq = 3, Tk = 4;
   const int64_t n = int64_t(B) * H * Tq * Tk;
   const auto scores = random_vector(n, 4, -2, 2), bias = random_vector(H * Tq * Tk, 5);
@@ -422,7 +448,7 @@ TEST_F(BackendOps, ReferenceSoftmaxBackwardMatchesFiniteDifferences) {
   }
 }
 
-TEST_F(BackendOps, ReferenceGatedGeluBackwardMatchesFiniteDifferences) {
+TEST_F(ReferenceOps, GatedGeluBackwardMatchesFiniteDifferences) {
   const int n = 33;
   const auto a = random_vector(n, 7, -3, 3), b = random_vector(n, 8), r = random_vector(n, 9);
   auto forward = [&](const std::vector<float>& av, const std::vector<float>& bv) {
@@ -440,7 +466,7 @@ TEST_F(BackendOps, ReferenceGatedGeluBackwardMatchesFiniteDifferences) {
                              download(ref_, db.data(), n), "gated gelu db");
 }
 
-TEST_F(BackendOps, ReferenceCrossEntropyBackwardMatchesFiniteDifferences) {
+TEST_F(ReferenceOps, CrossEntropyBackwardMatchesFiniteDifferences) {
   const int N = 4, V = 5;
   const float scale = 0.5f, z_coef = 0.3f;
   const auto logits = random_vector(N * V, 10, -2, 2);
@@ -464,7 +490,7 @@ TEST_F(BackendOps, ReferenceCrossEntropyBackwardMatchesFiniteDifferences) {
   expect_gradient_matches_fd(objective, logits, download(ref_, dl.data(), N * V), "cross entropy");
 }
 
-TEST_F(BackendOps, ReferenceRouterBackwardMatchesFiniteDifferences) {
+TEST_F(ReferenceOps, RouterBackwardMatchesFiniteDifferences) {
   const int G = 2, S = 5, E = 3, C = 2, T = G * S;
   const float lb_scale = 0.7f, z_scale = 0.2f;
   // Each token's top expert leads by at least 0.5, so no finite-difference step changes the
@@ -500,10 +526,37 @@ TEST_F(BackendOps, ReferenceRouterBackwardMatchesFiniteDifferences) {
 }
 
 // ================================================================================================
-// 2. CPU against the reference
+// 2. Every backend under test against the reference
 // ================================================================================================
 
-TEST_F(BackendOps, CpuGemmMatchesReference) {
+class BackendVsReference : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { be_ = make_backend(GetParam()); }
+
+  // The dtype the backend under test computes in (fp32 for every backend today).
+  DType dtype() const { return DType::fp32; }
+  Tolerance elementwise() const { return elementwise_tolerance(dtype()); }
+  Tolerance sum_of(int64_t terms) const { return sum_tolerance(dtype(), terms); }
+
+  // Runs op on the reference and on the backend under test and compares every output.
+  void expect_matches_reference(const std::function<Outputs(Backend&)>& op, Tolerance tol,
+                                const std::string& what) {
+    const Outputs expected = op(*ref_);
+    const Outputs actual = op(*be_);
+    ASSERT_EQ(expected.size(), actual.size()) << what;
+    for (size_t i = 0; i < expected.size(); ++i)
+      EXPECT_TRUE(all_close(actual[i], expected[i], tol.rtol, tol.atol))
+          << GetParam() << " vs reference: " << what << ", output " << i;
+  }
+
+  std::unique_ptr<Backend> ref_ = make_backend("reference");
+  std::unique_ptr<Backend> be_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendVsReference, ::testing::ValuesIn(kBackendsUnderTest),
+                         param_name);
+
+TEST_P(BackendVsReference, Gemm) {
   struct Dims {
     int M, N, K;
   };
@@ -519,32 +572,37 @@ TEST_F(BackendOps, CpuGemmMatchesReference) {
           const int lda = (ta ? d.M : d.K) + 3, ldb = (tb ? d.K : d.N) + 2, ldc = d.N + 1;
           const int64_t sa = int64_t(ta ? d.K : d.M) * lda + 5,
                         sb = int64_t(tb ? d.N : d.K) * ldb + 1, sc = int64_t(d.M) * ldc + 2;
-          const auto a = random_vector(sa * batch, ++seed), b = random_vector(sb * batch, ++seed),
-                     c = random_vector(sc * batch, ++seed);
+          const auto a = random_vector(sa * batch, ++seed), b = random_vector(sb * batch, ++seed);
+          auto c = random_vector(sc * batch, ++seed);
+          // beta = 0: C is a pure output, poisoned; its padding stays random and must be left
+          // untouched. beta != 0: C is an input too.
+          if (beta == 0.0f)
+            for (int bi = 0; bi < batch; ++bi)
+              for (int i = 0; i < d.M; ++i)
+                for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
           auto op = [&](Backend& be) -> Outputs {
             auto A = upload(be, a), B = upload(be, b), Cm = upload(be, c);
             be.gemm(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), lda, sa, B.data(), ldb, sb, beta,
                     Cm.data(), ldc, sc, batch);
             return {download(be, Cm.data(), sc * batch)};  // padding must be left untouched too
           };
-          expect_cpu_matches_reference(
-              op, fp32_sum_of(d.K),
-              fmt::format("gemm M={} N={} K={} batch={} trans={}{} beta={}", d.M, d.N, d.K, batch,
-                          ta, tb, beta));
+          expect_matches_reference(op, sum_of(d.K),
+                                   fmt::format("gemm M={} N={} K={} batch={} trans={}{} beta={}",
+                                               d.M, d.N, d.K, batch, ta, tb, beta));
         }
       }
     }
   }
 }
 
-TEST_F(BackendOps, CpuElementwiseMatchReference) {
+TEST_P(BackendVsReference, Elementwise) {
   for (int64_t n : {1, 3, 7, 33, 100003}) {
     const auto x = random_vector(n, 1, -3, 3), y = random_vector(n, 2, -3, 3);
     const std::string at = fmt::format(" n={}", n);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto X = upload(be, x), Y = upload(be, y);
-          DeviceArray<float> out(be, n);
+          auto out = poisoned<float>(be, n);
           be.add(out.data(), X.data(), Y.data(), n);
           auto sum_out = download(be, out.data(), n);
           be.add(X.data(), X.data(), Y.data(), n);  // aliasing a
@@ -553,92 +611,92 @@ TEST_F(BackendOps, CpuElementwiseMatchReference) {
           auto ax = download(be, Y.data(), n);
           be.scale(Y.data(), 3.5f, n);
           auto sc = download(be, Y.data(), n);
+          poison(be, out.data(), n);
           be.fill(out.data(), -2.5f, n);
           return {sum_out, alias, ax, sc, download(be, out.data(), n)};
         },
-        kFp32, "add/axpy/scale/fill" + at);
-    expect_cpu_matches_reference(
+        elementwise(), "add/axpy/scale/fill" + at);
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto X = upload(be, x), Y = upload(be, y);
-          DeviceArray<float> out(be, n), dx(be, n);
+          auto out = poisoned<float>(be, n), dx = poisoned<float>(be, n);
           be.relu_forward(out.data(), X.data(), n);
           be.relu_backward(dx.data(), Y.data(), X.data(), n);
           auto fwd = download(be, out.data(), n), bwd = download(be, dx.data(), n);
-          be.relu_forward(X.data(), X.data(), n);  // in place
-          return {fwd, bwd, download(be, X.data(), n)};
+          be.relu_backward(Y.data(), Y.data(), X.data(), n);  // dx aliasing dout
+          be.relu_forward(X.data(), X.data(), n);             // in place
+          return {fwd, bwd, download(be, Y.data(), n), download(be, X.data(), n)};
         },
-        kFp32, "relu" + at);
+        elementwise(), "relu" + at);
     const auto g = random_vector(n, 3);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto A = upload(be, x), B = upload(be, y), G = upload(be, g);
-          DeviceArray<float> out(be, n), da(be, n), db(be, n);
+          auto out = poisoned<float>(be, n), da = poisoned<float>(be, n),
+               db = poisoned<float>(be, n);
           be.gated_gelu_forward(out.data(), A.data(), B.data(), n);
           be.gated_gelu_backward(da.data(), db.data(), G.data(), A.data(), B.data(), n);
           return {download(be, out.data(), n), download(be, da.data(), n),
                   download(be, db.data(), n)};
         },
-        kFp32, "gated gelu" + at);
-    expect_cpu_matches_reference(
+        elementwise(), "gated gelu" + at);
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto X = upload(be, x);
-          DeviceArray<float> out(be, n), jit(be, n);
+          auto out = poisoned<float>(be, n), jit = poisoned<float>(be, n),
+               jit_at = poisoned<float>(be, n);
           be.dropout(out.data(), X.data(), n, 0.3f, 777);
           be.uniform_jitter(jit.data(), X.data(), n, 0.01f, 778);
-          auto d = download(be, out.data(), n), j = download(be, jit.data(), n);
+          be.uniform_jitter(jit_at.data(), X.data(), n, 0.05f, 779, /*offset=*/12345);
+          auto d = download(be, out.data(), n), j = download(be, jit.data(), n),
+               ja = download(be, jit_at.data(), n);
           be.dropout(X.data(), X.data(), n, 0.3f, 777);  // in place
-          return {d, j, download(be, X.data(), n)};
+          return {d, j, ja, download(be, X.data(), n)};
         },
-        kFp32, "dropout/jitter" + at);
+        elementwise(), "dropout/jitter" + at);
   }
 }
 
-TEST_F(BackendOps, CpuReductionsMatchReference) {
-  for (int64_t n : {1, 3, 7, 33, 16384, 16385, 1000003}) {
-    auto x = random_vector(n, 20 + n, -2, 2);
-    // sum and sum_squares go through double on both backends: only summation order differs.
-    double ref_sum, cpu_sum, ref_ss, cpu_ss;
-    {
-      auto X = upload(ref_, x);
-      ref_sum = ref_.sum(X.data(), n);
-      ref_ss = ref_.sum_squares(X.data(), n);
-    }
-    {
-      auto X = upload(cpu_, x);
-      cpu_sum = cpu_.sum(X.data(), n);
-      cpu_ss = cpu_.sum_squares(X.data(), n);
-    }
-    EXPECT_NEAR(cpu_sum, ref_sum, 1e-12 * double(n)) << "sum n=" << n;
-    EXPECT_NEAR(cpu_ss, ref_ss, 1e-12 * double(n)) << "sum_squares n=" << n;
+TEST_P(BackendVsReference, Copy) {
+  for (int64_t n : {1, 7, 100003}) {
+    const auto x = random_vector(n, 4);
+    expect_matches_reference(
+        [&](Backend& be) -> Outputs {
+          auto X = upload(be, x);
+          auto out = poisoned<float>(be, n);
+          be.copy(out.data(), X.data(), sizeof(float) * n);
+          return {download(be, out.data(), n)};
+        },
+        kExact, fmt::format("copy n={}", n));
+  }
+}
 
-    // count_nonfinite with a NaN, +Inf and -Inf sprinkled in.
-    int64_t expected = 0;
-    for (int64_t i = 0; i < n; i += 997) {
-      x[i] = (i / 997) % 3 == 0   ? std::numeric_limits<float>::quiet_NaN()
-             : (i / 997) % 3 == 1 ? std::numeric_limits<float>::infinity()
-                                  : -std::numeric_limits<float>::infinity();
-      ++expected;
-    }
-    for (Backend* be : {static_cast<Backend*>(&ref_), static_cast<Backend*>(&cpu_)}) {
-      auto X = upload(*be, x);
-      EXPECT_EQ(be->count_nonfinite(X.data(), n), expected) << be->name() << " n=" << n;
-    }
+TEST_P(BackendVsReference, Reductions) {
+  for (int64_t n : {1, 3, 7, 33, 16384, 16385, 1000003}) {
+    const auto x = random_vector(n, 20 + n, -2, 2);
+    // sum and sum_squares go through double on every backend: only summation order differs.
+    auto X = upload(*ref_, x), Xb = upload(*be_, x);
+    EXPECT_NEAR(be_->sum(Xb.data(), n), ref_->sum(X.data(), n), 1e-12 * double(n))
+        << "sum n=" << n;
+    EXPECT_NEAR(be_->sum_squares(Xb.data(), n), ref_->sum_squares(X.data(), n),
+                1e-12 * double(n))
+        << "sum_squares n=" << n;
   }
   for (int batch : {1, 3, 33}) {
     for (int64_t n : {1, 7, 33, 5000}) {
       const auto in = random_vector(batch * n, 30), out0 = random_vector(n, 31);
-      expect_cpu_matches_reference(
+      expect_matches_reference(
           [&](Backend& be) -> Outputs {
-            auto In = upload(be, in), Out = upload(be, out0);
+            auto In = upload(be, in), Out = upload(be, out0);  // accumulates into Out
             be.sum_over_batch(Out.data(), In.data(), batch, n);
             return {download(be, Out.data(), n)};
           },
-          kFp32, fmt::format("sum_over_batch batch={} n={}", batch, n));
+          elementwise(), fmt::format("sum_over_batch batch={} n={}", batch, n));
     }
   }
 }
 
-TEST_F(BackendOps, CpuPermuteMatchesReference) {
+TEST_P(BackendVsReference, Permute) {
   struct Dims {
     int A, B, C, D;
   };
@@ -646,28 +704,19 @@ TEST_F(BackendOps, CpuPermuteMatchesReference) {
        std::vector<Dims>{{1, 1, 1, 1}, {1, 3, 7, 1}, {2, 7, 3, 33}, {3, 33, 8, 64}}) {
     const int64_t n = int64_t(d.A) * d.B * d.C * d.D;
     const auto x = random_vector(n, 40);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto X = upload(be, x);
-          DeviceArray<float> out(be, n), back(be, n);
+          auto out = poisoned<float>(be, n), back = poisoned<float>(be, n);
           be.permute_0213(out.data(), X.data(), d.A, d.B, d.C, d.D);
           be.permute_0213(back.data(), out.data(), d.A, d.C, d.B, d.D);  // its own inverse
           return {download(be, out.data(), n), download(be, back.data(), n)};
         },
-        {0, 0}, fmt::format("permute_0213 {}x{}x{}x{}", d.A, d.B, d.C, d.D));
+        kExact, fmt::format("permute_0213 {}x{}x{}x{}", d.A, d.B, d.C, d.D));
   }
-  // The inverse really restores the input (checked on the reference).
-  auto X = upload(ref_, random_vector(2 * 3 * 5 * 7, 41));
-  DeviceArray<float> out(ref_, 210), back(ref_, 210);
-  ref_.permute_0213(out.data(), X.data(), 2, 3, 5, 7);
-  ref_.permute_0213(back.data(), out.data(), 2, 5, 3, 7);
-  EXPECT_EQ(download(ref_, back.data(), 210), download(ref_, X.data(), 210));
-  // One element by hand: out[a=1,c=4,b=2,d=6] = in[a=1,b=2,c=4,d=6].
-  EXPECT_EQ(download(ref_, out.data(), 210)[((1 * 5 + 4) * 3 + 2) * 7 + 6],
-            download(ref_, X.data(), 210)[((1 * 3 + 2) * 5 + 4) * 7 + 6]);
 }
 
-TEST_F(BackendOps, CpuEmbeddingMatchesReference) {
+TEST_P(BackendVsReference, Embedding) {
   struct Dims {
     int64_t n;
     int D, V;
@@ -677,21 +726,21 @@ TEST_F(BackendOps, CpuEmbeddingMatchesReference) {
     const auto ids = random_int_vector(d.n, 50, 0, d.V);
     const auto table = random_vector(int64_t(d.V) * d.D, 51), dout = random_vector(d.n * d.D, 52);
     const auto dtable0 = random_vector(int64_t(d.V) * d.D, 53);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto Ids = upload(be, ids);
           auto Tab = upload(be, table), Dout = upload(be, dout), Dtab = upload(be, dtable0);
-          DeviceArray<float> out(be, d.n * d.D);
+          auto out = poisoned<float>(be, d.n * d.D);
           be.embedding_forward(out.data(), Ids.data(), Tab.data(), d.n, d.D);
           be.embedding_backward(Dtab.data(), Ids.data(), Dout.data(), d.n, d.D, d.V);
           return {download(be, out.data(), d.n * d.D),
                   download(be, Dtab.data(), int64_t(d.V) * d.D)};
         },
-        fp32_sum_of(d.n), fmt::format("embedding n={} D={} V={}", d.n, d.D, d.V));
+        sum_of(d.n), fmt::format("embedding n={} D={} V={}", d.n, d.D, d.V));
   }
 }
 
-TEST_F(BackendOps, CpuRmsnormMatchesReference) {
+TEST_P(BackendVsReference, Rmsnorm) {
   struct Dims {
     int64_t N;
     int D;
@@ -700,21 +749,22 @@ TEST_F(BackendOps, CpuRmsnormMatchesReference) {
     const int64_t n = d.N * d.D;
     const auto x = random_vector(n, 60, -2, 2), w = random_vector(d.D, 61, 0.5f, 1.5f);
     const auto dout = random_vector(n, 62), dw0 = random_vector(d.D, 63);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto X = upload(be, x), W = upload(be, w), G = upload(be, dout), Dw = upload(be, dw0);
-          DeviceArray<float> out(be, n), rstd(be, d.N), dx(be, n);
+          auto out = poisoned<float>(be, n), rstd = poisoned<float>(be, d.N),
+               dx = poisoned<float>(be, n);
           be.rmsnorm_forward(out.data(), rstd.data(), X.data(), W.data(), d.N, d.D, 1e-6f);
           be.rmsnorm_backward(dx.data(), Dw.data(), G.data(), X.data(), W.data(), rstd.data(), d.N,
                               d.D);
           return {download(be, out.data(), n), download(be, rstd.data(), d.N),
                   download(be, dx.data(), n), download(be, Dw.data(), d.D)};
         },
-        fp32_sum_of(std::max<int64_t>(d.N, d.D)), fmt::format("rmsnorm N={} D={}", d.N, d.D));
+        sum_of(std::max<int64_t>(d.N, d.D)), fmt::format("rmsnorm N={} D={}", d.N, d.D));
   }
 }
 
-TEST_F(BackendOps, CpuAttentionSoftmaxMatchesReference) {
+TEST_P(BackendVsReference, AttentionSoftmax) {
   struct Dims {
     int B, H, Tq, Tk;
   };
@@ -729,11 +779,11 @@ TEST_F(BackendOps, CpuAttentionSoftmaxMatchesReference) {
     const auto dprobs = random_vector(n, 73);
     for (int variant = 0; variant < 8; ++variant) {
       const bool use_bias = variant & 1, use_mask = variant & 2, causal = variant & 4;
-      expect_cpu_matches_reference(
+      expect_matches_reference(
           [&](Backend& be) -> Outputs {
             auto S = upload(be, scores), Bi = upload(be, bias), Km = upload(be, key_mask),
                  Dp = upload(be, dprobs);
-            DeviceArray<float> P(be, n), Ds(be, n);
+            auto P = poisoned<float>(be, n), Ds = poisoned<float>(be, n);
             const float* bias_ptr = use_bias ? Bi.data() : nullptr;
             const float* mask_ptr = use_mask ? Km.data() : nullptr;
             be.attention_softmax_forward(P.data(), S.data(), bias_ptr, mask_ptr, d.B, d.H, d.Tq,
@@ -746,14 +796,14 @@ TEST_F(BackendOps, CpuAttentionSoftmaxMatchesReference) {
             be.softmax_backward(Dp.data(), Dp.data(), S.data(), rows, d.Tk);
             return {p, ds, download(be, S.data(), n), download(be, Dp.data(), n)};
           },
-          kFp32,
+          elementwise(),
           fmt::format("attention softmax {}x{}x{}x{} bias={} mask={} causal={}", d.B, d.H, d.Tq,
                       d.Tk, use_bias, use_mask, causal));
     }
   }
 }
 
-TEST_F(BackendOps, CpuRelposBiasMatchesReference) {
+TEST_P(BackendVsReference, RelposBias) {
   struct Dims {
     int H, Tq, Tk, num_buckets;
   };
@@ -764,22 +814,22 @@ TEST_F(BackendOps, CpuRelposBiasMatchesReference) {
     const int64_t n = int64_t(d.H) * d.Tq * d.Tk;
     const auto dbias = random_vector(n, 82),
                dtable0 = random_vector(int64_t(d.num_buckets) * d.H, 83);
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto Tab = upload(be, table), Db = upload(be, dbias), Dt = upload(be, dtable0);
           auto Bk = upload(be, buckets);
-          DeviceArray<float> bias(be, n);
+          auto bias = poisoned<float>(be, n);
           be.relpos_bias_forward(bias.data(), Tab.data(), Bk.data(), d.H, d.Tq, d.Tk);
           be.relpos_bias_backward(Dt.data(), Db.data(), Bk.data(), d.H, d.Tq, d.Tk, d.num_buckets);
           return {download(be, bias.data(), n),
                   download(be, Dt.data(), int64_t(d.num_buckets) * d.H)};
         },
-        kFp32,
+        elementwise(),
         fmt::format("relpos bias H={} Tq={} Tk={} buckets={}", d.H, d.Tq, d.Tk, d.num_buckets));
   }
 }
 
-TEST_F(BackendOps, CpuCrossEntropyMatchesReference) {
+TEST_P(BackendVsReference, CrossEntropy) {
   struct Dims {
     int64_t N;
     int V;
@@ -788,25 +838,26 @@ TEST_F(BackendOps, CpuCrossEntropyMatchesReference) {
     const auto logits = random_vector(d.N * d.V, 90, -5, 5);
     auto labels = random_int_vector(d.N, 91, 0, d.V);
     for (int64_t r = 1; r < d.N; r += 3) labels[r] = -100;
-    expect_cpu_matches_reference(
+    expect_matches_reference(
         [&](Backend& be) -> Outputs {
           auto L = upload(be, logits);
           auto Lb = upload(be, labels);
-          DeviceArray<float> loss(be, d.N), lse(be, d.N), dl(be, d.N * d.V);
+          auto loss = poisoned<float>(be, d.N), lse = poisoned<float>(be, d.N),
+               dl = poisoned<float>(be, d.N * d.V);
           be.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), d.N, d.V);
           be.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
                                     1e-2f);
           auto dlh = download(be, dl.data(), d.N * d.V);
           be.cross_entropy_backward(L.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
-                                    1e-2f);
+                                    1e-2f);  // in place
           return {download(be, loss.data(), d.N), download(be, lse.data(), d.N), dlh,
                   download(be, L.data(), d.N * d.V)};
         },
-        kFp32, fmt::format("cross entropy N={} V={}", d.N, d.V));
+        elementwise(), fmt::format("cross entropy N={} V={}", d.N, d.V));
   }
 }
 
-TEST_F(BackendOps, CpuRouterAndDispatchMatchReference) {
+TEST_P(BackendVsReference, RouterAndDispatch) {
   struct Dims {
     int G, S, E, C, D;
   };
@@ -827,12 +878,13 @@ TEST_F(BackendOps, CpuRouterAndDispatchMatchReference) {
       const auto expert_out = random_vector(int64_t(d.E) * GC * d.D, 104);
       const std::string at =
           fmt::format(" G={} S={} E={} C={} D={} ties={}", d.G, d.S, d.E, d.C, d.D, ties);
-      expect_cpu_matches_reference(
+      expect_matches_reference(
           [&](Backend& be) -> Outputs {
             auto L = upload(be, logits), Dg = upload(be, dgate);
-            DeviceArray<float> probs(be, T * d.E), lse(be, T), gate(be, T),
-                counts(be, int64_t(d.G) * d.E), lb(be, d.G), dl(be, T * d.E);
-            DeviceArray<int32_t> expert(be, T), slot(be, T);
+            auto probs = poisoned<float>(be, T * d.E), lse = poisoned<float>(be, T),
+                 gate = poisoned<float>(be, T), counts = poisoned<float>(be, int64_t(d.G) * d.E),
+                 lb = poisoned<float>(be, d.G), dl = poisoned<float>(be, T * d.E);
+            auto expert = poisoned<int32_t>(be, T), slot = poisoned<int32_t>(be, T);
             be.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
                               counts.data(), L.data(), d.G, d.S, d.E, d.C);
             be.router_balance_loss(lb.data(), probs.data(), counts.data(), d.G, d.S, d.E);
@@ -847,31 +899,35 @@ TEST_F(BackendOps, CpuRouterAndDispatchMatchReference) {
                     to_float(download(be, expert.data(), T)),
                     to_float(download(be, slot.data(), T))};
           },
-          kFp32, "router" + at);
+          elementwise(), "router" + at);
 
-      // Dispatch and combine, with the reference router's assignment (identical on both, as
-      // checked).
+      // Dispatch and combine, with the reference router's assignment (identical on every
+      // backend, as checked above).
       std::vector<int32_t> expert_h, slot_h;
       std::vector<float> gate_h;
       {
-        auto L = upload(ref_, logits);
-        DeviceArray<float> probs(ref_, T * d.E), lse(ref_, T), gate(ref_, T),
-            counts(ref_, int64_t(d.G) * d.E);
-        DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
-        ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                            counts.data(), L.data(), d.G, d.S, d.E, d.C);
-        expert_h = download(ref_, expert.data(), T);
-        slot_h = download(ref_, slot.data(), T);
-        gate_h = download(ref_, gate.data(), T);
+        Backend& ref = *ref_;
+        auto L = upload(ref, logits);
+        DeviceArray<float> probs(ref, T * d.E), lse(ref, T), gate(ref, T),
+            counts(ref, int64_t(d.G) * d.E);
+        DeviceArray<int32_t> expert(ref, T), slot(ref, T);
+        ref.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
+                           counts.data(), L.data(), d.G, d.S, d.E, d.C);
+        expert_h = download(ref, expert.data(), T);
+        slot_h = download(ref, slot.data(), T);
+        gate_h = download(ref, gate.data(), T);
       }
       const int64_t buf_n = int64_t(d.E) * GC * d.D;
-      const auto stale = random_vector(buf_n, 105);  // dispatch must overwrite every row
-      expect_cpu_matches_reference(
+      expect_matches_reference(
           [&](Backend& be) -> Outputs {
             auto X = upload(be, x), G = upload(be, dout), Gt = upload(be, gate_h),
-                 Eo = upload(be, expert_out), Buf = upload(be, stale), Dbuf = upload(be, stale);
+                 Eo = upload(be, expert_out);
             auto Ex = upload(be, expert_h), Sl = upload(be, slot_h);
-            DeviceArray<float> dx(be, T * d.D), out(be, T * d.D), dgate(be, T);
+            // dispatch and combine_backward must write every row of their buffers, empty ones
+            // as zeros; dispatch_backward and combine every token, dropped ones as zeros.
+            auto Buf = poisoned<float>(be, buf_n), Dbuf = poisoned<float>(be, buf_n),
+                 dx = poisoned<float>(be, T * d.D), out = poisoned<float>(be, T * d.D),
+                 dgate = poisoned<float>(be, T);
             be.moe_dispatch(Buf.data(), X.data(), Ex.data(), Sl.data(), T, d.D, d.E, GC);
             be.moe_dispatch_backward(dx.data(), Eo.data(), Ex.data(), Sl.data(), T, d.D, GC);
             be.moe_combine(out.data(), Eo.data(), Gt.data(), Ex.data(), Sl.data(), T, d.D, GC);
@@ -881,47 +937,259 @@ TEST_F(BackendOps, CpuRouterAndDispatchMatchReference) {
                     download(be, out.data(), T * d.D), download(be, Dbuf.data(), buf_n),
                     download(be, dgate.data(), T)};
           },
-          kFp32, "dispatch/combine" + at);
+          elementwise(), "dispatch/combine" + at);
+    }
+  }
+}
+
+// The optimizer updates: p, m and v are updated in place, so all are random inputs.
+TEST_P(BackendVsReference, AdamW) {
+  for (int64_t n : {1, 33, 100003}) {
+    for (float wd : {0.0f, 0.01f}) {
+      const auto p = random_vector(n, 110), g = random_vector(n, 111), m = random_vector(n, 112);
+      const auto v = random_positive(n, 113, 1e-4f, 1.0f);
+      const int t = 3;  // a step after the first, so bias corrections differ from 1 - beta
+      const float b1 = 0.9f, b2 = 0.999f;
+      const float bc1 = 1.0f - std::pow(b1, float(t)), bc2 = 1.0f - std::pow(b2, float(t));
+      expect_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto P = upload(be, p), G = upload(be, g), M = upload(be, m), V = upload(be, v);
+            be.adamw_update(P.data(), G.data(), M.data(), V.data(), n, 1e-3f, b1, b2, 1e-8f, wd,
+                            bc1, bc2);
+            return {download(be, P.data(), n), download(be, M.data(), n),
+                    download(be, V.data(), n)};
+          },
+          elementwise(), fmt::format("adamw n={} weight_decay={}", n, wd));
+    }
+  }
+}
+
+TEST_P(BackendVsReference, Adafactor) {
+  struct Dims {
+    int count, R, C;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1, 1}, {3, 5, 7}, {2, 64, 33}, {1, 257, 130}}) {
+    const int64_t n = int64_t(d.count) * d.R * d.C;
+    const auto p = random_vector(n, 120);
+    // A gradient with large entries as well, so the update clipping (rms(u) > clip) triggers.
+    const auto g = random_vector(n, 121, -3, 3);
+    const auto vr = random_positive(int64_t(d.count) * d.R, 122),
+               vc = random_positive(int64_t(d.count) * d.C, 123), v = random_positive(n, 124);
+    for (bool factored : {true, false}) {
+      for (float clip : {1.0f, 100.0f}) {
+        expect_matches_reference(
+            [&](Backend& be) -> Outputs {
+              auto P = upload(be, p), G = upload(be, g), Vr = upload(be, vr), Vc = upload(be, vc),
+                   V = upload(be, v);
+              be.adafactor_update(P.data(), G.data(), factored ? Vr.data() : nullptr,
+                                  factored ? Vc.data() : nullptr, factored ? nullptr : V.data(),
+                                  factored, d.count, d.R, d.C, 1e-2f, 0.3f, 1e-30f, clip, 0.01f);
+              if (factored)
+                return {download(be, P.data(), n), download(be, Vr.data(), Vr.size()),
+                        download(be, Vc.data(), Vc.size())};
+              return {download(be, P.data(), n), download(be, V.data(), n)};
+            },
+            sum_of(int64_t(d.R) * d.C),
+            fmt::format("adafactor {}x{}x{} factored={} clip={}", d.count, d.R, d.C, factored,
+                        clip));
+      }
     }
   }
 }
 
 // ================================================================================================
-// 3. The CPU backend's results do not depend on the OpenMP thread count
+// 3. What every backend, the reference included, must do on its own
+// ================================================================================================
+
+class EveryBackend : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { be_ = make_backend(GetParam()); }
+  std::unique_ptr<Backend> be_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, EveryBackend, ::testing::ValuesIn(all_backends()), param_name);
+
+TEST_P(EveryBackend, MakeBackendByName) {
+  EXPECT_EQ(be_->name(), GetParam());
+  try {
+    make_backend("cuda9");
+    FAIL() << "expected UserError";
+  } catch (const UserError& e) {
+    // The message names the bad name and every backend there is.
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("cuda9"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("'" + GetParam() + "'"), std::string::npos) << msg;
+  }
+}
+
+TEST_P(EveryBackend, AllocIsZeroedAndAligned) {
+  Backend& be = *be_;
+  for (size_t bytes : {size_t{1}, size_t{4}, size_t{100}, size_t{4096 + 4}}) {
+    void* p = be.alloc_bytes(bytes);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u);
+    std::vector<unsigned char> c(bytes, 0xAB);
+    be.copy_to_host(c.data(), p, bytes);
+    for (size_t i = 0; i < bytes; ++i) ASSERT_EQ(c[i], 0) << "byte " << i;
+    be.free_bytes(p);
+  }
+}
+
+// copy_to_device, copy and copy_to_host move exactly the bytes asked for: a copy into the middle
+// of a poisoned buffer leaves the poison on both sides.
+TEST_P(EveryBackend, CopiesRoundTrip) {
+  Backend& be = *be_;
+  const int64_t n = 1001, at = 17, len = 500;
+  const auto x = random_vector(n, 6);
+  auto X = upload(be, x);
+  EXPECT_EQ(download(be, X.data(), n), x);
+  auto out = poisoned<float>(be, n);
+  be.copy(out.data() + at, X.data() + at, sizeof(float) * len);
+  const auto h = download(be, out.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i >= at && i < at + len)
+      ASSERT_EQ(h[i], x[i]) << "index " << i;
+    else
+      ASSERT_EQ(std::bit_cast<uint32_t>(h[i]), kPoisonBits) << "index " << i << " written";
+  }
+}
+
+TEST_P(EveryBackend, GemmBetaZeroIgnoresNaNInC) {
+  Backend& be = *be_;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int batch : {1, 4}) {
+    auto A = upload(be, random_vector(3 * 5 * batch, 1));
+    auto B = upload(be, random_vector(5 * 7 * batch, 2));
+    auto C = upload(be, std::vector<float>(3 * 7 * batch, nan));
+    be.gemm(false, false, 3, 7, 5, 1.0f, A.data(), 5, 15, B.data(), 7, 35, 0.0f, C.data(), 7, 21,
+            batch);
+    EXPECT_EQ(be.count_nonfinite(C.data(), 3 * 7 * batch), 0) << "batch " << batch;
+  }
+}
+
+TEST_P(EveryBackend, CountNonfinite) {
+  Backend& be = *be_;
+  for (int64_t n : {1, 3, 7, 33, 16384, 16385, 1000003}) {
+    auto x = random_vector(n, 20 + n, -2, 2);
+    // A NaN, +Inf and -Inf sprinkled in.
+    int64_t expected = 0;
+    for (int64_t i = 0; i < n; i += 997) {
+      x[i] = (i / 997) % 3 == 0   ? std::numeric_limits<float>::quiet_NaN()
+             : (i / 997) % 3 == 1 ? std::numeric_limits<float>::infinity()
+                                  : -std::numeric_limits<float>::infinity();
+      ++expected;
+    }
+    auto X = upload(be, x);
+    EXPECT_EQ(be.count_nonfinite(X.data(), n), expected) << "n=" << n;
+  }
+}
+
+TEST_P(EveryBackend, DropoutZeroProbabilityIsIdentity) {
+  Backend& be = *be_;
+  const auto x = random_vector(1001, 5);
+  auto X = upload(be, x);
+  auto out = poisoned<float>(be, 1001);
+  be.dropout(out.data(), X.data(), 1001, 0.0f, 42);
+  EXPECT_EQ(download(be, out.data(), 1001), x);
+  be.dropout(X.data(), X.data(), 1001, 0.0f, 42);  // in place
+  EXPECT_EQ(download(be, X.data(), 1001), x);
+}
+
+TEST_P(EveryBackend, DropoutPreservesMeanAndDropsFractionP) {
+  Backend& be = *be_;
+  const int64_t n = 1 << 20;
+  const float p = 0.1f;
+  DeviceArray<float> x(be, n);
+  be.fill(x.data(), 1.0f, n);
+  be.dropout(x.data(), x.data(), n, p, 1234);
+  auto h = download(be, x.data(), n);
+  int64_t zeros = 0;
+  for (float v : h) {
+    zeros += v == 0.0f;
+    if (v != 0.0f) {
+      EXPECT_NEAR(v, 1.0f / (1.0f - p), 1e-6);
+    }
+  }
+  // Standard errors: the mean sqrt(p/(1-p)/n) ~ 3e-4, the drop fraction sqrt(p(1-p)/n) ~ 3e-4.
+  EXPECT_NEAR(be.sum(x.data(), n) / double(n), 1.0, 2e-3);
+  EXPECT_NEAR(double(zeros) / double(n), p, 2e-3);
+}
+
+TEST_P(EveryBackend, UniformJitterStaysInRange) {
+  Backend& be = *be_;
+  const int64_t n = 100000;
+  const float eps = 0.01f;
+  DeviceArray<float> x(be, n);
+  be.fill(x.data(), 1.0f, n);
+  be.uniform_jitter(x.data(), x.data(), n, eps, 99);
+  auto h = download(be, x.data(), n);
+  float lo = 2, hi = 0;
+  for (float v : h) lo = std::min(lo, v), hi = std::max(hi, v);
+  EXPECT_GE(lo, 1.0f - eps);
+  EXPECT_LE(hi, 1.0f + eps);
+  EXPECT_LT(lo, 1.0f - 0.99f * eps);  // the range is actually covered
+  EXPECT_GT(hi, 1.0f + 0.99f * eps);
+  EXPECT_NEAR(be.sum(x.data(), n) / double(n), 1.0, 1e-4);
+}
+
+// `offset` places a tensor in a larger logical one: jittering rows [k, n) of x at offset k gives
+// bitwise the entries [k, n) of jittering all of x at offset 0 (how a rank's share of the batch
+// gets the noise it would get on one process).
+TEST_P(EveryBackend, UniformJitterOffsetIndexesTheWholeTensor) {
+  Backend& be = *be_;
+  const int64_t n = 10007, k = 3001;
+  const auto x = random_vector(n, 7);
+  auto X = upload(be, x);
+  auto whole = poisoned<float>(be, n), part = poisoned<float>(be, n - k);
+  be.uniform_jitter(whole.data(), X.data(), n, 0.1f, 55);
+  be.uniform_jitter(part.data(), X.data() + k, n - k, 0.1f, 55, /*offset=*/k);
+  const auto w = download(be, whole.data(), n);
+  EXPECT_EQ(download(be, part.data(), n - k), std::vector<float>(w.begin() + k, w.end()));
+  EXPECT_NE(std::vector<float>(w.begin(), w.begin() + (n - k)), download(be, part.data(), n - k))
+      << "the offset is ignored";
+}
+
+// ================================================================================================
+// 4. The CPU backend's results do not depend on the OpenMP thread count
 // ================================================================================================
 
 // Runs every non-GEMM op on the CPU backend (shapes large enough to go parallel) and returns
 // all outputs; the double-valued reductions go to `sums`. GEMM is left out: oneDNN promises
-// run-to-run reproducibility only for a fixed thread count.
+// run-to-run reproducibility only for a fixed thread count. Outputs are poisoned and
+// accumulators random, as in section 2.
 Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
   Outputs outs;
   const int64_t n = 200003;
   const auto x = random_vector(n, 1, -3, 3), y = random_vector(n, 2);
   auto X = upload(be, x), Y = upload(be, y);
-  DeviceArray<float> o1(be, n), o2(be, n);
+  auto o1 = poisoned<float>(be, n), o2 = poisoned<float>(be, n);
   be.gated_gelu_backward(o1.data(), o2.data(), Y.data(), X.data(), Y.data(), n);
   outs.push_back(download(be, o1.data(), n));
   outs.push_back(download(be, o2.data(), n));
+  poison(be, o1.data(), n);
   be.dropout(o1.data(), X.data(), n, 0.2f, 5);
   outs.push_back(download(be, o1.data(), n));
   sums = {be.sum(X.data(), n), be.sum_squares(X.data(), n)};
-  be.sum_over_batch(o1.data(), X.data(), 7, n / 7);
+  be.sum_over_batch(o1.data(), X.data(), 7, n / 7);  // accumulates into the dropout output
   outs.push_back(download(be, o1.data(), n / 7));
 
   const int N = 512, D = 96, V = 300;  // embedding / rmsnorm / cross entropy
   const auto ids = random_int_vector(N, 3, 0, V);
   auto Ids = upload(be, ids);
-  DeviceArray<float> table(be, int64_t(V) * D), emb(be, int64_t(N) * D), rstd(be, N),
-      norm(be, int64_t(N) * D), dw(be, D), dx(be, int64_t(N) * D);
+  auto table = upload(be, random_vector(int64_t(V) * D, 4));
+  auto dw = upload(be, random_vector(D, 5));
+  auto emb = poisoned<float>(be, int64_t(N) * D), rstd = poisoned<float>(be, N),
+       norm = poisoned<float>(be, int64_t(N) * D), dx = poisoned<float>(be, int64_t(N) * D);
   be.embedding_backward(table.data(), Ids.data(), X.data(), N, D, V);
   outs.push_back(download(be, table.data(), int64_t(V) * D));
   be.embedding_forward(emb.data(), Ids.data(), table.data(), N, D);
+  outs.push_back(download(be, emb.data(), int64_t(N) * D));
   be.rmsnorm_forward(norm.data(), rstd.data(), X.data(), Y.data(), N, D, 1e-6f);
   be.rmsnorm_backward(dx.data(), dw.data(), Y.data(), X.data(), Y.data(), rstd.data(), N, D);
   outs.push_back(download(be, norm.data(), int64_t(N) * D));
   outs.push_back(download(be, dx.data(), int64_t(N) * D));
   outs.push_back(download(be, dw.data(), D));
-  DeviceArray<float> loss(be, N), lse(be, N), dl(be, int64_t(N) * V);
+  auto loss = poisoned<float>(be, N), lse = poisoned<float>(be, N),
+       dl = poisoned<float>(be, int64_t(N) * V);
   be.cross_entropy_forward(loss.data(), lse.data(), X.data(), Ids.data(), N, V);
   be.cross_entropy_backward(dl.data(), X.data(), lse.data(), Ids.data(), N, V, 0.5f, 1e-3f);
   outs.push_back(download(be, loss.data(), N));
@@ -929,7 +1197,9 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
 
   const int B = 2, H = 4, T = 64, buckets = 32;  // attention
   const int64_t na = int64_t(B) * H * T * T;
-  DeviceArray<float> probs(be, na), ds(be, na), bias(be, int64_t(H) * T * T), dtab(be, buckets * H);
+  auto probs = poisoned<float>(be, na), ds = poisoned<float>(be, na),
+       bias = poisoned<float>(be, int64_t(H) * T * T);
+  auto dtab = upload(be, random_vector(buckets * H, 6));
   auto Bk = upload(be, random_int_vector(int64_t(T) * T, 4, 0, buckets));
   be.relpos_bias_forward(bias.data(), X.data(), Bk.data(), H, T, T);
   be.attention_softmax_forward(probs.data(), Y.data(), bias.data(), X.data(), B, H, T, T, true);
@@ -941,9 +1211,11 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
 
   const int G = 4, S = 256, E = 8, C = 40, Dm = 64;  // router
   const int64_t Tt = int64_t(G) * S;
-  DeviceArray<float> rp(be, Tt * E), rl(be, Tt), gate(be, Tt), counts(be, G * E), lb(be, G),
-      rdl(be, Tt * E), buf(be, int64_t(E) * G * C * Dm), dgate(be, Tt);
-  DeviceArray<int32_t> ex(be, Tt), sl(be, Tt);
+  auto rp = poisoned<float>(be, Tt * E), rl = poisoned<float>(be, Tt),
+       gate = poisoned<float>(be, Tt), counts = poisoned<float>(be, G * E),
+       lb = poisoned<float>(be, G), rdl = poisoned<float>(be, Tt * E),
+       buf = poisoned<float>(be, int64_t(E) * G * C * Dm), dgate = poisoned<float>(be, Tt);
+  auto ex = poisoned<int32_t>(be, Tt), sl = poisoned<int32_t>(be, Tt);
   be.router_forward(rp.data(), rl.data(), ex.data(), sl.data(), gate.data(), counts.data(),
                     X.data(), G, S, E, C);
   be.router_balance_loss(lb.data(), rp.data(), counts.data(), G, S, E);
@@ -953,18 +1225,20 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
                           sl.data(), Tt, Dm, E, G * C);
   outs.push_back(download(be, lb.data(), G));
   outs.push_back(download(be, rdl.data(), Tt * E));
+  outs.push_back(download(be, buf.data(), int64_t(E) * G * C * Dm));
   outs.push_back(download(be, dgate.data(), Tt));
   return outs;
 }
 
-TEST_F(BackendOps, CpuOpsBitwiseIndependentOfThreadCount) {
+TEST(CpuThreads, OpsBitwiseIndependentOfThreadCount) {
+  CpuBackend cpu;
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
   std::vector<double> sums_one, sums_many;
-  const Outputs one = run_cpu_ops(cpu_, sums_one);
+  const Outputs one = run_cpu_ops(cpu, sums_one);
   for (int threads : {2, 3, 7}) {
     omp_set_num_threads(threads);
-    const Outputs many = run_cpu_ops(cpu_, sums_many);
+    const Outputs many = run_cpu_ops(cpu, sums_many);
     EXPECT_EQ(sums_one, sums_many) << threads << " threads";
     ASSERT_EQ(one.size(), many.size());
     for (size_t i = 0; i < one.size(); ++i)

@@ -3,8 +3,10 @@
 // terms) for a fixed random R, runs backward with dout = R, and compares every analytic gradient
 // entry it samples with the central difference (L(x + h) - L(x - h)) / 2h.
 //
-// Dropout masks and router jitter are counter-based functions of a seed, so a layer with dropout
-// on is a deterministic function of its inputs and can be differentiated numerically too.
+// Dropout masks and router jitter are counter-based functions of a seed (core/rng.h), so a layer
+// with dropout or jitter on is a deterministic function of its inputs for a fixed seed, and can be
+// differentiated numerically too: the Switch checks run with jitter on, so the router-input
+// gradient through the jitter (the same multiplicative noise applied to dxr) is checked.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -41,6 +43,11 @@ using testing::upload;
 constexpr double kStep = 1e-3;
 constexpr double kRtol = 2e-2;
 constexpr double kAtol = 3e-4;
+// Router jitter eps in the Switch checks. Larger than the configs' 0.01 on purpose: a backward
+// that forgets the jitter on the router-input gradient is off by a factor within 1 +- eps on the
+// router's share of dx only, which must stand out against kRtol. Measured with that mutation:
+// eps = 0.1 fails 270 sampled entries over the 5 jittered checks, eps = 0.01 only 4.
+constexpr float kJitterEps = 0.1f;
 
 double dot(Backend& be, const float* a, const std::vector<float>& r) {
   auto h = download(be, a, int64_t(r.size()));
@@ -267,14 +274,22 @@ TEST_P(SwitchGrad, MatchesFiniteDifferences) {
   DeviceArray<float> out(*be, T * D), dx(*be, T * D);
   DeviceArray<float> scratch(*be, sw.scratch_floats());
   RouterStats st;
+  // Router jitter xr = x * U(1-eps, 1+eps), keyed by a fixed seed and placed at a nonzero offset
+  // in the global router input (kJitterEps explains the size of eps).
+  float jitter_eps = kJitterEps;
+  const uint64_t jitter_offset = 1000;
   auto loss = [&] {
-    st = sw.forward(out.data(), x.data(), /*training=*/true, /*jitter_eps=*/0.0f,
-                    /*expert_dropout=*/0.0f, 3);
+    st = sw.forward(out.data(), x.data(), /*training=*/true, jitter_eps, /*expert_dropout=*/0.0f,
+                    3, jitter_offset);
     // sum_g lb[g] = G * mean;  sum_t lse^2 = T * mean.
     return dot(*be, out.data(), R) + lb_scale * (T / S) * st.balance_loss +
            z_scale * T * st.z_loss;
   };
-  loss();
+  // The jitter reaches the forward: the objective differs from the one without it.
+  jitter_eps = 0.0f;
+  const double without_jitter = loss();
+  jitter_eps = kJitterEps;
+  ASSERT_NE(loss(), without_jitter) << "router jitter has no effect on the forward";
   ASSERT_GT(st.dropped, 0) << "the test must exercise capacity drops";
   ASSERT_LT(st.dropped, T);
   auto dout = upload(*be, R);
@@ -346,6 +361,7 @@ struct ModelCase {
   const char* ffn;
   bool tied;
   float dropout;
+  float jitter;  // router jitter eps (Switch cases); a case with dropout or jitter runs in training
 };
 
 class ModelGrad : public ::testing::TestWithParam<ModelCase> {};
@@ -368,7 +384,7 @@ ModelConfig tiny_model(const ModelCase& c) {
   m.tie_word_embeddings = c.tied;
   m.dropout_rate = c.dropout;
   m.expert_dropout = c.dropout;
-  m.router_jitter_noise = 0.0;    // jitter off: a finite difference cannot see through noise
+  m.router_jitter_noise = c.jitter;  // counter-based noise: fixed by the forward's seed
   m.capacity_factor = 1.0;        // 6 tokens / 3 experts: capacity 2, some tokens dropped
   m.router_aux_loss_coef = 0.5;   // large coefficients so the router terms matter in J
   m.router_z_loss_coef = 0.05;
@@ -399,9 +415,20 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
   w.ce_scale = 1.0 / double(batch.target_tokens());
   w.logit_z_loss = 0.01;
   w.microbatches = 1.0;
-  const bool training = c.dropout > 0.0f;
-  auto loss = [&] { return model.objective(model.forward(batch, training, 77), w); };
-  const ForwardStats st = model.forward(batch, training, 77);
+  const bool training = c.dropout > 0.0f || c.jitter > 0.0f;
+  // first_row 3: the batch sits at rows 3.. of a global batch, so the router jitter is read at a
+  // nonzero offset, which the backward must reuse.
+  const uint64_t first_row = 3;
+  auto loss = [&] { return model.objective(model.forward(batch, training, 77, first_row), w); };
+  if (c.jitter > 0.0f) {  // the jitter reaches the forward
+    ModelConfig off = cfg;
+    off.router_jitter_noise = 0.0;
+    SwitchT5Model plain(*be, off, {2, 6, 5});
+    plain.params().initialize(*be, 5);
+    ASSERT_NE(plain.objective(plain.forward(batch, training, 77, first_row), w), loss())
+        << "router jitter has no effect on the model's objective";
+  }
+  const ForwardStats st = model.forward(batch, training, 77, first_row);
   if (c.sparse_step > 0) {
     ASSERT_FALSE(st.encoder_router.empty());
     ASSERT_FALSE(st.decoder_router.empty());
@@ -413,12 +440,14 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(
     Tiny, ModelGrad,
-    ::testing::Values(ModelCase{"dense_relu_tied", 0, "relu", true, 0.0f},
-                      ModelCase{"dense_gated_untied", 0, "gated-gelu", false, 0.0f},
-                      ModelCase{"switch_relu_tied", 2, "relu", true, 0.0f},
-                      ModelCase{"switch_relu_untied", 1, "relu", false, 0.0f},
-                      ModelCase{"switch_gated_tied", 2, "gated-gelu", true, 0.0f},
-                      ModelCase{"switch_gated_untied_dropout", 1, "gated-gelu", false, 0.2f}),
+    ::testing::Values(ModelCase{"dense_relu_tied", 0, "relu", true, 0.0f, 0.0f},
+                      ModelCase{"dense_gated_untied", 0, "gated-gelu", false, 0.0f, 0.0f},
+                      ModelCase{"switch_relu_tied_jitter", 2, "relu", true, 0.0f, kJitterEps},
+                      ModelCase{"switch_relu_untied_jitter", 1, "relu", false, 0.0f, kJitterEps},
+                      // no jitter, evaluation mode: the eval capacity path
+                      ModelCase{"switch_gated_tied", 2, "gated-gelu", true, 0.0f, 0.0f},
+                      ModelCase{"switch_gated_untied_dropout_jitter", 1, "gated-gelu", false, 0.2f,
+                                kJitterEps}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

@@ -27,6 +27,8 @@ class Routing : public ::testing::TestWithParam<const char*> {};
 // counts = [3, 1] -> f = [3/4, 1/4]
 // P[e] = mean_t softmax(t)[e]:  p(t0) = [s(2), s(-2)], p(t1) = [s(-1), s(1)], p(t2) = [s(1), s(-1)],
 //        p(t3) = [1/2, 1/2] with s the logistic function; lb = 2 * (3/4 P0 + 1/4 P1)
+//        With s(-1) + s(1) = 1 and P1 = 1 - P0: P0 = (3/2 + s(2)) / 4, lb = 1/2 + P0 = 7/8 + s(2)/4
+//        = 0.875 + 0.880797078 / 4 = 1.0951993 (by hand, independent of the formula above).
 // lse = [log(1+e^2), log(1+e), log(1+e), log 2];  z = mean(lse^2)
 TEST_P(Routing, HandWorkedGroup) {
   auto be = make_backend(GetParam());
@@ -47,10 +49,17 @@ TEST_P(Routing, HandWorkedGroup) {
   EXPECT_NEAR(gates[1], s(1), 1e-6);
   EXPECT_NEAR(gates[2], s(1), 1e-6);
   EXPECT_NEAR(gates[3], 0.5, 1e-6);
+  const std::vector<float> p = download(*be, probs.data(), T * E);
+  const std::vector<double> expected_probs = {s(2), s(-2), s(-1), s(1), s(1), s(-1), 0.5, 0.5};
+  for (int i = 0; i < T * E; ++i)
+    EXPECT_NEAR(p[i], expected_probs[i], 1e-6) << "probs[" << i << "]";
   const double P0 = (s(2) + s(-1) + s(1) + 0.5) / 4, P1 = (s(-2) + s(1) + s(-1) + 0.5) / 4;
-  EXPECT_NEAR(download(*be, lb.data(), 1)[0], 2.0 * (0.75 * P0 + 0.25 * P1), 1e-6);
-  EXPECT_NEAR(2.0 * (0.75 * P0 + 0.25 * P1), 1.0951993, 1e-6);  // the number itself
+  const float lb_code = download(*be, lb.data(), 1)[0];
+  EXPECT_NEAR(lb_code, 2.0 * (0.75 * P0 + 0.25 * P1), 1e-6);
+  EXPECT_NEAR(lb_code, 1.0951993, 1e-6);  // the pencil number itself
   const double l0 = std::log(1 + std::exp(2.0)), l1 = std::log(1 + std::exp(1.0)), l3 = std::log(2.0);
+  EXPECT_TRUE(testing::all_close(download(*be, lse.data(), T),
+                                 {float(l0), float(l1), float(l1), float(l3)}, 1e-6, 1e-7));
   EXPECT_NEAR(be->sum_squares(lse.data(), T) / T, (l0 * l0 + 2 * l1 * l1 + l3 * l3) / 4, 1e-5);
 }
 
