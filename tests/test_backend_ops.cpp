@@ -14,6 +14,10 @@
 // case and a line here:
 //   alloc_bytes free_bytes            EveryBackend.AllocIsZeroedAndAligned
 //   copy_to_host copy_to_device copy  EveryBackend.CopiesRoundTrip, Copy
+//   zero_bytes                        EveryBackend.ZeroBytes
+//   accumulate_sum_squares accumulate_loss_statistics accumulate_router_statistics
+//                                     test_statistics_ops.cpp (every backend vs host sums)
+//   host_syncs                        test_training.cpp OneHostSynchronisationPerStep
 //   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise
 //   gemm                              Gemm
 //   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
@@ -1051,6 +1055,21 @@ TEST_P(EveryBackend, CopiesRoundTrip) {
     else
       ASSERT_EQ(std::bit_cast<uint32_t>(h[i]), kPoisonBits) << "index " << i << " written";
   }
+}
+
+// zero_bytes clears exactly the byte range it is given, whatever the dtype (doubles here).
+TEST_P(EveryBackend, ZeroBytes) {
+  Backend& be = *be_;
+  const int64_t n = 37, at = 5, len = 20;
+  std::vector<double> x(n);
+  for (int64_t i = 0; i < n; ++i) x[i] = 1.5 + double(i);
+  DeviceArray<double> X(be, n);
+  be.copy_to_device(X.data(), x.data(), X.bytes());
+  be.zero_bytes(X.data() + at, sizeof(double) * len);
+  std::vector<double> h(n);
+  be.copy_to_host(h.data(), X.data(), X.bytes());
+  for (int64_t i = 0; i < n; ++i)
+    ASSERT_EQ(h[i], i >= at && i < at + len ? 0.0 : x[i]) << "index " << i;
 }
 
 TEST_P(EveryBackend, GemmBetaZeroIgnoresNaNInC) {
