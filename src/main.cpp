@@ -197,7 +197,8 @@ int cmd_eval(const Args& a) {
   SWT_USER_CHECK(t.has_validation(),
                  "eval: the config has no validation data (set data.val_glob, or data.source "
                  "synthetic)");
-  const LoadResult lr = load_checkpoint(t, checkpoint, /*training_state=*/false);
+  TrainingState state = t.checkpoint_state();
+  const LoadResult lr = load_checkpoint(state, checkpoint, /*training_state=*/false);
   const double loss = t.evaluate();
   if (!a.dump_batch.empty()) dump_batch(t, a.dump_batch);
   if (grid.is_root())
