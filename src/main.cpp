@@ -19,6 +19,7 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/optimizer.h"
 #include "train/trainer.h"
 
 namespace {
@@ -108,9 +109,9 @@ int cmd_plan(const RunConfig& cfg) {
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
 
   // What one rank holds under cfg.parallel (rank 0's share; every rank's is the same size):
-  // parameters and gradients, and the optimizer state (Adafactor: row + column statistics per
-  // matrix, full second moments for vectors; AdamW: two moments per element), with ZeRO-1
-  // dividing the replicated parameters' state over the data ranks.
+  // parameters and gradients, and the optimizer state as the optimizer allocates it
+  // (optimizer_state_numel, train/optimizer.h), with ZeRO-1 dividing the replicated
+  // parameters' state over the data ranks.
   const ParallelConfig& pc = cfg.parallel;
   ParamStore local;
   register_model_params(local, m, Sharding{pc.expert, 0, pc.model, 0});
@@ -118,16 +119,7 @@ int cmd_plan(const RunConfig& cfg) {
   double state_rep = 0, state_other = 0;
   for (const ParamInfo& p : local.infos()) {
     held += p.numel;
-    std::vector<int64_t> shape = p.shape;  // Adafactor keeps a split matrix's full statistics
-    if (p.model_split_dim >= 0) shape[size_t(p.model_split_dim)] *= pc.model;
-    double st = 2.0 * double(p.numel);
-    if (cfg.train.optimizer == "adafactor") {
-      const double count = p.kind == ParamKind::kStacked ? double(shape[0]) : 1.0;
-      const double rows = shape.size() >= 2 ? double(shape[shape.size() - 2]) : 1.0;
-      const double cols = double(shape.back());
-      st = (p.kind != ParamKind::kVector && rows > 1 && cols > 1) ? count * (rows + cols)
-                                                                 : count * rows * cols;
-    }
+    const double st = double(optimizer_state_numel(cfg.train.optimizer, p, pc.model));
     (p.kind == ParamKind::kStacked || p.model_split_dim >= 0 ? state_other : state_rep) += st;
   }
   if (pc.zero1) state_rep /= pc.data;
