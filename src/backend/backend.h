@@ -37,6 +37,9 @@ class Backend {
   // ---- memory ------------------------------------------------------------------------------
   virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned
   virtual void free_bytes(void* ptr) = 0;
+  // Host <-> backend copies, synchronous on the host side: copy_to_host returns with the data
+  // in `dst`, copy_to_device returns when `src` may be overwritten (checkpoint staging reuses
+  // one host buffer for consecutive copies).
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device to device
