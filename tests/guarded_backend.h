@@ -36,7 +36,9 @@ class GuardedBackend final : public Backend {
   bool host_accessible() const override { return false; }
 
   // Whether `p` is (within) memory of some GuardedBackend.
-  static bool is_device(const void* p) { return (reinterpret_cast<uintptr_t>(p) & kDeviceBit) != 0; }
+  static bool is_device(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & kDeviceBit) != 0;
+  }
 
   // ---- memory -----------------------------------------------------------------------------------
   void* alloc_bytes(size_t bytes) override { return to_device(inner_->alloc_bytes(bytes)); }

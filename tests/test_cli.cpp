@@ -105,11 +105,14 @@ TEST(Cli, InspectHfNamesPrintsTheNameTable) {
         "\"shared.weight\": {\"name\": \"shared.weight\", \"offset\": 0, \"shape\": [128, 64]},"})
     EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
   EXPECT_EQ(r.output.find("expert_4"), std::string::npos) << r.output;
-  Result gated = run("inspect --hf-names --config " + kTiny + " --set model.feed_forward_proj=gated-gelu");
+  Result gated =
+      run("inspect --hf-names --config " + kTiny + " --set model.feed_forward_proj=gated-gelu");
   ASSERT_EQ(gated.code, 0) << gated.output;
-  EXPECT_NE(gated.output.find("\"encoder.block.1.layer.1.mlp.experts.expert_2.wi_1.weight\": {\"name\": "
-                              "\"encoder.block.1.layer.1.mlp.experts.wi_1.weight\", \"offset\": 16384"),
-            std::string::npos) << gated.output;
+  EXPECT_NE(gated.output.find("\"encoder.block.1.layer.1.mlp.experts.expert_2.wi_1.weight\": "
+                              "{\"name\": \"encoder.block.1.layer.1.mlp.experts.wi_1.weight\", "
+                              "\"offset\": 16384"),
+            std::string::npos)
+      << gated.output;
 
   // The checkpoint of a run of that config gives the same table.
   const auto dir = std::filesystem::temp_directory_path() / "switcht5_cli_hf_names";
