@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Exports a SwitchT5 checkpoint to a HuggingFace transformers model directory.
 
-Usage: export_hf.py CKPT OUT_DIR      (run with build/pyenv/bin/python; scripts/python_env.sh)
+Usage: export_hf.py CKPT OUT_DIR [--switcht5 BIN]
+       (run with build/pyenv/bin/python; scripts/python_env.sh)
 
 Writes OUT_DIR/config.json and OUT_DIR/model.safetensors (float32) for
   SwitchTransformersForConditionalGeneration   when a stack has Switch layers, or
@@ -14,6 +15,9 @@ Parameter names: the checkpoint's /params/<name> are HF state_dict keys with one
 stacked experts, which are split here:
   <p>.mlp.experts.wi.weight [E, d_ff, d_model]  ->  <p>.mlp.experts.expert_{j}.wi.weight
   <p>.mlp.experts.wo.weight [E, d_model, d_ff]  ->  <p>.mlp.experts.expert_{j}.wo.weight
+The mapping is not written out here: it is read from `switcht5 inspect --hf-names CKPT`
+(ParamStore::hf_names, the one place it lives), so the built binary is needed: --switcht5 BIN,
+else $SWITCHT5, else build/switcht5 beside this script's directory, else switcht5 on the PATH.
 For T5ForConditionalGeneration the dense MLP is <block>.layer.{1|2}.DenseReluDense.{wi, wi_0,
 wi_1, wo}.weight instead of our (and HF Switch's) <block>.layer.{1|2}.mlp.*. Only shared.weight
 is written for the embedding (HF ties encoder/decoder.embed_tokens to it) and lm_head.weight
@@ -51,6 +55,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -150,42 +156,55 @@ def gated(m):
     return m["feed_forward_proj"] == "gated-gelu"
 
 
-def param_shapes(m):
-    """Our parameter names -> shapes, in the order of register_model_params (src/model/model.cpp)."""
-    D, F, H, K, E = m["d_model"], m["d_ff"], m["num_heads"], m["d_kv"], m["num_experts"]
-    wis = ("wi_0", "wi_1") if gated(m) else ("wi",)
-    out = {"shared.weight": (m["vocab_size"], D)}
-    for stack in ("encoder", "decoder"):
-        layers = m["num_decoder_layers" if stack == "decoder" else "num_layers"]
-        step = m["decoder_sparse_step" if stack == "decoder" else "encoder_sparse_step"]
-        for i in range(layers):
-            b = f"{stack}.block.{i}"
-            attns = [(b + ".layer.0.SelfAttention", b + ".layer.0.layer_norm.weight")]
-            if stack == "decoder":
-                attns.append((b + ".layer.1.EncDecAttention", b + ".layer.1.layer_norm.weight"))
-            for n, (attn, norm) in enumerate(attns):
-                for w in ("q", "k", "v"):
-                    out[f"{attn}.{w}.weight"] = (H * K, D)
-                out[f"{attn}.o.weight"] = (D, H * K)
-                if n == 0 and i == 0:
-                    out[f"{attn}.relative_attention_bias.weight"] = (m["relative_attention_num_buckets"], H)
-                out[norm] = (D,)
-            ff = 2 if stack == "decoder" else 1
-            mlp = f"{b}.layer.{ff}.mlp"
-            if is_sparse_layer(step, i):
-                out[mlp + ".router.classifier.weight"] = (E, D)
-                for w in wis:
-                    out[f"{mlp}.experts.{w}.weight"] = (E, F, D)
-                out[mlp + ".experts.wo.weight"] = (E, D, F)
-            else:
-                for w in wis:
-                    out[f"{mlp}.{w}.weight"] = (F, D)
-                out[mlp + ".wo.weight"] = (D, F)
-            out[f"{b}.layer.{ff}.layer_norm.weight"] = (D,)
-        out[stack + ".final_layer_norm.weight"] = (D,)
-    if not m["tie_word_embeddings"]:
-        out["lm_head.weight"] = (m["vocab_size"], D)
-    return out
+# ---- the name mapping (switcht5 inspect --hf-names) --------------------------------------------
+
+def find_switcht5(explicit=None):
+    """The switcht5 binary: `explicit` (--switcht5), else $SWITCHT5, else build/switcht5 of
+    this checkout, else switcht5 on the PATH; UserError when there is none."""
+    for what, candidate in (("--switcht5", explicit), ("SWITCHT5=", os.environ.get("SWITCHT5"))):
+        if candidate:
+            if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+                raise UserError(f"{what}{'' if what.endswith('=') else ' '}{candidate}: not an "
+                                "executable file")
+            return candidate
+    built = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "switcht5")
+    if os.path.isfile(built) and os.access(built, os.X_OK):
+        return built
+    on_path = shutil.which("switcht5")
+    if on_path:
+        return on_path
+    raise UserError(f"{built}: no switcht5 binary there or on the PATH (build it: cmake --build "
+                    "build; or pass --switcht5 BIN or set SWITCHT5)")
+
+
+def hf_name_table(switcht5, args):
+    """`switcht5 inspect --hf-names ARGS` (ARGS: a checkpoint, or --config FILE): the model's
+    parameters and their HF names, as (params {our name: shape}, names {HF key: (our name,
+    offset of the HF tensor's first element within ours, HF shape)}). Keys are HF
+    SwitchTransformers names (t5_key() gives T5's)."""
+    cmd = [switcht5, "inspect", "--hf-names", *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise UserError(f"{switcht5}: cannot run: {e.strerror or e}") from None
+    if p.returncode != 0:
+        lines = p.stderr.strip().splitlines() or [f"exit code {p.returncode}"]
+        raise UserError(lines[0].removeprefix("switcht5: error: "))
+    try:
+        table = json.loads(p.stdout)
+        params = {name: tuple(shape) for name, shape in table["params"].items()}
+        names = {key: (e["name"], int(e["offset"]), tuple(e["shape"]))
+                 for key, e in table["hf_names"].items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{' '.join(cmd)}: unexpected output ({type(e).__name__}: {e})") from None
+    return params, names
+
+
+def t5_key(key):
+    """HF T5ForConditionalGeneration's name for a SwitchTransformers key of a dense model: T5
+    calls the dense MLP <block>.layer.{1|2}.DenseReluDense where SwitchTransformers (and we)
+    say <block>.layer.{1|2}.mlp."""
+    return key.replace(".mlp.", ".DenseReluDense.")
 
 
 def hf_sparse_count(step, layers):
@@ -262,19 +281,14 @@ def hf_config(m, data, step, path):
     return cfg
 
 
-def hf_tensors(params, m):
-    """Our tensors -> HF state_dict tensors (experts split, T5's DenseReluDense naming)."""
+def hf_tensors(params, names, m):
+    """Our tensors -> HF state_dict tensors by the name table (experts split), with T5's
+    names for a dense model."""
     dense = is_dense(m)
     out = {}
-    for name, value in params.items():
-        if ".mlp.experts." in name:
-            prefix, w = name.rsplit(".experts.", 1)   # "<p>.mlp", "wi.weight"
-            for j in range(value.shape[0]):
-                out[f"{prefix}.experts.expert_{j}.{w}"] = value[j]
-        elif dense and ".mlp." in name:
-            out[name.replace(".mlp.", ".DenseReluDense.")] = value
-        else:
-            out[name] = value
+    for key, (name, offset, shape) in names.items():
+        value = params[name].reshape(-1)[offset:offset + math.prod(shape)].reshape(shape)
+        out[t5_key(key) if dense else key] = value
     return out
 
 
@@ -284,9 +298,9 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_checkpoint(path):
-    """(model section, data section, step, {name: float32 array}) of a checkpoint, every
-    checksum verified; UserError naming the file and dataset otherwise."""
+def read_checkpoint(path, switcht5):
+    """(model section, data section, step, {name: float32 array}, HF name table) of a
+    checkpoint, every checksum verified; UserError naming the file and dataset otherwise."""
     import h5py
     import yaml
 
@@ -315,7 +329,7 @@ def read_checkpoint(path):
         step = int(f.attrs.get("step", 0))
         if "params" not in f:
             raise UserError(f"{path}: no /params group")
-        expected = param_shapes(m)
+        expected, names = hf_name_table(switcht5, [path])
         present = set(f["params"].keys())
         extra = sorted(present - set(expected))
         if extra:
@@ -339,17 +353,17 @@ def read_checkpoint(path):
                 raise UserError(f"{path}: dataset /params/{name} fails its checksum "
                                 f"(stored {want}, computed {got}): the file is corrupt")
             params[name] = value
-    return m, data, step, params
+    return m, data, step, params, names
 
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def export(ckpt, out_dir):
+def export(ckpt, out_dir, switcht5):
     from safetensors.numpy import save_file
 
-    m, data, step, params = read_checkpoint(ckpt)
+    m, data, step, params, names = read_checkpoint(ckpt, switcht5)
     cfg = hf_config(m, data, step, ckpt)
-    tensors = {k: np.ascontiguousarray(v) for k, v in hf_tensors(params, m).items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in hf_tensors(params, names, m).items()}
     # Each file is written beside its final name and renamed: a crash leaves no half file.
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -374,9 +388,11 @@ def main(argv=None):
         "SwitchTransformersForConditionalGeneration. See the docstring for what HF cannot express.")
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint file (.h5)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created)")
+    parser.add_argument("--switcht5", metavar="BIN", help="the switcht5 binary, for the parameter "
+                        "name table (default: $SWITCHT5, else build/switcht5, else PATH)")
     args = parser.parse_args(argv)
     try:
-        cfg = export(args.ckpt, args.out_dir)
+        cfg = export(args.ckpt, args.out_dir, find_switcht5(args.switcht5))
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

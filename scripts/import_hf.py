@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Imports a HuggingFace SwitchTransformers or T5 model directory as a SwitchT5 checkpoint.
 
-Usage: import_hf.py HF_DIR CKPT [--inputs-length N] [--targets-length N]
+Usage: import_hf.py HF_DIR CKPT [--inputs-length N] [--targets-length N] [--switcht5 BIN]
        (run with build/pyenv/bin/python; scripts/python_env.sh)
 
 Reads HF_DIR/config.json and the weights (model.safetensors, a sharded
@@ -14,7 +14,9 @@ Names (the inverse of scripts/export_hf.py): HF state_dict keys, except that the
 Switch layer, <p>.mlp.experts.expert_{j}.<w>.weight, are stacked into
 <p>.mlp.experts.<w>.weight [E, ...], and T5's <block>.layer.{1|2}.DenseReluDense.* becomes
 <block>.layer.{1|2}.mlp.*. encoder/decoder.embed_tokens (aliases of shared) and a tied
-lm_head are not stored.
+lm_head are not stored. The mapping comes from `switcht5 inspect --hf-names --config` run on
+the imported config (ParamStore::hf_names, the one place it lives), so the built binary is
+needed: --switcht5 BIN, else $SWITCHT5, else build/switcht5, else switcht5 on the PATH.
 
 Config: the model section comes from config.json (SwitchTransformersConfig or T5Config names;
 for Switch, the sparse steps HF actually uses: the encoder/decoder_sparse_step keys when
@@ -32,15 +34,18 @@ relative_attention_max_distance <= num_buckets / 2, missing, misshapen or unknow
 """
 import argparse
 import json
+import math
 import os
 import struct
 import sys
+import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from export_hf import (FORMAT, FORMAT_VERSION, MODEL_DEFAULTS, SWITCHT5_ONLY_KEYS,  # noqa: E402
-                       UserError, checksum, is_sparse_layer, param_shapes, resolve_model)
+                       UserError, checksum, find_switcht5, hf_name_table, is_sparse_layer,
+                       resolve_model, t5_key)
 
 PROG = "import_hf.py"
 # HF keys that name no tensor of ours: aliases of shared.weight, and a bias old T5 checkpoints
@@ -198,9 +203,11 @@ def read_hf_weights(hf_dir):
     raise UserError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def our_params(hf, m, t5, where):
-    """HF tensors -> {our name: float32 array} in the shapes of param_shapes(m); t5: the HF
-    model is a T5ForConditionalGeneration (dense MLPs named DenseReluDense)."""
+def our_params(hf, table, m, t5, where):
+    """HF tensors -> {our name: float32 array} by the name table (hf_name_table: experts
+    stacked at their offsets); t5: the HF model is a T5ForConditionalGeneration (dense MLPs
+    named DenseReluDense)."""
+    shapes, names = table
     used = set()
 
     def take(key):
@@ -209,26 +216,21 @@ def our_params(hf, m, t5, where):
         used.add(key)
         return hf[key]
 
-    out = {}
-    for name, shape in param_shapes(m).items():
-        if ".mlp.experts." in name:
-            prefix, w = name.rsplit(".experts.", 1)
-            value = np.stack([take(f"{prefix}.experts.expert_{j}.{w}") for j in range(shape[0])])
-        elif t5 and ".mlp." in name:
-            value = take(name.replace(".mlp.", ".DenseReluDense."))
-        elif name == "shared.weight" and name not in hf and "encoder.embed_tokens.weight" in hf:
-            value = take("encoder.embed_tokens.weight")
-        else:
-            value = take(name)
+    flat = {name: np.zeros(math.prod(shape), dtype=np.float32) for name, shape in shapes.items()}
+    for key, (name, offset, shape) in names.items():
+        key = t5_key(key) if t5 else key
+        if key == "shared.weight" and key not in hf and "encoder.embed_tokens.weight" in hf:
+            key = "encoder.embed_tokens.weight"
+        value = take(key)
         if tuple(value.shape) != tuple(shape):
-            raise UserError(f"{where}: tensor for {name} has shape {list(value.shape)}, expected {list(shape)}")
-        out[name] = np.ascontiguousarray(value, dtype=np.float32)
+            raise UserError(f"{where}: tensor {key} has shape {list(value.shape)}, expected {list(shape)}")
+        flat[name][offset:offset + value.size] = np.asarray(value, dtype=np.float32).reshape(-1)
     ignored = IGNORED_HF_KEYS | ({"lm_head.weight"} if m["tie_word_embeddings"] else set())
     unknown = sorted(set(hf) - used - ignored)
     if unknown:
         raise UserError(f"{where}: tensor {unknown[0]} is not a parameter of the model in config.json"
                         f" ({len(unknown)} such tensors)")
-    return out
+    return {name: flat[name].reshape(shape) for name, shape in shapes.items()}
 
 
 # ---- checkpoint writing ------------------------------------------------------------------------
@@ -265,7 +267,19 @@ def write_checkpoint(path, params, config_text, source):
         raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def import_hf(hf_dir, ckpt, inputs_length=None, targets_length=None):
+def name_table(switcht5, config_text):
+    """hf_name_table for the model of `config_text` (written to a temporary file for
+    `switcht5 inspect --hf-names --config`)."""
+    fd, path = tempfile.mkstemp(prefix="import_hf-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(config_text)
+        return hf_name_table(switcht5, ["--config", path])
+    finally:
+        os.remove(path)
+
+
+def import_hf(hf_dir, ckpt, inputs_length=None, targets_length=None, switcht5=None):
     config_path = os.path.join(hf_dir, "config.json")
     try:
         with open(config_path) as fh:
@@ -278,8 +292,10 @@ def import_hf(hf_dir, ckpt, inputs_length=None, targets_length=None):
     lengths = (hf_config.get("switcht5") or {}).get("data", {})
     data = {"inputs_length": int(inputs_length or lengths.get("inputs_length", 512)),
             "targets_length": int(targets_length or lengths.get("targets_length", 114))}
-    params = our_params(read_hf_weights(hf_dir), m, hf_config["model_type"] == "t5", hf_dir)
-    write_checkpoint(ckpt, params, config_yaml(m, data, hf_dir), hf_dir)
+    config_text = config_yaml(m, data, hf_dir)
+    table = name_table(find_switcht5(switcht5), config_text)
+    params = our_params(read_hf_weights(hf_dir), table, m, hf_config["model_type"] == "t5", hf_dir)
+    write_checkpoint(ckpt, params, config_text, hf_dir)
     return m
 
 
@@ -293,12 +309,14 @@ def main(argv=None):
                         help="data.inputs_length of the stored config (default: exported value, else 512)")
     parser.add_argument("--targets-length", type=int, metavar="N",
                         help="data.targets_length of the stored config (default: exported value, else 114)")
+    parser.add_argument("--switcht5", metavar="BIN", help="the switcht5 binary, for the parameter "
+                        "name table (default: $SWITCHT5, else build/switcht5, else PATH)")
     args = parser.parse_args(argv)
     for flag, value in (("--inputs-length", args.inputs_length), ("--targets-length", args.targets_length)):
         if value is not None and value < 2:
             parser.error(f"{flag}: got {value}, expected an integer >= 2")
     try:
-        m = import_hf(args.hf_dir, args.ckpt, args.inputs_length, args.targets_length)
+        m = import_hf(args.hf_dir, args.ckpt, args.inputs_length, args.targets_length, args.switcht5)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/optimizer.h"
 #include "train/trainer.h"
 
 namespace {
@@ -36,6 +37,9 @@ constexpr const char* kUsage =
     "        defaults to the checkpoint's own, with one data-parallel rank per process)\n"
     "  inspect CKPT   (CKPT: a checkpoint file, a checkpoint directory or its latest file)\n"
     "        datasets, shapes, dtypes, step, layout, config and checksum status of a checkpoint\n"
+    "  inspect --hf-names CKPT | --config FILE [--set ...]\n"
+    "        the HuggingFace state_dict names of the model's parameters as JSON (HF key ->\n"
+    "        internal name, offset, shape); scripts/export_hf.py and import_hf.py use it\n"
     "  plan  --config FILE [--set section.key=value ...]\n"
     "        validate a config and print the model's parameters, capacities and FLOPs\n";
 // Set once the process grid exists; read by the error path in main().
@@ -49,6 +53,7 @@ struct Args {
   std::string resume;
   std::string checkpoint;
   std::string dump_batch;
+  bool hf_names = false;
   std::vector<std::string> positional;
   std::vector<std::string> overrides;
 };
@@ -68,6 +73,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--resume") a.resume = value();
     else if (flag == "--checkpoint") a.checkpoint = value();
     else if (flag == "--dump-batch") a.dump_batch = value();
+    else if (flag == "--hf-names" && a.command == "inspect") a.hf_names = true;
     else if (flag == "--set") a.overrides.push_back(value());
     else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
     else if (flag.rfind("-", 0) != 0) a.positional.push_back(flag);
@@ -103,9 +109,9 @@ int cmd_plan(const RunConfig& cfg) {
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
 
   // What one rank holds under cfg.parallel (rank 0's share; every rank's is the same size):
-  // parameters and gradients, and the optimizer state (Adafactor: row + column statistics per
-  // matrix, full second moments for vectors; AdamW: two moments per element), with ZeRO-1
-  // dividing the replicated parameters' state over the data ranks.
+  // parameters and gradients, and the optimizer state as the optimizer allocates it
+  // (optimizer_state_numel, train/optimizer.h), with ZeRO-1 dividing the replicated
+  // parameters' state over the data ranks.
   const ParallelConfig& pc = cfg.parallel;
   ParamStore local;
   register_model_params(local, m, Sharding{pc.expert, 0, pc.model, 0});
@@ -113,16 +119,7 @@ int cmd_plan(const RunConfig& cfg) {
   double state_rep = 0, state_other = 0;
   for (const ParamInfo& p : local.infos()) {
     held += p.numel;
-    std::vector<int64_t> shape = p.shape;  // Adafactor keeps a split matrix's full statistics
-    if (p.model_split_dim >= 0) shape[size_t(p.model_split_dim)] *= pc.model;
-    double st = 2.0 * double(p.numel);
-    if (cfg.train.optimizer == "adafactor") {
-      const double count = p.kind == ParamKind::kStacked ? double(shape[0]) : 1.0;
-      const double rows = shape.size() >= 2 ? double(shape[shape.size() - 2]) : 1.0;
-      const double cols = double(shape.back());
-      st = (p.kind != ParamKind::kVector && rows > 1 && cols > 1) ? count * (rows + cols)
-                                                                 : count * rows * cols;
-    }
+    const double st = double(optimizer_state_numel(cfg.train.optimizer, p, pc.model));
     (p.kind == ParamKind::kStacked || p.model_split_dim >= 0 ? state_other : state_rep) += st;
   }
   if (pc.zero1) state_rep /= pc.data;
@@ -130,6 +127,60 @@ int cmd_plan(const RunConfig& cfg) {
              "{:.1f} MB, {} state {:.1f} MB (fp32)\n",
              pc.data, pc.model, pc.expert, pc.zero1 ? ", ZeRO-1" : "", held * 4e-6, held * 4e-6,
              cfg.train.optimizer, (state_rep + state_other) * 4e-6);
+  return 0;
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", int(c));
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+// `inspect --hf-names`: the parameter table of the whole (unsharded) model of a config or a
+// checkpoint's config, as one JSON object:
+//   "params":   internal name -> logical shape, in ParamStore order (a checkpoint's /params)
+//   "hf_names": HF key -> {"name": internal name, "offset": first element of the HF tensor
+//               within the internal one (floats, row-major), "shape": the HF tensor's shape}
+// (ParamStore::hf_names(), the one place the mapping lives: scripts/export_hf.py and
+// scripts/import_hf.py read it from here). Keys are HF SwitchTransformers names.
+int cmd_hf_names(const Args& a) {
+  SWT_USER_CHECK(a.positional.size() + (a.config.empty() ? 0 : 1) == 1,
+                 "inspect --hf-names: expected one checkpoint or --config FILE, got {} (see "
+                 "switcht5 --help)",
+                 a.positional.size() + (a.config.empty() ? 0 : 1));
+  std::string source = a.config;
+  RunConfig cfg;
+  if (a.config.empty()) {
+    source = resolve_resume(a.positional[0], "");
+    SWT_USER_CHECK(!source.empty(), "inspect {}: no checkpoint there", a.positional[0]);
+    cfg = checkpoint_config(source, a.overrides);
+  } else {
+    cfg = load_config(a.config, a.overrides);
+  }
+  ParamStore ps;
+  register_model_params(ps, cfg.model);
+  std::string out = "{\n  \"source\": " + json_string(source) + ",\n  \"params\": {";
+  for (size_t i = 0; i < ps.infos().size(); ++i) {
+    const ParamInfo& p = ps.infos()[i];
+    out += fmt::format("{}\n    {}: [{}]", i ? "," : "", json_string(p.name),
+                       fmt::join(p.logical_shape(), ", "));
+  }
+  out += "\n  },\n  \"hf_names\": {";
+  const std::vector<ParamStore::HfEntry> entries = ps.hf_names();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const ParamStore::HfEntry& e = entries[i];
+    out += fmt::format("{}\n    {}: {{\"name\": {}, \"offset\": {}, \"shape\": [{}]}}",
+                       i ? "," : "", json_string(e.hf_name), json_string(e.internal_name),
+                       e.inner_offset, fmt::join(e.hf_shape, ", "));
+  }
+  fmt::print("{}\n  }}\n}}\n", out);
   return 0;
 }
 
@@ -197,7 +248,8 @@ int cmd_eval(const Args& a) {
   SWT_USER_CHECK(t.has_validation(),
                  "eval: the config has no validation data (set data.val_glob, or data.source "
                  "synthetic)");
-  const LoadResult lr = load_checkpoint(t, checkpoint, /*training_state=*/false);
+  TrainingState state = t.checkpoint_state();
+  const LoadResult lr = load_checkpoint(state, checkpoint, /*training_state=*/false);
   const double loss = t.evaluate();
   if (!a.dump_batch.empty()) dump_batch(t, a.dump_batch);
   if (grid.is_root())
@@ -222,6 +274,7 @@ int run(int argc, char** argv) {
   SWT_USER_CHECK(a.positional.empty() || a.command == "inspect",
                  "{}: unexpected argument \"{}\"\n{}", a.command,
                  a.positional.empty() ? "" : a.positional[0], kUsage);
+  if (a.command == "inspect" && a.hf_names) return cmd_hf_names(a);
   if (a.command == "inspect") {
     SWT_USER_CHECK(a.positional.size() == 1, "inspect: expected one checkpoint file\n{}", kUsage);
     const std::string path = resolve_resume(a.positional[0], "");

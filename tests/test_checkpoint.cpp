@@ -187,12 +187,14 @@ TEST(Checkpoint, SaveLoadSaveGivesIdenticalDatasets) {
 
     ProcessGrid grid = self_grid();
     Trainer t(cfg, grid);
-    const LoadResult lr = load_checkpoint(t, first, true);
+    TrainingState state = t.checkpoint_state();
+    const LoadResult lr = load_checkpoint(state, first, true);
     EXPECT_EQ(lr.step, 3);
     EXPECT_TRUE(lr.training_state);
+    t.restore(state);
     EXPECT_EQ(t.optimizer().steps_taken(), 3);
     EXPECT_EQ(t.train_source().state(), "synthetic_batch=3");
-    const SaveResult s = save_checkpoint(t, 3, dir + "/again");
+    const SaveResult s = save_checkpoint(t.checkpoint_state(3), dir + "/again");
     expect_same_datasets(first, s.path);
     auto self = make_self_communicator();
     H5CheckpointReader a(first, *self), b(s.path, *self);
@@ -341,7 +343,8 @@ class CorruptCheckpoint : public ::testing::Test {
                          const std::vector<std::string>& parts) {
     ProcessGrid grid = self_grid();
     Trainer t(cfg, grid);
-    const std::string e = user_error([&] { load_checkpoint(t, path, true); });
+    TrainingState state = t.checkpoint_state();
+    const std::string e = user_error([&] { load_checkpoint(state, path, true); });
     for (const std::string& p : parts) EXPECT_NE(e.find(p), std::string::npos) << e;
     EXPECT_EQ(e.find('\n'), std::string::npos) << "one line: " << e;
   }

@@ -89,6 +89,58 @@ TEST(Cli, EvalAndInspectBadInput) {
   }
 }
 
+// inspect --hf-names: ParamStore::hf_names() as the JSON scripts/export_hf.py and import_hf.py
+// read (tests/hf checks the tables work end to end); a config and its checkpoint agree.
+TEST(Cli, InspectHfNamesPrintsTheNameTable) {
+  Result r = run("inspect --hf-names --config " + kTiny);
+  ASSERT_EQ(r.code, 0) << r.output;
+  // Stacked experts [4, 128, 64] split into HF's per-expert tensors, expert j at j * 128 * 64.
+  for (const char* line :
+       {"\"encoder.block.1.layer.1.mlp.experts.wi.weight\": [4, 128, 64],",
+        "\"encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight\": {\"name\": "
+        "\"encoder.block.1.layer.1.mlp.experts.wi.weight\", \"offset\": 24576, \"shape\": [128, "
+        "64]},",
+        "\"decoder.block.1.layer.2.mlp.experts.expert_0.wo.weight\": {\"name\": "
+        "\"decoder.block.1.layer.2.mlp.experts.wo.weight\", \"offset\": 0, \"shape\": [64, 128]},",
+        "\"shared.weight\": {\"name\": \"shared.weight\", \"offset\": 0, \"shape\": [128, 64]},"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
+  EXPECT_EQ(r.output.find("expert_4"), std::string::npos) << r.output;
+  Result gated =
+      run("inspect --hf-names --config " + kTiny + " --set model.feed_forward_proj=gated-gelu");
+  ASSERT_EQ(gated.code, 0) << gated.output;
+  EXPECT_NE(gated.output.find("\"encoder.block.1.layer.1.mlp.experts.expert_2.wi_1.weight\": "
+                              "{\"name\": \"encoder.block.1.layer.1.mlp.experts.wi_1.weight\", "
+                              "\"offset\": 16384"),
+            std::string::npos)
+      << gated.output;
+
+  // The checkpoint of a run of that config gives the same table.
+  const auto dir = std::filesystem::temp_directory_path() / "switcht5_cli_hf_names";
+  std::filesystem::remove_all(dir);
+  ASSERT_EQ(run("train --config " + kTiny + " --run-dir " + dir.string() + " --set train.steps=1").code, 0);
+  Result from_ckpt = run("inspect --hf-names " + (dir / "checkpoints").string());
+  ASSERT_EQ(from_ckpt.code, 0) << from_ckpt.output;
+  auto after_source = [](const std::string& s) { return s.substr(s.find("\"params\"")); };
+  EXPECT_EQ(after_source(from_ckpt.output), after_source(r.output));
+  EXPECT_NE(from_ckpt.output.find("ckpt-00000001.h5"), std::string::npos) << from_ckpt.output;
+
+  // Misuse: exit code 2 and one line naming what is wrong.
+  const std::string not_ckpt = write_config("hf_names_not_ckpt", "model:\n  d_model: 8\n");
+  for (const auto& [args, part] : std::vector<std::pair<std::string, std::string>>{
+           {"inspect --hf-names", "inspect --hf-names: expected one checkpoint or --config FILE, got 0"},
+           {"inspect --hf-names a.h5 --config " + kTiny, "expected one checkpoint or --config FILE, got 2"},
+           {"inspect --hf-names " + not_ckpt, not_ckpt + ": not a readable HDF5 checkpoint"},
+           {"inspect --hf-names --config /nonexistent/c.yaml", "/nonexistent/c.yaml"},
+           {"plan --hf-names --config " + kTiny, "unknown option \"--hf-names\" for \"plan\""}}) {
+    Result bad = run(args);
+    EXPECT_EQ(bad.code, 2) << args << "\n" << bad.output;
+    EXPECT_NE(bad.output.find(part), std::string::npos) << args << "\n" << bad.output;
+    if (args.rfind("inspect", 0) == 0) {
+      EXPECT_EQ(bad.output.find('\n'), bad.output.size() - 1) << "one line: " << bad.output;
+    }
+  }
+}
+
 TEST(Cli, UnknownCommandAndMissingConfig) {
   Result r = run("frobnicate");
   EXPECT_EQ(r.code, 2);

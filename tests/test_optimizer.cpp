@@ -9,7 +9,10 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "comm/communicator.h"
+#include "config/config.h"
 #include "core/check.h"
+#include "model/model.h"
 #include "model/params.h"
 #include "test_util.h"
 #include "train/grad_clip.h"
@@ -361,6 +364,76 @@ TEST(Optimizer, AdamWStateNamesAndShapes) {
     EXPECT_EQ(st[2 * i].shape, ps.infos()[i].shape);
     EXPECT_EQ(st[2 * i + 1].shape, ps.infos()[i].shape);
   }
+}
+
+// A communicator that only has a size: the optimizers' constructors read nothing else from
+// their model group (no collective runs here: step() is not called).
+class SizeOnlyCommunicator final : public Communicator {
+ public:
+  explicit SizeOnlyCommunicator(int size) : size_(size) {}
+  int rank() const override { return 0; }
+  int size() const override { return size_; }
+  void all_reduce_sum(float*, int64_t) override { unused(); }
+  void all_reduce_sum(double*, int64_t) override { unused(); }
+  void all_reduce_sum(int64_t*, int64_t) override { unused(); }
+  void all_reduce_max(int64_t*, int64_t) override { unused(); }
+  void reduce_scatter_sum(float*, const float*, int64_t) override { unused(); }
+  void all_gather(float*, const float*, int64_t) override { unused(); }
+  void all_to_all(float*, const float*, int64_t) override { unused(); }
+  void broadcast(float*, int64_t, int) override { unused(); }
+  void broadcast(std::string&, int) override { unused(); }
+  void barrier() override { unused(); }
+  std::unique_ptr<Communicator> split(int, int) const override { unused(); return nullptr; }
+
+ private:
+  [[noreturn]] static void unused() { throw Error("SizeOnlyCommunicator: no collectives"); }
+  int size_;
+};
+
+// optimizer_state_numel (what `switcht5 plan` reports) is exactly what the optimizers allocate:
+// the sum of their state tensors, for both optimizers, tensor parallelism (Adafactor keeps a
+// split matrix's whole statistics), expert shards, gated experts and a ZeRO-1 subset.
+TEST(Optimizer, StateNumelIsWhatTheOptimizerAllocates) {
+  auto be = make_backend("reference");
+  ModelConfig m;
+  m.vocab_size = 32;
+  m.d_model = 8;
+  m.d_ff = 16;
+  m.d_kv = 4;
+  m.num_heads = 2;
+  m.num_layers = 2;
+  m.num_decoder_layers = 2;
+  m.num_experts = 4;
+  m.encoder_sparse_step = m.decoder_sparse_step = 2;
+  for (const char* ffn : {"relu", "gated-gelu"})
+    for (int model : {1, 2})
+      for (const char* name : {"adafactor", "adamw"})
+        for (bool subset : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << ffn << " model " << model << " " << name
+                                            << (subset ? " ZeRO-1 subset" : ""));
+          m.feed_forward_proj = ffn;
+          ParamStore ps;
+          register_model_params(ps, m, Sharding{2, 1, model, model - 1});
+          ps.allocate(*be);
+          std::vector<bool> updates(ps.infos().size(), true);
+          if (subset)
+            for (size_t i = 0; i < updates.size(); i += 2) updates[i] = false;
+          SizeOnlyCommunicator group(model);
+          OptimizerOptions o;
+          o.name = name;
+          auto opt = make_optimizer(o, *be, ps, updates, model > 1 ? &group : nullptr);
+          int64_t allocated = 0, predicted = 0;
+          for (const Optimizer::StateTensor& t : opt->state()) {
+            int64_t n = 1;
+            for (int64_t d : t.shape) n *= d;
+            if (t.data) allocated += n;
+          }
+          for (size_t i = 0; i < ps.infos().size(); ++i)
+            if (updates[i]) predicted += optimizer_state_numel(name, ps.infos()[i], model);
+          EXPECT_GT(allocated, 0);
+          EXPECT_EQ(predicted, allocated);
+        }
+  EXPECT_THROW(optimizer_state_numel("sgd", ParamInfo{}, 1), UserError);
 }
 
 TEST(Optimizer, UnknownNameIsUserError) {

@@ -6,7 +6,9 @@
 //
 // Conventions
 // - Pointers are backend memory (host memory on CPU backends, device memory on CUDA). Only
-//   copy_to_host / copy_to_device cross that boundary.
+//   copy_to_host / copy_to_device cross that boundary: code outside a backend never dereferences
+//   backend memory, except where host_accessible() says the host may (checkpoints then skip
+//   their host staging). tests/test_device_memory.cpp holds everything else to it.
 // - Every matrix is row-major. Shapes are written [dim0, dim1, ...], the last dim contiguous.
 // - Activation gradients (dx, dscores, ...) are ASSIGNED; parameter gradients (dw, dtable, ...)
 //   are ACCUMULATED with +=, as in llm.c, so several uses of a parameter can add up.
@@ -19,6 +21,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -28,10 +31,15 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  // Whether the host may dereference this backend's pointers (its memory is host memory).
+  virtual bool host_accessible() const = 0;
 
   // ---- memory ------------------------------------------------------------------------------
   virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned
   virtual void free_bytes(void* ptr) = 0;
+  // Host <-> backend copies, synchronous on the host side: copy_to_host returns with the data
+  // in `dst`, copy_to_device returns when `src` may be overwritten (checkpoint staging reuses
+  // one host buffer for consecutive copies).
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device to device
@@ -239,6 +247,11 @@ class Backend {
 // Backends by name: "reference" (plain loops, double accumulation, single thread: the oracle)
 // and "cpu" (oneDNN sgemm + OpenMP). Throws UserError for an unknown name.
 std::unique_ptr<Backend> make_backend(const std::string& name);
+
+// What builds a trainer's backend from train.backend: make_backend, or a test's substitute
+// (tests/guarded_backend.h wraps a backend so that the host cannot read its memory), passed
+// in explicitly (Trainer, TrainOptions) rather than registered globally.
+using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& name)>;
 
 // A typed array in backend memory, freed on destruction. Move-only.
 template <class T>

@@ -15,7 +15,7 @@
 #include "checkpoint/h5_file.h"
 #include "comm/communicator.h"
 #include "core/check.h"
-#include "train/trainer.h"
+#include "train/schedule.h"
 
 namespace switcht5 {
 
@@ -39,8 +39,8 @@ std::vector<int64_t> zeros_if_empty(const std::vector<int64_t>& start, size_t ra
   return start.empty() ? std::vector<int64_t>(rank, 0) : start;
 }
 
-std::vector<TensorSlot> param_slots(Trainer& t) {
-  ParamStore& ps = t.model().params();
+std::vector<TensorSlot> param_slots(const TrainingState& st) {
+  ParamStore& ps = st.params;
   std::vector<TensorSlot> slots;
   for (const ParamInfo& p : ps.infos()) {
     TensorSlot s;
@@ -49,25 +49,31 @@ std::vector<TensorSlot> param_slots(Trainer& t) {
     s.start = zeros_if_empty(p.slice_start, p.shape.size());
     s.count = p.shape;
     s.data = ps.values() + p.offset;
-    s.owner = block_owner(t.grid(), p.kind == ParamKind::kStacked, p.model_split_dim, -1);
+    s.backend = &st.backend;
+    s.owner = block_owner(st.grid, p.kind == ParamKind::kStacked, p.model_split_dim, -1);
     slots.push_back(std::move(s));
   }
   return slots;
 }
 
-std::vector<TensorSlot> optimizer_slots(Trainer& t) {
-  const ParamStore& ps = t.model().params();
+std::vector<TensorSlot> optimizer_slots(const TrainingState& st) {
+  const ParamStore& ps = st.params;
+  SWT_CHECK(st.param_owner.empty() || st.param_owner.size() == ps.infos().size(),
+            "param_owner has {} entries for {} parameters", st.param_owner.size(),
+            ps.infos().size());
   std::vector<TensorSlot> slots;
-  for (const Optimizer::StateTensor& st : t.optimizer().state()) {
-    const ParamInfo& p = ps.infos()[size_t(st.param)];
+  for (const Optimizer::StateTensor& t : st.optimizer_state) {
+    const ParamInfo& p = ps.infos()[size_t(t.param)];
+    const int zero1_owner = st.param_owner.empty() ? -1 : st.param_owner[size_t(t.param)];
     TensorSlot s;
-    s.path = "optimizer/" + st.name;
-    s.full_shape = st.full_shape;
-    s.start = st.slice_start;
-    s.count = st.shape;
-    s.data = st.data;
-    s.owner = st.data != nullptr && block_owner(t.grid(), p.kind == ParamKind::kStacked,
-                                                st.model_split_dim, t.param_owner(size_t(st.param)));
+    s.path = "optimizer/" + t.name;
+    s.full_shape = t.full_shape;
+    s.start = t.slice_start;
+    s.count = t.shape;
+    s.data = t.data;
+    s.backend = &st.backend;
+    s.owner = t.data != nullptr && block_owner(st.grid, p.kind == ParamKind::kStacked,
+                                               t.model_split_dim, zero1_owner);
     slots.push_back(std::move(s));
   }
   return slots;
@@ -80,10 +86,10 @@ std::string layout_text(const RunConfig& cfg, int world_size) {
 }
 
 // Every data rank's loader state, on every rank (collective over the world).
-std::vector<std::string> gather_loader_states(Trainer& t) {
-  ProcessGrid& g = t.grid();
+std::vector<std::string> gather_loader_states(const TrainingState& st) {
+  ProcessGrid& g = st.grid;
   std::vector<std::string> states;
-  const std::string mine = t.train_source().state();
+  const std::string& mine = st.loader_state;
   for (int r = 0; r < g.data; ++r) {
     std::string s = g.data_rank == r && g.model_rank == 0 ? mine : std::string();
     g.world->broadcast(s, r * g.model);
@@ -189,10 +195,11 @@ std::string checkpoint_dir(const RunConfig& cfg, const std::string& run_dir) {
   return cfg.checkpoint.dir.empty() ? run_dir + "/checkpoints" : cfg.checkpoint.dir;
 }
 
-SaveResult save_checkpoint(Trainer& t, int64_t step, const std::string& dir) {
+SaveResult save_checkpoint(const TrainingState& state, const std::string& dir) {
   const auto t0 = std::chrono::steady_clock::now();
-  ProcessGrid& g = t.grid();
-  const RunConfig& cfg = t.config();
+  ProcessGrid& g = state.grid;
+  const RunConfig& cfg = state.config;
+  const int64_t step = state.step;
   if (g.is_root()) {
     std::error_code ec;
     fs::create_directories(dir, ec);
@@ -204,8 +211,8 @@ SaveResult save_checkpoint(Trainer& t, int64_t step, const std::string& dir) {
   a.strings["format"] = kFormat;
   a.ints["format_version"] = kFormatVersion;
   a.ints["step"] = step;
-  a.ints["optimizer_steps"] = t.optimizer().steps_taken();
-  a.ints["consecutive_skips"] = t.consecutive_skips();
+  a.ints["optimizer_steps"] = state.optimizer_steps;
+  a.ints["consecutive_skips"] = state.consecutive_skips;
   a.strings["optimizer"] = cfg.train.optimizer;
   a.strings["config"] = to_yaml(cfg);
   a.strings["layout"] = layout_text(cfg, g.world_size);
@@ -214,7 +221,7 @@ SaveResult save_checkpoint(Trainer& t, int64_t step, const std::string& dir) {
   a.ints["layout_expert"] = g.expert;
   a.ints["layout_zero1"] = cfg.parallel.zero1 ? 1 : 0;
   a.ints["world_size"] = g.world_size;
-  a.string_lists["data_loader_states"] = gather_loader_states(t);
+  a.string_lists["data_loader_states"] = gather_loader_states(state);
   a.strings["seed"] = fmt::format("{}", cfg.train.seed);
   a.strings["rng"] =
       "counter-based: every random draw (init, dropout, router jitter, data order, span "
@@ -230,12 +237,12 @@ SaveResult save_checkpoint(Trainer& t, int64_t step, const std::string& dir) {
       "sum mod 2^64 over elements i (row-major index in the logical tensor) of "
       "mix64(mix64(i) + float32 bits of element i); mix64 = splitmix64 finalizer";
 
-  std::vector<TensorSlot> slots = param_slots(t);
-  for (TensorSlot& s : optimizer_slots(t)) slots.push_back(std::move(s));
+  std::vector<TensorSlot> slots = param_slots(state);
+  for (TensorSlot& s : optimizer_slots(state)) slots.push_back(std::move(s));
 
   const std::string name = checkpoint_file_name(step);
   const std::string final_path = dir + "/" + name, tmp = final_path + ".tmp";
-  t.backend().synchronize();
+  state.backend.synchronize();
   write_h5_checkpoint(tmp, *g.world, a, slots, [&](size_t k, size_t total) {
     if (k == total / 2) maybe_crash("datasets", step);
   });
@@ -297,9 +304,9 @@ std::string resolve_resume(const std::string& arg, const std::string& dir) {
   return arg;
 }
 
-LoadResult load_checkpoint(Trainer& t, const std::string& path, bool training_state) {
-  ProcessGrid& g = t.grid();
-  const RunConfig& cfg = t.config();
+LoadResult load_checkpoint(TrainingState& state, const std::string& path, bool training_state) {
+  ProcessGrid& g = state.grid;
+  const RunConfig& cfg = state.config;
   H5CheckpointReader r(path, *g.world);
   check_format(r);
   const RunConfig saved = parse_config(r.string_attribute("config"), path + ":config", {});
@@ -308,26 +315,28 @@ LoadResult load_checkpoint(Trainer& t, const std::string& path, bool training_st
   LoadResult result;
   result.step = r.int_attribute("step");
   result.layout = r.has_attribute("layout") ? r.string_attribute("layout") : "unknown";
-  std::vector<TensorSlot> slots = param_slots(t);
+  std::vector<TensorSlot> slots = param_slots(state);
   const bool with_state = training_state && r.has_group("optimizer");
   if (with_state) {
     const std::string opt = r.string_attribute("optimizer");
     SWT_USER_CHECK(opt == cfg.train.optimizer,
                    "{}: the checkpoint holds {} state but the config's train.optimizer is {} ({})",
                    path, opt, cfg.train.optimizer, cfg.source_path);
-    for (TensorSlot& s : optimizer_slots(t)) slots.push_back(std::move(s));
+    for (TensorSlot& s : optimizer_slots(state)) slots.push_back(std::move(s));
   }
   r.read(slots);
+  state.backend.synchronize();
+  state.step = result.step;
   if (with_state) {
-    t.optimizer().set_steps_taken(r.int_attribute("optimizer_steps"));
-    t.set_consecutive_skips(int(r.int_attribute("consecutive_skips")));
+    state.optimizer_steps = r.int_attribute("optimizer_steps");
+    state.consecutive_skips = int(r.int_attribute("consecutive_skips"));
     // Loader states are global positions (data/loader.h): the same on every data rank, so any
     // data-parallel degree continues from the first.
     const std::vector<std::string> states = r.string_list_attribute("data_loader_states");
     SWT_USER_CHECK(!states.empty() && std::all_of(states.begin(), states.end(),
                                                    [&](const std::string& s) { return s == states[0]; }),
                    "{}: data_loader_states disagree across data ranks", path);
-    t.train_source().restore(states[0]);
+    state.loader_state = states[0];
     result.training_state = true;
   }
   return result;

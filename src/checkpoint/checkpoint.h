@@ -1,5 +1,5 @@
-// Training checkpoints: what a Trainer's state is as one HDF5 file (checkpoint/h5_file.h), and
-// the directory protocol that makes saving atomic.
+// Training checkpoints: a run's training state (TrainingState below, the view a Trainer builds)
+// as one HDF5 file (checkpoint/h5_file.h), and the directory protocol that makes saving atomic.
 //
 // File contents (format "switcht5-checkpoint", version 1):
 //   /params/<name>               every parameter, float32, its full logical shape; names are the
@@ -27,12 +27,46 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "backend/backend.h"
+#include "comm/process_grid.h"
 #include "config/config.h"
+#include "model/params.h"
+#include "train/optimizer.h"
 
 namespace switcht5 {
 
-class Trainer;
+// What a checkpoint saves and restores: a plain view of a training run's state, built by
+// Trainer::checkpoint_state() (train/trainer.h), so that this code needs no Trainer.
+//
+// Ownership: the view owns only its scalars and strings. The tensors stay with their owners
+// (parameters in the ParamStore, optimizer state in the Optimizer, both in `backend` memory)
+// and the view points at them, so it is valid while those live and keep their layout. Saving
+// reads the tensors through the backend (host staging unless backend.host_accessible()); loading
+// writes them in place and sets the scalars here, which Trainer::restore() then applies.
+// The learning-rate schedule and every random draw are pure functions of (config.train.seed,
+// step, index): config and step stand for both (the file records how, as text).
+struct TrainingState {
+  const RunConfig& config;  // the resolved run config (model dims, optimizer, seed, schedule)
+  ProcessGrid& grid;        // the layout; saving and loading are collective over grid.world
+  Backend& backend;         // where the tensors below live
+  // Parameters: ParamStore::values() [total_numel()], each ParamInfo a block (offset, shape,
+  // slice_start) of its logical tensor.
+  ParamStore& params;
+  // Optimizer state tensors in parameter order, the same list on every rank (data null where
+  // this rank keeps none, ZeRO-1); empty without an optimizer (evaluation).
+  std::vector<Optimizer::StateTensor> optimizer_state{};
+  // ZeRO-1: per parameter (index into params.infos()), the data rank that keeps its optimizer
+  // state and writes it, or -1 when every data rank holding it does. Empty: all -1.
+  std::vector<int> param_owner{};
+
+  // Scalars, copied into the file on save and out of it on load.
+  int64_t step = 0;             // training steps done
+  int64_t optimizer_steps = 0;  // updates applied (skipped non-finite steps do not count)
+  int consecutive_skips = 0;    // skipped steps in a row at `step`
+  std::string loader_state{};   // this data rank's training data position (BatchSource::state)
+};
 
 // "ckpt-00000120.h5"
 std::string checkpoint_file_name(int64_t step);
@@ -45,13 +79,13 @@ struct SaveResult {
   int64_t bytes = 0;
 };
 
-// Saves the trainer's state after training step `step` into `dir` (protocol above). Collective
-// over the trainer's world. The environment variable SWITCHT5_CRASH_IN_SAVE=POINT:STEP kills
+// Saves `state` (after training step state.step) into `dir` (protocol above). Collective over
+// state.grid.world. The environment variable SWITCHT5_CRASH_IN_SAVE=POINT:STEP kills
 // with SIGKILL, at POINT of the save of step STEP, every rank (datasets: half the datasets
 // written; written: file closed, not renamed) or rank 0, which alone runs the rest (renamed:
 // renamed, `latest` not updated; latest: `latest` updated, not pruned); mpirun then ends the
 // others. The crash tests use it.
-SaveResult save_checkpoint(Trainer& trainer, int64_t step, const std::string& dir);
+SaveResult save_checkpoint(const TrainingState& state, const std::string& dir);
 
 // What --resume (and eval --checkpoint, inspect) names: "auto" -> the checkpoint DIR/latest
 // names (else the newest complete ckpt-*.h5 in `dir`), or "" when there is none; a directory ->
@@ -65,13 +99,14 @@ struct LoadResult {
   std::string layout;            // the layout it was saved with
 };
 
-// Loads `path` into the trainer: the parameters always; with `training_state`, also the
-// optimizer state, step counters and training data position when the file has them (a
-// params-only file, e.g. from scripts/import_hf.py, starts a fresh optimizer at its step).
-// Any layout loads into any layout. Collective over the trainer's world. UserError (naming
-// the file and what is wrong) for a file that is not a checkpoint, is truncated or corrupt,
-// fails a checksum, lacks a dataset, or holds a model of other dimensions than the config's.
-LoadResult load_checkpoint(Trainer& trainer, const std::string& path, bool training_state);
+// Loads `path` into `state`: the parameters always; with `training_state`, also the optimizer
+// state and the scalars (state.step, optimizer_steps, consecutive_skips, loader_state) when the
+// file has them (LoadResult::training_state; a params-only file, e.g. from
+// scripts/import_hf.py, leaves a fresh optimizer). Any layout loads into any layout. Collective
+// over state.grid.world. UserError (naming the file and what is wrong) for a file that is not
+// a checkpoint, is truncated or corrupt, fails a checksum, lacks a dataset, or holds a model of
+// other dimensions than the config's.
+LoadResult load_checkpoint(TrainingState& state, const std::string& path, bool training_state);
 
 // The run config stored in a checkpoint, with `overrides` applied (--set). One process.
 RunConfig checkpoint_config(const std::string& path, const std::vector<std::string>& overrides);

@@ -3,9 +3,11 @@
 // Collective rules of parallel HDF5 that shape this file: every rank creates the same groups,
 // datasets and attributes in the same order with the same arguments (metadata is collective),
 // and, with collective transfers, every rank calls H5Dwrite / H5Dread the same number of times
-// per dataset, a rank with nothing to move selecting none. Blocks are moved in pieces of at most
-// kPieceBytes along their first dimension (MPI-IO counts are ints), and the number of pieces per
-// dataset is agreed by an all-reduce.
+// per dataset, a rank with nothing to move selecting none. Blocks are moved in pieces (of at most
+// PieceLimits::host_bytes from host memory, or staging_bytes through the host staging buffer),
+// and the number of pieces per dataset is agreed by an all-reduce. Checksums are computed piece
+// by piece on the host copy that is written or was read, so a checksum always covers the bytes
+// that went to or came from the file.
 #include "checkpoint/h5_file.h"
 
 #include <hdf5.h>
@@ -15,6 +17,7 @@
 #include <functional>
 #include <unordered_map>
 
+#include "backend/backend.h"
 #include "comm/communicator.h"
 #include "comm/mpi_native.h"
 #include "core/check.h"
@@ -23,8 +26,6 @@
 namespace switcht5 {
 
 namespace {
-
-constexpr int64_t kPieceBytes = int64_t{256} << 20;
 
 // The innermost messages of HDF5's error stack (e.g. "truncated file: eof = ..."), for errors.
 std::string h5_error_text() {
@@ -121,64 +122,171 @@ Handle string_type() {
   return t;
 }
 
-// Pieces of a block along its first dimension, each at most kPieceBytes (one row at least).
-int64_t rows_per_piece(const TensorSlot& s) {
-  const int64_t row = s.count.empty() ? 1 : product(s.count) / std::max<int64_t>(1, s.count[0]);
-  return std::max<int64_t>(1, kPieceBytes / (4 * std::max<int64_t>(1, row)));
+// The block of a slot: its first index and extent per dimension (empty = the whole tensor).
+std::vector<int64_t> block_start(const TensorSlot& s) {
+  return s.start.empty() ? std::vector<int64_t>(s.full_shape.size(), 0) : s.start;
 }
-int64_t piece_count(const TensorSlot& s, bool moves) {
-  if (!moves || s.count.empty()) return moves ? 1 : 0;
-  const int64_t rpp = rows_per_piece(s);
-  return (s.count[0] + rpp - 1) / rpp;
+std::vector<int64_t> block_count(const TensorSlot& s) {
+  return s.count.empty() ? s.full_shape : s.count;
 }
 
-// Moves piece `k` of slot `s` (H5Dwrite or H5Dread); a rank with fewer pieces selects none.
-void move_piece(hid_t dset, hid_t dxpl, const TensorSlot& s, bool moves, int64_t k, bool write,
-                const std::string& file) {
+// Whether a slot's memory must be staged through the host (see h5_file.h).
+bool staged(const TensorSlot& s) { return s.backend && !s.backend->host_accessible(); }
+
+// A block moves in pieces of at most PieceLimits bytes, each a hyperslab that is contiguous
+// in the block's row-major memory: with the block's extents c[0..n-1], the cut is along the
+// outermost dimension d whose inner extent c[d+1] x ... x c[n-1] fits the limit, and a piece is
+// `per_piece` consecutive indices along d at fixed indices of the dimensions before d. For
+// every tensor of our models d = 0 (one row of the largest is a few MB), pieces of rows.
+struct PiecePlan {
+  size_t dim = 0;
+  int64_t per_piece = 1;    // indices along `dim` per piece
+  int64_t along = 0;        // pieces along `dim`
+  int64_t outer = 1;        // c[0] x ... x c[dim-1]
+  int64_t inner = 1;        // elements per index along `dim`
+  int64_t pieces() const { return outer * along; }
+};
+PiecePlan plan_pieces(const TensorSlot& s, const PieceLimits& limits) {
+  const std::vector<int64_t> c = block_count(s);
+  PiecePlan p;
+  if (c.empty() || product(c) == 0) return p;  // nothing to move
+  const int64_t limit = std::max<int64_t>(
+      1, (staged(s) ? limits.staging_bytes : limits.host_bytes) / int64_t(sizeof(float)));
+  p.dim = c.size() - 1;
+  p.inner = 1;
+  while (p.dim > 0 && p.inner * c[p.dim] <= limit) p.inner *= c[p.dim--];
+  p.per_piece = std::clamp<int64_t>(limit / p.inner, 1, c[p.dim]);
+  p.along = (c[p.dim] + p.per_piece - 1) / p.per_piece;
+  for (size_t k = 0; k < p.dim; ++k) p.outer *= c[k];
+  return p;
+}
+
+// Piece k of a slot: its hyperslab in the dataset and its place in the block's memory.
+struct Piece {
+  std::vector<int64_t> start, count;  // in the dataset
+  int64_t offset = 0;                 // first element, into the block's row-major memory
+  int64_t size = 0;                   // elements
+};
+Piece piece_of(const TensorSlot& s, const PiecePlan& plan, int64_t k) {
+  Piece p;
+  p.start = block_start(s);
+  p.count = block_count(s);
+  const int64_t o = k / plan.along;
+  const int64_t first = (k % plan.along) * plan.per_piece;
+  const int64_t n = std::min(plan.per_piece, p.count[plan.dim] - first);
+  p.offset = (o * p.count[plan.dim] + first) * plan.inner;
+  // Unravel the outer index over dimensions 0..dim-1.
+  int64_t rem = o;
+  for (size_t d = plan.dim; d-- > 0;) {
+    p.start[d] += rem % p.count[d];
+    rem /= p.count[d];
+    p.count[d] = 1;
+  }
+  p.start[plan.dim] += first;
+  p.count[plan.dim] = n;
+  p.size = n * plan.inner;
+  return p;
+}
+
+// The checksum of one piece held in host memory at `host`.
+uint64_t piece_checksum(const TensorSlot& s, const Piece& p, const float* host) {
+  TensorSlot view;
+  view.path = s.path;
+  view.full_shape = s.full_shape;
+  view.start = p.start;
+  view.count = p.count;
+  view.data = const_cast<float*>(host);
+  return block_checksum(view);
+}
+
+// A bounded host buffer for staged pieces (at most PieceLimits::staging_bytes), grown on use.
+class StagingBuffer {
+ public:
+  float* get(int64_t elements) {
+    if (buf_.size() < size_t(elements)) buf_.resize(size_t(elements));
+    return buf_.data();
+  }
+
+ private:
+  std::vector<float> buf_;
+};
+
+// H5Dwrite or H5Dread of one piece between the dataset and host memory; `p` null: this rank
+// moves nothing in this (collective) call and selects none.
+void transfer(hid_t dset, hid_t dxpl, const Piece* p, float* host, bool write,
+              const std::string& file) {
   Handle fspace(check_id(H5Dget_space(dset), file, "H5Dget_space"), H5Sclose);
-  const int64_t pieces = piece_count(s, moves);
-  if (k >= pieces) {
+  Handle mspace;
+  float dummy = 0.0f;
+  if (!p) {
     H5Sselect_none(fspace.get());
     hsize_t one = 1;
-    Handle mspace(H5Screate_simple(1, &one, nullptr), H5Sclose);
+    mspace = Handle(H5Screate_simple(1, &one, nullptr), H5Sclose);
     H5Sselect_none(mspace.get());
-    float dummy = 0.0f;
-    check_status(write ? H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, &dummy)
-                       : H5Dread(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, &dummy),
-                 file, write ? "H5Dwrite" : "H5Dread");
-    return;
+    host = &dummy;
+  } else {
+    std::vector<hsize_t> hstart = dims_of(p->start), hcount = dims_of(p->count);
+    check_status(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, hstart.data(), nullptr,
+                                     hcount.data(), nullptr),
+                 file, "H5Sselect_hyperslab");
+    mspace = Handle(H5Screate_simple(int(hcount.size()), hcount.data(), nullptr), H5Sclose);
   }
-  std::vector<int64_t> start = s.start, count = s.count;
-  if (start.empty()) start.assign(s.full_shape.size(), 0);
-  if (count.empty()) count = s.full_shape;
-  const int64_t rpp = rows_per_piece(s);
-  const int64_t first = k * rpp, rows = std::min(rpp, count[0] - first);
-  const int64_t row_elems = product(count) / count[0];
-  start[0] += first;
-  count[0] = rows;
-  std::vector<hsize_t> hstart = dims_of(start), hcount = dims_of(count);
-  check_status(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, hstart.data(), nullptr,
-                                   hcount.data(), nullptr),
-               file, "H5Sselect_hyperslab");
-  Handle mspace(H5Screate_simple(int(hcount.size()), hcount.data(), nullptr), H5Sclose);
-  float* p = s.data + first * row_elems;
-  check_status(write ? H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, p)
-                     : H5Dread(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, p),
+  check_status(write ? H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, host)
+                     : H5Dread(dset, H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), dxpl, host),
                file, write ? "H5Dwrite" : "H5Dread");
 }
 
-// Pieces every rank moves for each slot: the maximum over ranks (collective).
+// Writes piece k of slot s (when this rank owns the block and has that piece; otherwise takes
+// part in the collective call with nothing) and returns the piece's checksum, computed on the
+// host copy that is written.
+uint64_t write_piece(hid_t dset, hid_t dxpl, const TensorSlot& s, const PiecePlan& plan,
+                     int64_t k, StagingBuffer& staging, const std::string& file) {
+  if (!s.owner || k >= plan.pieces()) {
+    transfer(dset, dxpl, nullptr, nullptr, /*write=*/true, file);
+    return 0;
+  }
+  const Piece p = piece_of(s, plan, k);
+  float* host = s.data + p.offset;
+  if (staged(s)) {
+    host = staging.get(p.size);
+    s.backend->copy_to_host(host, s.data + p.offset, sizeof(float) * size_t(p.size));
+  }
+  const uint64_t sum = piece_checksum(s, p, host);
+  transfer(dset, dxpl, &p, host, /*write=*/true, file);
+  return sum;
+}
+
+// Reads piece k of slot s into its memory (when this rank holds the block and has that piece)
+// and returns the piece's checksum when the rank owns the block, computed on the host copy
+// that was read.
+uint64_t read_piece(hid_t dset, hid_t dxpl, const TensorSlot& s, const PiecePlan& plan,
+                    int64_t k, StagingBuffer& staging, const std::string& file) {
+  if (!s.data || k >= plan.pieces()) {
+    transfer(dset, dxpl, nullptr, nullptr, /*write=*/false, file);
+    return 0;
+  }
+  const Piece p = piece_of(s, plan, k);
+  float* host = staged(s) ? staging.get(p.size) : s.data + p.offset;
+  transfer(dset, dxpl, &p, host, /*write=*/false, file);
+  const uint64_t sum = s.owner ? piece_checksum(s, p, host) : 0;
+  if (staged(s)) s.backend->copy_to_device(s.data + p.offset, host, sizeof(float) * size_t(p.size));
+  return sum;
+}
+
+// Pieces every rank moves for each slot: the maximum over ranks (collective). A rank that does
+// not move a slot (`moves` false) counts 0.
 std::vector<int64_t> agreed_pieces(Communicator& comm, const std::vector<TensorSlot>& slots,
+                                   const std::vector<PiecePlan>& plans,
                                    const std::function<bool(const TensorSlot&)>& moves) {
   std::vector<int64_t> n(slots.size());
-  for (size_t i = 0; i < slots.size(); ++i) n[i] = piece_count(slots[i], moves(slots[i]));
+  for (size_t i = 0; i < slots.size(); ++i) n[i] = moves(slots[i]) ? plans[i].pieces() : 0;
   if (!n.empty()) comm.all_reduce_max(n.data(), int64_t(n.size()));
   return n;
 }
 
-// Sums per-rank uint64 checksums (mod 2^64) and owned-element counts over the ranks. Doubles
-// carry the halves exactly: each half is < 2^32 and a sum over < 2^21 ranks stays below 2^53.
-void sum_checksums(Communicator& comm, std::vector<uint64_t>& sums, std::vector<int64_t>& owned) {
+// Sums per-rank uint64 checksums (mod 2^64) over the ranks. Doubles carry the halves exactly:
+// each half is < 2^32 and a sum over < 2^21 ranks stays below 2^53.
+void sum_checksums(Communicator& comm, std::vector<uint64_t>& sums) {
   const size_t n = sums.size();
   std::vector<double> parts(2 * n);
   for (size_t i = 0; i < n; ++i) {
@@ -188,7 +296,6 @@ void sum_checksums(Communicator& comm, std::vector<uint64_t>& sums, std::vector<
   if (n) comm.all_reduce_sum(parts.data(), int64_t(parts.size()));
   for (size_t i = 0; i < n; ++i)
     sums[i] = (uint64_t(parts[2 * i]) << 32) + uint64_t(parts[2 * i + 1]);
-  if (n) comm.all_reduce_sum(owned.data(), int64_t(owned.size()));
 }
 
 // Every element of a dataset has exactly one owner among the ranks (the owner rules of the
@@ -284,18 +391,20 @@ uint64_t block_checksum(const TensorSlot& s) {
 
 void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5Attributes& attrs,
                          const std::vector<TensorSlot>& slots,
-                         const std::function<void(size_t k, size_t total)>& after_dataset) {
+                         const std::function<void(size_t k, size_t total)>& after_dataset,
+                         const PieceLimits& limits) {
   quiet_hdf5();
-  // Checksums first: every rank needs them to write the (collective) attributes.
-  std::vector<uint64_t> sums(slots.size(), 0);
+  // Ownership first, before anything is created: every element has exactly one owner.
   std::vector<int64_t> owned(slots.size(), 0);
-  for (size_t i = 0; i < slots.size(); ++i)
+  std::vector<PiecePlan> plans;
+  for (size_t i = 0; i < slots.size(); ++i) {
     if (slots[i].owner) {
       SWT_CHECK(slots[i].data, "{}: owner without data", slots[i].path);
-      sums[i] = block_checksum(slots[i]);
-      owned[i] = product(slots[i].count.empty() ? slots[i].full_shape : slots[i].count);
+      owned[i] = product(block_count(slots[i]));
     }
-  sum_checksums(comm, sums, owned);
+    plans.push_back(plan_pieces(slots[i], limits));
+  }
+  if (!owned.empty()) comm.all_reduce_sum(owned.data(), int64_t(owned.size()));
   for (size_t i = 0; i < slots.size(); ++i) check_one_owner(slots[i], owned[i]);
 
   Handle fapl = file_access(comm);
@@ -307,9 +416,14 @@ void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5At
   for (const auto& [k, v] : attrs.strings) write_string_attr(file.get(), k, {v}, true, path);
   for (const auto& [k, v] : attrs.string_lists) write_string_attr(file.get(), k, v, false, path);
 
+  // Data, with each owner's checksum computed on the host copy it writes; the checksum
+  // attributes follow once the sums over the ranks are known (attributes are collective).
   Handle dxpl = transfer_list(comm);
   const std::vector<int64_t> pieces =
-      agreed_pieces(comm, slots, [](const TensorSlot& s) { return s.owner; });
+      agreed_pieces(comm, slots, plans, [](const TensorSlot& s) { return s.owner; });
+  std::vector<uint64_t> sums(slots.size(), 0);
+  std::vector<Handle> dsets;
+  StagingBuffer staging;
   for (size_t i = 0; i < slots.size(); ++i) {
     const TensorSlot& s = slots[i];
     make_parent_groups(file.get(), s.path, path);
@@ -318,15 +432,18 @@ void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5At
     Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
     H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY);
     H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER);  // every element is written below
-    Handle dset(check_id(H5Dcreate2(file.get(), s.path.c_str(), H5T_IEEE_F32LE, space.get(),
-                                    H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
-                         path, "H5Dcreate2"),
-                H5Dclose);
-    write_scalar_attr(dset.get(), "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sums[i], path);
+    dsets.emplace_back(check_id(H5Dcreate2(file.get(), s.path.c_str(), H5T_IEEE_F32LE,
+                                           space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                                path, "H5Dcreate2"),
+                       H5Dclose);
     for (int64_t k = 0; k < pieces[i]; ++k)
-      move_piece(dset.get(), dxpl.get(), s, s.owner, k, /*write=*/true, path);
+      sums[i] += write_piece(dsets.back().get(), dxpl.get(), s, plans[i], k, staging, path);
     if (after_dataset) after_dataset(i + 1, slots.size());
   }
+  sum_checksums(comm, sums);
+  for (size_t i = 0; i < slots.size(); ++i)
+    write_scalar_attr(dsets[i].get(), "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sums[i], path);
+  dsets.clear();
   check_status(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "H5Fflush");
   check_status(file.close(), path, "H5Fclose");
 }
@@ -504,7 +621,7 @@ uint64_t H5CheckpointReader::stored_checksum(const std::string& dataset) const {
   return v;
 }
 
-void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
+void H5CheckpointReader::read(const std::vector<TensorSlot>& slots, const PieceLimits& limits) {
   // Metadata checks first, identical on every rank, so that all ranks fail together.
   std::vector<Handle> dsets;
   std::vector<uint64_t> expected(slots.size());
@@ -522,8 +639,10 @@ void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
     dsets.push_back(std::move(d));
   }
   Handle dxpl = transfer_list(comm_);
+  std::vector<PiecePlan> plans;
+  for (const TensorSlot& s : slots) plans.push_back(plan_pieces(s, limits));
   const std::vector<int64_t> pieces =
-      agreed_pieces(comm_, slots, [](const TensorSlot& s) { return s.data != nullptr; });
+      agreed_pieces(comm_, slots, plans, [](const TensorSlot& s) { return s.data != nullptr; });
   // Checksums per dataset (a dataset may appear in several slots: blocks read separately).
   std::vector<size_t> dataset_of(slots.size());
   std::vector<size_t> first_slot;
@@ -535,16 +654,15 @@ void H5CheckpointReader::read(const std::vector<TensorSlot>& slots) {
   }
   std::vector<uint64_t> sums(first_slot.size(), 0);
   std::vector<int64_t> owned(first_slot.size(), 0);
+  StagingBuffer staging;
   for (size_t i = 0; i < slots.size(); ++i) {
     const TensorSlot& s = slots[i];
     for (int64_t k = 0; k < pieces[i]; ++k)
-      move_piece(dsets[i].get(), dxpl.get(), s, s.data != nullptr, k, /*write=*/false, path_);
-    if (s.owner) {
-      sums[dataset_of[i]] += block_checksum(s);
-      owned[dataset_of[i]] += product(s.count.empty() ? s.full_shape : s.count);
-    }
+      sums[dataset_of[i]] += read_piece(dsets[i].get(), dxpl.get(), s, plans[i], k, staging, path_);
+    if (s.owner) owned[dataset_of[i]] += product(block_count(s));
   }
-  sum_checksums(comm_, sums, owned);
+  sum_checksums(comm_, sums);
+  if (!owned.empty()) comm_.all_reduce_sum(owned.data(), int64_t(owned.size()));
   for (size_t d = 0; d < first_slot.size(); ++d) {
     const TensorSlot& s = slots[first_slot[d]];
     check_one_owner(s, owned[d]);
@@ -560,24 +678,17 @@ uint64_t H5CheckpointReader::compute_checksum(const std::string& dataset) {
   Handle d = open_dataset(impl_->file.get(), dataset, path_);
   const std::vector<int64_t> shape = dataset_shape(d.get());
   if (shape.empty()) return 0;
-  // Row blocks of at most kPieceBytes.
-  const int64_t row = product(shape) / std::max<int64_t>(1, shape[0]);
-  const int64_t rows = std::max<int64_t>(1, kPieceBytes / (4 * std::max<int64_t>(1, row)));
-  std::vector<float> buf;
-  uint64_t sum = 0;
+  // The whole dataset, piece by piece through one host buffer.
+  TensorSlot s = whole_tensor(dataset, shape, nullptr);
+  const PiecePlan plan = plan_pieces(s, PieceLimits{});
+  StagingBuffer buf;
   Handle dxpl = transfer_list(comm_);
-  for (int64_t r0 = 0; r0 < shape[0]; r0 += rows) {
-    TensorSlot s;
-    s.path = dataset;
-    s.full_shape = shape;
-    s.start.assign(shape.size(), 0);
-    s.start[0] = r0;
-    s.count = shape;
-    s.count[0] = std::min(rows, shape[0] - r0);
-    buf.resize(size_t(product(s.count)));
-    s.data = buf.data();
-    move_piece(d.get(), dxpl.get(), s, true, 0, false, path_);
-    sum += block_checksum(s);
+  uint64_t sum = 0;
+  for (int64_t k = 0; k < plan.pieces(); ++k) {
+    const Piece p = piece_of(s, plan, k);
+    float* host = buf.get(p.size);
+    transfer(d.get(), dxpl.get(), &p, host, /*write=*/false, path_);
+    sum += piece_checksum(s, p, host);
   }
   return sum;
 }

@@ -26,6 +26,7 @@
 
 namespace switcht5 {
 
+class Backend;
 class Communicator;
 
 struct TensorSlot {
@@ -34,10 +35,14 @@ struct TensorSlot {
   std::vector<int64_t> start;       // this rank's block: first index per dimension
   std::vector<int64_t> count;       //   and extent per dimension (row-major in `data`)
   float* data = nullptr;            // the block; null: this rank holds no part of the tensor
+  // Where `data` lives: null = host memory; else that backend's memory, which, unless
+  // backend->host_accessible(), is moved through a bounded host buffer piece by piece with
+  // copy_to_host / copy_to_device (HDF5 and the checksum only ever see the host copy).
+  Backend* backend = nullptr;
   bool owner = false;               // writes the block and counts it in the checksum
 };
 
-// The whole tensor, held by one process that owns it.
+// The whole tensor, held by one process that owns it, in host memory.
 TensorSlot whole_tensor(std::string path, std::vector<int64_t> shape, float* data);
 
 // File attributes (on the root group). Integers are int64, strings UTF-8, string lists 1-D.
@@ -47,16 +52,32 @@ struct H5Attributes {
   std::map<std::string, std::vector<std::string>> string_lists;
 };
 
-// Sum of mix64(mix64(i) + bits_i) over the block's elements (see the file comment).
+// The most one H5Dwrite / H5Dread moves: a block is moved in pieces, each a hyperslab that is
+// contiguous in the block's memory (cut along the first dimension when a row fits, as for every
+// tensor of our models). Checkpoints use the defaults; tests make them small.
+struct PieceLimits {
+  // From host memory: MPI-IO counts are ints.
+  int64_t host_bytes = int64_t{256} << 20;
+  // Through the host staging buffer, for backend memory the host cannot read (copy_to_host on
+  // save, copy_to_device on load): 64 MB, large enough that the copies and writes are few and
+  // sequential, small enough to sit beside a training job's host memory on every rank. It is
+  // the most host memory a save or load adds.
+  int64_t staging_bytes = int64_t{64} << 20;
+};
+
+// Sum of mix64(mix64(i) + bits_i) over the block's elements (see the file comment); the block
+// must be in host memory.
 uint64_t block_checksum(const TensorSlot& slot);
 
 // Creates `path` (truncating it), writes the attributes and every slot, stores each dataset's
-// checksum, flushes and closes the file. Collective over `comm`: every rank passes the same
-// attributes and the same slot paths and shapes in the same order. `after_dataset(k, total)`,
-// when given, is called on every rank after the k-th dataset is written (tests inject crashes).
+// checksum (computed on the host copy written), flushes and closes the file. Collective over
+// `comm`: every rank passes the same attributes and the same slot paths and shapes in the same
+// order. `after_dataset(k, total)`, when given, is called on every rank after the k-th dataset
+// is written (tests inject crashes).
 void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5Attributes& attrs,
                          const std::vector<TensorSlot>& slots,
-                         const std::function<void(size_t k, size_t total)>& after_dataset = {});
+                         const std::function<void(size_t k, size_t total)>& after_dataset = {},
+                         const PieceLimits& limits = {});
 
 // An open checkpoint file. Opening and read() are collective over `comm`; the metadata getters
 // are local. Every failure names the file: a truncated or non-HDF5 file, a missing attribute or
@@ -88,7 +109,7 @@ class H5CheckpointReader {
   // full_shape), then verifies every dataset's checksum over the owners' blocks: each element
   // of each dataset read must have exactly one owner among the ranks (an Error otherwise).
   // Throws UserError naming the first bad dataset.
-  void read(const std::vector<TensorSlot>& slots);
+  void read(const std::vector<TensorSlot>& slots, const PieceLimits& limits = {});
 
   // One process: the checksum recomputed over the whole dataset (for `switcht5 inspect`).
   uint64_t compute_checksum(const std::string& dataset);

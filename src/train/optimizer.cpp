@@ -14,6 +14,31 @@ bool adafactor_factored(const ParamInfo& info) {
 
 namespace {
 
+// The logical matrices Adafactor updates for a parameter: a block split over a model group of M
+// ranks (model_split_dim >= 0) is gathered and updated as its whole logical tensor, whose
+// factored statistics need every row and column.
+struct AdafactorShape {
+  bool split = false;     // model-split block: the update runs on the gathered matrix
+  bool factored = false;
+  int64_t count = 1, rows = 1, cols = 1;  // count matrices of [rows, cols]
+  int64_t state_numel() const { return factored ? count * (rows + cols) : count * rows * cols; }
+};
+
+AdafactorShape adafactor_shape(const ParamInfo& p, int M) {
+  std::vector<int64_t> shape = p.shape;
+  AdafactorShape s;
+  s.split = M > 1 && p.model_split_dim >= 0;
+  if (s.split) shape[size_t(p.model_split_dim)] *= M;
+  s.count = p.kind == ParamKind::kStacked ? shape[0] : 1;
+  s.rows = shape.size() >= 2 ? shape[shape.size() - 2] : 1;
+  s.cols = shape.back();
+  // Decided on the logical matrix: a [32, 4] table split 4 ways is four [32, 1] blocks, but
+  // it is factored like the [32, 4] it is.
+  s.factored = adafactor_factored(p) ||
+               (s.split && p.kind != ParamKind::kVector && s.rows > 1 && s.cols > 1);
+  return s;
+}
+
 // The parameter table an optimizer was made for, to catch a step() on a different store.
 struct Layout {
   std::vector<int64_t> offsets;
@@ -126,30 +151,16 @@ class Adafactor final : public Optimizer {
     int64_t total = 0, gather = 0;
     for (size_t i = 0; i < infos_.size(); ++i) {
       const ParamInfo& p = infos_[i];
-      std::vector<int64_t> shape = p.shape;
-      const bool split = M_ > 1 && p.model_split_dim >= 0;
-      if (split) {
-        shape[size_t(p.model_split_dim)] *= M_;
-        gather = std::max(gather, p.numel * M_);
-      }
-      Slot s;
-      s.split = split;
-      s.count = p.kind == ParamKind::kStacked ? shape[0] : 1;
-      s.rows = shape.size() >= 2 ? shape[shape.size() - 2] : 1;
-      s.cols = shape.back();
-      // Decided on the logical matrix: a [32, 4] table split 4 ways is four [32, 1] blocks, but
-      // it is factored like the [32, 4] it is.
-      s.factored = adafactor_factored(p) || (split && p.kind != ParamKind::kVector &&
-                                             s.rows > 1 && s.cols > 1);
+      Slot s{adafactor_shape(p, M_), /*offset=*/total};
+      if (s.split) gather = std::max(gather, p.numel * M_);
       // Checked once here so that step() builds no strings (it runs allocation-free).
       to_int(s.count, p.name + " count");
       to_int(s.rows, p.name + " rows");
       to_int(s.cols, p.name + " cols");
-      SWT_CHECK(s.count * s.rows * s.cols == p.numel * (split ? M_ : 1),
+      SWT_CHECK(s.count * s.rows * s.cols == p.numel * (s.split ? M_ : 1),
                 "parameter {}: {} matrices of [{}, {}] != numel {}", p.name, s.count, s.rows,
                 s.cols, p.numel);
-      s.offset = total;
-      if (updates_[i]) total += s.factored ? s.count * (s.rows + s.cols) : s.count * s.rows * s.cols;
+      if (updates_[i]) total += s.state_numel();
       slots_.push_back(s);
     }
     state_ = DeviceArray<float>(be, total);
@@ -247,10 +258,7 @@ class Adafactor final : public Optimizer {
             sizeof(float) * p.numel);
   }
 
-  struct Slot {
-    bool split = false;  // model-parallel block: the update runs on the gathered matrix
-    bool factored = false;
-    int64_t count = 1, rows = 1, cols = 1;
+  struct Slot : AdafactorShape {
     int64_t offset = 0;  // into state_
   };
   OptimizerOptions options_;
@@ -265,6 +273,12 @@ class Adafactor final : public Optimizer {
 };
 
 }  // namespace
+
+int64_t optimizer_state_numel(const std::string& name, const ParamInfo& p, int model_parallel) {
+  if (name == "adamw") return 2 * p.numel;  // exp_avg and exp_avg_sq, as the block
+  if (name == "adafactor") return adafactor_shape(p, model_parallel).state_numel();
+  throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", name));
+}
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
                                           const ParamStore& params,

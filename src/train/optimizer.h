@@ -78,6 +78,15 @@ class Optimizer {
 // Whether Adafactor keeps factored row/column statistics for this parameter.
 bool adafactor_factored(const ParamInfo& info);
 
+// Floats of state that make_optimizer(options with name `name`) allocates for parameter `p`
+// (this process's block, as registered) when it updates it, with p split along
+// p.model_split_dim over a model group of `model_parallel` ranks. AdamW: m and v, one each per
+// element of the block. Adafactor: per logical matrix (a split block's statistics cover the
+// whole logical matrix, see make_optimizer) row + column statistics when factored, else a
+// full second moment. `switcht5 plan` sizes a layout with it without allocating anything.
+// UserError for an unknown name.
+int64_t optimizer_state_numel(const std::string& name, const ParamInfo& p, int model_parallel);
+
 // Makes the optimizer named by options.name for the parameters of `params`, which must be
 // allocated (their offsets are fixed then). Throws UserError for an unknown name or bad options.
 // `updates` (one flag per parameter, empty = all) restricts the optimizer to a subset, with

@@ -93,10 +93,11 @@ enum StepStatsSlot : int {
 
 }  // namespace
 
-Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use)
+Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
+                 const BackendFactory& make_backend_named)
     : cfg_(cfg), grid_(grid), local_rows_(cfg.train.batch_size / grid.data),
       micro_(local_rows_ / cfg.train.grad_accum_steps),
-      be_(make_backend(cfg.train.backend)),
+      be_(make_backend_named(cfg.train.backend)),
       schedule_({cfg.train.schedule, cfg.train.learning_rate, cfg.train.warmup_steps,
                  cfg.train.steps, cfg.train.min_learning_rate}),
       batches_(cfg.train.grad_accum_steps) {
@@ -152,6 +153,27 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use)
 }
 
 Trainer::~Trainer() = default;
+
+TrainingState Trainer::checkpoint_state(int64_t step) {
+  TrainingState s{.config = cfg_, .grid = grid_, .backend = *be_, .params = model_->params()};
+  s.param_owner = owner_;
+  s.step = step;
+  s.consecutive_skips = consecutive_skips_;
+  if (optimizer_) {
+    s.optimizer_state = optimizer_->state();
+    s.optimizer_steps = optimizer_->steps_taken();
+  }
+  if (train_source_) s.loader_state = train_source_->state();
+  return s;
+}
+
+void Trainer::restore(const TrainingState& s) {
+  SWT_CHECK(optimizer_ && train_source_, "restore: a trainer built for evaluation has no "
+                                         "training state");
+  optimizer_->set_steps_taken(s.optimizer_steps);
+  consecutive_skips_ = s.consecutive_skips;
+  train_source_->restore(s.loader_state);
+}
 
 double Trainer::evaluate() {
   const TrainConfig& tc = cfg_.train;
@@ -429,7 +451,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
   log->info("resolved config:\n{}", to_yaml(cfg));
 
   const TrainConfig& tc = cfg.train;
-  Trainer trainer(cfg, grid);
+  Trainer trainer(cfg, grid, TrainerUse::kTrain, options.make_backend_named);
   log->info("{} processes: data {} x model {}, experts over groups of {}{}; backend {}; {} "
             "parameters on this rank ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
             "micro-batches per step; {:.3g} GFLOP of matmul per global step",
@@ -441,7 +463,9 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
 
   TrainResult result;
   if (resuming) {
-    const LoadResult lr = load_checkpoint(trainer, resume_path, /*training_state=*/true);
+    TrainingState state = trainer.checkpoint_state();
+    const LoadResult lr = load_checkpoint(state, resume_path, /*training_state=*/true);
+    if (lr.training_state) trainer.restore(state);
     result.start_step = lr.step;
     log->info("resumed from {} (step {}, saved with {}){}", resume_path, lr.step, lr.layout,
               lr.training_state ? ""
@@ -461,7 +485,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
   }
   auto save = [&](int64_t step, const char* why) {
-    const SaveResult s = save_checkpoint(trainer, step, ckpt_dir);
+    const SaveResult s = save_checkpoint(trainer.checkpoint_state(step), ckpt_dir);
     log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
     result.checkpoints.push_back(s.path);
   };

@@ -54,14 +54,18 @@ struct StepMetrics {
   double val_loss = 0.0;
 };
 
+struct TrainingState;  // checkpoint/checkpoint.h
+
 // What a Trainer is built for: training (model, optimizer, training and validation data) or
 // evaluation only (model and validation data: no optimizer state, no training shards read).
 enum class TrainerUse { kTrain, kEvaluate };
 
 class Trainer {
  public:
-  // `grid` must outlive the trainer; its degrees must match cfg.parallel.
-  Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use = TrainerUse::kTrain);
+  // `grid` must outlive the trainer; its degrees must match cfg.parallel. `make_backend_named`
+  // builds the backend from cfg.train.backend (tests pass a substitute).
+  Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use = TrainerUse::kTrain,
+          const BackendFactory& make_backend_named = make_backend);
   ~Trainer();
 
   // Runs optimizer step `step` (1-based) on the next global batch of the training source. A
@@ -85,7 +89,13 @@ class Trainer {
   int param_owner(size_t i) const { return owner_[i]; }
   // Consecutive skipped (non-finite) steps so far; part of the state a checkpoint restores.
   int consecutive_skips() const { return consecutive_skips_; }
-  void set_consecutive_skips(int n) { consecutive_skips_ = n; }
+
+  // The view of this trainer's state that checkpoints save and load (checkpoint/checkpoint.h),
+  // after training step `step`: it points at the parameters and optimizer state in place.
+  TrainingState checkpoint_state(int64_t step = 0);
+  // Applies the scalars of a state that load_checkpoint filled with training state (optimizer
+  // steps, consecutive skips, training data position; the tensors were loaded in place).
+  void restore(const TrainingState& state);
   // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
   double step_flops() const { return step_flops_; }
 
@@ -130,6 +140,8 @@ struct TrainOptions {
   // --resume: "" (start fresh), "auto" (the latest checkpoint in the checkpoint directory, or
   // fresh when there is none), or a checkpoint file or directory.
   std::string resume;
+  // Builds the trainer's backend from cfg.train.backend (tests substitute one).
+  BackendFactory make_backend_named = make_backend;
 };
 
 struct TrainResult {

@@ -52,7 +52,8 @@ def run(cmd, expect_rc=0):
 
 
 def script(name):
-    return [sys.executable, os.path.join(ARGS.source_dir, "scripts", name)]
+    """The command line of scripts/NAME, with the switcht5 binary it takes its name table from."""
+    return [sys.executable, os.path.join(ARGS.source_dir, "scripts", name), "--switcht5", switcht5()]
 
 
 def switcht5():
@@ -198,6 +199,9 @@ class Parity(unittest.TestCase):
         with open(not_ckpt, "w") as fh:
             fh.write("hello\n")
         self.check_refused([not_ckpt, self.path("hf")], not_ckpt, "not an HDF5 file")
+        # The name table comes from the switcht5 binary: a wrong one is refused in one line.
+        self.check_refused([gated, self.path("hf"), "--switcht5", "/nonexistent/switcht5"],
+                           "--switcht5 /nonexistent/switcht5", "not an executable file")
 
     # ---- import: HF -> our checkpoint ---------------------------------------------------------
 

@@ -14,6 +14,7 @@ namespace switcht5 {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+  bool host_accessible() const override { return true; }
 
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* ptr) override;

@@ -11,6 +11,7 @@ namespace switcht5 {
 class ReferenceBackend final : public Backend {
  public:
   std::string name() const override { return "reference"; }
+  bool host_accessible() const override { return true; }
 
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* ptr) override;

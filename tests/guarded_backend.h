@@ -1,0 +1,218 @@
+// GuardedBackend: a stand-in for a device backend, for tests. It wraps a host backend (cpu or
+// reference) and hands out "device pointers" the host cannot dereference: every pointer from
+// alloc_bytes is the wrapped backend's pointer plus kDeviceBit (bit 55), an address no process
+// maps (x86-64: non-canonical under 4-level paging, never handed out under 5-level; AArch64:
+// the kernel half), so any read or write through it outside the backend ends the process with
+// SIGSEGV, as reading CUDA device memory on the host would. Pointer arithmetic on such
+// pointers still works: a block at p + offset translates to the wrapped pointer + offset.
+//
+// Every op translates its pointers back and forwards to the wrapped backend, so results are
+// bitwise those of the wrapped backend. copy_to_host / copy_to_device translate their device
+// side only, and host_accessible() is false: checkpoints stage through the host. An op handed a
+// host pointer where device memory belongs (or copy_to_host a device destination) throws Error,
+// which catches host buffers passed to device ops, a mix-up the real device would not forgive.
+//
+// Selected where the trainer builds its backend, with no global registration: pass
+// guarded_backend_factory() as Trainer's make_backend_named or TrainOptions::make_backend_named.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+#include "core/check.h"
+
+namespace switcht5::testing {
+
+class GuardedBackend final : public Backend {
+ public:
+  static constexpr uintptr_t kDeviceBit = uintptr_t{1} << 55;
+
+  explicit GuardedBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {
+    SWT_CHECK(inner_->host_accessible(), "GuardedBackend wraps a host backend, not {}",
+              inner_->name());
+  }
+  std::string name() const override { return "guarded(" + inner_->name() + ")"; }
+  bool host_accessible() const override { return false; }
+
+  // Whether `p` is (within) memory of some GuardedBackend.
+  static bool is_device(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & kDeviceBit) != 0;
+  }
+
+  // ---- memory -----------------------------------------------------------------------------------
+  void* alloc_bytes(size_t bytes) override { return to_device(inner_->alloc_bytes(bytes)); }
+  void free_bytes(void* ptr) override { inner_->free_bytes(host(ptr)); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    SWT_CHECK(!is_device(dst), "copy_to_host into device memory");
+    inner_->copy_to_host(dst, host(src), bytes);
+  }
+  void copy_to_device(void* dst, const void* src, size_t bytes) override {
+    SWT_CHECK(!is_device(src), "copy_to_device from device memory");
+    inner_->copy_to_device(host(dst), src, bytes);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    inner_->copy(host(dst), host(src), bytes);
+  }
+  void fill(float* x, float value, int64_t n) override { inner_->fill(host(x), value, n); }
+  void synchronize() override { inner_->synchronize(); }
+
+  // ---- compute: translate and forward ---------------------------------------------------------
+  void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+            int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C,
+            int ldc, int64_t stride_c, int batch) override {
+    inner_->gemm(trans_a, trans_b, M, N, K, alpha, host(A), lda, stride_a, host(B), ldb,
+                 stride_b, beta, host(C), ldc, stride_c, batch);
+  }
+  void add(float* out, const float* a, const float* b, int64_t n) override {
+    inner_->add(host(out), host(a), host(b), n);
+  }
+  void axpy(float* y, float alpha, const float* x, int64_t n) override {
+    inner_->axpy(host(y), alpha, host(x), n);
+  }
+  void scale(float* x, float alpha, int64_t n) override { inner_->scale(host(x), alpha, n); }
+  double sum(const float* x, int64_t n) override { return inner_->sum(host(x), n); }
+  double sum_squares(const float* x, int64_t n) override { return inner_->sum_squares(host(x), n); }
+  void sum_over_batch(float* out, const float* in, int batch, int64_t n) override {
+    inner_->sum_over_batch(host(out), host(in), batch, n);
+  }
+  int64_t count_nonfinite(const float* x, int64_t n) override {
+    return inner_->count_nonfinite(host(x), n);
+  }
+  void permute_0213(float* out, const float* in, int A, int B, int C, int D) override {
+    inner_->permute_0213(host(out), host(in), A, B, C, D);
+  }
+  void embedding_forward(float* out, const int32_t* ids, const float* table, int64_t n,
+                         int D) override {
+    inner_->embedding_forward(host(out), host(ids), host(table), n, D);
+  }
+  void embedding_backward(float* dtable, const int32_t* ids, const float* dout, int64_t n, int D,
+                          int V) override {
+    inner_->embedding_backward(host(dtable), host(ids), host(dout), n, D, V);
+  }
+  void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N, int D,
+                       float eps) override {
+    inner_->rmsnorm_forward(host(out), host(rstd), host(x), host(w), N, D, eps);
+  }
+  void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                        const float* rstd, int64_t N, int D) override {
+    inner_->rmsnorm_backward(host(dx), host(dw), host(dout), host(x), host(w), host(rstd), N, D);
+  }
+  void attention_softmax_forward(float* probs, const float* scores, const float* bias,
+                                 const float* key_mask, int B, int H, int Tq, int Tk,
+                                 bool causal) override {
+    inner_->attention_softmax_forward(host(probs), host(scores), host(bias), host(key_mask), B, H,
+                                      Tq, Tk, causal);
+  }
+  void softmax_backward(float* dscores, const float* dprobs, const float* probs, int64_t rows,
+                        int Tk) override {
+    inner_->softmax_backward(host(dscores), host(dprobs), host(probs), rows, Tk);
+  }
+  void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H, int Tq,
+                           int Tk) override {
+    inner_->relpos_bias_forward(host(bias), host(table), host(buckets), H, Tq, Tk);
+  }
+  void relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets, int H,
+                            int Tq, int Tk, int num_buckets) override {
+    inner_->relpos_bias_backward(host(dtable), host(dbias), host(buckets), H, Tq, Tk, num_buckets);
+  }
+  void relu_forward(float* out, const float* x, int64_t n) override {
+    inner_->relu_forward(host(out), host(x), n);
+  }
+  void relu_backward(float* dx, const float* dout, const float* x, int64_t n) override {
+    inner_->relu_backward(host(dx), host(dout), host(x), n);
+  }
+  void gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) override {
+    inner_->gated_gelu_forward(host(out), host(a), host(b), n);
+  }
+  void gated_gelu_backward(float* da, float* db, const float* dout, const float* a,
+                           const float* b, int64_t n) override {
+    inner_->gated_gelu_backward(host(da), host(db), host(dout), host(a), host(b), n);
+  }
+  void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) override {
+    inner_->dropout(host(out), host(x), n, p, seed);
+  }
+  void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+                      uint64_t offset) override {
+    inner_->uniform_jitter(host(out), host(x), n, eps, seed, offset);
+  }
+  void cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* labels,
+                             int64_t N, int V) override {
+    inner_->cross_entropy_forward(host(loss), host(lse), host(logits), host(labels), N, V);
+  }
+  void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
+                              const int32_t* labels, int64_t N, int V, float scale,
+                              float z_coef) override {
+    inner_->cross_entropy_backward(host(dlogits), host(logits), host(lse), host(labels), N, V,
+                                   scale, z_coef);
+  }
+  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
+                      float* counts, const float* logits, int G, int S, int E, int C) override {
+    inner_->router_forward(host(probs), host(lse), host(expert), host(slot), host(gate),
+                           host(counts), host(logits), G, S, E, C);
+  }
+  void router_balance_loss(float* lb, const float* probs, const float* counts, int G, int S,
+                           int E) override {
+    inner_->router_balance_loss(host(lb), host(probs), host(counts), G, S, E);
+  }
+  void router_backward(float* dlogits, const float* probs, const float* lse,
+                       const int32_t* expert, const float* dgate, const float* counts, int G,
+                       int S, int E, float lb_scale, float z_scale) override {
+    inner_->router_backward(host(dlogits), host(probs), host(lse), host(expert), host(dgate),
+                            host(counts), G, S, E, lb_scale, z_scale);
+  }
+  void moe_dispatch(float* buf, const float* x, const int32_t* expert, const int32_t* slot,
+                    int64_t T, int D, int E, int GC) override {
+    inner_->moe_dispatch(host(buf), host(x), host(expert), host(slot), T, D, E, GC);
+  }
+  void moe_dispatch_backward(float* dx, const float* dbuf, const int32_t* expert,
+                             const int32_t* slot, int64_t T, int D, int GC) override {
+    inner_->moe_dispatch_backward(host(dx), host(dbuf), host(expert), host(slot), T, D, GC);
+  }
+  void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert,
+                   const int32_t* slot, int64_t T, int D, int GC) override {
+    inner_->moe_combine(host(out), host(buf), host(gate), host(expert), host(slot), T, D, GC);
+  }
+  void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf,
+                            const float* gate, const int32_t* expert, const int32_t* slot,
+                            int64_t T, int D, int E, int GC) override {
+    inner_->moe_combine_backward(host(dbuf), host(dgate), host(dout), host(buf), host(gate),
+                                 host(expert), host(slot), T, D, E, GC);
+  }
+  void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr,
+                    float beta1, float beta2, float eps, float weight_decay, float bc1,
+                    float bc2) override {
+    inner_->adamw_update(host(p), host(g), host(m), host(v), n, lr, beta1, beta2, eps,
+                         weight_decay, bc1, bc2);
+  }
+  void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v, bool factored,
+                        int count, int R, int C, float lr, float beta2t, float eps1, float clip,
+                        float weight_decay) override {
+    inner_->adafactor_update(host(p), host(g), host(vr), host(vc), host(v), factored, count, R, C,
+                             lr, beta2t, eps1, clip, weight_decay);
+  }
+
+ private:
+  static void* to_device(void* p) {
+    return p ? reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) | kDeviceBit) : nullptr;
+  }
+  // A device pointer -> the wrapped backend's pointer; null stays null (optional inputs).
+  template <class T>
+  static T* host(T* p) {
+    if (!p) return nullptr;
+    SWT_CHECK(is_device(p), "a host pointer ({}) passed to a GuardedBackend op as device memory",
+              static_cast<const void*>(p));
+    return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) & ~kDeviceBit);
+  }
+
+  std::unique_ptr<Backend> inner_;
+};
+
+// A BackendFactory for Trainer / TrainOptions: the named backend, guarded.
+inline BackendFactory guarded_backend_factory() {
+  return [](const std::string& name) -> std::unique_ptr<Backend> {
+    return std::make_unique<GuardedBackend>(make_backend(name));
+  };
+}
+
+}  // namespace switcht5::testing
