@@ -55,6 +55,19 @@ class GuardedBackend final : public Backend {
     inner_->copy(host(dst), host(src), bytes);
   }
   void fill(float* x, float value, int64_t n) override { inner_->fill(host(x), value, n); }
+  void zero_bytes(void* x, size_t bytes) override { inner_->zero_bytes(host(x), bytes); }
+  void accumulate_sum_squares(double* acc, const float* x, int64_t n) override {
+    inner_->accumulate_sum_squares(host(acc), host(x), n);
+  }
+  void accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
+                                  const int32_t* labels, int64_t N) override {
+    inner_->accumulate_loss_statistics(host(acc), host(loss), host(lse), host(labels), N);
+  }
+  void accumulate_router_statistics(double* acc, const float* lb, const float* lse,
+                                    const float* counts, int G, int S, int E, int C) override {
+    inner_->accumulate_router_statistics(host(acc), host(lb), host(lse), host(counts), G, S, E, C);
+  }
+  int64_t host_syncs() const override { return inner_->host_syncs(); }
   void synchronize() override { inner_->synchronize(); }
 
   // ---- compute: translate and forward ---------------------------------------------------------

@@ -94,7 +94,8 @@ class Backend {
 
   // Host synchronisations so far: calls that wait for the backend and hand data to the host
   // (copy_to_host, sum, sum_squares, count_nonfinite). The benchmark reports them per step.
-  int64_t host_syncs() const { return host_syncs_; }
+  // A backend that wraps another reports the inner one's count.
+  virtual int64_t host_syncs() const { return host_syncs_; }
 
   // ---- layout ---------------------------------------------------------------------------------
   // out[a,c,b,d] = in[a,b,c,d] for in of shape [A,B,C,D]. Its own inverse with B and C swapped:
