@@ -56,6 +56,15 @@ class GuardedBackend final : public Backend {
   }
   void fill(float* x, float value, int64_t n) override { inner_->fill(host(x), value, n); }
   void zero_bytes(void* x, size_t bytes) override { inner_->zero_bytes(host(x), bytes); }
+  void gemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const void* A, DType at,
+               int lda, int64_t sa, const void* B, DType bt, int ldb, int64_t sb, float beta,
+               void* C, DType ct, int ldc, int64_t sc, int batch) override {
+    inner_->gemm_ex(ta, tb, M, N, K, alpha, host(A), at, lda, sa, host(B), bt, ldb, sb, beta,
+                    host(C), ct, ldc, sc, batch);
+  }
+  void cast(void* out, DType ot, const void* in, DType it, int64_t n) override {
+    inner_->cast(host(out), ot, host(in), it, n);
+  }
   void accumulate_sum_squares(double* acc, const float* x, int64_t n) override {
     inner_->accumulate_sum_squares(host(acc), host(x), n);
   }

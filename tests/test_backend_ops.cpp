@@ -20,6 +20,7 @@
 //   host_syncs                        test_training.cpp OneHostSynchronisationPerStep
 //   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise
 //   gemm                              Gemm
+//   gemm_ex cast                      GemmMixedPrecision, Cast (fp32 / bf16)
 //   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
 //   permute_0213                      Permute
 //   embedding_forward/backward        Embedding
@@ -49,6 +50,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "backend/reference/reference_backend.h"
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "test_util.h"
 
@@ -76,9 +78,8 @@ std::vector<std::string> all_backends() {
 std::string param_name(const ::testing::TestParamInfo<std::string>& info) { return info.param; }
 
 // ---- tolerances per dtype, against the double-accumulating reference ----------------------------
-// The dtypes a backend computes in. Every backend computes in fp32 today.
-enum class DType { fp32 };
-
+// The dtypes are core/dtype.h's. Every op computes in fp32; gemm_ex and cast also take and
+// produce bf16 (the bf16 cases below widen bf16 outputs to float to compare).
 struct Tolerance {
   double rtol, atol;
 };
@@ -93,9 +94,15 @@ struct DTypeTolerance {
 // reference in section 2 derives its tolerance from here.
 DTypeTolerance tolerance_for(DType dtype) {
   switch (dtype) {
-    case DType::fp32:
+    case DType::kF32:
       return {{1e-5, 1e-6}, 6e-8};  // 6e-8 ~ 2^-24, fp32's unit roundoff
-    // DType::bf16: its entry comes with the bf16 work, measured against the reference there.
+    case DType::kBF16:
+      // A bf16 output is the fp32 result rounded once. The backend's fp32 sum and the
+      // reference's double sum can fall on either side of a rounding boundary: one bf16 ulp
+      // apart, at most 2^-7 relative (just above a power of two). Sums still accumulate in fp32.
+      return {{0x1p-7, 1e-6}, 6e-8};
+    case DType::kI32:
+      break;
   }
   throw std::logic_error("tolerance_for: no entry for this dtype");
 }
@@ -538,7 +545,7 @@ class BackendVsReference : public ::testing::TestWithParam<std::string> {
   void SetUp() override { be_ = make_backend(GetParam()); }
 
   // The dtype the backend under test computes in (fp32 for every backend today).
-  DType dtype() const { return DType::fp32; }
+  DType dtype() const { return DType::kF32; }
   Tolerance elementwise() const { return elementwise_tolerance(dtype()); }
   Tolerance sum_of(int64_t terms) const { return sum_tolerance(dtype(), terms); }
 
@@ -595,6 +602,116 @@ TEST_P(BackendVsReference, Gemm) {
                                                d.M, d.N, d.K, batch, ta, tb, beta));
         }
       }
+    }
+  }
+}
+
+// gemm_ex: every combination of fp32 / bf16 for A, B and C, transposes, padded leading
+// dimensions and strides, beta 0 (C poisoned) and not. bf16 inputs are drawn fresh as bf16
+// values (never zeros); a bf16 C is compared after widening, with the bf16 tolerance.
+TEST_P(BackendVsReference, GemmMixedPrecision) {
+  struct Dims {
+    int M, N, K;
+  };
+  const std::vector<Dims> dims = {{1, 1, 1}, {3, 7, 33}, {33, 3, 7}, {64, 48, 80}, {130, 67, 257}};
+  auto bits_of = [](const std::vector<float>& v) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(v[i]);
+    return h;
+  };
+  uint64_t seed = 900;
+  for (const Dims& d : dims)
+    for (int types = 1; types < 8; ++types)  // bit 0: A bf16, bit 1: B bf16, bit 2: C bf16
+      for (int combo = 0; combo < 4; ++combo)
+        for (float beta : {0.0f, 0.7f}) {
+          const DType at = types & 1 ? DType::kBF16 : DType::kF32;
+          const DType bt = types & 2 ? DType::kBF16 : DType::kF32;
+          const DType ct = types & 4 ? DType::kBF16 : DType::kF32;
+          const bool ta = combo & 2, tb = combo & 1;
+          const int batch = 2;
+          const int lda = (ta ? d.M : d.K) + 3, ldb = (tb ? d.K : d.N) + 2, ldc = d.N + 1;
+          const int64_t sa = int64_t(ta ? d.K : d.M) * lda + 5,
+                        sb = int64_t(tb ? d.N : d.K) * ldb + 1, sc = int64_t(d.M) * ldc + 2;
+          const auto a = random_vector(sa * batch, ++seed), b = random_vector(sb * batch, ++seed);
+          auto c = random_vector(sc * batch, ++seed);
+          if (beta == 0.0f)
+            for (int bi = 0; bi < batch; ++bi)
+              for (int i = 0; i < d.M; ++i)
+                for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+          auto op = [&](Backend& be) -> Outputs {
+            auto upload_as = [&](const std::vector<float>& v, DType t) {
+              DeviceArray<uint8_t> buf(be, int64_t(v.size() * dtype_size(t)));
+              if (t == DType::kBF16) {
+                const auto h = bits_of(v);
+                be.copy_to_device(buf.data(), h.data(), buf.bytes());
+              } else {
+                be.copy_to_device(buf.data(), v.data(), buf.bytes());
+              }
+              return buf;
+            };
+            auto A = upload_as(a, at), B = upload_as(b, bt), Cm = upload_as(c, ct);
+            be.gemm_ex(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), at, lda, sa, B.data(), bt, ldb, sb,
+                       beta, Cm.data(), ct, ldc, sc, batch);
+            std::vector<float> out(c.size());
+            if (ct == DType::kBF16) {
+              std::vector<uint16_t> h(c.size());
+              be.copy_to_host(h.data(), Cm.data(), Cm.bytes());
+              for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
+            } else {
+              be.copy_to_host(out.data(), Cm.data(), Cm.bytes());
+            }
+            return {out};  // padding must be left untouched too
+          };
+          const Tolerance tol = sum_tolerance(ct, d.K);
+          expect_matches_reference(
+              op, tol,
+              fmt::format("gemm_ex {}x{}->{} M={} N={} K={} trans={}{} beta={}", dtype_name(at),
+                          dtype_name(bt), dtype_name(ct), d.M, d.N, d.K, ta, tb, beta));
+        }
+}
+
+// A bf16 C is rounded to nearest even, bitwise: with A = B = 1 (K = 1) the fp32 result is alpha
+// itself, chosen on exact ties between bf16 neighbours, where truncation and round-half-up
+// differ from round-to-nearest-even by one ulp (the tolerance above would not see that).
+TEST_P(BackendVsReference, GemmRoundsBf16OutputToNearestEven) {
+  for (Backend* be : {ref_.get(), be_.get()}) {
+    for (float alpha : {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -(1.0f + 3 * 0x1p-8f), 0.1f, 3.3e5f}) {
+      const std::vector<float> one = {1.0f};
+      auto A = upload(*be, one), B = upload(*be, one);
+      DeviceArray<uint16_t> C(*be, 1);
+      be->gemm_ex(false, false, 1, 1, 1, alpha, A.data(), DType::kF32, 1, 1, B.data(),
+                  DType::kF32, 1, 1, 0.0f, C.data(), DType::kBF16, 1, 1, 1);
+      uint16_t h = 0;
+      be->copy_to_host(&h, C.data(), sizeof h);
+      EXPECT_EQ(h, float_to_bf16(alpha)) << be->name() << " alpha=" << alpha;
+    }
+  }
+}
+
+// cast: fp32 -> bf16 rounds to nearest even (bitwise what core/dtype.h computes, ties
+// included), bf16 -> fp32 is exact, equal types copy; odd sizes.
+TEST_P(BackendVsReference, Cast) {
+  for (int64_t n : {1, 7, 33, 100003}) {
+    auto x = random_vector(n, 31 + n, -50, 50);
+    for (int64_t i = 0; i < n; i += 3)  // exact ties between bf16 neighbours
+      x[i] = std::bit_cast<float>((std::bit_cast<uint32_t>(x[i]) & 0xFFFF0000u) | 0x8000u);
+    std::vector<uint16_t> expected(n);
+    for (int64_t i = 0; i < n; ++i) expected[i] = float_to_bf16(x[i]);
+    for (Backend* be : {ref_.get(), be_.get()}) {
+      auto X = upload(*be, x);
+      DeviceArray<uint16_t> H(*be, n);
+      be->fill(reinterpret_cast<float*>(H.data()), kPoisonFloat, n / 2);
+      be->cast(H.data(), DType::kBF16, X.data(), DType::kF32, n);
+      std::vector<uint16_t> h(n);
+      be->copy_to_host(h.data(), H.data(), H.bytes());
+      ASSERT_EQ(h, expected) << be->name() << " fp32->bf16 n=" << n;
+      auto back = poisoned<float>(*be, n);
+      be->cast(back.data(), DType::kF32, H.data(), DType::kBF16, n);
+      const auto f = download(*be, back.data(), n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(f[i], bf16_to_float(expected[i])) << i;
+      auto same = poisoned<float>(*be, n);
+      be->cast(same.data(), DType::kF32, X.data(), DType::kF32, n);
+      ASSERT_EQ(download(*be, same.data(), n), x) << be->name();
     }
   }
 }

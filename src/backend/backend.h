@@ -25,6 +25,8 @@
 #include <memory>
 #include <string>
 
+#include "core/dtype.h"
+
 namespace switcht5 {
 
 class Backend {
@@ -57,6 +59,20 @@ class Backend {
                     const float* A, int lda, int64_t stride_a, const float* B, int ldb,
                     int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
                     int batch) = 0;
+
+  // Mixed precision: gemm with an element type per operand. A and B are each fp32 or bf16, C is
+  // fp32 or bf16 (strides and leading dimensions count elements of the operand's type).
+  // Products are formed and summed in fp32 (a bf16 x bf16 product is exact in fp32), then
+  //   C = alpha * op(A) op(B) + beta * C     in fp32, rounded once to bf16 (nearest even) when C
+  // is bf16. gemm() above is the all-fp32 case. Entries of C outside the M x N blocks are left
+  // untouched; beta == 0 ignores C's contents.
+  virtual void gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                       const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
+                       DType b_type, int ldb, int64_t stride_b, float beta, void* C,
+                       DType c_type, int ldc, int64_t stride_c, int batch) = 0;
+  // out[i] = in[i] as out_type: fp32 -> bf16 rounds to nearest even (core/dtype.h), bf16 ->
+  // fp32 is exact, equal types copy. Only fp32 and bf16. out must not overlap in.
+  virtual void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) = 0;
 
   // ---- elementwise and reductions -------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;  // out = a + b; out may alias a or b

@@ -141,6 +141,76 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
   }
 }
 
+namespace {
+void check_float_type(DType t, const char* what) {
+  SWT_CHECK(t == DType::kF32 || t == DType::kBF16, "{}: {} is not a floating-point type", what,
+            dtype_name(t));
+}
+// Elements a strided batch of `rows` x `cols` blocks spans (0 for an empty one).
+int64_t extent(int batch, int64_t stride, int rows, int ld, int cols) {
+  if (batch <= 0 || rows <= 0 || cols <= 0) return 0;
+  return int64_t(batch - 1) * stride + int64_t(rows - 1) * ld + cols;
+}
+}  // namespace
+
+// bf16 storage emulation: bf16 operands are widened (exactly) to fp32 copies and the fp32 GEMM
+// runs on them, which sums the exact products in fp32 as a GPU's bf16 GEMM does; a bf16 C is
+// formed in fp32 and rounded once. The copies live in buffers grown once and reused.
+void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                         const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
+                         DType b_type, int ldb, int64_t stride_b, float beta, void* C,
+                         DType c_type, int ldc, int64_t stride_c, int batch) {
+  check_float_type(a_type, "gemm_ex A");
+  check_float_type(b_type, "gemm_ex B");
+  check_float_type(c_type, "gemm_ex C");
+  auto widened = [&](std::vector<float>& buf, const void* p, DType t, int64_t n) -> const float* {
+    if (t == DType::kF32) return static_cast<const float*>(p);
+    if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+    cast(buf.data(), DType::kF32, p, t, n);
+    return buf.data();
+  };
+  const float* a = widened(wide_a_, A, a_type,
+                           extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
+  const float* b = widened(wide_b_, B, b_type,
+                           extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
+  if (c_type == DType::kF32) {
+    gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
+         static_cast<float*>(C), ldc, stride_c, batch);
+    return;
+  }
+  const int64_t nc = extent(batch, stride_c, M, ldc, N);
+  if (int64_t(wide_c_.size()) < nc) wide_c_.resize(size_t(nc));
+  if (beta != 0.0f) cast(wide_c_.data(), DType::kF32, C, DType::kBF16, nc);
+  gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
+       wide_c_.data(), ldc, stride_c, batch);
+  uint16_t* c = static_cast<uint16_t*>(C);
+  for (int bi = 0; bi < batch; ++bi)
+#pragma omp parallel for schedule(static) if (int64_t(M) * N >= kParallelMin)
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        const int64_t i = bi * stride_c + int64_t(m) * ldc + n;
+        c[i] = float_to_bf16(wide_c_[size_t(i)]);
+      }
+}
+
+void CpuBackend::cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) {
+  check_float_type(out_type, "cast output");
+  check_float_type(in_type, "cast input");
+  if (out_type == in_type) {
+    copy(out, in, dtype_size(in_type) * size_t(n));
+  } else if (out_type == DType::kBF16) {
+    const float* x = static_cast<const float*>(in);
+    uint16_t* y = static_cast<uint16_t*>(out);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
+  } else {
+    const uint16_t* x = static_cast<const uint16_t*>(in);
+    float* y = static_cast<float*>(out);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
+  }
+}
+
 // ---- elementwise and reductions -----------------------------------------------------------------
 
 void CpuBackend::add(float* out, const float* a, const float* b, int64_t n) {

@@ -111,6 +111,60 @@ void ReferenceBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, flo
   }
 }
 
+namespace {
+// Element i of a buffer of type t, as a double (fp32 and bf16 are exact in double).
+double load(const void* p, DType t, int64_t i) {
+  return t == DType::kBF16 ? double(bf16_to_float(static_cast<const uint16_t*>(p)[i]))
+                           : double(static_cast<const float*>(p)[i]);
+}
+void store(void* p, DType t, int64_t i, float v) {
+  if (t == DType::kBF16) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+  else static_cast<float*>(p)[i] = v;
+}
+void check_float_type(DType t, const char* what) {
+  SWT_CHECK(t == DType::kF32 || t == DType::kBF16, "{}: {} is not a floating-point type", what,
+            dtype_name(t));
+}
+}  // namespace
+
+// The oracle of mixed precision: the exact products summed in double, then C formed in double
+// and rounded once to C's type (a backend summing in fp32 differs by fp32 rounding only).
+void ReferenceBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                               const void* A, DType a_type, int lda, int64_t stride_a,
+                               const void* B, DType b_type, int ldb, int64_t stride_b,
+                               float beta, void* C, DType c_type, int ldc, int64_t stride_c,
+                               int batch) {
+  SWT_CHECK(M >= 0 && N >= 0 && K >= 0 && batch >= 0,
+            "gemm_ex: negative size M={} N={} K={} batch={}", M, N, K, batch);
+  SWT_CHECK(lda >= std::max(1, trans_a ? M : K), "gemm_ex: lda={} too small", lda);
+  SWT_CHECK(ldb >= std::max(1, trans_b ? K : N), "gemm_ex: ldb={} too small", ldb);
+  SWT_CHECK(ldc >= std::max(1, N), "gemm_ex: ldc={} too small", ldc);
+  check_float_type(a_type, "gemm_ex A");
+  check_float_type(b_type, "gemm_ex B");
+  check_float_type(c_type, "gemm_ex C");
+  for (int b = 0; b < batch; ++b) {
+    const int64_t oa = b * stride_a, ob = b * stride_b, oc = b * stride_c;
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        double acc = 0.0;
+        for (int k = 0; k < K; ++k) {
+          const double a = load(A, a_type, oa + (trans_a ? int64_t(k) * lda + m : int64_t(m) * lda + k));
+          const double bv = load(B, b_type, ob + (trans_b ? int64_t(n) * ldb + k : int64_t(k) * ldb + n));
+          acc += a * bv;
+        }
+        const int64_t ic = oc + int64_t(m) * ldc + n;
+        const double c = beta == 0.0f ? 0.0 : double(beta) * load(C, c_type, ic);
+        store(C, c_type, ic, static_cast<float>(double(alpha) * acc + c));
+      }
+  }
+}
+
+void ReferenceBackend::cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) {
+  check_float_type(out_type, "cast output");
+  check_float_type(in_type, "cast input");
+  for (int64_t i = 0; i < n; ++i) store(out, out_type, i, static_cast<float>(load(in, in_type, i)));
+}
+
 // ---- elementwise and reductions -----------------------------------------------------------------
 
 void ReferenceBackend::add(float* out, const float* a, const float* b, int64_t n) {

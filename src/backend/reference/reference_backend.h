@@ -24,6 +24,11 @@ class ReferenceBackend final : public Backend {
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C,
             int ldc, int64_t stride_c, int batch) override;
+  void gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* A,
+               DType a_type, int lda, int64_t stride_a, const void* B, DType b_type, int ldb,
+               int64_t stride_b, float beta, void* C, DType c_type, int ldc, int64_t stride_c,
+               int batch) override;
+  void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) override;
 
   void add(float* out, const float* a, const float* b, int64_t n) override;
   void axpy(float* y, float alpha, const float* x, int64_t n) override;
