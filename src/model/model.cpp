@@ -184,11 +184,13 @@ struct SwitchT5Model::Stack {
     dnormed = DeviceArray<float>(be, int64_t(N) * D);
   }
 
+  // The layers' forward workspace and backward scratch share one arena: each layer uses it
+  // only within one call.
   int64_t scratch_floats() const {
     int64_t s = 0;
     for (const Block& blk : blocks) {
-      s = std::max(s, blk.self_attention->scratch_floats());
-      if (blk.cross_attention) s = std::max(s, blk.cross_attention->scratch_floats());
+      for (const Attention* a : {blk.self_attention.get(), blk.cross_attention.get()})
+        if (a) s = std::max({s, a->scratch_floats(), a->forward_scratch_floats()});
       s = std::max(s, blk.dense ? blk.dense->scratch_floats() : blk.sparse->scratch_floats());
     }
     return s;
@@ -218,10 +220,11 @@ struct SwitchT5Model::Stack {
     be.add(dh.data(), dh.data(), dtmp.data(), n);
   }
 
-  // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only).
+  // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only). scratch:
+  // scratch_floats() floats, the layers' forward workspace.
   void forward(const int32_t* ids, const float* mask, const float* enc, const float* enc_mask,
                bool training, uint64_t seed, uint64_t first_row,
-               std::vector<RouterStats>& router_stats) {
+               std::vector<RouterStats>& router_stats, float* scratch) {
     const int64_t n = int64_t(N) * D;
     dropout_p = training ? float(cfg.dropout_rate) : 0.0f;
     const float expert_dropout = training ? float(cfg.expert_dropout) : 0.0f;
@@ -241,7 +244,7 @@ struct SwitchT5Model::Stack {
       const int bi = static_cast<int>(i);
       residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
         blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
-                                    site_seed(drop, decoder, bi, 1));
+                                    site_seed(drop, decoder, bi, 1), scratch);
         tp.g_forward(o, int64_t(N) * D);
       });
       h = blk.attn.h_next.data();
@@ -249,7 +252,7 @@ struct SwitchT5Model::Stack {
         residual_forward(blk.cross, h, site_seed(drop, decoder, bi, 2),
                          [&](float* o, const float* x) {
                            blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
-                                                        site_seed(drop, decoder, bi, 3));
+                                                        site_seed(drop, decoder, bi, 3), scratch);
                            tp.g_forward(o, int64_t(N) * D);
                          });
         h = blk.cross.h_next.data();
@@ -412,9 +415,9 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
   st.ce_sum = st.logit_lse_sq_sum = 0.0;
   st.target_tokens = 0;
   encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
-                    first_row, st.encoder_router);
+                    first_row, st.encoder_router, scratch_.data());
   decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
-                    training, seed, first_row, st.decoder_router);
+                    training, seed, first_row, st.decoder_router, scratch_.data());
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
   const float* W = params_.values() + head_->offset;
