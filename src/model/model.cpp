@@ -191,7 +191,10 @@ struct SwitchT5Model::Stack {
     for (const Block& blk : blocks) {
       for (const Attention* a : {blk.self_attention.get(), blk.cross_attention.get()})
         if (a) s = std::max({s, a->scratch_floats(), a->forward_scratch_floats()});
-      s = std::max(s, blk.dense ? blk.dense->scratch_floats() : blk.sparse->scratch_floats());
+      if (blk.dense)
+        s = std::max(s, blk.dense->scratch_floats());
+      else
+        s = std::max({s, blk.sparse->scratch_floats(), blk.sparse->forward_scratch_floats()});
     }
     return s;
   }
@@ -265,7 +268,8 @@ struct SwitchT5Model::Stack {
           if (router_stats.size() <= sparse_index) router_stats.emplace_back();
           router_stats[sparse_index++] =
               blk.sparse->forward(o, x, training, float(cfg.router_jitter_noise), expert_dropout,
-                                  site_seed(seed, decoder, bi, 6), first_row * T * D, first_row);
+                                  site_seed(seed, decoder, bi, 6), first_row * T * D, first_row,
+                                  scratch);
         }
       });
       h = blk.ff.h_next.data();
