@@ -162,7 +162,7 @@ class Backend {
   // dx = dout * (x > 0); dx may alias dout.
   virtual void relu_backward(float* dx, const float* dout, const float* x, int64_t n) = 0;
   // out = gelu_tanh(a) * b, gelu_tanh(a) = 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
-  // (HF "gelu_new", T5 1.1's gated-gelu).
+  // (HF "gelu_new", T5 1.1's gated-gelu). out may alias a or b.
   virtual void gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) = 0;
   // da = dout * b * gelu'(a); db = dout * gelu(a). da/db must not alias a/b.
   virtual void gated_gelu_backward(float* da, float* db, const float* dout, const float* a,

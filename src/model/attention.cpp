@@ -26,35 +26,46 @@ Attention::Attention(Backend& be, ParamStore& ps, const std::string& prefix, Att
       wq_(&ps.info(prefix + ".q.weight")), wk_(&ps.info(prefix + ".k.weight")),
       wv_(&ps.info(prefix + ".v.weight")), wo_(&ps.info(prefix + ".o.weight")) {
   const int64_t HK = int64_t(s.H) * s.K;
-  q_ = DeviceArray<float>(be, int64_t(s.B) * s.Tq * HK);
-  k_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
-  v_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
-  qh_ = DeviceArray<float>(be, q_.size());
-  kh_ = DeviceArray<float>(be, k_.size());
-  vh_ = DeviceArray<float>(be, v_.size());
+  qh_ = DeviceArray<float>(be, int64_t(s.B) * s.Tq * HK);
+  kh_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
+  vh_ = DeviceArray<float>(be, kh_.size());
   probs_ = DeviceArray<float>(be, int64_t(s.B) * s.H * s.Tq * s.Tk);
-  ctx_ = DeviceArray<float>(be, q_.size());
+  ctx_ = DeviceArray<float>(be, qh_.size());
 }
 
 int64_t Attention::scratch_floats() const {
   // dprobs [B,H,Tq,Tk] + dctx, dctx_h/dq_h, dq [B*Tq,HK] + dk_h, dv_h, dk, dv [B*Tk,HK]
-  return probs_.size() + 3 * q_.size() + 4 * k_.size();
+  return probs_.size() + 3 * qh_.size() + 4 * kh_.size();
+}
+
+int64_t Attention::forward_scratch_floats() const {
+  // q (later ctx_h) [B*Tq,HK] + k, v [B*Tk,HK] + dropout(probs) [B,H,Tq,Tk]
+  return qh_.size() + 2 * kh_.size() + probs_.size();
 }
 
 void Attention::forward(float* out, const float* xq, const float* xkv, const float* bias,
-                        const float* key_mask, float dropout_p, uint64_t seed) {
+                        const float* key_mask, float dropout_p, uint64_t seed, float* scratch) {
   const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
   xq_ = xq;
   xkv_ = xkv;
   dropout_p_ = dropout_p;
   seed_ = seed;
+  if (!scratch) {
+    if (own_scratch_.size() == 0) own_scratch_ = DeviceArray<float>(be_, forward_scratch_floats());
+    scratch = own_scratch_.data();
+  }
+  // The token-major projections are needed only until they are permuted head-major.
+  float* q = scratch;                 // [B*Tq, HK]
+  float* k = q + qh_.size();          // [B*Tk, HK]
+  float* v = k + kh_.size();          // [B*Tk, HK]
+  float* p_dropped = v + vh_.size();  // [B,H,Tq,Tk]
   float* values = ps_.values();
-  linear_forward(be_, q_.data(), xq, values + wq_->offset, B * Tq, D, HK);
-  linear_forward(be_, k_.data(), xkv, values + wk_->offset, B * Tk, D, HK);
-  linear_forward(be_, v_.data(), xkv, values + wv_->offset, B * Tk, D, HK);
-  be_.permute_0213(qh_.data(), q_.data(), B, Tq, H, K);
-  be_.permute_0213(kh_.data(), k_.data(), B, Tk, H, K);
-  be_.permute_0213(vh_.data(), v_.data(), B, Tk, H, K);
+  linear_forward(be_, q, xq, values + wq_->offset, B * Tq, D, HK);
+  linear_forward(be_, k, xkv, values + wk_->offset, B * Tk, D, HK);
+  linear_forward(be_, v, xkv, values + wv_->offset, B * Tk, D, HK);
+  be_.permute_0213(qh_.data(), q, B, Tq, H, K);
+  be_.permute_0213(kh_.data(), k, B, Tk, H, K);
+  be_.permute_0213(vh_.data(), v, B, Tk, H, K);
   // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h).
   be_.gemm(false, true, Tq, Tk, K, 1.0f, qh_.data(), K, int64_t(Tq) * K, kh_.data(), K,
            int64_t(Tk) * K, 0.0f, probs_.data(), Tk, int64_t(Tq) * Tk, B * H);
@@ -62,15 +73,15 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
                                 s_.causal);
   const float* p = probs_.data();
   if (dropout_p > 0.0f) {
-    if (probs_dropped_.size() == 0) probs_dropped_ = DeviceArray<float>(be_, probs_.size());
-    be_.dropout(probs_dropped_.data(), probs_.data(), probs_.size(), dropout_p, seed);
-    p = probs_dropped_.data();
+    be_.dropout(p_dropped, probs_.data(), probs_.size(), dropout_p, seed);
+    p = p_dropped;
   }
-  // ctx_h = p v_h [B,H,Tq,K], written into q_ (free once permuted into qh_), then permuted
+  // ctx_h = p v_h [B,H,Tq,K], written over q (free once permuted into qh_), then permuted
   // token-major into ctx_ [B*Tq, HK].
+  float* ctx_h = q;
   be_.gemm(false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.data(), K, int64_t(Tk) * K,
-           0.0f, q_.data(), K, int64_t(Tq) * K, B * H);
-  be_.permute_0213(ctx_.data(), q_.data(), B, H, Tq, K);
+           0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
+  be_.permute_0213(ctx_.data(), ctx_h, B, H, Tq, K);
   linear_forward(be_, out, ctx_.data(), values + wo_->offset, B * Tq, HK, D);
 }
 
@@ -92,12 +103,18 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   linear_backward_weight(be_, grads + wo_->offset, dout, ctx_.data(), B * Tq, HK, D);
   linear_backward_input(be_, dctx, dout, values + wo_->offset, B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
-  // ctx_h = p v_h:  dp = dctx_h v_h^T,  dv_h = p^T dctx_h
-  const float* p = dropout_p_ > 0.0f ? probs_dropped_.data() : probs_.data();
-  be_.gemm(false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.data(), K,
-           int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
+  // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
+  // p was not kept: dropout is a function of (seed, index), so the forward's p is recomputed
+  // exactly into dprobs, used for dv_h, then overwritten by dp.
+  const float* p = probs_.data();
+  if (dropout_p_ > 0.0f) {
+    be_.dropout(dprobs, probs_.data(), probs_.size(), dropout_p_, seed_);
+    p = dprobs;
+  }
   be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K, int64_t(Tq) * K,
            0.0f, dv_h, K, int64_t(Tk) * K, B * H);
+  be_.gemm(false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.data(), K,
+           int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
   if (dropout_p_ > 0.0f) be_.dropout(dprobs, dprobs, probs_.size(), dropout_p_, seed_);
   // probs = softmax(scores + bias): dscores in place of dprobs.
   be_.softmax_backward(dprobs, dprobs, probs_.data(), int64_t(B) * H * Tq, Tk);

@@ -33,18 +33,23 @@ class Attention {
   Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape shape);
 
   // xq [B*Tq, D] and xkv [B*Tk, D] must stay alive until backward. bias [H,Tq,Tk] or null,
-  // key_mask [B,Tk] or null. out [B*Tq, D].
+  // key_mask [B,Tk] or null. out [B*Tq, D]. scratch: forward_scratch_floats() floats of
+  // workspace that is dead once forward returns (the caller may reuse it, e.g. for backward);
+  // null: a buffer of the layer's own, allocated on first use (standalone layers, tests).
   void forward(float* out, const float* xq, const float* xkv, const float* bias,
-               const float* key_mask, float dropout_p, uint64_t seed);
+               const float* key_mask, float dropout_p, uint64_t seed, float* scratch = nullptr);
   // dxq [B*Tq,D] is assigned; dxkv [B*Tk,D] is accumulated (+=) after dxq is written, so a
   // self-attention may pass the same buffer for both. dbias [H,Tq,Tk] (+=) may be null.
   void backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch);
   // Floats of scratch that backward needs.
   int64_t scratch_floats() const;
+  // Floats of workspace forward needs: the projections before the head-major permute and
+  // dropout(probs).
+  int64_t forward_scratch_floats() const;
   // Floats of activations this layer keeps for backward.
   int64_t activation_floats() const {
-    return q_.size() + k_.size() + v_.size() + qh_.size() + kh_.size() + vh_.size() +
-           probs_.size() + probs_dropped_.size() + ctx_.size();
+    return qh_.size() + kh_.size() + vh_.size() + probs_.size() + ctx_.size() +
+           own_scratch_.size();
   }
 
  private:
@@ -57,11 +62,12 @@ class Attention {
   const float* xkv_ = nullptr;
   float dropout_p_ = 0.0f;
   uint64_t seed_ = 0;
-  DeviceArray<float> q_, k_, v_;            // [B*T, HK] projections, reused as head-major scratch
   DeviceArray<float> qh_, kh_, vh_;         // [B,H,T,K]
-  DeviceArray<float> probs_;                // [B,H,Tq,Tk]
-  DeviceArray<float> probs_dropped_;        // [B,H,Tq,Tk], only when dropout_p > 0
+  DeviceArray<float> probs_;                // [B,H,Tq,Tk] softmax output (before dropout)
   DeviceArray<float> ctx_;                  // [B*Tq, HK]
+  // Forward workspace when the caller passes none. dropout(probs) is not kept: backward
+  // recomputes it from probs_ and the seed (Backend::dropout is a function of (seed, index)).
+  DeviceArray<float> own_scratch_;
 };
 
 }  // namespace switcht5

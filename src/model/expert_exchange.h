@@ -22,7 +22,8 @@ class Communicator;
 
 class ExpertExchange {
  public:
-  // group: null or size 1 for no expert parallelism. max_rows_per_expert: the largest GC.
+  // group: null or size 1 for no expert parallelism. max_rows_per_expert: the largest GC of a
+  // call without `staging` (0 when every call passes its own).
   ExpertExchange(Backend& be, Communicator* group, int num_experts, int64_t max_rows_per_expert,
                    int D);
   int peers() const { return P_; }
@@ -31,16 +32,21 @@ class ExpertExchange {
   // itself), for the communication report.
   int64_t bytes_sent() const { return bytes_sent_; }
 
-  // out [E_loc, P*GC, D] <- buf [E, GC, D]. out must not alias buf.
-  void to_experts(float* out, const float* buf, int GC);
-  // out [E, GC, D] <- y [E_loc, P*GC, D]. out must not alias y.
-  void from_experts(float* out, const float* y, int GC);
+  // out [E_loc, P*GC, D] <- buf [E, GC, D]. out must not alias buf. staging: [E, GC, D] floats
+  // of workspace for the all_to_all (aliasing neither out nor buf), or null for the exchange's
+  // own buffer. Unused when P = 1.
+  void to_experts(float* out, const float* buf, int GC, float* staging = nullptr);
+  // out [E, GC, D] <- y [E_loc, P*GC, D]. out must not alias y. staging as in to_experts.
+  void from_experts(float* out, const float* y, int GC, float* staging = nullptr);
 
  private:
+  float* staging_or_own(float* staging, int GC);
+
   Backend& be_;
   Communicator* group_;
   int P_, E_local_, D_;
-  DeviceArray<float> exchange_;  // [E, max GC, D]
+  int64_t max_rows_per_expert_;
+  DeviceArray<float> exchange_;  // [E, max GC, D], the staging of calls that pass none
   int64_t bytes_sent_ = 0;
 };
 

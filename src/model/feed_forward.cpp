@@ -37,7 +37,7 @@ void FeedForward::register_params(ParamStore& ps, const std::string& prefix, int
 FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count,
                          int max_rows, int D, int F, bool gated)
     : be_(be), ps_(ps), count_(count), D_(D), F_(F), gated_(gated),
-      wo_(&ps.info(prefix + ".wo.weight")) {
+      wo_(&ps.info(prefix + ".wo.weight")), max_rows_(max_rows) {
   if (gated) {
     wi_ = &ps.info(prefix + ".wi_0.weight");
     wi1_ = &ps.info(prefix + ".wi_1.weight");
@@ -51,24 +51,38 @@ FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix,
 }
 
 void FeedForward::forward(float* out, const float* x, int N, float dropout_p, uint64_t seed) {
+  SWT_CHECK(N <= max_rows_, "FeedForward::forward of {} rows, sized for {}", N, max_rows_);
   x_ = x;
   N_ = N;
   dropout_p_ = dropout_p;
   seed_ = seed;
+  forward_into(a_.data(), b_.data(), h_.data(), out, x, N, dropout_p, seed);
+}
+
+void FeedForward::forward_transient(float* out, const float* x, int N, float* scratch) {
+  x_ = nullptr;
+  float* a = scratch;
+  float* b = gated_ ? scratch + int64_t(count_) * N * F_ : nullptr;
+  forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0);
+}
+
+void FeedForward::forward_into(float* a, float* b, float* h, float* out, const float* x, int N,
+                               float dropout_p, uint64_t seed) {
   const float* values = ps_.values();
   const int64_t n = int64_t(count_) * N * F_;
-  linear_forward(be_, a_.data(), x, values + wi_->offset, N, D_, F_, count_);
+  linear_forward(be_, a, x, values + wi_->offset, N, D_, F_, count_);
   if (gated_) {
-    linear_forward(be_, b_.data(), x, values + wi1_->offset, N, D_, F_, count_);
-    be_.gated_gelu_forward(h_.data(), a_.data(), b_.data(), n);
+    linear_forward(be_, b, x, values + wi1_->offset, N, D_, F_, count_);
+    be_.gated_gelu_forward(h, a, b, n);
   } else {
-    be_.relu_forward(h_.data(), a_.data(), n);
+    be_.relu_forward(h, a, n);
   }
-  if (dropout_p > 0.0f) be_.dropout(h_.data(), h_.data(), n, dropout_p, seed);
-  linear_forward(be_, out, h_.data(), values + wo_->offset, N, F_, D_, count_);
+  if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
+  linear_forward(be_, out, h, values + wo_->offset, N, F_, D_, count_);
 }
 
 void FeedForward::backward(float* dx, const float* dout, float* scratch) {
+  SWT_CHECK(x_, "FeedForward::backward after forward_transient, which keeps nothing");
   const int N = N_;
   const int64_t n = int64_t(count_) * N * F_;
   const float* values = ps_.values();

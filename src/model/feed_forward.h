@@ -34,25 +34,35 @@ class FeedForward {
                               const ExpertShard* shard = nullptr, int model_parallel = 1,
                               int model_rank = 0);
 
-  // max_rows: the largest N passed to forward.
+  // max_rows: the largest N passed to forward (forward_transient takes any N).
   FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count, int max_rows,
               int D, int F, bool gated);
 
-  // x must stay alive until backward.
+  // x must stay alive until backward. N <= max_rows.
   void forward(float* out, const float* x, int N, float dropout_p, uint64_t seed);
+  // Forward that keeps nothing for backward (evaluation: no dropout): a (and b) live in
+  // `scratch` (transient_floats(N) floats) and h is formed in place of a, so N may exceed
+  // max_rows. backward must not follow.
+  void forward_transient(float* out, const float* x, int N, float* scratch);
+  int64_t transient_floats(int N) const { return int64_t(gated_ ? 2 : 1) * count_ * N * F_; }
   // dx [count, N, D] assigned.
   void backward(float* dx, const float* dout, float* scratch);
   int64_t scratch_floats() const { return 2 * h_.size(); }
   int64_t activation_floats() const { return a_.size() + b_.size() + h_.size(); }
 
  private:
+  // The forward math, with a, b and h [count, N, F] wherever the caller puts them (h may be a).
+  void forward_into(float* a, float* b, float* h, float* out, const float* x, int N,
+                    float dropout_p, uint64_t seed);
+
   Backend& be_;
   ParamStore& ps_;
   int count_, D_, F_;
   bool gated_;
   const ParamInfo *wi_ = nullptr, *wi1_ = nullptr, *wo_;  // wi_ is wi (relu) or wi_0 (gated)
+  int max_rows_;
   // Saved for backward.
-  const float* x_ = nullptr;
+  const float* x_ = nullptr;  // null after forward_transient
   int N_ = 0;
   float dropout_p_ = 0.0f;
   uint64_t seed_ = 0;

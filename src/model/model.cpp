@@ -184,12 +184,17 @@ struct SwitchT5Model::Stack {
     dnormed = DeviceArray<float>(be, int64_t(N) * D);
   }
 
+  // The layers' forward workspace and backward scratch share one arena: each layer uses it
+  // only within one call.
   int64_t scratch_floats() const {
     int64_t s = 0;
     for (const Block& blk : blocks) {
-      s = std::max(s, blk.self_attention->scratch_floats());
-      if (blk.cross_attention) s = std::max(s, blk.cross_attention->scratch_floats());
-      s = std::max(s, blk.dense ? blk.dense->scratch_floats() : blk.sparse->scratch_floats());
+      for (const Attention* a : {blk.self_attention.get(), blk.cross_attention.get()})
+        if (a) s = std::max({s, a->scratch_floats(), a->forward_scratch_floats()});
+      if (blk.dense)
+        s = std::max(s, blk.dense->scratch_floats());
+      else
+        s = std::max({s, blk.sparse->scratch_floats(), blk.sparse->forward_scratch_floats()});
     }
     return s;
   }
@@ -225,9 +230,11 @@ struct SwitchT5Model::Stack {
   }
 
   // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only). router_stats:
-  // switch_layers() consecutive RouterStatsSlot arrays in backend memory, added to.
+  // switch_layers() consecutive RouterStatsSlot arrays in backend memory, added to. scratch:
+  // scratch_floats() floats, the layers' forward workspace.
   void forward(const int32_t* ids, const float* mask, const float* enc, const float* enc_mask,
-               bool training, uint64_t seed, uint64_t first_row, double* router_stats) {
+               bool training, uint64_t seed, uint64_t first_row, double* router_stats,
+               float* scratch) {
     const int64_t n = int64_t(N) * D;
     dropout_p = training ? float(cfg.dropout_rate) : 0.0f;
     const float expert_dropout = training ? float(cfg.expert_dropout) : 0.0f;
@@ -247,7 +254,7 @@ struct SwitchT5Model::Stack {
       const int bi = static_cast<int>(i);
       residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
         blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
-                                    site_seed(drop, decoder, bi, 1));
+                                    site_seed(drop, decoder, bi, 1), scratch);
         tp.g_forward(o, int64_t(N) * D);
       });
       h = blk.attn.h_next.data();
@@ -255,7 +262,7 @@ struct SwitchT5Model::Stack {
         residual_forward(blk.cross, h, site_seed(drop, decoder, bi, 2),
                          [&](float* o, const float* x) {
                            blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
-                                                        site_seed(drop, decoder, bi, 3));
+                                                        site_seed(drop, decoder, bi, 3), scratch);
                            tp.g_forward(o, int64_t(N) * D);
                          });
         h = blk.cross.h_next.data();
@@ -267,7 +274,7 @@ struct SwitchT5Model::Stack {
         } else {
           blk.sparse->forward_accumulate(o, x, training, float(cfg.router_jitter_noise),
                                          expert_dropout, site_seed(seed, decoder, bi, 6),
-                                         first_row * T * D, first_row, layer_stats);
+                                         first_row * T * D, first_row, layer_stats, scratch);
           layer_stats += router_stats_size(cfg.num_experts);
         }
       });
@@ -444,10 +451,10 @@ void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64
 
   double* router_stats = stats + kModelStatsFixed;
   encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
-                    first_row, router_stats);
+                    first_row, router_stats, scratch_.data());
   router_stats += int64_t(encoder_->switch_layers()) * router_stats_size(cfg_.num_experts);
   decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
-                    training, seed, first_row, router_stats);
+                    training, seed, first_row, router_stats, scratch_.data());
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
   const float* W = params_.values() + head_->offset;

@@ -108,7 +108,10 @@ class SwitchT5Model {
   // this one call (tests, evaluation tools). Valid until the next forward.
   const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed,
                               uint64_t first_row = 0);
-  // Accumulates dJ/dparams into params().grads() for the last forward call.
+  // Accumulates dJ/dparams into params().grads() for the last forward call. An evaluation
+  // forward (training = false) keeps nothing for the Switch layers' backward (they evaluate
+  // at the larger evaluation capacity in the shared scratch), so with Switch layers the last
+  // forward must be a training one.
   void backward(const LossWeights& w);
   // J for `stats` (the value whose gradient backward computes).
   double objective(const ForwardStats& stats, const LossWeights& w) const;

@@ -28,22 +28,14 @@ SwitchFFN::SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, Swi
       router_(be, ps, prefix, RouterShape{s.T, s.S, s.D, s.E, s.capacity_train, s.capacity_eval},
               s.tp),
       experts_(be, ps, prefix + ".experts", s.E / group_size_of(s.expert_group),
-               group_size_of(s.expert_group) * (s.T / s.S) *
-                   std::max(s.capacity_train, s.capacity_eval),
-               s.D, s.F, s.gated),
-      exchange_(be, s.expert_group, s.E,
-                int64_t(s.T / s.S) * std::max(s.capacity_train, s.capacity_eval), s.D),
+               group_size_of(s.expert_group) * (s.T / s.S) * s.capacity_train, s.D, s.F, s.gated),
+      exchange_(be, s.expert_group, s.E, /*max_rows_per_expert=*/0, s.D),  // staging: scratch
       P_(exchange_.peers()), E_local_(exchange_.local_experts()) {
   SWT_CHECK(s.E % P_ == 0, "{} experts over an expert group of {}", s.E, P_);
   SWT_CHECK(s.T % s.S == 0, "tokens {} not a multiple of the group size {}", s.T, s.S);
   const int G = s.T / s.S;
-  const int64_t rows = int64_t(G) * std::max(s.capacity_train, s.capacity_eval);
-  buf_ = DeviceArray<float>(be, int64_t(s.E) * rows * s.D);
+  buf_ = DeviceArray<float>(be, int64_t(s.E) * G * s.capacity_train * s.D);
   y_ = DeviceArray<float>(be, buf_.size());
-  if (P_ > 1) {
-    ep_in_ = DeviceArray<float>(be, buf_.size());
-    ep_out_ = DeviceArray<float>(be, buf_.size());
-  }
 }
 
 int64_t SwitchFFN::scratch_floats() const {
@@ -53,38 +45,75 @@ int64_t SwitchFFN::scratch_floats() const {
          experts_.scratch_floats();
 }
 
+int64_t SwitchFFN::forward_scratch_floats() const {
+  const int G = s_.T / s_.S;
+  const int64_t n_eval = int64_t(s_.E) * G * s_.capacity_eval * s_.D;
+  // Training, P > 1: the dispatch buffer and the experts' output [E,GC,D].
+  const int64_t train = P_ > 1 ? 2 * buf_.size() : 0;
+  // Evaluation: dispatch buffer and y (+ the experts' input and output when P > 1) [E,GC,D],
+  // and the experts' transient activations.
+  const int64_t eval = (P_ > 1 ? 4 : 2) * n_eval +
+                       experts_.transient_floats(P_ * G * s_.capacity_eval);
+  return std::max(train, eval);
+}
+
 const RouterStats& SwitchFFN::forward(float* out, const float* x, bool training,
                                       float jitter_eps, float expert_dropout, uint64_t seed,
-                                      uint64_t jitter_offset, uint64_t dropout_salt) {
+                                      uint64_t jitter_offset, uint64_t dropout_salt,
+                                      float* scratch) {
   forward_accumulate(out, x, training, jitter_eps, expert_dropout, seed, jitter_offset,
-                     dropout_salt, nullptr);
+                     dropout_salt, nullptr, scratch);
   return router_.statistics();
 }
 
 void SwitchFFN::forward_accumulate(float* out, const float* x, bool training, float jitter_eps,
                                    float expert_dropout, uint64_t seed, uint64_t jitter_offset,
-                                   uint64_t dropout_salt, double* stats) {
+                                   uint64_t dropout_salt, double* stats, float* scratch) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
   router_.forward(x, training, jitter_eps, seed, jitter_offset);
   const int GC = G * router_.capacity();
-  be_.moe_dispatch(buf_.data(), x, router_.expert(), router_.slot(), T, D, E, GC);
-  const float drop = training ? expert_dropout : 0.0f;
-  const uint64_t drop_seed = derive_seed(derive_seed(seed, 2), dropout_salt);
-  if (P_ == 1) {
-    experts_.forward(y_.data(), buf_.data(), GC, drop, drop_seed);
-  } else {
-    exchange_.to_experts(ep_in_.data(), buf_.data(), GC);
-    experts_.forward(ep_out_.data(), ep_in_.data(), P_ * GC, drop, drop_seed);
-    exchange_.from_experts(y_.data(), ep_out_.data(), GC);
+  if (!scratch && (P_ > 1 || !training)) {  // training on one process needs no workspace
+    if (own_scratch_.size() == 0) own_scratch_ = DeviceArray<float>(be_, forward_scratch_floats());
+    scratch = own_scratch_.data();
   }
+  // Where each stage lives: training keeps the experts' input (buf_) and output (y_); under
+  // expert parallelism the dispatch buffer and the experts' process-local output are transient.
+  // Evaluation keeps nothing: every buffer is in scratch, at the evaluation capacity.
+  const int64_t n = int64_t(E) * GC * D;  // one capacity buffer [E,GC,D] = [E_loc,P*GC,D]
+  float *dispatched, *expert_in, *expert_out, *y, *ffn_scratch = nullptr;
+  if (training) {
+    expert_in = buf_.data();
+    y = y_.data();
+    dispatched = P_ == 1 ? expert_in : scratch;
+    expert_out = P_ == 1 ? y : scratch + n;
+  } else {
+    dispatched = scratch;
+    y = scratch + n;
+    expert_in = P_ == 1 ? dispatched : scratch + 2 * n;
+    expert_out = P_ == 1 ? y : scratch + 3 * n;
+    ffn_scratch = scratch + (P_ == 1 ? 2 : 4) * n;
+  }
+  kept_ = training;
+  be_.moe_dispatch(dispatched, x, router_.expert(), router_.slot(), T, D, E, GC);
+  // The exchanges' staging: y before it is written, and the dispatch buffer once it is dead.
+  if (P_ > 1) exchange_.to_experts(expert_in, dispatched, GC, /*staging=*/y);
+  if (training) {
+    const uint64_t drop_seed = derive_seed(derive_seed(seed, 2), dropout_salt);
+    experts_.forward(expert_out, expert_in, P_ * GC, expert_dropout, drop_seed);
+  } else {
+    experts_.forward_transient(expert_out, expert_in, P_ * GC, ffn_scratch);
+  }
+  if (P_ > 1) exchange_.from_experts(y, expert_out, GC, /*staging=*/dispatched);
   // y is this model rank's partial sum over its d_ff share; the combine is linear in y.
-  be_.moe_combine(out, y_.data(), router_.gate(), router_.expert(), router_.slot(), T, D, GC);
+  be_.moe_combine(out, y, router_.gate(), router_.expert(), router_.slot(), T, D, GC);
   s_.tp.g_forward(out, int64_t(T) * D);
   if (stats) router_.accumulate_statistics(stats);
 }
 
 void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_scale,
                          float* scratch) {
+  SWT_CHECK(kept_, "SwitchFFN::backward after an evaluation forward, which keeps nothing for "
+            "backward");
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S, GC = G * router_.capacity();
   float* dbuf = scratch;                       // [E,GC,D]
   float* dx_buf = dbuf + buf_.size();          // [E,GC,D]
@@ -103,9 +132,10 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
     // to_experts and from_experts are mutual transposes: gradients go through the other one.
     float* ex_a = ffn_scratch + experts_.scratch_floats();
     float* ex_b = ex_a + buf_.size();
-    exchange_.to_experts(ex_a, dbuf, GC);
+    // Staging: dx_buf before it is written, then dbuf once it is dead.
+    exchange_.to_experts(ex_a, dbuf, GC, /*staging=*/dx_buf);
     experts_.backward(ex_b, ex_a, ffn_scratch);
-    exchange_.from_experts(dx_buf, ex_b, GC);
+    exchange_.from_experts(dx_buf, ex_b, GC, /*staging=*/dbuf);
   }
   be_.moe_dispatch_backward(dx, dx_buf, router_.expert(), router_.slot(), T, D, GC);
   s_.tp.f_backward(dx, int64_t(T) * D);  // each rank saw its d_ff columns of wi

@@ -8,6 +8,12 @@
 //   out [T,D]      = gate[t] * y[expert[t], slot[t]]; dropped tokens output 0 (the residual
 //                    connection outside carries them)
 //
+// Memory: the buffers kept for backward (the experts' input and output, the experts' hidden
+// activations) are sized for the training capacity. Evaluation uses eval_capacity_factor,
+// usually larger (2.0 vs 1.25), but keeps nothing for backward, so it runs entirely in the
+// caller's forward scratch (the model's shared scratch arena) and backward must follow a
+// training forward.
+//
 // Expert parallelism over P processes (the expert group): each holds E / P experts and
 // ExpertExchange moves every process's capacity buffers to the experts' owners and back, so
 // every token meets the same expert weights and the same capacity as on one process.
@@ -54,25 +60,31 @@ class SwitchFFN {
 
   // x [T,D] must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
   // indexed from `jitter_offset` (see Router::forward); expert dropout by (seed, dropout_salt).
-  // Adds the router statistics to `stats` [router_stats_size(E)] in backend memory (none when
-  // null): no host synchronisation.
+  // The statistics live in the router (valid until the next forward), so the steady state
+  // allocates nothing. scratch: forward_scratch_floats() floats of workspace, dead once forward
+  // returns (the caller may reuse it); null: a buffer of the layer's own, allocated on first
+  // use (standalone layers, tests). An evaluation forward (training = false) keeps nothing for
+  // backward. Adds the router statistics to `stats` [router_stats_size(E)] in backend memory
+  // (none when null): no host synchronisation.
   void forward_accumulate(float* out, const float* x, bool training, float jitter_eps,
                           float expert_dropout, uint64_t seed, uint64_t jitter_offset,
-                          uint64_t dropout_salt, double* stats);
+                          uint64_t dropout_salt, double* stats, float* scratch = nullptr);
   // forward_accumulate, then this call's statistics read back to the host (tests and tools).
   const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
                       float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
-                      uint64_t dropout_salt = 0);
+                      uint64_t dropout_salt = 0, float* scratch = nullptr);
   // dx [T,D] assigned. lb_scale / z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2
-  // in the objective (e.g. aux_coef / total groups, z_coef / total tokens).
+  // in the objective (e.g. aux_coef / total groups, z_coef / total tokens). The last forward
+  // must have been a training one.
   void backward(float* dx, const float* dout, float lb_scale, float z_scale, float* scratch);
   int64_t scratch_floats() const;
+  int64_t forward_scratch_floats() const;
   int64_t alltoall_bytes_sent() const { return exchange_.bytes_sent(); }
   // Whether the last forward's router logits hold a NaN or Inf.
   bool router_logits_nonfinite() const { return router_.logits_nonfinite(); }
   int64_t activation_floats() const {
-    return router_.activation_floats() + buf_.size() + y_.size() + ep_in_.size() +
-           ep_out_.size() + experts_.activation_floats();
+    return router_.activation_floats() + buf_.size() + y_.size() + experts_.activation_floats() +
+           own_scratch_.size();
   }
 
  private:
@@ -80,10 +92,14 @@ class SwitchFFN {
   SwitchShape s_;
   Router router_;
   FeedForward experts_;
-  DeviceArray<float> buf_, y_;              // [E, G*C_max, D]
   ExpertExchange exchange_;
-  DeviceArray<float> ep_in_, ep_out_;       // [E_loc, P*G*C_max, D] (expert parallel only)
   int P_ = 1, E_local_ = 1;
+  // Kept for backward, sized for the training capacity C_train:
+  DeviceArray<float> buf_;  // [E_loc, P*G*C_train, D] the experts' input: the dispatch buffer
+                            // itself when P = 1, its exchange to the experts' owners when P > 1
+  DeviceArray<float> y_;    // [E, G*C_train, D] the experts' output, back at the tokens' slots
+  DeviceArray<float> own_scratch_;  // forward workspace when the caller passes none
+  bool kept_ = false;               // whether the last forward kept what backward needs
 };
 
 }  // namespace switcht5
