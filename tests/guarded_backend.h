@@ -65,6 +65,7 @@ class GuardedBackend final : public Backend {
   void cast(void* out, DType ot, const void* in, DType it, int64_t n) override {
     inner_->cast(host(out), ot, host(in), it, n);
   }
+  void round_to_bf16(float* x, int64_t n) override { inner_->round_to_bf16(host(x), n); }
   void accumulate_sum_squares(double* acc, const float* x, int64_t n) override {
     inner_->accumulate_sum_squares(host(acc), host(x), n);
   }

@@ -73,6 +73,10 @@ class Backend {
   // out[i] = in[i] as out_type: fp32 -> bf16 rounds to nearest even (core/dtype.h), bf16 ->
   // fp32 is exact, equal types copy. Only fp32 and bf16. out must not overlap in.
   virtual void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) = 0;
+  // x[i] = round_to_bf16(x[i]) in place: the value a bf16 store keeps, in an fp32 buffer. The
+  // bf16 training mode rounds its activations here, at the points where a GPU kernel stores a
+  // bf16 result, while their buffers are still fp32.
+  virtual void round_to_bf16(float* x, int64_t n) = 0;
 
   // ---- elementwise and reductions -------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;  // out = a + b; out may alias a or b

@@ -325,6 +325,7 @@ LoadResult load_checkpoint(TrainingState& state, const std::string& path, bool t
     for (TensorSlot& s : optimizer_slots(state)) slots.push_back(std::move(s));
   }
   r.read(slots);
+  state.params.refresh_compute_copy(state.backend);  // bf16 compute copies follow the masters
   state.backend.synchronize();
   state.step = result.step;
   if (with_state) {

@@ -94,6 +94,9 @@ struct TrainConfig {
   int64_t eval_every = 0;          // steps between evaluations, 0 = never
   int eval_batches = 1;
   std::string backend = "cpu";     // "cpu" or "reference"
+  // "fp32", or "bf16": fp32 master weights, gradients and optimizer state; bf16 compute copies
+  // of the weights and bf16 activations; router, losses and normalisation statistics in fp32.
+  std::string precision = "fp32";
   int max_skipped_steps = 5;       // consecutive non-finite steps skipped before the run stops
 
   bool operator==(const TrainConfig&) const = default;

@@ -59,10 +59,9 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
   float* k = q + qh_.size();          // [B*Tk, HK]
   float* v = k + kh_.size();          // [B*Tk, HK]
   float* p_dropped = v + vh_.size();  // [B,H,Tq,Tk]
-  float* values = ps_.values();
-  linear_forward(be_, q, xq, values + wq_->offset, B * Tq, D, HK);
-  linear_forward(be_, k, xkv, values + wk_->offset, B * Tk, D, HK);
-  linear_forward(be_, v, xkv, values + wv_->offset, B * Tk, D, HK);
+  linear_forward(be_, q, xq, ps_.weight(*wq_), B * Tq, D, HK);
+  linear_forward(be_, k, xkv, ps_.weight(*wk_), B * Tk, D, HK);
+  linear_forward(be_, v, xkv, ps_.weight(*wv_), B * Tk, D, HK);
   be_.permute_0213(qh_.data(), q, B, Tq, H, K);
   be_.permute_0213(kh_.data(), k, B, Tk, H, K);
   be_.permute_0213(vh_.data(), v, B, Tk, H, K);
@@ -71,9 +70,12 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
            int64_t(Tk) * K, 0.0f, probs_.data(), Tk, int64_t(Tq) * Tk, B * H);
   be_.attention_softmax_forward(probs_.data(), probs_.data(), bias, key_mask, B, H, Tq, Tk,
                                 s_.causal);
+  // bf16: the softmax runs in fp32 on fp32 scores; its output is stored as bf16.
+  store_activation(be_, ps_, probs_.data(), probs_.size());
   const float* p = probs_.data();
   if (dropout_p > 0.0f) {
     be_.dropout(p_dropped, probs_.data(), probs_.size(), dropout_p, seed);
+    store_activation(be_, ps_, p_dropped, probs_.size());
     p = p_dropped;
   }
   // ctx_h = p v_h [B,H,Tq,K], written over q (free once permuted into qh_), then permuted
@@ -81,8 +83,9 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
   float* ctx_h = q;
   be_.gemm(false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.data(), K, int64_t(Tk) * K,
            0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
+  store_activation(be_, ps_, ctx_h, int64_t(B) * Tq * HK);
   be_.permute_0213(ctx_.data(), ctx_h, B, H, Tq, K);
-  linear_forward(be_, out, ctx_.data(), values + wo_->offset, B * Tq, HK, D);
+  linear_forward(be_, out, ctx_.data(), ps_.weight(*wo_), B * Tq, HK, D);
 }
 
 void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch) {
@@ -96,12 +99,11 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   float* dv_h = dk_h + nk;
   float* dk = dv_h + nk;
   float* dv = dk + nk;
-  const float* values = ps_.values();
   float* grads = ps_.grads();
 
   // out = ctx Wo^T
   linear_backward_weight(be_, grads + wo_->offset, dout, ctx_.data(), B * Tq, HK, D);
-  linear_backward_input(be_, dctx, dout, values + wo_->offset, B * Tq, HK, D, false);
+  linear_backward_input(be_, dctx, dout, ps_.weight(*wo_), B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
   // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
   // p was not kept: dropout is a function of (seed, index), so the forward's p is recomputed
@@ -109,22 +111,27 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   const float* p = probs_.data();
   if (dropout_p_ > 0.0f) {
     be_.dropout(dprobs, probs_.data(), probs_.size(), dropout_p_, seed_);
+    store_activation(be_, ps_, dprobs, probs_.size());
     p = dprobs;
   }
   be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K, int64_t(Tq) * K,
            0.0f, dv_h, K, int64_t(Tk) * K, B * H);
+  store_activation(be_, ps_, dv_h, nk);
   be_.gemm(false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.data(), K,
            int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
   if (dropout_p_ > 0.0f) be_.dropout(dprobs, dprobs, probs_.size(), dropout_p_, seed_);
   // probs = softmax(scores + bias): dscores in place of dprobs.
   be_.softmax_backward(dprobs, dprobs, probs_.data(), int64_t(B) * H * Tq, Tk);
   if (dbias) be_.sum_over_batch(dbias, dprobs, B, int64_t(H) * Tq * Tk);
+  store_activation(be_, ps_, dprobs, probs_.size());  // dscores feed bf16 GEMMs
   // scores = q_h k_h^T:  dq_h = dscores k_h,  dk_h = dscores^T q_h
   float* dq_h = dctx_h;
   be_.gemm(false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.data(), K,
            int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
   be_.gemm(true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, qh_.data(), K,
            int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
+  store_activation(be_, ps_, dq_h, nq);
+  store_activation(be_, ps_, dk_h, nk);
   be_.permute_0213(dq, dq_h, B, H, Tq, K);
   be_.permute_0213(dk, dk_h, B, H, Tk, K);
   be_.permute_0213(dv, dv_h, B, H, Tk, K);
@@ -132,9 +139,9 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   linear_backward_weight(be_, grads + wq_->offset, dq, xq_, B * Tq, D, HK);
   linear_backward_weight(be_, grads + wk_->offset, dk, xkv_, B * Tk, D, HK);
   linear_backward_weight(be_, grads + wv_->offset, dv, xkv_, B * Tk, D, HK);
-  linear_backward_input(be_, dxq, dq, values + wq_->offset, B * Tq, D, HK, false);
-  linear_backward_input(be_, dxkv, dk, values + wk_->offset, B * Tk, D, HK, true);
-  linear_backward_input(be_, dxkv, dv, values + wv_->offset, B * Tk, D, HK, true);
+  linear_backward_input(be_, dxq, dq, ps_.weight(*wq_), B * Tq, D, HK, false);
+  linear_backward_input(be_, dxkv, dk, ps_.weight(*wk_), B * Tk, D, HK, true);
+  linear_backward_input(be_, dxkv, dv, ps_.weight(*wv_), B * Tk, D, HK, true);
 }
 
 }  // namespace switcht5

@@ -68,42 +68,43 @@ void FeedForward::forward_transient(float* out, const float* x, int N, float* sc
 
 void FeedForward::forward_into(float* a, float* b, float* h, float* out, const float* x, int N,
                                float dropout_p, uint64_t seed) {
-  const float* values = ps_.values();
   const int64_t n = int64_t(count_) * N * F_;
-  linear_forward(be_, a, x, values + wi_->offset, N, D_, F_, count_);
+  linear_forward(be_, a, x, ps_.weight(*wi_), N, D_, F_, count_);
   if (gated_) {
-    linear_forward(be_, b, x, values + wi1_->offset, N, D_, F_, count_);
+    linear_forward(be_, b, x, ps_.weight(*wi1_), N, D_, F_, count_);
     be_.gated_gelu_forward(h, a, b, n);
   } else {
     be_.relu_forward(h, a, n);
   }
   if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
-  linear_forward(be_, out, h, values + wo_->offset, N, F_, D_, count_);
+  store_activation(be_, ps_, h, n);  // bf16: the activation is stored as bf16 (GEMM input)
+  linear_forward(be_, out, h, ps_.weight(*wo_), N, F_, D_, count_);
 }
 
 void FeedForward::backward(float* dx, const float* dout, float* scratch) {
   SWT_CHECK(x_, "FeedForward::backward after forward_transient, which keeps nothing");
   const int N = N_;
   const int64_t n = int64_t(count_) * N * F_;
-  const float* values = ps_.values();
   float* grads = ps_.grads();
   float* dh = scratch;       // [count, N, F]
   float* db = scratch + n;   // [count, N, F] (gated)
   linear_backward_weight(be_, grads + wo_->offset, dout, h_.data(), N, F_, D_, count_);
-  linear_backward_input(be_, dh, dout, values + wo_->offset, N, F_, D_, false, count_);
+  linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
   if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
   if (gated_) {
     // h_ is dead once dWo is formed, so da goes there; db goes to scratch.
     float* da = h_.data();
     be_.gated_gelu_backward(da, db, dh, a_.data(), b_.data(), n);
+    store_activation(be_, ps_, da, n);
+    store_activation(be_, ps_, db, n);
     linear_backward_weight(be_, grads + wi_->offset, da, x_, N, D_, F_, count_);
     linear_backward_weight(be_, grads + wi1_->offset, db, x_, N, D_, F_, count_);
-    linear_backward_input(be_, dx, da, values + wi_->offset, N, D_, F_, false, count_);
-    linear_backward_input(be_, dx, db, values + wi1_->offset, N, D_, F_, true, count_);
+    linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
+    linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
   } else {
     be_.relu_backward(dh, dh, a_.data(), n);
     linear_backward_weight(be_, grads + wi_->offset, dh, x_, N, D_, F_, count_);
-    linear_backward_input(be_, dx, dh, values + wi_->offset, N, D_, F_, false, count_);
+    linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
   }
 }
 

@@ -207,9 +207,12 @@ struct SwitchT5Model::Stack {
     r.seed = seed;
     be.rmsnorm_forward(r.normed.data(), r.rstd.data(), h_prev, ps.values() + r.ln->offset, N, D,
                        float(cfg.layer_norm_epsilon));
+    store_activation(be, ps, r.normed.data(), n);  // bf16: statistics fp32, output bf16
     sub(sub_out.data(), r.normed.data());
     be.dropout(sub_out.data(), sub_out.data(), n, dropout_p, seed);
+    store_activation(be, ps, sub_out.data(), n);
     be.add(r.h_next.data(), h_prev, sub_out.data(), n);
+    store_activation(be, ps, r.h_next.data(), n);  // the residual stream is bf16 too
   }
 
   // dh holds dJ/dh_next on entry and dJ/dh_prev on exit. `sub_backward(dnormed, dsub)`.
@@ -217,10 +220,13 @@ struct SwitchT5Model::Stack {
   void residual_backward(NormedResidual& r, SubBackward&& sub_backward) {
     const int64_t n = int64_t(N) * D;
     be.dropout(dtmp.data(), dh.data(), n, dropout_p, r.seed);
+    store_activation(be, ps, dtmp.data(), n);
     sub_backward(dnormed.data(), dtmp.data());
     be.rmsnorm_backward(dtmp.data(), ps.grads() + r.ln->offset, dnormed.data(), r.h_prev,
                         ps.values() + r.ln->offset, r.rstd.data(), N, D);
+    store_activation(be, ps, dtmp.data(), n);
     be.add(dh.data(), dh.data(), dtmp.data(), n);
+    store_activation(be, ps, dh.data(), n);
   }
 
   int switch_layers() const {
@@ -244,7 +250,9 @@ struct SwitchT5Model::Stack {
     embed_seed = site_seed(drop, decoder, -1, 0);
     final_seed = site_seed(drop, decoder, -1, 1);
     be.embedding_forward(h0.data(), ids, ps.values() + embedding->offset, N, D);
+    store_activation(be, ps, h0.data(), n);  // the rows of the bf16 compute copy
     be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
+    store_activation(be, ps, h0.data(), n);
     be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
                            H, T, T);
     const float* h = h0.data();
@@ -283,6 +291,7 @@ struct SwitchT5Model::Stack {
     be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.values() + final_ln->offset, N, D,
                        float(cfg.layer_norm_epsilon));
     be.dropout(out.data(), out.data(), n, dropout_p, final_seed);
+    store_activation(be, ps, out.data(), n);
   }
 
   const float* last_hidden() const {
@@ -296,8 +305,10 @@ struct SwitchT5Model::Stack {
                 float* scratch) {
     const int64_t n = int64_t(N) * D;
     be.dropout(dout, dout, n, dropout_p, final_seed);
+    store_activation(be, ps, dout, n);
     be.rmsnorm_backward(dh.data(), ps.grads() + final_ln->offset, dout, last_hidden(),
                         ps.values() + final_ln->offset, final_rstd.data(), N, D);
+    store_activation(be, ps, dh.data(), n);
     be.fill(dbias.data(), 0.0f, dbias.size());
     for (int i = static_cast<int>(blocks.size()) - 1; i >= 0; --i) {
       Block& blk = blocks[i];
@@ -457,10 +468,14 @@ void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64
                     training, seed, first_row, router_stats, scratch_.data());
   const int64_t N = int64_t(B) * Tt;
   be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
-  const float* W = params_.values() + head_->offset;
+  const ParamStore::WeightView W = params_.weight(*head_);
   if (cfg_.tie_word_embeddings)
     be_.scale(head_in_.data(), float(1.0 / std::sqrt(double(D))), head_in_.size());
-  linear_forward(be_, logits_.data(), head_in_.data(), W, int(N), D, V);
+  store_activation(be_, params_, head_in_.data(), head_in_.size());
+  // logits = head_in W^T, kept in fp32 whatever the compute dtype: the cross-entropy and its
+  // log-sum-exp run in fp32 on them.
+  be_.gemm_ex(false, true, int(N), V, D, 1.0f, head_in_.data(), DType::kF32, D, 0, W.data,
+              W.dtype, D, 0, 0.0f, logits_.data(), DType::kF32, V, 0, 1);
   be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
                             N, V);
   be_.accumulate_loss_statistics(stats + kCeSum, token_loss_.data(), token_lse_.data(),
@@ -485,11 +500,13 @@ void SwitchT5Model::backward(const LossWeights& w) {
                              V, float(w.ce_scale), float(w.logit_z_loss));
   const bool tied = cfg_.tie_word_embeddings;
   float* dW = params_.grads() + head_->offset;
-  const float* W = params_.values() + head_->offset;
+  store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
   linear_backward_weight(be_, dW, logits_.data(), head_in_.data(), int(N), D, V);
   float* d_dec_out = head_in_.data();  // head_in is dead once dW is formed
-  linear_backward_input(be_, d_dec_out, logits_.data(), W, int(N), D, V, false);
+  linear_backward_input(be_, d_dec_out, logits_.data(), params_.weight(*head_), int(N), D, V,
+                        false);
   if (tied) be_.scale(d_dec_out, float(1.0 / std::sqrt(double(D))), head_in_.size());
+  store_activation(be_, params_, d_dec_out, head_in_.size());
 
   // Router loss weights: lb is a mean over a stack's groups and z a mean over its tokens, both
   // summed over the micro-batches of the global batch.

@@ -58,6 +58,19 @@ void ParamStore::allocate(Backend& be) {
   grads_ = DeviceArray<float>(be, total_);
 }
 
+void ParamStore::set_compute_dtype(Backend& be, DType dtype) {
+  SWT_CHECK(values_.data() != nullptr, "ParamStore::set_compute_dtype before allocate");
+  SWT_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "compute dtype {}", dtype_name(dtype));
+  compute_dtype_ = dtype;
+  compute_ = dtype == DType::kBF16 ? DeviceArray<uint16_t>(be, total_) : DeviceArray<uint16_t>();
+  refresh_compute_copy(be);
+}
+
+void ParamStore::refresh_compute_copy(Backend& be) {
+  if (compute_dtype_ == DType::kBF16)
+    be.cast(compute_.data(), DType::kBF16, values_.data(), DType::kF32, total_);
+}
+
 const ParamInfo& ParamStore::info(const std::string& name) const {
   auto it = index_.find(name);
   SWT_CHECK(it != index_.end(), "no parameter named {}", name);
@@ -95,6 +108,7 @@ void ParamStore::initialize(Backend& be, uint64_t seed) {
     }
     be.copy_to_device(values_.data() + p.offset, host.data(), sizeof(float) * host.size());
   }
+  refresh_compute_copy(be);
   zero_grads(be);
 }
 

@@ -78,6 +78,24 @@ class ParamStore {
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
   int64_t total_numel() const { return total_; }
 
+  // Mixed precision. With a bf16 compute dtype the store also holds a bf16 copy of every
+  // parameter (same layout as values()), which the forward and backward GEMMs read; the fp32
+  // values stay the master weights the optimizer updates, and refresh_compute_copy() rounds
+  // them into the copy after every change (optimizer step, initialisation, checkpoint load).
+  // fp32: no copy, weight() is the master itself.
+  void set_compute_dtype(Backend& be, DType dtype);
+  DType compute_dtype() const { return compute_dtype_; }
+  void refresh_compute_copy(Backend& be);
+  // A parameter as the GEMMs read it: its compute copy, or the fp32 master.
+  struct WeightView {
+    const void* data;
+    DType dtype;
+  };
+  WeightView weight(const ParamInfo& p) const {
+    if (compute_dtype_ == DType::kBF16) return {compute_.data() + p.offset, DType::kBF16};
+    return {values_.data() + p.offset, DType::kF32};
+  }
+
   float* value(const std::string& name) { return values_.data() + info(name).offset; }
   float* grad(const std::string& name) { return grads_.data() + info(name).offset; }
   float* values() { return values_.data(); }
@@ -112,6 +130,8 @@ class ParamStore {
   int64_t expert_begin_ = 0;
   DeviceArray<float> values_;
   DeviceArray<float> grads_;
+  DType compute_dtype_ = DType::kF32;
+  DeviceArray<uint16_t> compute_;  // bf16 compute copy [total_] (bf16 compute dtype only)
 };
 
 }  // namespace switcht5

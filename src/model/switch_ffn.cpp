@@ -5,6 +5,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "comm/communicator.h"
+#include "model/linear.h"
 
 namespace switcht5 {
 
@@ -24,7 +25,7 @@ int group_size_of(const Communicator* c) { return c ? c->size() : 1; }
 }  // namespace
 
 SwitchFFN::SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape s)
-    : be_(be), s_(s),
+    : be_(be), ps_(ps), s_(s),
       router_(be, ps, prefix, RouterShape{s.T, s.S, s.D, s.E, s.capacity_train, s.capacity_eval},
               s.tp),
       experts_(be, ps, prefix + ".experts", s.E / group_size_of(s.expert_group),
@@ -107,6 +108,7 @@ void SwitchFFN::forward_accumulate(float* out, const float* x, bool training, fl
   // y is this model rank's partial sum over its d_ff share; the combine is linear in y.
   be_.moe_combine(out, y, router_.gate(), router_.expert(), router_.slot(), T, D, GC);
   s_.tp.g_forward(out, int64_t(T) * D);
+  store_activation(be_, ps_, out, int64_t(T) * D);
   if (stats) router_.accumulate_statistics(stats);
 }
 
@@ -126,6 +128,7 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
   be_.moe_combine_backward(dbuf, dgate, dout, y_.data(), router_.gate(), router_.expert(),
                            router_.slot(), T, D, E, GC);
   s_.tp.sum_partials(dgate, T);
+  store_activation(be_, ps_, dbuf, int64_t(E) * GC * D);  // the experts' output gradient
   if (P_ == 1) {
     experts_.backward(dx_buf, dbuf, ffn_scratch);
   } else {
@@ -140,6 +143,7 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
   be_.moe_dispatch_backward(dx, dx_buf, router_.expert(), router_.slot(), T, D, GC);
   s_.tp.f_backward(dx, int64_t(T) * D);  // each rank saw its d_ff columns of wi
   router_.backward(dx, dgate, lb_scale, z_scale, router_scratch);
+  store_activation(be_, ps_, dx, int64_t(T) * D);
 }
 
 }  // namespace switcht5

@@ -89,6 +89,7 @@ class SwitchFFN {
 
  private:
   Backend& be_;
+  ParamStore& ps_;
   SwitchShape s_;
   Router router_;
   FeedForward experts_;

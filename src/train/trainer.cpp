@@ -117,6 +117,7 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp);
   ParamStore& ps = model_->params();
   ps.initialize(*be_, cfg.train.seed);
+  if (cfg.train.precision == "bf16") ps.set_compute_dtype(*be_, DType::kBF16);
 
   // ZeRO-1: each replicated parameter is updated (and its optimizer state kept) by one data
   // rank, chosen greedily by size; the owner broadcasts the new values after the step. Expert
@@ -317,6 +318,7 @@ StepMetrics Trainer::train_step(int64_t step) {
       if (owner_[i] >= 0)
         grid_.data_group->broadcast(ps.values() + ps.infos()[i].offset, ps.infos()[i].numel,
                                     owner_[i]);
+    ps.refresh_compute_copy(*be_);  // bf16: the GEMMs' copy of the new master weights
   }
   be_->synchronize();
   const double secs =

@@ -211,6 +211,11 @@ void CpuBackend::cast(void* out, DType out_type, const void* in, DType in_type, 
   }
 }
 
+void CpuBackend::round_to_bf16(float* x, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) x[i] = switcht5::round_to_bf16(x[i]);
+}
+
 // ---- elementwise and reductions -----------------------------------------------------------------
 
 void CpuBackend::add(float* out, const float* a, const float* b, int64_t n) {

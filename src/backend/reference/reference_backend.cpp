@@ -165,6 +165,10 @@ void ReferenceBackend::cast(void* out, DType out_type, const void* in, DType in_
   for (int64_t i = 0; i < n; ++i) store(out, out_type, i, static_cast<float>(load(in, in_type, i)));
 }
 
+void ReferenceBackend::round_to_bf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = switcht5::round_to_bf16(x[i]);
+}
+
 // ---- elementwise and reductions -----------------------------------------------------------------
 
 void ReferenceBackend::add(float* out, const float* a, const float* b, int64_t n) {

@@ -29,6 +29,7 @@ class ReferenceBackend final : public Backend {
                int64_t stride_b, float beta, void* C, DType c_type, int ldc, int64_t stride_c,
                int batch) override;
   void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) override;
+  void round_to_bf16(float* x, int64_t n) override;
 
   void add(float* out, const float* a, const float* b, int64_t n) override;
   void axpy(float* y, float alpha, const float* x, int64_t n) override;
