@@ -90,8 +90,7 @@ struct GoldenCase {
   double rtol;             // largest relative change allowed in any column
 };
 
-// The checked trajectories. A bf16 golden (precision: bf16) comes with the bf16 work: its file
-// from regenerate.sh and its line here, with a tolerance measured for bf16.
+// The checked trajectories.
 const GoldenCase kCases[] = {
     // The generating command on the reference backend (plain loops, double accumulation, SSE2
     // code without FMA, no oneDNN): the same numbers on every x86-64 machine and thread count
@@ -105,6 +104,13 @@ const GoldenCase kCases[] = {
     // AVX2 or SSE4.1 (ONEDNN_MAX_CPU_ISA); 1e-5 leaves a margin of ~80 and still catches any
     // real divergence of the CPU backend, which moves the loss by far more.
     {"cpu_fp32", "tiny_synthetic_fp32.txt", "fp32", "--set train.backend=cpu", 1e-5},
+    // train.precision: bf16 on the reference backend: deterministic like the fp32 case, but a
+    // bf16 rounding boundary amplifies a last-bit difference (another libm's exp, say) into a
+    // 2^-8 step, so it is held to 1e-3 rather than 1e-6. The cpu backend's fp32 GEMM sums put
+    // values on the other side of bf16 rounding boundaries than the reference's double sums:
+    // measured 1.9% apart from this file after 20 steps (and bf16 vs fp32 1.6%), so no cpu case
+    // here; tests/test_precision.cpp checks bf16 training on the cpu backend against fp32.
+    {"reference_bf16", "tiny_synthetic_bf16.txt", "bf16", "", 1e-3},
 };
 
 void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }

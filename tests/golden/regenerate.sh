@@ -58,5 +58,9 @@ generate tiny_synthetic_fp32.txt fp32 \
   --set log.every=1 --set train.eval_every=0 --set model.dropout_rate=0.1 \
   --set model.expert_dropout=0.2 --set model.router_jitter_noise=0.01
 
-# bf16: the bf16 work adds `generate tiny_synthetic_bf16.txt bf16 ...` here (same format,
-# precision: bf16), with its case and tolerance in tests/test_golden_trajectory.cpp.
+# bf16 (train.precision: bf16), the same run on the reference backend: bf16 GEMM operands and
+# activations rounded to nearest even, fp32 masters, router and losses (README, "precision").
+generate tiny_synthetic_bf16.txt bf16 \
+  train --config configs/tiny-synthetic.yaml --set train.backend=reference --set train.steps=20 \
+  --set log.every=1 --set train.eval_every=0 --set model.dropout_rate=0.1 \
+  --set model.expert_dropout=0.2 --set model.router_jitter_noise=0.01 --set train.precision=bf16
