@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "model/linear.h"
+#include "model/scratch_arena.h"
 
 namespace switcht5 {
 
@@ -55,10 +56,11 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
     scratch = own_scratch_.data();
   }
   // The token-major projections are needed only until they are permuted head-major.
-  float* q = scratch;                 // [B*Tq, HK]
-  float* k = q + qh_.size();          // [B*Tk, HK]
-  float* v = k + kh_.size();          // [B*Tk, HK]
-  float* p_dropped = v + vh_.size();  // [B,H,Tq,Tk]
+  ScratchArena arena(scratch, forward_scratch_floats(), "Attention::forward scratch");
+  float* q = arena.take<float>(qh_.size());              // [B*Tq, HK]
+  float* k = arena.take<float>(kh_.size());              // [B*Tk, HK]
+  float* v = arena.take<float>(vh_.size());              // [B*Tk, HK]
+  float* p_dropped = arena.take<float>(probs_.size());   // [B,H,Tq,Tk]
   linear_forward(be_, q, xq, ps_.weight(*wq_), B * Tq, D, HK);
   linear_forward(be_, k, xkv, ps_.weight(*wk_), B * Tk, D, HK);
   linear_forward(be_, v, xkv, ps_.weight(*wv_), B * Tk, D, HK);
@@ -91,18 +93,18 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
 void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch) {
   const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
   const int64_t nq = int64_t(B) * Tq * HK, nk = int64_t(B) * Tk * HK;
-  float* dprobs = scratch;
-  float* dctx = dprobs + probs_.size();
-  float* dctx_h = dctx + nq;  // later reused for dq_h
-  float* dq = dctx_h + nq;
-  float* dk_h = dq + nq;
-  float* dv_h = dk_h + nk;
-  float* dk = dv_h + nk;
-  float* dv = dk + nk;
-  float* grads = ps_.grads();
+  ScratchArena arena(scratch, scratch_floats(), "Attention::backward scratch");
+  float* dprobs = arena.take<float>(probs_.size());  // [B,H,Tq,Tk]
+  float* dctx = arena.take<float>(nq);               // [B*Tq,HK]
+  float* dctx_h = arena.take<float>(nq);             // [B,H,Tq,K], later reused for dq_h
+  float* dq = arena.take<float>(nq);                 // [B*Tq,HK]
+  float* dk_h = arena.take<float>(nk);               // [B,H,Tk,K]
+  float* dv_h = arena.take<float>(nk);
+  float* dk = arena.take<float>(nk);                 // [B*Tk,HK]
+  float* dv = arena.take<float>(nk);
 
   // out = ctx Wo^T
-  linear_backward_weight(be_, grads + wo_->offset, dout, ctx_.data(), B * Tq, HK, D);
+  linear_backward_weight(be_, ps_.grad(*wo_), dout, ctx_.data(), B * Tq, HK, D);
   linear_backward_input(be_, dctx, dout, ps_.weight(*wo_), B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
   // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
@@ -136,9 +138,9 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   be_.permute_0213(dk, dk_h, B, H, Tk, K);
   be_.permute_0213(dv, dv_h, B, H, Tk, K);
   // Projections.
-  linear_backward_weight(be_, grads + wq_->offset, dq, xq_, B * Tq, D, HK);
-  linear_backward_weight(be_, grads + wk_->offset, dk, xkv_, B * Tk, D, HK);
-  linear_backward_weight(be_, grads + wv_->offset, dv, xkv_, B * Tk, D, HK);
+  linear_backward_weight(be_, ps_.grad(*wq_), dq, xq_, B * Tq, D, HK);
+  linear_backward_weight(be_, ps_.grad(*wk_), dk, xkv_, B * Tk, D, HK);
+  linear_backward_weight(be_, ps_.grad(*wv_), dv, xkv_, B * Tk, D, HK);
   linear_backward_input(be_, dxq, dq, ps_.weight(*wq_), B * Tq, D, HK, false);
   linear_backward_input(be_, dxkv, dk, ps_.weight(*wk_), B * Tk, D, HK, true);
   linear_backward_input(be_, dxkv, dv, ps_.weight(*wv_), B * Tk, D, HK, true);

@@ -4,6 +4,7 @@
 
 #include "core/check.h"
 #include "model/linear.h"
+#include "model/scratch_arena.h"
 
 namespace switcht5 {
 
@@ -61,8 +62,10 @@ void FeedForward::forward(float* out, const float* x, int N, float dropout_p, ui
 
 void FeedForward::forward_transient(float* out, const float* x, int N, float* scratch) {
   x_ = nullptr;
-  float* a = scratch;
-  float* b = gated_ ? scratch + int64_t(count_) * N * F_ : nullptr;
+  ScratchArena arena(scratch, transient_floats(N), "FeedForward::forward_transient scratch");
+  const int64_t n = int64_t(count_) * N * F_;
+  float* a = arena.take<float>(n);                      // [count, N, F], then h in place
+  float* b = gated_ ? arena.take<float>(n) : nullptr;   // [count, N, F] (gated)
   forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0);
 }
 
@@ -85,10 +88,10 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
   SWT_CHECK(x_, "FeedForward::backward after forward_transient, which keeps nothing");
   const int N = N_;
   const int64_t n = int64_t(count_) * N * F_;
-  float* grads = ps_.grads();
-  float* dh = scratch;       // [count, N, F]
-  float* db = scratch + n;   // [count, N, F] (gated)
-  linear_backward_weight(be_, grads + wo_->offset, dout, h_.data(), N, F_, D_, count_);
+  ScratchArena arena(scratch, scratch_floats(), "FeedForward::backward scratch");
+  float* dh = arena.take<float>(n);  // [count, N, F]
+  float* db = arena.take<float>(n);  // [count, N, F] (gated)
+  linear_backward_weight(be_, ps_.grad(*wo_), dout, h_.data(), N, F_, D_, count_);
   linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
   if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
   if (gated_) {
@@ -97,13 +100,13 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
     be_.gated_gelu_backward(da, db, dh, a_.data(), b_.data(), n);
     store_activation(be_, ps_, da, n);
     store_activation(be_, ps_, db, n);
-    linear_backward_weight(be_, grads + wi_->offset, da, x_, N, D_, F_, count_);
-    linear_backward_weight(be_, grads + wi1_->offset, db, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_.grad(*wi_), da, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_.grad(*wi1_), db, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
     linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
   } else {
     be_.relu_backward(dh, dh, a_.data(), n);
-    linear_backward_weight(be_, grads + wi_->offset, dh, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_.grad(*wi_), dh, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
   }
 }

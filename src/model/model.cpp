@@ -205,7 +205,7 @@ struct SwitchT5Model::Stack {
     const int64_t n = int64_t(N) * D;
     r.h_prev = h_prev;
     r.seed = seed;
-    be.rmsnorm_forward(r.normed.data(), r.rstd.data(), h_prev, ps.values() + r.ln->offset, N, D,
+    be.rmsnorm_forward(r.normed.data(), r.rstd.data(), h_prev, ps.master(*r.ln), N, D,
                        float(cfg.layer_norm_epsilon));
     store_activation(be, ps, r.normed.data(), n);  // bf16: statistics fp32, output bf16
     sub(sub_out.data(), r.normed.data());
@@ -222,8 +222,8 @@ struct SwitchT5Model::Stack {
     be.dropout(dtmp.data(), dh.data(), n, dropout_p, r.seed);
     store_activation(be, ps, dtmp.data(), n);
     sub_backward(dnormed.data(), dtmp.data());
-    be.rmsnorm_backward(dtmp.data(), ps.grads() + r.ln->offset, dnormed.data(), r.h_prev,
-                        ps.values() + r.ln->offset, r.rstd.data(), N, D);
+    be.rmsnorm_backward(dtmp.data(), ps.grad(*r.ln), dnormed.data(), r.h_prev,
+                        ps.master(*r.ln), r.rstd.data(), N, D);
     store_activation(be, ps, dtmp.data(), n);
     be.add(dh.data(), dh.data(), dtmp.data(), n);
     store_activation(be, ps, dh.data(), n);
@@ -249,11 +249,11 @@ struct SwitchT5Model::Stack {
     const uint64_t drop = derive_seed(seed, first_row + 1);
     embed_seed = site_seed(drop, decoder, -1, 0);
     final_seed = site_seed(drop, decoder, -1, 1);
-    be.embedding_forward(h0.data(), ids, ps.values() + embedding->offset, N, D);
+    be.embedding_forward(h0.data(), ids, ps.master(*embedding), N, D);
     store_activation(be, ps, h0.data(), n);  // the rows of the bf16 compute copy
     be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
     store_activation(be, ps, h0.data(), n);
-    be.relpos_bias_forward(bias.data(), ps.values() + relbias->offset, buckets.data(),
+    be.relpos_bias_forward(bias.data(), ps.master(*relbias), buckets.data(),
                            H, T, T);
     const float* h = h0.data();
     double* layer_stats = router_stats;
@@ -288,7 +288,7 @@ struct SwitchT5Model::Stack {
       });
       h = blk.ff.h_next.data();
     }
-    be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.values() + final_ln->offset, N, D,
+    be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.master(*final_ln), N, D,
                        float(cfg.layer_norm_epsilon));
     be.dropout(out.data(), out.data(), n, dropout_p, final_seed);
     store_activation(be, ps, out.data(), n);
@@ -306,8 +306,8 @@ struct SwitchT5Model::Stack {
     const int64_t n = int64_t(N) * D;
     be.dropout(dout, dout, n, dropout_p, final_seed);
     store_activation(be, ps, dout, n);
-    be.rmsnorm_backward(dh.data(), ps.grads() + final_ln->offset, dout, last_hidden(),
-                        ps.values() + final_ln->offset, final_rstd.data(), N, D);
+    be.rmsnorm_backward(dh.data(), ps.grad(*final_ln), dout, last_hidden(),
+                        ps.master(*final_ln), final_rstd.data(), N, D);
     store_activation(be, ps, dh.data(), n);
     be.fill(dbias.data(), 0.0f, dbias.size());
     for (int i = static_cast<int>(blocks.size()) - 1; i >= 0; --i) {
@@ -332,10 +332,10 @@ struct SwitchT5Model::Stack {
         tp.f_backward(dx, int64_t(N) * D);
       });
     }
-    be.relpos_bias_backward(ps.grads() + relbias->offset, dbias.data(), buckets.data(),
+    be.relpos_bias_backward(ps.grad(*relbias), dbias.data(), buckets.data(),
                             H, T, T, cfg.relative_attention_num_buckets);
     be.dropout(dh.data(), dh.data(), n, dropout_p, embed_seed);
-    be.embedding_backward(ps.grads() + embedding->offset, ids, dh.data(), N, D,
+    be.embedding_backward(ps.grad(*embedding), ids, dh.data(), N, D,
                           cfg.vocab_size);
   }
 
@@ -499,7 +499,7 @@ void SwitchT5Model::backward(const LossWeights& w) {
   be_.cross_entropy_backward(logits_.data(), logits_.data(), token_lse_.data(), labels_.data(), N,
                              V, float(w.ce_scale), float(w.logit_z_loss));
   const bool tied = cfg_.tie_word_embeddings;
-  float* dW = params_.grads() + head_->offset;
+  float* dW = params_.grad(*head_);
   store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
   linear_backward_weight(be_, dW, logits_.data(), head_in_.data(), int(N), D, V);
   float* d_dec_out = head_in_.data();  // head_in is dead once dW is formed

@@ -96,6 +96,10 @@ class ParamStore {
     return {values_.data() + p.offset, DType::kF32};
   }
 
+  // A parameter's fp32 master values and its gradient (fp32, accumulated by backward).
+  const float* master(const ParamInfo& p) const { return values_.data() + p.offset; }
+  float* grad(const ParamInfo& p) { return grads_.data() + p.offset; }
+
   float* value(const std::string& name) { return values_.data() + info(name).offset; }
   float* grad(const std::string& name) { return grads_.data() + info(name).offset; }
   float* values() { return values_.data(); }

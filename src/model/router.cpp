@@ -7,6 +7,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/linear.h"
+#include "model/scratch_arena.h"
 
 namespace switcht5 {
 
@@ -60,7 +61,7 @@ void Router::forward(const float* x, bool training, float jitter_eps, uint64_t s
                        jitter_offset);
     xr_ = jittered_.data();
   }
-  linear_forward(be_, logits_.data(), xr_, ps_.values() + weight_->offset, T, D, E);
+  linear_forward(be_, logits_.data(), xr_, ps_.master(*weight_), T, D, E);
   tp_.broadcast_from_first(logits_.data(), logits_.size());
   be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), gate_.data(),
                      counts_.data(), logits_.data(), G, S, E, C_);
@@ -100,12 +101,13 @@ int64_t Router::scratch_floats() const { return int64_t(s_.T) * s_.E + int64_t(s
 void Router::backward(float* dx, const float* dgate, float lb_scale, float z_scale,
                       float* scratch) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
-  float* dlogits = scratch;                  // [T,E]
-  float* dxr = dlogits + int64_t(T) * E;     // [T,D]
+  ScratchArena arena(scratch, scratch_floats(), "Router::backward scratch");
+  float* dlogits = arena.take<float>(int64_t(T) * E);  // [T,E]
+  float* dxr = arena.take<float>(int64_t(T) * D);      // [T,D]
   be_.router_backward(dlogits, probs_.data(), lse_.data(), expert_.data(), dgate, counts_.data(),
                       G, S, E, lb_scale, z_scale);
-  linear_backward_weight(be_, ps_.grads() + weight_->offset, dlogits, xr_, T, D, E);
-  linear_backward_input(be_, dxr, dlogits, ps_.values() + weight_->offset, T, D, E, false);
+  linear_backward_weight(be_, ps_.grad(*weight_), dlogits, xr_, T, D, E);
+  linear_backward_input(be_, dxr, dlogits, ps_.master(*weight_), T, D, E, false);
   // Jitter is linear in x: its backward is the same multiplication.
   if (jitter_eps_ > 0.0f)
     be_.uniform_jitter(dxr, dxr, int64_t(T) * D, jitter_eps_, jitter_seed_, jitter_offset_);

@@ -6,6 +6,7 @@
 #include "core/rng.h"
 #include "comm/communicator.h"
 #include "model/linear.h"
+#include "model/scratch_arena.h"
 
 namespace switcht5 {
 
@@ -82,17 +83,19 @@ void SwitchFFN::forward_accumulate(float* out, const float* x, bool training, fl
   // Evaluation keeps nothing: every buffer is in scratch, at the evaluation capacity.
   const int64_t n = int64_t(E) * GC * D;  // one capacity buffer [E,GC,D] = [E_loc,P*GC,D]
   float *dispatched, *expert_in, *expert_out, *y, *ffn_scratch = nullptr;
+  ScratchArena arena(scratch, scratch ? forward_scratch_floats() : 0,
+                     "SwitchFFN::forward scratch");
   if (training) {
     expert_in = buf_.data();
     y = y_.data();
-    dispatched = P_ == 1 ? expert_in : scratch;
-    expert_out = P_ == 1 ? y : scratch + n;
+    dispatched = P_ == 1 ? expert_in : arena.take<float>(n);
+    expert_out = P_ == 1 ? y : arena.take<float>(n);
   } else {
-    dispatched = scratch;
-    y = scratch + n;
-    expert_in = P_ == 1 ? dispatched : scratch + 2 * n;
-    expert_out = P_ == 1 ? y : scratch + 3 * n;
-    ffn_scratch = scratch + (P_ == 1 ? 2 : 4) * n;
+    dispatched = arena.take<float>(n);
+    y = arena.take<float>(n);
+    expert_in = P_ == 1 ? dispatched : arena.take<float>(n);
+    expert_out = P_ == 1 ? y : arena.take<float>(n);
+    ffn_scratch = arena.take<float>(experts_.transient_floats(P_ * GC));
   }
   kept_ = training;
   be_.moe_dispatch(dispatched, x, router_.expert(), router_.slot(), T, D, E, GC);
@@ -117,11 +120,12 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
   SWT_CHECK(kept_, "SwitchFFN::backward after an evaluation forward, which keeps nothing for "
             "backward");
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S, GC = G * router_.capacity();
-  float* dbuf = scratch;                       // [E,GC,D]
-  float* dx_buf = dbuf + buf_.size();          // [E,GC,D]
-  float* dgate = dx_buf + buf_.size();         // [T]
-  float* router_scratch = dgate + T;
-  float* ffn_scratch = router_scratch + router_.scratch_floats();
+  ScratchArena arena(scratch, scratch_floats(), "SwitchFFN::backward scratch");
+  float* dbuf = arena.take<float>(buf_.size());    // [E,GC,D]
+  float* dx_buf = arena.take<float>(buf_.size());  // [E,GC,D]
+  float* dgate = arena.take<float>(T);             // [T]
+  float* router_scratch = arena.take<float>(router_.scratch_floats());
+  float* ffn_scratch = arena.take<float>(experts_.scratch_floats());
 
   // Combine: out[t] = gate[t] * y[e,r]. dbuf needs only the gate; dgate = <dout, y> is a
   // partial sum like y.
@@ -133,8 +137,8 @@ void SwitchFFN::backward(float* dx, const float* dout, float lb_scale, float z_s
     experts_.backward(dx_buf, dbuf, ffn_scratch);
   } else {
     // to_experts and from_experts are mutual transposes: gradients go through the other one.
-    float* ex_a = ffn_scratch + experts_.scratch_floats();
-    float* ex_b = ex_a + buf_.size();
+    float* ex_a = arena.take<float>(buf_.size());  // [E_loc, P*GC, D]
+    float* ex_b = arena.take<float>(buf_.size());
     // Staging: dx_buf before it is written, then dbuf once it is dead.
     exchange_.to_experts(ex_a, dbuf, GC, /*staging=*/dx_buf);
     experts_.backward(ex_b, ex_a, ffn_scratch);
