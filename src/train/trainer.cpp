@@ -2,70 +2,24 @@
 
 #include <algorithm>
 #include <chrono>
-#include <csignal>
-#include <cstdlib>
 #include <cmath>
-#include <filesystem>
-#include <fstream>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <memory>
-#include <string_view>
-
-#include <unistd.h>
-
-#include <spdlog/sinks/basic_file_sink.h>
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
 #include "checkpoint/checkpoint.h"
+#include "comm/communicator.h"
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/flops.h"
 #include "model/model.h"
-#include "comm/communicator.h"
 #include "train/grad_clip.h"
 
 namespace switcht5 {
 
 namespace {
-
-// Colour the console's level names only where a person reads them: one process whose stdout is
-// a terminal (TERM not "dumb", NO_COLOR unset: no-color.org). Under mpirun a rank's stdout is a
-// pseudo-terminal even when mpirun's own output goes to a pipe or a file, so more than one
-// process never colours: logs, pipes and SLURM output files stay plain text.
-bool console_colours(const ProcessGrid& grid) {
-  if (grid.world_size > 1 || ::isatty(STDOUT_FILENO) != 1) return false;
-  // mpirun -np 1 (Open MPI; MPICH's hydra sets PMI_RANK): still a pseudo-terminal. Not
-  // PMIX_RANK: Open MPI sets it in a process started without mpirun too.
-  for (const char* launcher_var : {"OMPI_COMM_WORLD_SIZE", "PMI_RANK"})
-    if (std::getenv(launcher_var) != nullptr) return false;
-  if (std::getenv("NO_COLOR") != nullptr) return false;
-  const char* term = std::getenv("TERM");
-  return term != nullptr && std::string_view(term) != "dumb";
-}
-
-std::shared_ptr<spdlog::logger> make_logger(const RunConfig& cfg, const ProcessGrid& grid,
-                                            const std::string& run_dir, bool append) {
-  std::vector<spdlog::sink_ptr> sinks;
-  if (grid.is_root()) {
-    sinks.push_back(std::make_shared<spdlog::sinks::stdout_color_sink_mt>(
-        console_colours(grid) ? spdlog::color_mode::always : spdlog::color_mode::never));
-    sinks.push_back(
-        std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir + "/train.log", !append));
-  }
-  if (cfg.log.per_rank_files)
-    sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(
-        fmt::format("{}/rank-{}.log", run_dir, grid.world_rank), !append));
-  auto logger = std::make_shared<spdlog::logger>("switcht5", sinks.begin(), sinks.end());
-  logger->set_level(spdlog::level::from_str(cfg.log.level));
-  logger->set_pattern(grid.world_size > 1
-                          ? fmt::format("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] [rank {}] %v",
-                                        grid.world_rank)
-                          : std::string("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v"));
-  logger->flush_on(spdlog::level::info);
-  return logger;
-}
 
 OptimizerOptions optimizer_options(const TrainConfig& tc) {
   OptimizerOptions oo;
@@ -252,9 +206,6 @@ StepMetrics Trainer::train_step(int64_t step) {
   w.logit_z_loss = tc.z_loss;
   w.microbatches = double(tc.grad_accum_steps) * grid_.data;
   ps.zero_grads(*be_);
-  const size_t layers = switch_layers_.size();
-  const int E = cfg_.model.num_experts;
-  const int64_t stride = router_stats_size(E);
   const int64_t model_stats = model_->statistics_size();
   be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
   const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step));
@@ -322,230 +273,11 @@ StepMetrics Trainer::train_step(int64_t step) {
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  double routed = 0.0, dropped = 0.0;
-  for (size_t l = 0; l < layers; ++l) {
-    const double* a = host_stats_.data() + kModelStatsFixed + int64_t(l) * stride;
-    const double calls = a[kRouterCalls], tokens = a[kRouterTokens];
-    LayerRouting r;
-    r.layer = switch_layers_[l];
-    r.aux_loss = a[kRouterBalanceSum] / calls;
-    r.z_loss = a[kRouterZSum] / calls;
-    r.dropped_fraction = tokens > 0 ? a[kRouterDropped] / tokens : 0.0;
-    for (int e = 0; e < E; ++e)
-      r.expert_fraction.push_back(tokens > 0 ? a[kRouterStatsFixed + e] / tokens : 0.0);
-    m.aux_loss += r.aux_loss / double(layers);
-    m.z_loss += r.z_loss / double(layers);
-    routed += tokens;
-    dropped += a[kRouterDropped];
-    m.routing.push_back(std::move(r));
-  }
-  m.dropped_fraction = routed > 0 ? dropped / routed : 0.0;
+  decode_routing(m, host_stats_.data(), switch_layers_, cfg_.model.num_experts);
   m.step_ms = secs * 1e3;
   m.tokens_per_s =
       double(tc.batch_size) * (cfg_.data.inputs_length + cfg_.data.targets_length) / secs;
   return m;
-}
-
-namespace {
-
-// JSON has no NaN or Infinity: a non-finite number (a skipped step's loss or gradient norm) is
-// written as null.
-std::string json_number(double v, const char* format = "{:.9g}") {
-  return std::isfinite(v) ? fmt::format(fmt::runtime(format), v) : std::string("null");
-}
-
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (char c : text) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      out += fmt::format("\\u{:04x}", int(c));
-      continue;
-    }
-    out += c;
-  }
-  return out + "\"";
-}
-
-}  // namespace
-
-std::string metrics_json(const StepMetrics& m) {
-  std::string s = fmt::format(
-      "{{\"step\": {}, \"loss\": {}, \"aux_loss\": {}, \"z_loss\": {}, \"lr\": {}, "
-      "\"grad_norm\": {}, \"tokens_per_s\": {}, \"dropped_fraction\": {}, \"step_ms\": {}",
-      m.step, json_number(m.loss), json_number(m.aux_loss), json_number(m.z_loss),
-      json_number(m.lr), json_number(m.grad_norm), json_number(m.tokens_per_s, "{:.6g}"),
-      json_number(m.dropped_fraction), json_number(m.step_ms, "{:.6g}"));
-  if (m.skipped) s += ", \"skipped\": true, \"nonfinite\": " + json_string(m.nonfinite);
-  if (m.has_val) s += ", \"val_loss\": " + json_number(m.val_loss);
-  if (!m.routing.empty()) {
-    s += ", \"router\": [";
-    for (size_t i = 0; i < m.routing.size(); ++i) {
-      const LayerRouting& r = m.routing[i];
-      std::string fractions;
-      for (size_t e = 0; e < r.expert_fraction.size(); ++e)
-        fractions += (e ? ", " : "") + json_number(r.expert_fraction[e], "{:.6g}");
-      s += fmt::format("{}{{\"layer\": {}, \"aux_loss\": {}, \"z_loss\": {}, "
-                       "\"dropped_fraction\": {}, \"expert_fraction\": [{}]}}",
-                       i ? ", " : "", json_string(r.layer), json_number(r.aux_loss, "{:.6g}"),
-                       json_number(r.z_loss, "{:.6g}"), json_number(r.dropped_fraction, "{:.6g}"),
-                       fractions);
-    }
-    s += "]";
-  }
-  return s + "}";
-}
-
-namespace {
-
-// The stop request of a SIGTERM / SIGUSR1 handler. A signal handler can only reach a global: this
-// is the one global of the trainer, written by the handler and read by train() between steps.
-volatile std::sig_atomic_t g_stop_signal = 0;
-
-extern "C" void on_stop_signal(int signo) { g_stop_signal = signo; }
-
-// Installs the handlers for the duration of train() and restores the previous ones after.
-class StopSignals {
- public:
-  StopSignals() {
-    g_stop_signal = 0;
-    struct sigaction sa {};
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, &old_term_);
-    sigaction(SIGUSR1, &sa, &old_usr1_);
-  }
-  ~StopSignals() {
-    sigaction(SIGTERM, &old_term_, nullptr);
-    sigaction(SIGUSR1, &old_usr1_, nullptr);
-  }
-  // The signal any rank received, agreed by every rank (collective).
-  static int agreed(Communicator& world) {
-    int64_t s = g_stop_signal;
-    world.all_reduce_max(&s, 1);
-    return int(s);
-  }
-
- private:
-  struct sigaction old_term_ {}, old_usr1_ {};
-};
-
-}  // namespace
-
-TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir,
-                  const TrainOptions& options) {
-  const std::string ckpt_dir = checkpoint_dir(cfg, run_dir);
-  // Which checkpoint to resume from, decided by rank 0 (it may be the only one to see the
-  // directory first) and shared.
-  std::string resume_path;
-  if (!options.resume.empty()) {
-    if (grid.is_root()) resume_path = resolve_resume(options.resume, ckpt_dir);
-    grid.world->broadcast(resume_path, 0);
-  }
-  const bool resuming = !resume_path.empty();
-  if (grid.is_root()) std::filesystem::create_directories(run_dir);
-  grid.world->barrier();  // the run directory exists before any rank opens a log in it
-  if (cfg.log.per_rank_files) std::filesystem::create_directories(run_dir);
-  auto log = make_logger(cfg, grid, run_dir, /*append=*/resuming);
-  log->info("switcht5 train: run dir {}, config {}", run_dir, cfg.source_path);
-  log->info("resolved config:\n{}", to_yaml(cfg));
-
-  const TrainConfig& tc = cfg.train;
-  Trainer trainer(cfg, grid, TrainerUse::kTrain, options.make_backend_named);
-  log->info("{} processes: data {} x model {}, experts over groups of {}{}; backend {}; {} "
-            "parameters on this rank ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
-            "micro-batches per step; {:.3g} GFLOP of matmul per global step",
-            grid.world_size, grid.data, grid.model, grid.expert,
-            cfg.parallel.zero1 ? ", ZeRO-1 optimizer sharding" : "", trainer.backend().name(),
-            trainer.model().params().total_numel(), trainer.model().params().total_numel() * 4e-6,
-            tc.batch_size / (grid.data * tc.grad_accum_steps), cfg.data.inputs_length,
-            cfg.data.targets_length, tc.grad_accum_steps, trainer.step_flops() * 1e-9);
-
-  TrainResult result;
-  if (resuming) {
-    TrainingState state = trainer.checkpoint_state();
-    const LoadResult lr = load_checkpoint(state, resume_path, /*training_state=*/true);
-    if (lr.training_state) trainer.restore(state);
-    result.start_step = lr.step;
-    log->info("resumed from {} (step {}, saved with {}){}", resume_path, lr.step, lr.layout,
-              lr.training_state ? ""
-                                : "; it holds parameters only: fresh optimizer state and data "
-                                  "position");
-  } else if (options.resume == "auto") {
-    log->info("--resume auto: no checkpoint in {}; starting from step 0", ckpt_dir);
-  }
-
-  // Written only now, so that a failed resume leaves the run directory as it was.
-  std::ofstream metrics;
-  if (grid.is_root()) {
-    std::ofstream f(run_dir + "/config.yaml");
-    SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write to the run directory", run_dir);
-    f << to_yaml(cfg);
-    metrics.open(run_dir + "/metrics.jsonl", resuming ? std::ios::app : std::ios::trunc);
-    SWT_USER_CHECK(metrics.good(), "{}/metrics.jsonl: cannot write to the run directory", run_dir);
-  }
-  auto save = [&](int64_t step, const char* why) {
-    const SaveResult s = save_checkpoint(trainer.checkpoint_state(step), ckpt_dir);
-    log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
-    result.checkpoints.push_back(s.path);
-  };
-  StopSignals signals;
-  int64_t saved_step = -1;
-  for (int64_t step = result.start_step + 1; step <= tc.steps; ++step) {
-    StepMetrics m = trainer.train_step(step);
-    result.final_loss = m.loss;
-    result.last_step = step;
-    if (m.skipped)
-      log->warn("step {}: non-finite loss or gradient, update skipped on every rank; first "
-                "non-finite: {}",
-                step, m.nonfinite);
-    const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
-    const bool do_log =
-        step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval || m.skipped;
-    if (do_log) {
-      if (do_eval && trainer.has_validation()) {
-        m.has_val = true;
-        m.val_loss = trainer.evaluate();
-      }
-      log->info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
-                "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",
-                step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
-                m.step_ms, m.tokens_per_s, trainer.step_flops() / m.step_ms * 1e-6,
-                m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
-      if (grid.is_root()) {
-        metrics << metrics_json(m) << "\n";
-        metrics.flush();
-      }
-      result.logged.push_back(std::move(m));
-    }
-    if (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) {
-      save(step, "every checkpoint.every steps");
-      saved_step = step;
-    }
-    // A signal during the last step changes nothing: the end-of-training save follows.
-    if (const int sig = step < tc.steps ? StopSignals::agreed(*grid.world) : 0) {
-      log->warn("received {}: saving a checkpoint after step {} and stopping",
-                sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal", step);
-      if (saved_step != step) save(step, "stop signal");
-      result.stop_signal = sig;
-      log->info("stopped at step {} of {}; continue with --resume auto", step, tc.steps);
-      spdlog::drop("switcht5");
-      return result;
-    }
-  }
-  if (result.last_step > 0 && saved_step != result.last_step) save(result.last_step, "end of training");
-  if (result.last_step == 0)
-    log->info("nothing to train: the checkpoint is at step {} of train.steps = {}",
-              result.start_step, tc.steps);
-  log->info("done: {} steps, final loss {:.4f}", tc.steps, result.final_loss);
-  spdlog::drop("switcht5");
-  return result;
-}
-
-TrainResult train(const RunConfig& cfg, const std::string& run_dir, const TrainOptions& options) {
-  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), cfg.parallel.data,
-                                         cfg.parallel.model, cfg.parallel.expert);
-  return train(cfg, grid, run_dir, options);
 }
 
 }  // namespace switcht5

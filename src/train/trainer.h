@@ -1,7 +1,7 @@
-// The training loop: this rank's rows of each global batch -> forward/backward over gradient
+// One training step: this rank's rows of each global batch -> forward/backward over gradient
 // accumulation micro-batches -> gradient synchronisation over the process grid -> global-norm
-// clipping -> optimizer step (non-finite steps skipped on every rank together), with logging to
-// spdlog and DIR/metrics.jsonl, and periodic validation.
+// clipping -> optimizer step (non-finite steps skipped on every rank together). The loop around
+// it (logging, checkpoints, signals) is train() in train/train_loop.h.
 //
 // Data parallelism: every data rank holds all non-expert parameters and computes on its rows;
 // their gradients are summed over the data group. Expert parallelism: experts are sharded over
@@ -23,36 +23,12 @@
 #include "model/batch.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
+#include "train/train_loop.h"
 
 namespace switcht5 {
-
-// Routing statistics of one Switch layer over a step (all micro-batches and data ranks).
-struct LayerRouting {
-  std::string layer;                     // e.g. "encoder.block.1"
-  double aux_loss = 0.0;                 // load-balancing loss, mean over groups
-  double z_loss = 0.0;                   // router z-loss, mean over tokens
-  double dropped_fraction = 0.0;
-  std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
-};
-
-struct StepMetrics {
-  int64_t step = 0;
-  double loss = 0.0;              // mean cross-entropy over the global batch's target tokens
-  double aux_loss = 0.0;          // load-balancing loss, mean over Switch layers (1 = balanced)
-  double z_loss = 0.0;            // router z-loss, mean over Switch layers
-  double lr = 0.0;
-  double grad_norm = 0.0;         // before clipping
-  double tokens_per_s = 0.0;      // (inputs + targets) tokens of the global batch per second
-  double dropped_fraction = 0.0;  // tokens past capacity / routed tokens, all Switch layers
-  double step_ms = 0.0;
-  bool skipped = false;           // non-finite loss or gradient: no update was applied
-  std::string nonfinite;          // then: the first non-finite tensor and the rank that saw it
-  std::vector<LayerRouting> routing;
-  bool has_val = false;
-  double val_loss = 0.0;
-};
 
 struct TrainingState;  // checkpoint/checkpoint.h
 
@@ -135,37 +111,5 @@ class Trainer {
   int64_t inject_step_ = -1;
   int inject_rank_ = -1;
 };
-
-struct TrainOptions {
-  // --resume: "" (start fresh), "auto" (the latest checkpoint in the checkpoint directory, or
-  // fresh when there is none), or a checkpoint file or directory.
-  std::string resume;
-  // Builds the trainer's backend from cfg.train.backend (tests substitute one).
-  BackendFactory make_backend_named = make_backend;
-};
-
-struct TrainResult {
-  std::vector<StepMetrics> logged;  // every logged step (rank 0 writes them to metrics.jsonl)
-  double final_loss = 0.0;
-  int64_t start_step = 0;           // steps already done when training started (resume)
-  int64_t last_step = 0;            // the last step trained
-  std::vector<std::string> checkpoints;  // files saved, in order
-  int stop_signal = 0;              // SIGTERM / SIGUSR1 that stopped the run after a save, or 0
-};
-
-// Trains per `cfg` on `grid`; rank 0 writes config.yaml, train.log and metrics.jsonl into
-// run_dir (every rank writes rank-<r>.log too with log.per_rank_files); checkpoints go to
-// checkpoint_dir(cfg, run_dir) every checkpoint.every steps and after the last step. SIGTERM or
-// SIGUSR1 (what SLURM sends before a time limit; mpirun forwards SIGUSR1) on any rank makes
-// every rank finish the current step, save a checkpoint and return with stop_signal set.
-// On resume, train.log and metrics.jsonl are appended to.
-TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir,
-                  const TrainOptions& options = {});
-// One process, no MPI: train() on a single-process grid.
-TrainResult train(const RunConfig& cfg, const std::string& run_dir,
-                  const TrainOptions& options = {});
-
-// One metrics.jsonl line (no trailing newline).
-std::string metrics_json(const StepMetrics& m);
 
 }  // namespace switcht5
