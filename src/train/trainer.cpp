@@ -72,22 +72,16 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   ParamStore& ps = model_->params();
   ps.initialize(*be_, cfg.train.seed);
 
-  // ZeRO-1: each replicated parameter is updated (and its optimizer state kept) by one data
-  // rank, chosen greedily by size; the owner broadcasts the new values after the step. Expert
-  // parameters are updated by every replica.
-  owner_.assign(ps.infos().size(), -1);
-  std::vector<bool> updates(ps.infos().size(), true);
-  if (pc.zero1 && grid.data > 1) {
-    std::vector<int64_t> load(grid.data, 0);
-    for (size_t i = 0; i < ps.infos().size(); ++i) {
-      if (ps.infos()[i].kind == ParamKind::kStacked) continue;
-      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-      owner_[i] = r;
-      load[r] += ps.infos()[i].numel;
-      updates[i] = r == grid.data_rank;
-    }
-  }
   if (use == TrainerUse::kTrain) {
+    // Gradients travel on the data plane; ZeRO-1 gives this data rank the parameters of its
+    // shard to update (expert parameters are updated by every replica).
+    data_plane_ = make_data_plane(*grid.data_group, *be_);
+    replica_plane_ = make_data_plane(*grid.expert_replica_group, *be_);
+    reducer_ = std::make_unique<GradientReducer>(*be_, ps, *data_plane_, *replica_plane_,
+                                                 bucket_floats(pc.bucket_mb), pc.zero1);
+    std::vector<bool> updates(ps.infos().size(), true);
+    for (size_t i = 0; i < updates.size(); ++i)
+      updates[i] = reducer_->param_owner()[i] < 0 || reducer_->param_owner()[i] == grid.data_rank;
     optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
                                 grid.model_group.get());
     train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
@@ -110,7 +104,7 @@ Trainer::~Trainer() = default;
 
 TrainingState Trainer::checkpoint_state(int64_t step) {
   TrainingState s{.config = cfg_, .grid = grid_, .backend = *be_, .params = model_->params()};
-  s.param_owner = owner_;
+  if (reducer_) s.param_owner = reducer_->param_owner();
   s.step = step;
   s.consecutive_skips = consecutive_skips_;
   if (optimizer_) {
@@ -147,32 +141,26 @@ double Trainer::evaluate() {
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
-void Trainer::sync_gradients() {
-  ParamStore& ps = model_->params();
-  const int64_t expert_begin = ps.expert_region_begin();
-  // Non-expert gradients: summed over every data rank. Expert gradients: only over the ranks
-  // holding the same experts (each expert group member holds different experts).
-  if (grid_.data > 1) grid_.data_group->all_reduce_sum(ps.grads(), expert_begin);
-  if (grid_.expert_replica_group->size() > 1)
-    grid_.expert_replica_group->all_reduce_sum(ps.grads() + expert_begin,
-                                               ps.total_numel() - expert_begin);
-}
-
 void Trainer::accumulate_grad_norm_squares(double* extra) {
-  // After sync, a gradient is identical on the ranks that hold the same block: one sum of
-  // squares per ParamStore region, combined over the right groups in global_grad_norm.
+  // After the reduction, a gradient is identical on the ranks that hold the same block: one sum
+  // of squares per ParamStore region, combined over the right groups in global_grad_norm. Under
+  // ZeRO-1 this rank holds the summed dense gradients of its shard [lo, hi) only.
   ParamStore& ps = model_->params();
   const int64_t split = ps.model_split_region_begin(), experts = ps.expert_region_begin();
-  be_->accumulate_sum_squares(extra + kNormReplicated, ps.grads(), split);
-  be_->accumulate_sum_squares(extra + kNormModelSplit, ps.grads() + split, experts - split);
-  be_->accumulate_sum_squares(extra + kNormExperts, ps.grads() + experts,
-                              ps.total_numel() - experts);
+  const int64_t lo = reducer_->shard_begin(), hi = reducer_->shard_end();
+  auto add_squares = [&](int slot, int64_t begin, int64_t end) {
+    if (end > begin) be_->accumulate_sum_squares(extra + slot, ps.grads() + begin, end - begin);
+  };
+  add_squares(kNormReplicated, lo, std::min(hi, split));
+  add_squares(kNormModelSplit, std::max(lo, split), std::min(hi, experts));
+  add_squares(kNormExperts, experts, ps.total_numel());
 }
 
 double Trainer::global_grad_norm(const double* extra) {
   // Replicated tensors count once; model-split blocks are summed over the model group, experts
-  // over the expert group (and the model group when split).
+  // over the expert group (and the model group when split); ZeRO-1 shards over the data group.
   double sq[3] = {extra[kNormReplicated], extra[kNormModelSplit], extra[kNormExperts]};
+  if (reducer_->zero1()) grid_.data_group->all_reduce_sum(sq, 2);
   grid_.expert_group->all_reduce_sum(&sq[2], 1);
   grid_.model_group->all_reduce_sum(&sq[1], 2);
   return std::sqrt(sq[0] + sq[1] + sq[2]);
@@ -209,20 +197,23 @@ StepMetrics Trainer::train_step(int64_t step) {
   const int64_t model_stats = model_->statistics_size();
   be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
   const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step));
+  double* extra = step_stats_.data() + model_stats;
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
     const uint64_t first_row = uint64_t(grid_.data_rank) * local_rows_ + uint64_t(m) * micro_;
     model_->forward_accumulate(batches_[m], /*training=*/true, seed, first_row,
                                step_stats_.data());
+    // The last backward makes the gradients final. The reducer also sums the squares of this
+    // rank's own gradients before reducing them: non-finite there means this rank produced it.
+    if (m + 1 == tc.grad_accum_steps) reducer_->begin_step(extra + kLocalGradSq);
     model_->backward(w);
   }
   if (step == inject_step_ && grid_.world_rank == inject_rank_) {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     be_->copy_to_device(ps.grads(), &nan, sizeof(float));
   }
-  // Whether this rank's own gradients went non-finite, before the sums spread it.
-  double* extra = step_stats_.data() + model_stats;
-  be_->accumulate_sum_squares(extra + kLocalGradSq, ps.grads(), ps.total_numel());
-  sync_gradients();
+  // No bucket was reported during backward (the model has no hook for it yet): all launch here,
+  // in reverse backward order.
+  reducer_->finish();
   accumulate_grad_norm_squares(extra);
   // The step's one read-back: losses, router statistics, non-finite check, norm partials.
   be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
@@ -263,11 +254,7 @@ StepMetrics Trainer::train_step(int64_t step) {
     consecutive_skips_ = 0;
     clip_grad_norm_scaled(*be_, ps, grad_norm, tc.max_grad_norm);
     optimizer_->step(*be_, ps, float(m.lr));
-    // ZeRO-1: owners broadcast the parameters they updated.
-    for (size_t i = 0; i < ps.infos().size(); ++i)
-      if (owner_[i] >= 0)
-        grid_.data_group->broadcast(ps.values() + ps.infos()[i].offset, ps.infos()[i].numel,
-                                    owner_[i]);
+    reducer_->all_gather_parameters();  // ZeRO-1: every shard's new values to every data rank
   }
   be_->synchronize();
   const double secs =

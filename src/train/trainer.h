@@ -1,6 +1,7 @@
 // One training step: this rank's rows of each global batch -> forward/backward over gradient
-// accumulation micro-batches -> gradient synchronisation over the process grid -> global-norm
-// clipping -> optimizer step (non-finite steps skipped on every rank together). The loop around
+// accumulation micro-batches -> gradient reduction over the process grid (GradientReducer, on
+// the data plane) -> global-norm clipping -> optimizer step (non-finite steps skipped on every
+// rank together, decided on the control plane) -> ZeRO-1 parameter all-gather. The loop around
 // it (logging, checkpoints, signals) is train() in train/train_loop.h.
 //
 // Data parallelism: every data rank holds all non-expert parameters and computes on its rows;
@@ -8,6 +9,9 @@
 // expert groups (SwitchFFN exchanges tokens); expert gradients are summed only over the ranks
 // holding the same experts. The loss weights are global counts (model.h), so the sum over ranks
 // is exactly the one-process gradient: the layout does not change the math.
+//
+// ZeRO-1 (parallel.zero1): the dense parameters' update and optimizer state are sharded over the
+// data ranks in contiguous, parameter-aligned ranges (train/gradient_reducer.h).
 //
 // Trainer holds everything a step needs and does no file I/O, so the benchmark
 // (bench/bench_step) times exactly the step that train() runs.
@@ -18,11 +22,13 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "comm/data_plane.h"
 #include "comm/process_grid.h"
 #include "config/config.h"
 #include "model/batch.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/gradient_reducer.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -61,8 +67,11 @@ class Trainer {
   BatchSource& train_source() { return *train_source_; }
   const RunConfig& config() const { return cfg_; }
   // ZeRO-1: the data rank that updates parameter i (index into ParamStore::infos()) and keeps
-  // its optimizer state, or -1 when every data rank holding it does.
-  int param_owner(size_t i) const { return owner_[i]; }
+  // its optimizer state, or -1 when every data rank holding it does (always -1 for a trainer
+  // built for evaluation).
+  int param_owner(size_t i) const { return reducer_ ? reducer_->param_owner()[i] : -1; }
+  // The gradient reducer (null for a trainer built for evaluation).
+  const GradientReducer* reducer() const { return reducer_.get(); }
   // Consecutive skipped (non-finite) steps so far; part of the state a checkpoint restores.
   int consecutive_skips() const { return consecutive_skips_; }
 
@@ -80,9 +89,9 @@ class Trainer {
   void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
 
  private:
-  void sync_gradients();
-  // Adds the sums of squares of the (summed) gradients of the three ParamStore regions to
-  // extra[kNorm*] (backend memory); global_grad_norm combines a host copy over the groups.
+  // Adds the sums of squares of the summed gradients this rank holds (its ZeRO-1 shard of the
+  // dense region) of the three ParamStore regions to extra[kNorm*] (backend memory);
+  // global_grad_norm combines a host copy over the groups.
   void accumulate_grad_norm_squares(double* extra);
   double global_grad_norm(const double* extra);
   std::string first_nonfinite();
@@ -97,7 +106,9 @@ class Trainer {
   std::unique_ptr<BatchSource> train_source_;
   std::unique_ptr<BatchSource> val_source_;
   std::vector<std::string> switch_layers_;
-  std::vector<int> owner_;         // ZeRO-1: data rank that updates each parameter (-1: all)
+  // Data planes over the data and expert-replica groups, and the reducer on them (training).
+  std::unique_ptr<DataPlane> data_plane_, replica_plane_;
+  std::unique_ptr<GradientReducer> reducer_;
   Batch local_;                    // this rank's rows of the global batch
   std::vector<Batch> batches_;     // one per micro-batch, reused every step
   Batch eval_batch_;
