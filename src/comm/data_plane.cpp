@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "comm/communicator.h"
 #include "comm/mpi_communicator.h"
 #include "core/check.h"
 
@@ -152,7 +153,71 @@ class MpiDataPlane final : public DataPlane {
   std::vector<float> staging_[2];
 };
 
+class BackendCommunicator final : public Communicator {
+ public:
+  BackendCommunicator(DataPlane& plane, Communicator& control, Backend& be)
+      : plane_(plane), control_(control), be_(be) {
+    SWT_CHECK(plane.size() == control.size() && plane.rank() == control.rank(),
+              "data plane rank {} of {} over a control communicator's rank {} of {}",
+              plane.rank(), plane.size(), control.rank(), control.size());
+  }
+  int rank() const override { return plane_.rank(); }
+  int size() const override { return plane_.size(); }
+
+  void all_reduce_sum(float* data, int64_t n) override { plane_.all_reduce_sum(data, n); }
+  void all_reduce_sum(double* data, int64_t n) override { control_.all_reduce_sum(data, n); }
+  void all_reduce_sum(int64_t* data, int64_t n) override { control_.all_reduce_sum(data, n); }
+  void all_reduce_max(int64_t* data, int64_t n) override { control_.all_reduce_max(data, n); }
+
+  void reduce_scatter_sum(float* out, const float* in, int64_t n) override {
+    SWT_CHECK(n >= 0, "negative count {}", n);
+    const int64_t total = n * size();
+    if (scratch_.size() < total) scratch_ = DeviceArray<float>(be_, total);
+    copy(scratch_.data(), in, total);
+    counts_.assign(size_t(size()), n);
+    plane_.reduce_scatter_sum(scratch_.data(), counts_);
+    plane_.synchronize();
+    copy(out, scratch_.data() + n * rank(), n);
+  }
+  void all_gather(float* out, const float* in, int64_t n) override {
+    SWT_CHECK(n >= 0, "negative count {}", n);
+    copy(out + n * rank(), in, n);
+    counts_.assign(size_t(size()), n);
+    plane_.all_gather(out, counts_);
+    plane_.synchronize();
+  }
+  void all_to_all(float* out, const float* in, int64_t n) override {
+    plane_.all_to_all(out, in, n);
+    plane_.synchronize();
+  }
+  void broadcast(float* data, int64_t n, int root) override {
+    plane_.broadcast(data, n, root);
+    plane_.synchronize();
+  }
+  void broadcast(std::string& data, int root) override { control_.broadcast(data, root); }
+  void barrier() override { control_.barrier(); }
+  std::unique_ptr<Communicator> split(int, int) const override {
+    throw Error("a backend communicator cannot split: make a data plane over the split group");
+  }
+
+ private:
+  void copy(float* dst, const float* src, int64_t n) {
+    if (n > 0 && dst != src) be_.copy(dst, src, sizeof(float) * static_cast<size_t>(n));
+  }
+
+  DataPlane& plane_;
+  Communicator& control_;
+  Backend& be_;
+  DeviceArray<float> scratch_;
+  std::vector<int64_t> counts_;
+};
+
 }  // namespace
+
+std::unique_ptr<Communicator> make_backend_communicator(DataPlane& plane, Communicator& control,
+                                                        Backend& be) {
+  return std::make_unique<BackendCommunicator>(plane, control, be);
+}
 
 std::unique_ptr<DataPlane> make_data_plane(const Communicator& group, Backend& be) {
   if (group.size() == 1) return std::make_unique<LocalDataPlane>(be);

@@ -63,4 +63,16 @@ class DataPlane {
 // meet the control plane's even once they run asynchronously. Both must outlive the plane.
 std::unique_ptr<DataPlane> make_data_plane(const Communicator& group, Backend& be);
 
+// A Communicator whose float collectives take backend buffers and run on `plane`, while the
+// host-typed ones (double and int64 sums, strings, barrier) run on `control`, the control
+// plane over the same ranks. For code written against Communicator that hands it backend
+// memory: the model's expert all-to-all and tensor-parallel sums, Adafactor's gather of
+// model-split parameters. Through it they run on a device backend (staged, or later NCCL)
+// without changing model code. The out-of-place reduce_scatter_sum and all_gather copy through
+// `be` around the in-place plane calls (reduce_scatter_sum into scratch it keeps). split() is
+// not supported: make a plane over the split communicator instead. `plane`, `control` and
+// `be` must outlive it.
+std::unique_ptr<Communicator> make_backend_communicator(DataPlane& plane, Communicator& control,
+                                                        Backend& be);
+
 }  // namespace switcht5

@@ -64,9 +64,13 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
             "batch {} does not split over {} data ranks x {} micro-batches",
             cfg.train.batch_size, grid.data, cfg.train.grad_accum_steps);
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
+  expert_plane_ = make_data_plane(*grid.expert_group, *be_);
+  model_plane_ = make_data_plane(*grid.model_group, *be_);
+  expert_comm_ = make_backend_communicator(*expert_plane_, *grid.expert_group, *be_);
+  model_comm_ = make_backend_communicator(*model_plane_, *grid.model_group, *be_);
   ModelParallelism mp;
-  mp.expert_group = grid.expert_group.get();
-  mp.model_group = grid.model_group.get();
+  mp.expert_group = expert_comm_.get();
+  mp.model_group = model_comm_.get();
   mp.sharding = Sharding{grid.expert, grid.expert_rank, grid.model, grid.model_rank};
   model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp);
   ParamStore& ps = model_->params();
@@ -83,7 +87,7 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
     for (size_t i = 0; i < updates.size(); ++i)
       updates[i] = reducer_->param_owner()[i] < 0 || reducer_->param_owner()[i] == grid.data_rank;
     optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
-                                grid.model_group.get());
+                                model_comm_.get());
     train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
   }
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);

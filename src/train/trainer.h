@@ -100,6 +100,11 @@ class Trainer {
   ProcessGrid& grid_;
   int local_rows_, micro_;
   std::unique_ptr<Backend> be_;
+  // The model's communication (expert all-to-all, tensor-parallel sums) and Adafactor's gather
+  // of model-split parameters run on data planes over the expert and model groups, through
+  // Communicator adapters (make_backend_communicator), so they take backend memory.
+  std::unique_ptr<DataPlane> expert_plane_, model_plane_;
+  std::unique_ptr<Communicator> expert_comm_, model_comm_;
   std::unique_ptr<SwitchT5Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
   LrSchedule schedule_;
