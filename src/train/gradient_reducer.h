@@ -88,6 +88,8 @@ class GradientReducer {
   void on_gradients_ready(int64_t begin, int64_t end);
   // Reports every parameter, launches the remaining buckets and waits for the data plane.
   void finish();
+  // Buckets launched so far this step: buckets()[0, launched()).
+  size_t launched() const { return next_; }
   // ZeRO-1: every data rank's updated shard of ParamStore::values() to every data rank (no-op
   // without ZeRO-1). Waits for the data plane.
   void all_gather_parameters();
