@@ -144,7 +144,8 @@ TEST(Cli, InspectHfNamesPrintsTheNameTable) {
 // parallel.bucket_mb: a size in MiB in (0, 1048576]; anything else is one line and exit 2,
 // whether it comes from the file or from --set.
 TEST(Cli, BadBucketSizeIsOneLineAndExit2) {
-  const std::string run_dir = (std::filesystem::temp_directory_path() / "switcht5_cli_bucket").string();
+  const std::string run_dir =
+      (std::filesystem::temp_directory_path() / "switcht5_cli_bucket").string();
   const std::string file = write_config("bad_bucket_mb", "parallel:\n  bucket_mb: 0\n");
   for (const auto& [args, parts] : std::vector<std::pair<std::string, std::vector<std::string>>>{
            {"--config " + kTiny + " --set parallel.bucket_mb=0",

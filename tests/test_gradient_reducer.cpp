@@ -241,8 +241,8 @@ TEST(GradientReducer, Zero1ShardsAreParameterAlignedAndCutEachBucket) {
     for (const RecordingPlane::Call& c : data.calls) {
       EXPECT_EQ(c.op, "reduce_scatter");
       ASSERT_EQ(c.counts.size(), 3u);
-      const int64_t mine = std::max<int64_t>(
-          0, std::min(c.offset + c.n, reducer.shard_end()) - std::max(c.offset, reducer.shard_begin()));
+      const int64_t mine = std::max<int64_t>(0, std::min(c.offset + c.n, reducer.shard_end()) -
+                                                    std::max(c.offset, reducer.shard_begin()));
       EXPECT_EQ(c.counts[size_t(rank)], mine);
     }
     data.calls.clear();

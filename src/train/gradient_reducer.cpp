@@ -79,17 +79,18 @@ GradientReducer::GradientReducer(Backend& be, ParamStore& params, DataPlane& dat
   } else {
     shards_ = {0, dense_end};
   }
-  for (size_t d = 0; d + 1 < shards_.size(); ++d) shard_counts_.push_back(shards_[d + 1] - shards_[d]);
+  for (size_t d = 0; d + 1 < shards_.size(); ++d)
+    shard_counts_.push_back(shards_[d + 1] - shards_[d]);
   block_counts_.assign(shard_counts_.size(), 0);
 
   // The parameter (position in by_offset_) whose extent holds float `at`. A parameter's extent
   // runs to the next one's offset (padding included): the extents tile [0, total), so every
   // bucket touches at least one parameter.
   auto holding = [&](int64_t at) {
-    size_t k = size_t(std::upper_bound(by_offset_.begin(), by_offset_.end(), at,
-                                       [&](int64_t x, int p) { return x < infos[size_t(p)].offset; }) -
-                      by_offset_.begin());
-    return k - 1;
+    auto after = std::upper_bound(by_offset_.begin(), by_offset_.end(), at, [&](int64_t x, int p) {
+      return x < infos[size_t(p)].offset;
+    });
+    return size_t(after - by_offset_.begin()) - 1;
   };
   struct Region {
     int64_t begin, end;
@@ -108,9 +109,10 @@ GradientReducer::GradientReducer(Backend& be, ParamStore& params, DataPlane& dat
       buckets_.push_back(b);
     }
   }
-  std::stable_sort(buckets_.begin(), buckets_.end(), [](const GradientBucket& a, const GradientBucket& b) {
-    return a.first_param > b.first_param;
-  });
+  std::stable_sort(buckets_.begin(), buckets_.end(),
+                   [](const GradientBucket& a, const GradientBucket& b) {
+                     return a.first_param > b.first_param;
+                   });
 
   param_buckets_.resize(infos.size());
   waiting_.assign(buckets_.size(), 0);

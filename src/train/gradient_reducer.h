@@ -72,7 +72,9 @@ class GradientReducer {
   // The dense floats this rank holds summed gradients for after finish(), and updates:
   // [shard_begin(), shard_end()) = its ZeRO-1 shard, else the whole dense region.
   int64_t shard_begin() const { return shards_[size_t(zero1_ ? data_.rank() : 0)]; }
-  int64_t shard_end() const { return shards_[size_t(zero1_ ? data_.rank() + 1 : shards_.size() - 1)]; }
+  int64_t shard_end() const {
+    return shards_[size_t(zero1_ ? data_.rank() + 1 : int(shards_.size()) - 1)];
+  }
   // Per parameter (index into ParamStore::infos()): the data rank that updates it and keeps its
   // optimizer state (ZeRO-1, dense parameters), or -1 when every data rank holding it does.
   const std::vector<int>& param_owner() const { return owner_; }

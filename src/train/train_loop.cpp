@@ -104,7 +104,8 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       return result;
     }
   }
-  if (result.last_step > 0 && saved_step != result.last_step) save(result.last_step, "end of training");
+  if (result.last_step > 0 && saved_step != result.last_step)
+    save(result.last_step, "end of training");
   if (result.last_step == 0)
     log->info("nothing to train: the checkpoint is at step {} of train.steps = {}",
               result.start_step, tc.steps);

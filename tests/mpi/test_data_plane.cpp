@@ -26,7 +26,8 @@ namespace {
 using testing::GuardedBackend;
 using testing::test_world;
 
-::testing::AssertionResult same_bits(const std::vector<float>& got, const std::vector<float>& want) {
+::testing::AssertionResult same_bits(const std::vector<float>& got,
+                                     const std::vector<float>& want) {
   if (got.size() != want.size())
     return ::testing::AssertionFailure() << "size " << got.size() << " vs " << want.size();
   for (size_t i = 0; i < got.size(); ++i)
@@ -200,7 +201,8 @@ TEST_P(DataPlaneContract, BackendCommunicatorRoutesFloatsToThePlane) {
 INSTANTIATE_TEST_SUITE_P(
     Planes, DataPlaneContract,
     ::testing::Values(PlaneCase{"cpu", MpiCommunicator::kDefaultMaxChunkBytes},
-                      PlaneCase{"cpu", 12}, PlaneCase{"guarded", MpiCommunicator::kDefaultMaxChunkBytes},
+                      PlaneCase{"cpu", 12},
+                      PlaneCase{"guarded", MpiCommunicator::kDefaultMaxChunkBytes},
                       PlaneCase{"guarded", 12}),
     [](const auto& info) {
       return std::string(info.param.backend) +

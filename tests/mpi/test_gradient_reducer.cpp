@@ -38,7 +38,8 @@ struct Layout {
   const char* name;
   int data, expert, model;
 };
-const Layout kLayouts[] = {{"D2", 2, 1, 1}, {"D2xE2", 2, 2, 1}, {"D2xM2", 2, 1, 2}, {"D4xE2", 4, 2, 1}};
+const Layout kLayouts[] = {
+    {"D2", 2, 1, 1}, {"D2xE2", 2, 2, 1}, {"D2xM2", 2, 1, 2}, {"D4xE2", 4, 2, 1}};
 
 // The grid of `l` on this rank's sub-world of data x model consecutive ranks, or null when the
 // world does not divide into them (every rank decides alike).
@@ -154,7 +155,8 @@ TEST(GradientReducer, TrainingIsBitwiseTheSameForEveryBucketSize) {
   for (const Layout& l : kLayouts) {
     std::unique_ptr<ProcessGrid> grid = grid_for(l);
     if (!grid) continue;
-    const Trained whole = train_steps(tiny_config(l, {"train.steps=3", "parallel.bucket_mb=1e6"}), *grid);
+    const Trained whole =
+        train_steps(tiny_config(l, {"train.steps=3", "parallel.bucket_mb=1e6"}), *grid);
     for (const char* mb : {"0.0001", "0.001", "0.05"}) {
       for (const char* zero1 : {"false", "true"}) {
         const Trained b = train_steps(
