@@ -225,8 +225,9 @@ StepMetrics Trainer::train_step(int64_t step) {
   const bool local_bad =
       !std::isfinite(host_stats_[kCeSum]) || !std::isfinite(host_extra[kLocalGradSq]);
   // Named now, before the router statistics are summed; only on a bad step (the search reads
-  // tensors back one by one). Gradients are already summed here: a rank that was bad on its
-  // own names the first non-finite tensor it then holds.
+  // tensors back one by one). Gradients are already reduced here (under ZeRO-1 only this rank's
+  // shard; the rest are its own): a rank that was bad on its own names the first non-finite
+  // tensor it then holds.
   std::string what = local_bad ? first_nonfinite() : std::string();
   grid_.data_group->all_reduce_sum(host_stats_.data(), model_stats);
   const double loss = w.ce_scale * host_stats_[kCeSum];
