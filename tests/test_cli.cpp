@@ -141,6 +141,35 @@ TEST(Cli, InspectHfNamesPrintsTheNameTable) {
   }
 }
 
+// parallel.bucket_mb: a size in MiB in (0, 1048576]; anything else is one line and exit 2,
+// whether it comes from the file or from --set.
+TEST(Cli, BadBucketSizeIsOneLineAndExit2) {
+  const std::string run_dir =
+      (std::filesystem::temp_directory_path() / "switcht5_cli_bucket").string();
+  const std::string file = write_config("bad_bucket_mb", "parallel:\n  bucket_mb: 0\n");
+  for (const auto& [args, parts] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"--config " + kTiny + " --set parallel.bucket_mb=0",
+            {"--set parallel.bucket_mb=0", "parallel.bucket_mb: got 0",
+             "expected a number in (0, 1048576]"}},
+           {"--config " + kTiny + " --set parallel.bucket_mb=-2.5", {"got -2.5", "(0, 1048576]"}},
+           {"--config " + kTiny + " --set parallel.bucket_mb=lots", {"got \"lots\""}},
+           {"--config " + kTiny + " --set parallel.bucket_mb=2e6", {"got 2e6", "(0, 1048576]"}},
+           {"--config " + file, {"switcht5_cli_bad_bucket_mb.yaml:2", "parallel.bucket_mb"}}}) {
+    Result r = run("train " + args + " --run-dir " + run_dir);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+    for (const std::string& p : parts)
+      EXPECT_NE(r.output.find(p), std::string::npos) << args << "\n" << r.output;
+  }
+  // A good value trains (and is written to the resolved config).
+  std::filesystem::remove_all(run_dir);
+  Result ok = run("train --config " + kTiny + " --run-dir " + run_dir +
+                  " --set train.steps=1 --set parallel.bucket_mb=0.5");
+  EXPECT_EQ(ok.code, 0) << ok.output;
+  EXPECT_NE(read_file(std::filesystem::path(run_dir) / "config.yaml").find("bucket_mb: 0.5"),
+            std::string::npos);
+}
+
 TEST(Cli, UnknownCommandAndMissingConfig) {
   Result r = run("frobnicate");
   EXPECT_EQ(r.code, 2);

@@ -1,7 +1,14 @@
-// Communicator: the collectives that data and expert parallelism need, over host memory today
-// (MpiCommunicator, the CPU backend) and device memory later (an NCCL implementation behind the
-// same interface). Model code includes only this header, never <mpi.h> (STYLE habit 3); the
-// communicator is passed in, never read from a global (habit 4).
+// Communicator: the control plane (comm/data_plane.h has both planes and their determinism
+// contract): collectives over host memory for what the trainer decides on (token counts,
+// statistics, the skip and stop flags, strings). Backend buffers (gradients, parameters,
+// activations) go through a DataPlane; code written against this interface that hands it
+// backend buffers (model code: expert all-to-all, tensor-parallel sums) gets a Communicator
+// whose float collectives run on a data plane (make_backend_communicator). Model code includes
+// only this header, never <mpi.h> (STYLE habit 3); the communicator is passed in, never read
+// from a global (habit 4).
+//
+// Determinism: sums are reduced in the fixed order below, so a fixed layout gives bitwise the
+// same results run to run, whatever the timing or chunking.
 //
 // Preconditions shared by every collective: all ranks of the communicator call it in the same
 // order with the same counts (n) and the same root; `out` and `in` never overlap. A violation is

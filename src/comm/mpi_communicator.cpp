@@ -25,6 +25,7 @@ struct MpiState {
   // Reduce-scatter receive buffers, grown on demand and kept, so a steady-state training step
   // does not allocate.
   std::tuple<std::vector<float>, std::vector<double>, std::vector<int64_t>> scratch;
+  std::vector<int64_t> block_starts;  // of the variable-block collectives
 };
 }  // namespace detail
 
@@ -231,6 +232,56 @@ void MpiCommunicator::reduce_scatter_sum(float* out, const float* in, int64_t n)
         *state_, rank_, size_, [&](int q) { return block<float>(in + q * n + k, c); },
         [&](int q) { return block<float>(recv + q * c, c); });
     reduce_in_rank_order(out + k, recv, c, size_, Sum{});
+  }
+}
+
+namespace {
+
+// Block starts of an in-place variable-block collective: starts[r] = counts[0] + ... +
+// counts[r-1]; returns the largest block.
+int64_t block_starts(std::span<const int64_t> counts, int size, std::vector<int64_t>& starts) {
+  SWT_CHECK(static_cast<int>(counts.size()) == size, "{} block counts for a {}-rank communicator",
+            counts.size(), size);
+  starts.resize(counts.size());
+  int64_t at = 0, largest = 0;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    check_count(counts[r]);
+    starts[r] = at;
+    at += counts[r];
+    largest = std::max(largest, counts[r]);
+  }
+  return largest;
+}
+
+}  // namespace
+
+void MpiCommunicator::reduce_scatter_sum_v(float* data, std::span<const int64_t> counts) {
+  std::vector<int64_t>& starts = state_->block_starts;
+  const int64_t largest = block_starts(counts, size_, starts);
+  const int64_t piece = std::max<int64_t>(1, chunk_elems<float>(max_chunk_bytes_) / size_);
+  float* recv = scratch<float>(*state_, std::min(piece, largest) * size_);
+  // Every rank runs the same rounds (the largest block decides); piece k of a shorter block is
+  // empty once k passes its end.
+  for (int64_t k = 0; k < largest; k += piece) {
+    auto part = [&](int q) { return std::clamp<int64_t>(counts[size_t(q)] - k, 0, piece); };
+    const int64_t c = part(rank_);
+    exchange<float>(
+        *state_, rank_, size_, [&](int q) { return block<float>(data + starts[q] + k, part(q)); },
+        [&](int q) { return block<float>(recv + q * c, c); });
+    if (c > 0) reduce_in_rank_order(data + starts[rank_] + k, recv, c, size_, Sum{});
+  }
+}
+
+void MpiCommunicator::all_gather_v(float* data, std::span<const int64_t> counts) {
+  std::vector<int64_t>& starts = state_->block_starts;
+  const int64_t largest = block_starts(counts, size_, starts);
+  const int64_t piece = chunk_elems<float>(max_chunk_bytes_);
+  for (int64_t k = 0; k < largest; k += piece) {
+    auto part = [&](int q) { return std::clamp<int64_t>(counts[size_t(q)] - k, 0, piece); };
+    float* mine = data + starts[rank_] + k;
+    exchange<float>(
+        *state_, rank_, size_, [&](int) { return block<float>(mine, part(rank_)); },
+        [&](int q) { return block<float>(data + starts[q] + k, part(q)); });
   }
 }
 

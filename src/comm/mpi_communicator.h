@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "comm/communicator.h"
@@ -49,6 +50,15 @@ class MpiCommunicator final : public Communicator {
   void barrier() override;
   // The new communicator inherits max_chunk_bytes().
   std::unique_ptr<Communicator> split(int color, int key) const override;
+
+  // In place over blocks of any sizes, for the data plane (comm/data_plane.h): data is
+  // [counts[0] + ... + counts[size-1]], block r starting after blocks 0..r-1.
+  // reduce_scatter_sum_v: block rank() becomes the sum over ranks of that block, reduced in rank
+  // order as all_reduce_sum; the other blocks are left as they were. A round moves a piece of
+  // max(1, L / size) elements of every block; scratch: size * piece.
+  // all_gather_v: block r becomes rank r's block on every rank; pieces of L elements.
+  void reduce_scatter_sum_v(float* data, std::span<const int64_t> counts);
+  void all_gather_v(float* data, std::span<const int64_t> counts);
 
   // Bytes one collective moves per round (see the file comment); clamped to [1, INT_MAX].
   // Results do not depend on it. Every rank must use the same value. Tests set it small to

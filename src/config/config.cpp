@@ -143,6 +143,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("parallel", "model", p.model, at_least(1));
   v("parallel", "expert", p.expert, at_least(1));
   v("parallel", "zero1", p.zero1, BoolRule{});
+  v("parallel", "bucket_mb", p.bucket_mb, RealRule{0.0, true, 1048576.0, false});  // <= 1 TiB
 
   CheckpointConfig& k = c.checkpoint;
   v("checkpoint", "every", k.every, IntRule{0, std::nullopt, "0: only at the end"});

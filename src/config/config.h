@@ -108,6 +108,7 @@ struct ParallelConfig {
   int model = 1;
   int expert = 1;
   bool zero1 = false;  // shard optimizer state of replicated parameters over the data ranks
+  double bucket_mb = 25.0;  // MiB of gradients per data-plane reduction (train/gradient_reducer.h)
 
   bool operator==(const ParallelConfig&) const = default;
 };

@@ -1,13 +1,17 @@
-// The training loop: this rank's rows of each global batch -> forward/backward over gradient
-// accumulation micro-batches -> gradient synchronisation over the process grid -> global-norm
-// clipping -> optimizer step (non-finite steps skipped on every rank together), with logging to
-// spdlog and DIR/metrics.jsonl, and periodic validation.
+// One training step: this rank's rows of each global batch -> forward/backward over gradient
+// accumulation micro-batches -> gradient reduction over the process grid (GradientReducer, on
+// the data plane) -> global-norm clipping -> optimizer step (non-finite steps skipped on every
+// rank together, decided on the control plane) -> ZeRO-1 parameter all-gather. The loop around
+// it (logging, checkpoints, signals) is train() in train/train_loop.h.
 //
 // Data parallelism: every data rank holds all non-expert parameters and computes on its rows;
 // their gradients are summed over the data group. Expert parallelism: experts are sharded over
 // expert groups (SwitchFFN exchanges tokens); expert gradients are summed only over the ranks
 // holding the same experts. The loss weights are global counts (model.h), so the sum over ranks
 // is exactly the one-process gradient: the layout does not change the math.
+//
+// ZeRO-1 (parallel.zero1): the dense parameters' update and optimizer state are sharded over the
+// data ranks in contiguous, parameter-aligned ranges (train/gradient_reducer.h).
 //
 // Trainer holds everything a step needs and does no file I/O, so the benchmark
 // (bench/bench_step) times exactly the step that train() runs.
@@ -18,41 +22,19 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "comm/data_plane.h"
 #include "comm/process_grid.h"
 #include "config/config.h"
 #include "model/batch.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/gradient_reducer.h"
+#include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
+#include "train/train_loop.h"
 
 namespace switcht5 {
-
-// Routing statistics of one Switch layer over a step (all micro-batches and data ranks).
-struct LayerRouting {
-  std::string layer;                     // e.g. "encoder.block.1"
-  double aux_loss = 0.0;                 // load-balancing loss, mean over groups
-  double z_loss = 0.0;                   // router z-loss, mean over tokens
-  double dropped_fraction = 0.0;
-  std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
-};
-
-struct StepMetrics {
-  int64_t step = 0;
-  double loss = 0.0;              // mean cross-entropy over the global batch's target tokens
-  double aux_loss = 0.0;          // load-balancing loss, mean over Switch layers (1 = balanced)
-  double z_loss = 0.0;            // router z-loss, mean over Switch layers
-  double lr = 0.0;
-  double grad_norm = 0.0;         // before clipping
-  double tokens_per_s = 0.0;      // (inputs + targets) tokens of the global batch per second
-  double dropped_fraction = 0.0;  // tokens past capacity / routed tokens, all Switch layers
-  double step_ms = 0.0;
-  bool skipped = false;           // non-finite loss or gradient: no update was applied
-  std::string nonfinite;          // then: the first non-finite tensor and the rank that saw it
-  std::vector<LayerRouting> routing;
-  bool has_val = false;
-  double val_loss = 0.0;
-};
 
 struct TrainingState;  // checkpoint/checkpoint.h
 
@@ -85,8 +67,11 @@ class Trainer {
   BatchSource& train_source() { return *train_source_; }
   const RunConfig& config() const { return cfg_; }
   // ZeRO-1: the data rank that updates parameter i (index into ParamStore::infos()) and keeps
-  // its optimizer state, or -1 when every data rank holding it does.
-  int param_owner(size_t i) const { return owner_[i]; }
+  // its optimizer state, or -1 when every data rank holding it does (always -1 for a trainer
+  // built for evaluation).
+  int param_owner(size_t i) const { return reducer_ ? reducer_->param_owner()[i] : -1; }
+  // The gradient reducer (null for a trainer built for evaluation).
+  const GradientReducer* reducer() const { return reducer_.get(); }
   // Consecutive skipped (non-finite) steps so far; part of the state a checkpoint restores.
   int consecutive_skips() const { return consecutive_skips_; }
 
@@ -104,9 +89,9 @@ class Trainer {
   void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
 
  private:
-  void sync_gradients();
-  // Adds the sums of squares of the (summed) gradients of the three ParamStore regions to
-  // extra[kNorm*] (backend memory); global_grad_norm combines a host copy over the groups.
+  // Adds the sums of squares of the summed gradients this rank holds (its ZeRO-1 shard of the
+  // dense region) of the three ParamStore regions to extra[kNorm*] (backend memory);
+  // global_grad_norm combines a host copy over the groups.
   void accumulate_grad_norm_squares(double* extra);
   double global_grad_norm(const double* extra);
   std::string first_nonfinite();
@@ -115,13 +100,20 @@ class Trainer {
   ProcessGrid& grid_;
   int local_rows_, micro_;
   std::unique_ptr<Backend> be_;
+  // The model's communication (expert all-to-all, tensor-parallel sums) and Adafactor's gather
+  // of model-split parameters run on data planes over the expert and model groups, through
+  // Communicator adapters (make_backend_communicator), so they take backend memory.
+  std::unique_ptr<DataPlane> expert_plane_, model_plane_;
+  std::unique_ptr<Communicator> expert_comm_, model_comm_;
   std::unique_ptr<SwitchT5Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
   LrSchedule schedule_;
   std::unique_ptr<BatchSource> train_source_;
   std::unique_ptr<BatchSource> val_source_;
   std::vector<std::string> switch_layers_;
-  std::vector<int> owner_;         // ZeRO-1: data rank that updates each parameter (-1: all)
+  // Data planes over the data and expert-replica groups, and the reducer on them (training).
+  std::unique_ptr<DataPlane> data_plane_, replica_plane_;
+  std::unique_ptr<GradientReducer> reducer_;
   Batch local_;                    // this rank's rows of the global batch
   std::vector<Batch> batches_;     // one per micro-batch, reused every step
   Batch eval_batch_;
@@ -135,37 +127,5 @@ class Trainer {
   int64_t inject_step_ = -1;
   int inject_rank_ = -1;
 };
-
-struct TrainOptions {
-  // --resume: "" (start fresh), "auto" (the latest checkpoint in the checkpoint directory, or
-  // fresh when there is none), or a checkpoint file or directory.
-  std::string resume;
-  // Builds the trainer's backend from cfg.train.backend (tests substitute one).
-  BackendFactory make_backend_named = make_backend;
-};
-
-struct TrainResult {
-  std::vector<StepMetrics> logged;  // every logged step (rank 0 writes them to metrics.jsonl)
-  double final_loss = 0.0;
-  int64_t start_step = 0;           // steps already done when training started (resume)
-  int64_t last_step = 0;            // the last step trained
-  std::vector<std::string> checkpoints;  // files saved, in order
-  int stop_signal = 0;              // SIGTERM / SIGUSR1 that stopped the run after a save, or 0
-};
-
-// Trains per `cfg` on `grid`; rank 0 writes config.yaml, train.log and metrics.jsonl into
-// run_dir (every rank writes rank-<r>.log too with log.per_rank_files); checkpoints go to
-// checkpoint_dir(cfg, run_dir) every checkpoint.every steps and after the last step. SIGTERM or
-// SIGUSR1 (what SLURM sends before a time limit; mpirun forwards SIGUSR1) on any rank makes
-// every rank finish the current step, save a checkpoint and return with stop_signal set.
-// On resume, train.log and metrics.jsonl are appended to.
-TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& run_dir,
-                  const TrainOptions& options = {});
-// One process, no MPI: train() on a single-process grid.
-TrainResult train(const RunConfig& cfg, const std::string& run_dir,
-                  const TrainOptions& options = {});
-
-// One metrics.jsonl line (no trailing newline).
-std::string metrics_json(const StepMetrics& m);
 
 }  // namespace switcht5

@@ -1,0 +1,85 @@
+#include "train/metrics.h"
+
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "model/model.h"
+#include "model/router.h"
+
+namespace switcht5 {
+
+void decode_routing(StepMetrics& m, const double* model_stats,
+                    const std::vector<std::string>& layers, int num_experts) {
+  const int64_t stride = router_stats_size(num_experts);
+  double routed = 0.0, dropped = 0.0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const double* a = model_stats + kModelStatsFixed + int64_t(l) * stride;
+    const double calls = a[kRouterCalls], tokens = a[kRouterTokens];
+    LayerRouting r;
+    r.layer = layers[l];
+    r.aux_loss = a[kRouterBalanceSum] / calls;
+    r.z_loss = a[kRouterZSum] / calls;
+    r.dropped_fraction = tokens > 0 ? a[kRouterDropped] / tokens : 0.0;
+    for (int e = 0; e < num_experts; ++e)
+      r.expert_fraction.push_back(tokens > 0 ? a[kRouterStatsFixed + e] / tokens : 0.0);
+    m.aux_loss += r.aux_loss / double(layers.size());
+    m.z_loss += r.z_loss / double(layers.size());
+    routed += tokens;
+    dropped += a[kRouterDropped];
+    m.routing.push_back(std::move(r));
+  }
+  m.dropped_fraction = routed > 0 ? dropped / routed : 0.0;
+}
+
+namespace {
+
+// JSON has no NaN or Infinity: a non-finite number (a skipped step's loss or gradient norm) is
+// written as null.
+std::string json_number(double v, const char* format = "{:.9g}") {
+  return std::isfinite(v) ? fmt::format(fmt::runtime(format), v) : std::string("null");
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", int(c));
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string metrics_json(const StepMetrics& m) {
+  std::string s = fmt::format(
+      "{{\"step\": {}, \"loss\": {}, \"aux_loss\": {}, \"z_loss\": {}, \"lr\": {}, "
+      "\"grad_norm\": {}, \"tokens_per_s\": {}, \"dropped_fraction\": {}, \"step_ms\": {}",
+      m.step, json_number(m.loss), json_number(m.aux_loss), json_number(m.z_loss),
+      json_number(m.lr), json_number(m.grad_norm), json_number(m.tokens_per_s, "{:.6g}"),
+      json_number(m.dropped_fraction), json_number(m.step_ms, "{:.6g}"));
+  if (m.skipped) s += ", \"skipped\": true, \"nonfinite\": " + json_string(m.nonfinite);
+  if (m.has_val) s += ", \"val_loss\": " + json_number(m.val_loss);
+  if (!m.routing.empty()) {
+    s += ", \"router\": [";
+    for (size_t i = 0; i < m.routing.size(); ++i) {
+      const LayerRouting& r = m.routing[i];
+      std::string fractions;
+      for (size_t e = 0; e < r.expert_fraction.size(); ++e)
+        fractions += (e ? ", " : "") + json_number(r.expert_fraction[e], "{:.6g}");
+      s += fmt::format("{}{{\"layer\": {}, \"aux_loss\": {}, \"z_loss\": {}, "
+                       "\"dropped_fraction\": {}, \"expert_fraction\": [{}]}}",
+                       i ? ", " : "", json_string(r.layer), json_number(r.aux_loss, "{:.6g}"),
+                       json_number(r.z_loss, "{:.6g}"), json_number(r.dropped_fraction, "{:.6g}"),
+                       fractions);
+    }
+    s += "]";
+  }
+  return s + "}";
+}
+
+}  // namespace switcht5

@@ -1,0 +1,47 @@
+// What a training step reports: StepMetrics (losses, learning rate, gradient norm, throughput,
+// routing statistics per Switch layer), decoded from the step's statistics array, and its
+// metrics.jsonl form.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace switcht5 {
+
+// Routing statistics of one Switch layer over a step (all micro-batches and data ranks).
+struct LayerRouting {
+  std::string layer;                     // e.g. "encoder.block.1"
+  double aux_loss = 0.0;                 // load-balancing loss, mean over groups
+  double z_loss = 0.0;                   // router z-loss, mean over tokens
+  double dropped_fraction = 0.0;
+  std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
+};
+
+struct StepMetrics {
+  int64_t step = 0;
+  double loss = 0.0;              // mean cross-entropy over the global batch's target tokens
+  double aux_loss = 0.0;          // load-balancing loss, mean over Switch layers (1 = balanced)
+  double z_loss = 0.0;            // router z-loss, mean over Switch layers
+  double lr = 0.0;
+  double grad_norm = 0.0;         // before clipping
+  double tokens_per_s = 0.0;      // (inputs + targets) tokens of the global batch per second
+  double dropped_fraction = 0.0;  // tokens past capacity / routed tokens, all Switch layers
+  double step_ms = 0.0;
+  bool skipped = false;           // non-finite loss or gradient: no update was applied
+  std::string nonfinite;          // then: the first non-finite tensor and the rank that saw it
+  std::vector<LayerRouting> routing;
+  bool has_val = false;
+  double val_loss = 0.0;
+};
+
+// Fills m.routing, m.aux_loss, m.z_loss and m.dropped_fraction from a host copy of a model
+// statistics array (model/model.h ModelStatsSlot: kModelStatsFixed entries, then
+// router_stats_size(num_experts) per Switch layer, in the order of `layers`), summed over the
+// step's micro-batches and data ranks.
+void decode_routing(StepMetrics& m, const double* model_stats,
+                    const std::vector<std::string>& layers, int num_experts);
+
+// One metrics.jsonl line (no trailing newline).
+std::string metrics_json(const StepMetrics& m);
+
+}  // namespace switcht5
