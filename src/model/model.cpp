@@ -182,6 +182,7 @@ struct SwitchT5Model::Stack {
     dh = DeviceArray<float>(be, int64_t(N) * D);
     dtmp = DeviceArray<float>(be, int64_t(N) * D);
     dnormed = DeviceArray<float>(be, int64_t(N) * D);
+    collect_block_params();
   }
 
   // The layers' forward workspace and backward scratch share one arena: each layer uses it
@@ -301,13 +302,35 @@ struct SwitchT5Model::Stack {
 
   // dout: dJ/d(out) [N,D] (consumed). d_enc (decoder only): dJ/d(encoder output), accumulated.
   // lb_scale/z_scale: router loss weights per group-sum / token-sum (see SwitchFFN::backward).
+  // The parameters of block i (name prefix "<stack>.block.<i>."), but the relative-position
+  // bias of block 0, which every block's backward adds to. Computed once (no allocation in the
+  // step).
+  std::vector<std::vector<const ParamInfo*>> block_params;
+  void collect_block_params() {
+    block_params.resize(blocks.size());
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const std::string prefix = block_prefix(decoder, int(i)) + ".";
+      for (const ParamInfo& p : ps.infos())
+        if (p.name.rfind(prefix, 0) == 0 && &p != relbias) block_params[i].push_back(&p);
+    }
+  }
+
+  static void report(GradientReadyListener* ready, const ParamInfo* p) {
+    if (ready) ready->on_gradients_ready(p->offset, p->offset + p->numel);
+  }
+
+  // dout: dJ/d(out) [N,D] (consumed). d_enc (decoder only): dJ/d(encoder output), accumulated.
+  // lb_scale/z_scale: router loss weights per group-sum / token-sum (see SwitchFFN::backward).
+  // ready: told each block's parameters once final (see SwitchT5Model::backward); the shared
+  // embedding is the model's to report.
   void backward(float* dout, const int32_t* ids, float* d_enc, float lb_scale, float z_scale,
-                float* scratch) {
+                float* scratch, GradientReadyListener* ready) {
     const int64_t n = int64_t(N) * D;
     be.dropout(dout, dout, n, dropout_p, final_seed);
     store_activation(be, ps, dout, n);
     be.rmsnorm_backward(dh.data(), ps.grad(*final_ln), dout, last_hidden(),
                         ps.master(*final_ln), final_rstd.data(), N, D);
+    report(ready, final_ln);
     store_activation(be, ps, dh.data(), n);
     be.fill(dbias.data(), 0.0f, dbias.size());
     for (int i = static_cast<int>(blocks.size()) - 1; i >= 0; --i) {
@@ -331,9 +354,12 @@ struct SwitchT5Model::Stack {
         blk.self_attention->backward(dx, dx, dbias.data(), dsub, scratch);
         tp.f_backward(dx, int64_t(N) * D);
       });
+      if (ready)
+        for (const ParamInfo* p : block_params[size_t(i)]) report(ready, p);
     }
     be.relpos_bias_backward(ps.grad(*relbias), dbias.data(), buckets.data(),
                             H, T, T, cfg.relative_attention_num_buckets);
+    report(ready, relbias);
     be.dropout(dh.data(), dh.data(), n, dropout_p, embed_seed);
     be.embedding_backward(ps.grad(*embedding), ids, dh.data(), N, D,
                           cfg.vocab_size);
@@ -491,7 +517,7 @@ double SwitchT5Model::objective(const ForwardStats& st, const LossWeights& w) co
   return j;
 }
 
-void SwitchT5Model::backward(const LossWeights& w) {
+void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready) {
   const int B = shape_.batch, Tt = shape_.targets_length;
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * Tt;
@@ -502,6 +528,7 @@ void SwitchT5Model::backward(const LossWeights& w) {
   float* dW = params_.grad(*head_);
   store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
   linear_backward_weight(be_, dW, logits_.data(), head_in_.data(), int(N), D, V);
+  if (!tied) Stack::report(ready, head_);  // tied: shared.weight also gets the embeddings
   float* d_dec_out = head_in_.data();  // head_in is dead once dW is formed
   linear_backward_input(be_, d_dec_out, logits_.data(), params_.weight(*head_), int(N), D, V,
                         false);
@@ -519,11 +546,12 @@ void SwitchT5Model::backward(const LossWeights& w) {
   DeviceArray<float>& d_enc = encoder_->sub_out;  // encoder's sub_out is free during backward
   be_.fill(d_enc.data(), 0.0f, d_enc.size());
   router_scales(*decoder_, lb, z);
-  decoder_->backward(d_dec_out, dec_ids_.data(), d_enc.data(), lb, z, scratch_.data());
+  decoder_->backward(d_dec_out, dec_ids_.data(), d_enc.data(), lb, z, scratch_.data(), ready);
   // The encoder output feeds every decoder block's column-parallel k/v projections: f's backward.
   TensorParallel(parallel_.model_group).f_backward(d_enc.data(), d_enc.size());
   router_scales(*encoder_, lb, z);
-  encoder_->backward(d_enc.data(), enc_ids_.data(), nullptr, lb, z, scratch_.data());
+  encoder_->backward(d_enc.data(), enc_ids_.data(), nullptr, lb, z, scratch_.data(), ready);
+  Stack::report(ready, &params_.info("shared.weight"));
 }
 
 }  // namespace switcht5

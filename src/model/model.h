@@ -112,7 +112,11 @@ class SwitchT5Model {
   // forward (training = false) keeps nothing for the Switch layers' backward (they evaluate
   // at the larger evaluation capacity in the shared scratch), so with Switch layers the last
   // forward must be a training one.
-  void backward(const LossWeights& w);
+  // `ready` (optional) hears, as the pass goes, which gradients are final: each block's
+  // parameters once its backward is done (last block first), a stack's relative-position bias
+  // and final norm, the LM head, and the shared embedding at the very end. Report only from the
+  // backward that completes the gradients (the last micro-batch).
+  void backward(const LossWeights& w, GradientReadyListener* ready = nullptr);
   // J for `stats` (the value whose gradient backward computes).
   double objective(const ForwardStats& stats, const LossWeights& w) const;
 

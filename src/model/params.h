@@ -59,6 +59,15 @@ struct Sharding {
 // tensor (tensor parallelism); an existing block (expert shard) is cut further.
 void split_over_model(ParamInfo& p, int dim, int parts, int index);
 
+// Told during a backward pass which gradients are final, so that their reduction can start
+// while the rest of the pass runs (train/gradient_reducer.h). Model code only reports.
+class GradientReadyListener {
+ public:
+  virtual ~GradientReadyListener() = default;
+  // The gradient of every parameter lying within [begin, end) of ParamStore::grads() is final.
+  virtual void on_gradients_ready(int64_t begin, int64_t end) = 0;
+};
+
 class ParamStore {
  public:
   // Registers a parameter; returns its index. Call before allocate().

@@ -19,9 +19,10 @@
 // Launching: begin_step() before the backward pass that completes the gradients (the last
 // micro-batch); on_gradients_ready() as parameters' gradients become final (each bucket
 // launches, in the fixed order, once every parameter it touches is reported); finish() reports
-// whatever is left and waits for the plane. Today the trainer reports nothing during backward
-// (that needs a hook in the model's backward pass): finish() launches every bucket after
-// backward, in the order above. Results are the same either way, bitwise (data plane contract).
+// whatever is left and waits for the plane. The model reports each block's parameters as its
+// backward finishes (SwitchT5Model::backward's GradientReadyListener), so buckets launch during
+// the backward pass; with an asynchronous plane (NCCL on its stream) they overlap the rest of
+// it. Results are the same whatever the order of reports, bitwise (data plane contract).
 //
 // ZeRO-1 (zero1 and data group > 1): the dense region is cut into `data` contiguous shards at
 // parameter boundaries, balanced by size (the cut with the smallest largest shard; shard d is
@@ -59,7 +60,7 @@ int64_t bucket_floats(double bucket_mb);
 std::vector<int64_t> balanced_shards(const std::vector<int64_t>& offsets, int64_t region_end,
                                      int parts);
 
-class GradientReducer {
+class GradientReducer : public GradientReadyListener {
  public:
   // `data_group` and `replica_group`: data planes over the grid's data and expert-replica
   // groups, for `be`, the backend of `params`. All must outlive the reducer.
@@ -87,7 +88,7 @@ class GradientReducer {
   // The gradients of every parameter lying within [begin, end) (floats) are final for this
   // step; launches the buckets that became complete, in launch order. Reporting a parameter
   // twice is harmless.
-  void on_gradients_ready(int64_t begin, int64_t end);
+  void on_gradients_ready(int64_t begin, int64_t end) override;
   // Reports every parameter, launches the remaining buckets and waits for the data plane.
   void finish();
   // Buckets launched so far this step: buckets()[0, launched()).

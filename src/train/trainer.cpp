@@ -207,18 +207,22 @@ StepMetrics Trainer::train_step(int64_t step) {
     const uint64_t first_row = uint64_t(grid_.data_rank) * local_rows_ + uint64_t(m) * micro_;
     model_->forward_accumulate(batches_[m], /*training=*/true, seed, first_row,
                                step_stats_.data());
-    // The last backward makes the gradients final. The reducer also sums the squares of this
-    // rank's own gradients before reducing them: non-finite there means this rank produced it.
-    if (m + 1 == tc.grad_accum_steps) reducer_->begin_step(extra + kLocalGradSq);
-    model_->backward(w);
+    // The last backward makes the gradients final and reports them to the reducer, which
+    // launches each bucket's reduction as soon as it is complete. The reducer also sums the
+    // squares of this rank's own gradients before reducing them: non-finite there means this
+    // rank produced it.
+    const bool last = m + 1 == tc.grad_accum_steps;
+    if (last) {
+      reducer_->begin_step(extra + kLocalGradSq);
+      // Test hook: gradients accumulate, so a NaN put in before the last backward stays in.
+      if (step == inject_step_ && grid_.world_rank == inject_rank_) {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        be_->copy_to_device(ps.grads(), &nan, sizeof(float));
+      }
+    }
+    model_->backward(w, last ? reducer_.get() : nullptr);
   }
-  if (step == inject_step_ && grid_.world_rank == inject_rank_) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    be_->copy_to_device(ps.grads(), &nan, sizeof(float));
-  }
-  // No bucket was reported during backward (the model has no hook for it yet): all launch here,
-  // in reverse backward order.
-  reducer_->finish();
+  reducer_->finish();  // buckets not yet launched (none when every parameter was reported)
   accumulate_grad_norm_squares(extra);
   // The step's one read-back: losses, router statistics, non-finite check, norm partials.
   be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());

@@ -10,6 +10,7 @@
 //     host) training is bitwise the cpu backend's, model communication included.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +28,7 @@
 #include "model/params.h"
 #include "mpi_test_env.h"
 #include "train/gradient_reducer.h"
+#include "train/synthetic_data.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
@@ -148,6 +150,65 @@ Trained train_steps(const RunConfig& cfg, ProcessGrid& grid,
     r.dense_state += n;
   }
   return r;
+}
+
+// The model reports gradients as its backward pass finishes them, so the reducer launches the
+// buckets during backward: progressively (some launched while later reports are still to
+// come) and all of them by the end of the pass, leaving nothing to finish(); the result is
+// bitwise the reduction of the same gradients launched all at once after backward.
+struct LaunchRecorder : GradientReadyListener {
+  GradientReducer* reducer = nullptr;
+  std::vector<size_t> launched_after_report;
+  void on_gradients_ready(int64_t begin, int64_t end) override {
+    reducer->on_gradients_ready(begin, end);
+    launched_after_report.push_back(reducer->launched());
+  }
+};
+
+TEST(GradientReducer, BucketsLaunchDuringBackward) {
+  for (const Layout& l : kLayouts) {
+    std::unique_ptr<ProcessGrid> grid = grid_for(l);
+    if (!grid) continue;
+    RunConfig cfg = tiny_config(l);
+    auto be = make_backend("cpu");
+    ModelParallelism mp{grid->expert_group.get(), grid->model_group.get(),
+                        Sharding{grid->expert, grid->expert_rank, grid->model, grid->model_rank}};
+    SwitchT5Model model(*be, cfg.model, ModelShape{4, cfg.data.inputs_length,
+                                                   cfg.data.targets_length}, mp);
+    ParamStore& ps = model.params();
+    ps.initialize(*be, 3);
+    auto data = make_data_plane(*grid->data_group, *be);
+    auto replica = make_data_plane(*grid->expert_replica_group, *be);
+    Batch batch;
+    SyntheticTask(cfg.data, cfg.model, 5)
+        .fill(batch, SyntheticTask::Stream::kTrain, 4 * int64_t(grid->data_rank), 4);
+    LossWeights w;
+    w.ce_scale = 1e-2;
+    auto grads_after = [&](bool report) {
+      GradientReducer reducer(*be, ps, *data, *replica, /*bucket_floats=*/4096, false);
+      ps.zero_grads(*be);
+      model.forward(batch, true, 9, 4 * uint64_t(grid->data_rank));
+      reducer.begin_step();
+      LaunchRecorder recorder;
+      recorder.reducer = &reducer;
+      model.backward(w, report ? &recorder : nullptr);
+      if (report) {
+        const size_t n = reducer.buckets().size();
+        EXPECT_GT(n, 2u) << l.name;
+        EXPECT_EQ(reducer.launched(), n) << l.name << ": not every bucket launched in backward";
+        const auto& after = recorder.launched_after_report;
+        EXPECT_TRUE(std::any_of(after.begin(), after.end() - 1,
+                                [&](size_t k) { return k > 0 && k < n; }))
+            << l.name << ": no bucket launched before the last report";
+      }
+      reducer.finish();
+      std::vector<float> g(size_t(ps.total_numel()));
+      be->copy_to_host(g.data(), ps.grads(), sizeof(float) * g.size());
+      return g;
+    };
+    const std::vector<float> at_end = grads_after(false), during = grads_after(true);
+    EXPECT_TRUE(same_bits(during, at_end)) << l.name;
+  }
 }
 
 // Bucket sizes never change a bit of training: 0.0001 MiB is 26 floats, about 10000 buckets.
