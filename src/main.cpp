@@ -20,6 +20,7 @@
 #include "model/model.h"
 #include "train/batch_source.h"
 #include "train/optimizer.h"
+#include "train/metrics.h"
 #include "train/trainer.h"
 
 namespace {
@@ -130,18 +131,6 @@ int cmd_plan(const RunConfig& cfg) {
   return 0;
 }
 
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (char c : text) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      out += fmt::format("\\u{:04x}", int(c));
-      continue;
-    }
-    out += c;
-  }
-  return out + "\"";
-}
 
 // `inspect --hf-names`: the parameter table of the whole (unsharded) model of a config or a
 // checkpoint's config, as one JSON object:

@@ -40,6 +40,8 @@ std::string json_number(double v, const char* format = "{:.9g}") {
   return std::isfinite(v) ? fmt::format(fmt::runtime(format), v) : std::string("null");
 }
 
+}  // namespace
+
 std::string json_string(const std::string& text) {
   std::string out = "\"";
   for (char c : text) {
@@ -52,8 +54,6 @@ std::string json_string(const std::string& text) {
   }
   return out + "\"";
 }
-
-}  // namespace
 
 std::string metrics_json(const StepMetrics& m) {
   std::string s = fmt::format(

@@ -44,4 +44,7 @@ void decode_routing(StepMetrics& m, const double* model_stats,
 // One metrics.jsonl line (no trailing newline).
 std::string metrics_json(const StepMetrics& m);
 
+// `text` as a JSON string literal (quotes, backslashes and control characters escaped).
+std::string json_string(const std::string& text);
+
 }  // namespace switcht5
