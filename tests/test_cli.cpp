@@ -67,6 +67,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"unknown_flag", "", "--frobnicate", {"--frobnicate"}},
         BadCase{"missing_file", "", "--config /nonexistent/x.yaml", {"/nonexistent/x.yaml"}},
         BadCase{"bad_backend", "", "--set train.backend=tpu", {"train.backend", "tpu"}},
+        BadCase{"bad_precision", "train:\n  precision: fp16\n", "",
+                {"switcht5_cli_bad_precision.yaml:2", "train.precision", "fp16", "bf16"}},
         BadCase{"resume_missing", "", "--resume /nonexistent/ckpt.h5",
                 {"/nonexistent/ckpt.h5", "no such file or directory"}},
         BadCase{"resume_not_hdf5", "", std::string("--resume ") + kTiny,
