@@ -202,17 +202,17 @@ class GuardedBackend final : public Backend {
     inner_->moe_combine_backward(host(dbuf), host(dgate), host(dout), host(buf), host(gate),
                                  host(expert), host(slot), T, D, E, GC);
   }
-  void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr,
-                    float beta1, float beta2, float eps, float weight_decay, float bc1,
+  void adamw_update(float* p, uint16_t* p_bf16, const float* g, float* m, float* v, int64_t n,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
                     float bc2) override {
-    inner_->adamw_update(host(p), host(g), host(m), host(v), n, lr, beta1, beta2, eps,
+    inner_->adamw_update(host(p), host(p_bf16), host(g), host(m), host(v), n, lr, beta1, beta2, eps,
                          weight_decay, bc1, bc2);
   }
-  void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v, bool factored,
-                        int count, int R, int C, float lr, float beta2t, float eps1, float clip,
-                        float weight_decay) override {
-    inner_->adafactor_update(host(p), host(g), host(vr), host(vc), host(v), factored, count, R, C,
-                             lr, beta2t, eps1, clip, weight_decay);
+  void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc, float* v,
+                        bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
+                        float clip, float weight_decay) override {
+    inner_->adafactor_update(host(p), host(p_bf16), host(g), host(vr), host(vc), host(v), factored,
+                             count, R, C, lr, beta2t, eps1, clip, weight_decay);
   }
 
  private:

@@ -30,7 +30,8 @@
 //   cross_entropy_forward/backward    CrossEntropy
 //   router_forward router_balance_loss router_backward moe_dispatch(_backward)
 //   moe_combine(_backward)            RouterAndDispatch
-//   adamw_update adafactor_update     AdamW, Adafactor
+//   adamw_update adafactor_update     AdamW, Adafactor; their bf16 compute copy:
+//                                     EveryBackend.OptimizerWritesTheBf16ComputeCopy
 //   synchronize                       no output of its own (host backends: a no-op)
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -44,6 +45,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -1075,8 +1077,8 @@ TEST_P(BackendVsReference, AdamW) {
       expect_matches_reference(
           [&](Backend& be) -> Outputs {
             auto P = upload(be, p), G = upload(be, g), M = upload(be, m), V = upload(be, v);
-            be.adamw_update(P.data(), G.data(), M.data(), V.data(), n, 1e-3f, b1, b2, 1e-8f, wd,
-                            bc1, bc2);
+            be.adamw_update(P.data(), nullptr, G.data(), M.data(), V.data(), n, 1e-3f, b1, b2,
+                            1e-8f, wd, bc1, bc2);
             return {download(be, P.data(), n), download(be, M.data(), n),
                     download(be, V.data(), n)};
           },
@@ -1102,7 +1104,7 @@ TEST_P(BackendVsReference, Adafactor) {
             [&](Backend& be) -> Outputs {
               auto P = upload(be, p), G = upload(be, g), Vr = upload(be, vr), Vc = upload(be, vc),
                    V = upload(be, v);
-              be.adafactor_update(P.data(), G.data(), factored ? Vr.data() : nullptr,
+              be.adafactor_update(P.data(), nullptr, G.data(), factored ? Vr.data() : nullptr,
                                   factored ? Vc.data() : nullptr, factored ? nullptr : V.data(),
                                   factored, d.count, d.R, d.C, 1e-2f, 0.3f, 1e-30f, clip, 0.01f);
               if (factored)
@@ -1187,6 +1189,51 @@ TEST_P(EveryBackend, ZeroBytes) {
   be.copy_to_host(h.data(), X.data(), X.bytes());
   for (int64_t i = 0; i < n; ++i)
     ASSERT_EQ(h[i], i >= at && i < at + len ? 0.0 : x[i]) << "index " << i;
+}
+
+// The optimizers' bf16 output: the compute copy written in the update's pass is bitwise the
+// new master rounded to nearest even, and asking for it changes neither master nor state.
+TEST_P(EveryBackend, OptimizerWritesTheBf16ComputeCopy) {
+  Backend& be = *be_;
+  struct Case {
+    const char* name;
+    int count, R, C;
+    bool factored;
+  };
+  for (const Case& c : std::vector<Case>{{"adamw", 1, 7, 13, false},
+                                         {"adafactor factored", 3, 5, 9, true},
+                                         {"adafactor unfactored", 2, 1, 33, false}}) {
+    const int64_t n = int64_t(c.count) * c.R * c.C;
+    const auto p = random_vector(n, 130), g = random_vector(n, 131, -3, 3);
+    const auto s1 = random_positive(n, 132), sr = random_positive(int64_t(c.count) * c.R, 133),
+               sc = random_positive(int64_t(c.count) * c.C, 134);
+    // The new master, the optimizer state, and the bf16 copy (empty when not asked for).
+    auto run = [&](bool with_copy) {
+      auto P = upload(be, p), G = upload(be, g), S1 = upload(be, s1), S2 = upload(be, s1),
+           Vr = upload(be, sr), Vc = upload(be, sc);
+      DeviceArray<uint16_t> B(be, n);
+      uint16_t* out = with_copy ? B.data() : nullptr;
+      if (std::string(c.name) == "adamw")
+        be.adamw_update(P.data(), out, G.data(), S1.data(), S2.data(), n, 1e-2f, 0.9f, 0.999f,
+                        1e-8f, 0.01f, 0.3f, 0.1f);
+      else
+        be.adafactor_update(P.data(), out, G.data(), Vr.data(), Vc.data(), S1.data(), c.factored,
+                            c.count, c.R, c.C, 1e-2f, 0.3f, 1e-30f, 1.0f, 0.01f);
+      std::vector<uint16_t> b(with_copy ? n : 0);
+      if (with_copy) be.copy_to_host(b.data(), B.data(), B.bytes());
+      return std::make_tuple(download(be, P.data(), n), download(be, S1.data(), n),
+                             download(be, Vr.data(), Vr.size()), b);
+    };
+    const auto [p0, s0, r0, none] = run(false);
+    const auto [p1, s1b, r1, copy] = run(true);
+    ASSERT_EQ(0, std::memcmp(p0.data(), p1.data(), sizeof(float) * n)) << c.name;
+    ASSERT_EQ(0, std::memcmp(s0.data(), s1b.data(), sizeof(float) * n)) << c.name;
+    ASSERT_EQ(0, std::memcmp(r0.data(), r1.data(), sizeof(float) * r0.size())) << c.name;
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(copy[i], float_to_bf16(p1[i])) << c.name << " index " << i;
+    // Not vacuous: the update moved the master away from its input.
+    ASSERT_NE(0, std::memcmp(p.data(), p1.data(), sizeof(float) * n)) << c.name;
+  }
 }
 
 TEST_P(EveryBackend, GemmBetaZeroIgnoresNaNInC) {

@@ -135,8 +135,8 @@ TEST_P(OptimKernelTest, AdamWMatchesHostOverSteps) {
         std::vector<float> g = random_vector(n, 100 + t, -0.5f, 0.5f);
         auto dg = upload(*be, g);
         const double lr = 1e-2 / double(t);
-        be->adamw_update(p.data(), dg.data(), m.data(), v.data(), n, float(lr), b1, b2, eps, wd,
-                         float(1.0 - std::pow(double(b1), double(t))),
+        be->adamw_update(p.data(), nullptr, dg.data(), m.data(), v.data(), n, float(lr), b1, b2,
+                         eps, wd, float(1.0 - std::pow(double(b1), double(t))),
                          float(1.0 - std::pow(double(b2), double(t))));
         host_adamw(hp, g, hs, t, float(lr), b1, b2, eps, wd);
         ASSERT_TRUE(all_close(download(*be, p.data(), n), to_float(hp), 1e-5, 1e-6))
@@ -180,8 +180,8 @@ TEST_P(OptimKernelTest, AdafactorMatchesHostOverSteps) {
         for (int64_t e = 0; e < n; ++e) g[e] *= 0.1f * float(1 + (e / sh.C) % 4) / float(t);
         auto dg = upload(*be, g);
         const float lr = 0.01f, beta2t = float(beta2t_at(t));
-        be->adafactor_update(p.data(), dg.data(), vr.data(), vc.data(), v.data(), sh.factored,
-                             sh.count, sh.R, sh.C, lr, beta2t, eps1, clip, wd);
+        be->adafactor_update(p.data(), nullptr, dg.data(), vr.data(), vc.data(), v.data(),
+                             sh.factored, sh.count, sh.R, sh.C, lr, beta2t, eps1, clip, wd);
         host_adafactor(hp, g, hs, lr, beta2t, eps1, clip, wd);
         ASSERT_TRUE(all_close(download(*be, p.data(), n), to_float(hp), 1e-5, 1e-6))
             << "step " << t;
@@ -211,8 +211,8 @@ TEST_P(OptimKernelTest, AdafactorUpdateClippingPerMatrix) {
     DeviceArray<float> vr(*be, count * R), vc(*be, count * C), v(*be, n);
     const float lr = 0.5f, clip = 0.25f;
     // Step 1 (beta2t = 0): the unclipped update has rms around 1 (exactly 1 when unfactored).
-    be->adafactor_update(p.data(), dg.data(), vr.data(), vc.data(), v.data(), factored, count, R, C,
-                         lr, 0.0f, 1e-30f, clip, 0.0f);
+    be->adafactor_update(p.data(), nullptr, dg.data(), vr.data(), vc.data(), v.data(), factored,
+                         count, R, C, lr, 0.0f, 1e-30f, clip, 0.0f);
     std::vector<float> p1 = download(*be, p.data(), n);
     for (int k = 0; k < count; ++k) {
       double ss = 0;
@@ -243,8 +243,8 @@ TEST_P(OptimKernelTest, AdafactorHandWorked2x2) {
   auto p = upload(*be, std::vector<float>{1, 1, 1, 1});
   auto g = upload(*be, std::vector<float>{1, 0, 0, 2});
   DeviceArray<float> vr(*be, 2), vc(*be, 2);
-  be->adafactor_update(p.data(), g.data(), vr.data(), vc.data(), nullptr, true, 1, 2, 2, 0.1f, 0.0f,
-                       1e-30f, 1.0f, 0.5f);
+  be->adafactor_update(p.data(), nullptr, g.data(), vr.data(), vc.data(), nullptr, true, 1, 2, 2,
+                       0.1f, 0.0f, 1e-30f, 1.0f, 0.5f);
   EXPECT_TRUE(
       all_close(download(*be, p.data(), 4), {0.77111456f, 0.95f, 0.95f, 0.86055728f}, 1e-6, 0));
   EXPECT_TRUE(all_close(download(*be, vr.data(), 2), {0.5f, 2.0f}, 1e-7, 0));
@@ -264,10 +264,10 @@ TEST(OptimCpu, DeterministicAcrossThreadCounts) {
     DeviceArray<float> vr(*be, R), vc(*be, C), v(*be, n), m(*be, n), mv(*be, n);
     for (int64_t t = 1; t <= 3; ++t) {
       auto g = upload(*be, random_vector(n, 30 + t));
-      be->adafactor_update(p.data(), g.data(), vr.data(), vc.data(), v.data(), factored, 1, R, C,
-                           0.01f, float(beta2t_at(t)), 1e-30f, 1.0f, 0.01f);
-      be->adamw_update(p.data(), g.data(), m.data(), mv.data(), n, 1e-3f, 0.9f, 0.999f, 1e-8f,
-                       0.01f, 0.5f, 0.5f);
+      be->adafactor_update(p.data(), nullptr, g.data(), vr.data(), vc.data(), v.data(), factored, 1,
+                           R, C, 0.01f, float(beta2t_at(t)), 1e-30f, 1.0f, 0.01f);
+      be->adamw_update(p.data(), nullptr, g.data(), m.data(), mv.data(), n, 1e-3f, 0.9f, 0.999f,
+                       1e-8f, 0.01f, 0.5f, 0.5f);
     }
     return download(*be, p.data(), n);
   };

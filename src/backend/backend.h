@@ -242,9 +242,12 @@ class Backend {
   // AdamW (Loshchilov & Hutter), decoupled weight decay:
   //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
   //   p -= lr * ( (m / bc1) / (sqrt(v / bc2) + eps) + wd * p )      bc1 = 1-b1^t, bc2 = 1-b2^t
-  virtual void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr,
-                            float beta1, float beta2, float eps, float weight_decay, float bc1,
-                            float bc2) = 0;
+  // Both optimizers: when p_bf16 is not null, p_bf16[i] = float_to_bf16(new p[i]) (nearest
+  // even) in the same pass: the bf16 compute copy the next step's GEMMs read (bitwise what a
+  // cast after the update gives). p_bf16 has p's layout.
+  virtual void adamw_update(float* p, uint16_t* p_bf16, const float* g, float* m, float* v,
+                            int64_t n, float lr, float beta1, float beta2, float eps,
+                            float weight_decay, float bc1, float bc2) = 0;
   // Adafactor (Shazeer & Stern 2018) as T5 uses it: no momentum, external learning rate.
   // p and g hold `count` independent matrices of [R,C] (a stacked expert tensor is E matrices).
   // factored (vr is [count,R], vc is [count,C], v unused):
@@ -254,9 +257,9 @@ class Backend {
   // unfactored (v is [count,R*C], vr/vc unused):
   //   v = beta2t v + (1-beta2t) g2;   u = g / sqrt(v)
   // then per matrix: u /= max(1, rms(u) / clip);  p -= lr * (u + weight_decay * p)
-  virtual void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v,
-                                bool factored, int count, int R, int C, float lr, float beta2t,
-                                float eps1, float clip, float weight_decay) = 0;
+  virtual void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc,
+                                float* v, bool factored, int count, int R, int C, float lr,
+                                float beta2t, float eps1, float clip, float weight_decay) = 0;
 
  protected:
   void count_host_sync() { ++host_syncs_; }

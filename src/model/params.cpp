@@ -66,9 +66,14 @@ void ParamStore::set_compute_dtype(Backend& be, DType dtype) {
   refresh_compute_copy(be);
 }
 
-void ParamStore::refresh_compute_copy(Backend& be) {
-  if (compute_dtype_ == DType::kBF16)
-    be.cast(compute_.data(), DType::kBF16, values_.data(), DType::kF32, total_);
+void ParamStore::refresh_compute_copy(Backend& be) { refresh_compute_copy(be, 0, total_); }
+
+void ParamStore::refresh_compute_copy(Backend& be, int64_t begin, int64_t end) {
+  SWT_CHECK(0 <= begin && begin <= end && end <= total_, "compute copy range [{}, {}) of {}",
+            begin, end, total_);
+  if (compute_dtype_ == DType::kBF16 && end > begin)
+    be.cast(compute_.data() + begin, DType::kBF16, values_.data() + begin, DType::kF32,
+            end - begin);
 }
 
 const ParamInfo& ParamStore::info(const std::string& name) const {

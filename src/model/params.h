@@ -89,12 +89,19 @@ class ParamStore {
 
   // Mixed precision. With a bf16 compute dtype the store also holds a bf16 copy of every
   // parameter (same layout as values()), which the forward and backward GEMMs read; the fp32
-  // values stay the master weights the optimizer updates, and refresh_compute_copy() rounds
-  // them into the copy after every change (optimizer step, initialisation, checkpoint load).
-  // fp32: no copy, weight() is the master itself.
+  // values stay the master weights. Whatever changes a master writes the copy: the optimizer
+  // step in its own pass (compute_copy() is where its kernel writes), refresh_compute_copy()
+  // after anything else (initialisation, checkpoint load, ZeRO-1's all-gather of the shards
+  // other ranks updated). fp32: no copy, weight() is the master itself.
   void set_compute_dtype(Backend& be, DType dtype);
   DType compute_dtype() const { return compute_dtype_; }
   void refresh_compute_copy(Backend& be);
+  // The copy of floats [begin, end) of values() only.
+  void refresh_compute_copy(Backend& be, int64_t begin, int64_t end);
+  // Where parameter p's bf16 compute copy lives (p's layout), or null in fp32.
+  uint16_t* compute_copy(const ParamInfo& p) {
+    return compute_dtype_ == DType::kBF16 ? compute_.data() + p.offset : nullptr;
+  }
   // A parameter as the GEMMs read it: its compute copy, or the fp32 master.
   struct WeightView {
     const void* data;

@@ -181,6 +181,11 @@ void GradientReducer::all_gather_parameters() {
   if (!zero1_) return;
   data_.all_gather(params_.values(), shard_counts_);
   data_.synchronize();
+  // bf16: the optimizer wrote the compute copy of this rank's shard; the other shards' masters
+  // just arrived (fp32 on the wire: the masters must stay equal on every rank).
+  const int64_t dense_end = shards_.back();
+  params_.refresh_compute_copy(be_, 0, shard_begin());
+  params_.refresh_compute_copy(be_, shard_end(), dense_end);
 }
 
 }  // namespace switcht5

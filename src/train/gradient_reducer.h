@@ -93,8 +93,9 @@ class GradientReducer : public GradientReadyListener {
   void finish();
   // Buckets launched so far this step: buckets()[0, launched()).
   size_t launched() const { return next_; }
-  // ZeRO-1: every data rank's updated shard of ParamStore::values() to every data rank (no-op
-  // without ZeRO-1). Waits for the data plane.
+  // ZeRO-1: every data rank's updated shard of ParamStore::values() to every data rank, and
+  // the bf16 compute copies of the shards received (no-op without ZeRO-1). Waits for the data
+  // plane.
   void all_gather_parameters();
 
  private:

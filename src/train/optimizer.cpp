@@ -100,7 +100,7 @@ class AdamW final : public Optimizer {
       if (!updates_[i]) continue;
       const ParamInfo& p = infos_[i];
       const int64_t so = state_offset_[i];
-      be.adamw_update(params.values() + p.offset, params.grads() + p.offset,
+      be.adamw_update(params.values() + p.offset, params.compute_copy(p), params.grads() + p.offset,
                       exp_avg_.data() + so, exp_avg_sq_.data() + so, p.numel, lr,
                       static_cast<float>(options_.beta1), static_cast<float>(options_.beta2),
                       static_cast<float>(options_.epsilon),
@@ -192,11 +192,17 @@ class Adafactor final : public Optimizer {
         value = full_value_.data();
         grad = full_grad_.data();
       }
-      be.adafactor_update(value, grad, vr, vc, v, s.factored, int(s.count), int(s.rows),
+      // The bf16 compute copy is written in the update's pass, except for a gathered split
+      // parameter, whose block is cast once it is back in place.
+      uint16_t* copy = s.split ? nullptr : params.compute_copy(p);
+      be.adafactor_update(value, copy, grad, vr, vc, v, s.factored, int(s.count), int(s.rows),
                           int(s.cols), lr, beta2t, static_cast<float>(options_.epsilon1),
                           static_cast<float>(options_.clipping_threshold),
                           weight_decay_for(p, options_.weight_decay));
-      if (s.split) scatter_split(be, p, value, params.values() + p.offset);
+      if (s.split) {
+        scatter_split(be, p, value, params.values() + p.offset);
+        params.refresh_compute_copy(be, p.offset, p.offset + p.numel);
+      }
     }
   }
 

@@ -46,7 +46,8 @@ struct OptimizerOptions {
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
-  // Applies params.grads() to params.values(). The step counter starts at 0; the first step()
+  // Applies params.grads() to params.values() and, in bf16, writes the updated parameters' bf16
+  // compute copies (ParamStore::compute_copy) in the same pass. The step counter starts at 0; the first step()
   // uses t = 1 and leaves steps_taken() == 1. `params` must have the layout the optimizer was
   // made for.
   virtual void step(Backend& be, ParamStore& params, float lr) = 0;

@@ -263,9 +263,8 @@ StepMetrics Trainer::train_step(int64_t step) {
   } else {
     consecutive_skips_ = 0;
     clip_grad_norm_scaled(*be_, ps, grad_norm, tc.max_grad_norm);
-    optimizer_->step(*be_, ps, float(m.lr));
+    optimizer_->step(*be_, ps, float(m.lr));  // masters and their bf16 compute copies
     reducer_->all_gather_parameters();  // ZeRO-1: every shard's new values to every data rank
-    ps.refresh_compute_copy(*be_);       // bf16: the GEMMs' copy of the new master weights
   }
   be_->synchronize();
   const double secs =

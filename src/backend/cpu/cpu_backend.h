@@ -103,11 +103,12 @@ class CpuBackend final : public Backend {
                             int64_t T, int D, int E, int GC) override;
 
   // Defined in cpu/optim_cpu.cpp.
-  void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1,
-                    float beta2, float eps, float weight_decay, float bc1, float bc2) override;
-  void adafactor_update(float* p, const float* g, float* vr, float* vc, float* v, bool factored,
-                        int count, int R, int C, float lr, float beta2t, float eps1, float clip,
-                        float weight_decay) override;
+  void adamw_update(float* p, uint16_t* p_bf16, const float* g, float* m, float* v, int64_t n,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+                    float bc2) override;
+  void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc, float* v,
+                        bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
+                        float clip, float weight_decay) override;
 
  private:
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted

@@ -9,6 +9,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/check.h"
+#include "core/dtype.h"
 
 namespace switcht5 {
 
@@ -30,9 +31,9 @@ float clip_factor(const double* partial, int64_t parts, int64_t n, float clip) {
 }  // namespace
 
 // p_new = p - lr * ((m/bc1) / (sqrt(v/bc2) + eps) + wd * p), p before the step.
-void CpuBackend::adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr,
-                              float beta1, float beta2, float eps, float weight_decay, float bc1,
-                              float bc2) {
+void CpuBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, float* m, float* v,
+                              int64_t n, float lr, float beta1, float beta2, float eps,
+                              float weight_decay, float bc1, float bc2) {
   const float one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
   const float inv_bc1 = 1.0f / bc1, inv_bc2 = 1.0f / bc2;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
@@ -44,12 +45,13 @@ void CpuBackend::adamw_update(float* p, const float* g, float* m, float* v, int6
     v[i] = vi;
     const float update = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
     p[i] = p[i] - lr * (update + weight_decay * p[i]);
+    if (p_bf16) p_bf16[i] = float_to_bf16(p[i]);
   }
 }
 
-void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc, float* v,
-                                  bool factored, int count, int R, int C, float lr, float beta2t,
-                                  float eps1, float clip, float weight_decay) {
+void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc,
+                                  float* v, bool factored, int count, int R, int C, float lr,
+                                  float beta2t, float eps1, float clip, float weight_decay) {
   SWT_CHECK(count >= 1 && R >= 1 && C >= 1, "adafactor_update: bad shape count={} R={} C={}", count,
             R, C);
   SWT_CHECK(factored ? (vr && vc) : (v != nullptr), "adafactor_update: missing state");
@@ -123,6 +125,10 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
           const float u = Gi[j] * rf * float(col_factor[j]);
           Pi[j] = Pi[j] - lr * (u * inv_denom + weight_decay * Pi[j]);
         }
+        if (p_bf16) {
+          uint16_t* Bi = p_bf16 + k * RC + int64_t(i) * C;
+          for (int j = 0; j < C; ++j) Bi[j] = float_to_bf16(Pi[j]);
+        }
       }
     } else {
       float* V = v + k * RC;
@@ -145,6 +151,7 @@ void CpuBackend::adafactor_update(float* p, const float* g, float* vr, float* vc
       for (int64_t e = 0; e < RC; ++e) {
         const float u = G[e] / std::sqrt(V[e]);
         P[e] = P[e] - lr * (u * inv_denom + weight_decay * P[e]);
+        if (p_bf16) p_bf16[k * RC + e] = float_to_bf16(P[e]);
       }
     }
   }

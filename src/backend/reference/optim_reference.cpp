@@ -6,13 +6,14 @@
 
 #include "backend/reference/reference_backend.h"
 #include "core/check.h"
+#include "core/dtype.h"
 
 namespace switcht5 {
 
 // AdamW as torch.optim.AdamW: the decay term uses p before this step, i.e.
 //   p_new = p - lr * (m_hat / (sqrt(v_hat) + eps)) - lr * wd * p
-void ReferenceBackend::adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
-                                    float lr, float beta1, float beta2, float eps,
+void ReferenceBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, float* m, float* v,
+                                    int64_t n, float lr, float beta1, float beta2, float eps,
                                     float weight_decay, float bc1, float bc2) {
   for (int64_t i = 0; i < n; ++i) {
     const double gi = g[i];
@@ -23,6 +24,7 @@ void ReferenceBackend::adamw_update(float* p, const float* g, float* m, float* v
     const double pi = p[i];
     const double update = (mi / bc1) / (std::sqrt(vi / bc2) + double(eps));
     p[i] = static_cast<float>(pi - double(lr) * (update + double(weight_decay) * pi));
+    if (p_bf16) p_bf16[i] = float_to_bf16(p[i]);
   }
 }
 
@@ -38,9 +40,10 @@ void ReferenceBackend::adamw_update(float* p, const float* g, float* m, float* v
 // The last line is p_new = p - lr*(u + wd*p) with the pre-update p. The update u is computed from
 // the state as stored (float). Clipping is per [R,C] matrix; HF clips per tensor, which is the
 // same thing because HF keeps each expert matrix as its own parameter.
-void ReferenceBackend::adafactor_update(float* p, const float* g, float* vr, float* vc, float* v,
-                                        bool factored, int count, int R, int C, float lr,
-                                        float beta2t, float eps1, float clip, float weight_decay) {
+void ReferenceBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr,
+                                        float* vc, float* v, bool factored, int count, int R, int C,
+                                        float lr, float beta2t, float eps1, float clip,
+                                        float weight_decay) {
   SWT_CHECK(count >= 1 && R >= 1 && C >= 1, "adafactor_update: bad shape count={} R={} C={}", count,
             R, C);
   SWT_CHECK(factored ? (vr && vc) : (v != nullptr), "adafactor_update: missing state");
@@ -85,6 +88,7 @@ void ReferenceBackend::adafactor_update(float* p, const float* g, float* vr, flo
     for (int64_t e = 0; e < RC; ++e) {
       const double pe = P[e];
       P[e] = static_cast<float>(pe - double(lr) * (u[e] / denom + double(weight_decay) * pe));
+      if (p_bf16) p_bf16[k * RC + e] = float_to_bf16(P[e]);
     }
   }
 }
