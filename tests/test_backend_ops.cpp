@@ -18,7 +18,8 @@
 //   accumulate_sum_squares accumulate_loss_statistics accumulate_router_statistics
 //                                     test_statistics_ops.cpp (every backend vs host sums)
 //   host_syncs                        test_training.cpp OneHostSynchronisationPerStep
-//   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise
+//   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise; dropout also
+//                                     EveryBackend.DropoutMaskIsTheCounterRngsAtEveryLength
 //   gemm                              Gemm
 //   gemm_ex cast                      GemmMixedPrecision, Cast (fp32 / bf16)
 //   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
@@ -1297,6 +1298,42 @@ TEST_P(EveryBackend, DropoutPreservesMeanAndDropsFractionP) {
   EXPECT_NEAR(double(zeros) / double(n), p, 2e-3);
 }
 
+// The mask is exactly the counter RNG's (core/rng.h), element by element, whatever the length
+// (the CPU backend does full groups of four in SIMD and the rest in scalar code); kept values
+// are x / (1 - p), dropped ones +0 even for NaN, infinite or -0 inputs.
+TEST_P(EveryBackend, DropoutMaskIsTheCounterRngsAtEveryLength) {
+  Backend& be = *be_;
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), -0.0f,
+                            std::numeric_limits<float>::infinity(), -1e-38f};
+  for (int64_t n : {1, 2, 3, 4, 5, 7, 8, 9, 1001, 4099}) {
+    for (float p : {0.1f, 0.5f, 0.999f}) {
+      auto x = random_vector(n, 140 + n);
+      for (int64_t i = 0; i < n; i += 3) x[size_t(i)] = specials[(i / 3) % 4];
+      auto X = upload(be, x);
+      auto out = poisoned<float>(be, n);
+      const uint64_t seed = 9000 + uint64_t(n);
+      be.dropout(out.data(), X.data(), n, p, seed);
+      const auto h = download(be, out.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const bool keep = random16(seed, uint64_t(i)) >= dropout_threshold(p);
+        const std::string at = fmt::format("n={} p={} i={} x={}", n, p, i, x[size_t(i)]);
+        if (!keep) {
+          ASSERT_EQ(std::bit_cast<uint32_t>(h[size_t(i)]), 0u) << at;
+        } else if (std::isnan(x[size_t(i)])) {
+          ASSERT_TRUE(std::isnan(h[size_t(i)])) << at;
+        } else {
+          const float want = x[size_t(i)] / (1.0f - p);
+          ASSERT_EQ(std::signbit(h[size_t(i)]), std::signbit(want)) << at;
+          if (std::isinf(want))
+            ASSERT_EQ(h[size_t(i)], want) << at;
+          else
+            ASSERT_NEAR(h[size_t(i)], want, 1e-6 * std::fabs(want)) << at;
+        }
+      }
+    }
+  }
+}
+
 TEST_P(EveryBackend, UniformJitterStaysInRange) {
   Backend& be = *be_;
   const int64_t n = 100000;
@@ -1411,6 +1448,25 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
   outs.push_back(download(be, buf.data(), int64_t(E) * G * C * Dm));
   outs.push_back(download(be, dgate.data(), Tt));
   return outs;
+}
+
+// The CPU backend's dropout is bitwise its scalar formula, x / (1 - p) in float (SIMD for full
+// groups of four, scalar for the tail): fp32 training stays bitwise what it was.
+TEST(CpuDropout, BitwiseTheScalarFormula) {
+  CpuBackend be;
+  for (int64_t n : {1, 3, 4, 6, 4097}) {
+    const float p = 0.3f;
+    const auto x = random_vector(n, 150 + n);
+    auto X = upload(be, x);
+    be.dropout(X.data(), X.data(), n, p, 77);  // in place, as the attention backward does
+    const auto h = download(be, X.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const float want =
+          random16(77, uint64_t(i)) >= dropout_threshold(p) ? x[size_t(i)] / (1.0f - p) : 0.0f;
+      ASSERT_EQ(std::bit_cast<uint32_t>(h[size_t(i)]), std::bit_cast<uint32_t>(want))
+          << "n=" << n << " i=" << i;
+    }
+  }
 }
 
 TEST(CpuThreads, OpsBitwiseIndependentOfThreadCount) {
