@@ -37,9 +37,10 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
                                        const char* message) {
   cuda_fail(file, line, launcher, "CUDA launcher", -1, message);
 }
-#define SWT_LAUNCH_REQUIRE(cond, launcher, message)                              \
-  do {                                                                           \
-    if (!(cond)) ::switcht5::cuda::detail::launcher_fail(__FILE__, __LINE__, launcher, message); \
+#define SWT_LAUNCH_REQUIRE(cond, launcher, message)                                    \
+  do {                                                                                 \
+    if (!(cond))                                                                       \
+      ::switcht5::cuda::detail::launcher_fail(__FILE__, __LINE__, launcher, message);  \
   } while (0)
 
 // After each kernel launch.
@@ -65,14 +66,14 @@ class WorkspaceCarver {
   size_t used_ = 0;
 };
 
-// ---- grid-stride index ---------------------------------------------------------------------------
+// ---- grid-stride index --------------------------------------------------------------------------
 
 __device__ __forceinline__ int64_t global_thread_index() {
   return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
 
-// ---- warp and block reductions (fixed trees) -----------------------------------------------------
+// ---- warp and block reductions (fixed trees) ----------------------------------------------------
 // T: float, double, int, long long, unsigned long long (types __shfl_*_sync takes).
 
 template <class T>
@@ -149,7 +150,7 @@ __device__ T block_exclusive_scan(T v, T* total = nullptr) {
   return before_warp + inclusive - v;
 }
 
-// ---- bf16 (core/dtype.h semantics, device side) --------------------------------------------------
+// ---- bf16 (core/dtype.h semantics, device side) -------------------------------------------------
 // Round to nearest even; a NaN stays a quiet NaN with its sign (switcht5::float_to_bf16).
 __device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
   const uint32_t bits = __float_as_uint(x);

@@ -357,7 +357,7 @@ __global__ void gated_gelu_backward_kernel(float* da, float* db, const float* do
   }
 }
 
-// ---- randomness ----------------------------------------------------------------------------------
+// ---- randomness ---------------------------------------------------------------------------------
 
 // One splitmix64 draw per group of four elements, as random16 (core/rng.h) defines the bits.
 __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t threshold,

@@ -52,7 +52,7 @@ __global__ void adamw_kernel(float* p, uint16_t* p_bf16, const float* g, float* 
   }
 }
 
-// ---- Adafactor -----------------------------------------------------------------------------------
+// ---- Adafactor ----------------------------------------------------------------------------------
 // Launches work on a group of kg consecutive matrices [k0, k0 + kg) at once (blockIdx.y or
 // blockIdx.z, or blockIdx.x for the one-block-per-matrix steps, is the matrix within the
 // group); pointers passed in are already offset to matrix k0. Groups are sized so that their
@@ -188,7 +188,8 @@ __global__ void __launch_bounds__(kThreads)
 // p = p - lr (u * inv_denom + wd p), with the pre-update p.
 __device__ __forceinline__ float adafactor_step(float p, float u, float inv_denom, float lr,
                                                 float weight_decay) {
-  return __fsub_rn(p, __fmul_rn(lr, __fadd_rn(__fmul_rn(u, inv_denom), __fmul_rn(weight_decay, p))));
+  const float step = __fadd_rn(__fmul_rn(u, inv_denom), __fmul_rn(weight_decay, p));
+  return __fsub_rn(p, __fmul_rn(lr, step));
 }
 
 __global__ void __launch_bounds__(kThreads)

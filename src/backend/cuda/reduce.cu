@@ -94,7 +94,8 @@ __device__ void reduce_partials(const T* partial, int blocks, T* totals) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     T acc = T(0);
-    for (int b = threadIdx.x; b < blocks; b += kReduceThreads) acc += partial[int64_t(k) * blocks + b];
+    for (int b = threadIdx.x; b < blocks; b += kReduceThreads)
+      acc += partial[int64_t(k) * blocks + b];
     totals[k] = detail::block_sum(acc);  // valid in thread 0
   }
 }
