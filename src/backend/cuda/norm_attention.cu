@@ -1,0 +1,405 @@
+// T5 RMSNorm and the attention softmax on the GPU (launchers declared in kernels.h; the math is
+// backend.h's, the rounding points are the CPU backend's: cpu/cpu_backend.cpp).
+//
+// Row kernels. A "row group" of kGroup threads owns one row: kGroup = 32 is a warp (8 rows per
+// 256-thread block), kGroup = 256 is the whole block. A row of up to kGroup * kPer elements is
+// held in registers (kPer elements per thread, j = lane + k * kGroup); kPer = 0 streams longer
+// rows from memory, pass by pass. Group and kPer are chosen from the row length alone.
+//
+// Determinism: every thread sums its own elements in increasing k, then the group combines the
+// per-thread partials in a fixed tree (an xor butterfly in each warp, then warp partials in warp
+// order). No atomics; each output element has exactly one writer. The dw column reduction of
+// rmsnorm_backward goes through ctx.workspace in two passes (see there).
+//
+// In place: a thread reads and writes only its own elements of a row (probs over scores,
+// dscores over dprobs), reading each before writing it, so aliasing needs no barrier.
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernels.h"
+
+namespace switcht5::cuda {
+namespace {
+
+constexpr int kBlock = 256;                       // threads per block, every kernel here
+constexpr int kWarps = kBlock / 32;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // larger launches grid-stride
+
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+int64_t blocks_for(int64_t items, int64_t per_block) {
+  return std::min((items + per_block - 1) / per_block, kMaxBlocks);
+}
+
+void check_launch(const char* file, int line) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    cuda_fail(file, line, "kernel launch", "CUDA", int(err), cudaGetErrorString(err));
+}
+#define SWT_CHECK_LAUNCH() check_launch(__FILE__, __LINE__)
+
+struct SumOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+// std::max's rule (the CPU's): keep a unless a < b. A NaN candidate never replaces the maximum.
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return a < b ? b : a; }
+};
+
+template <class T, class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Reduces v over the row group; every thread of the group gets the result. For kGroup == kBlock
+// all threads of the block must call it (the loops over rows are block-uniform then); `smem`
+// holds kWarps values.
+template <int kGroup, class T, class Op>
+__device__ __forceinline__ T group_reduce(T v, Op op, T* smem) {
+  static_assert(kGroup == 32 || kGroup == kBlock, "a row group is a warp or the block");
+  v = warp_reduce(v, op);
+  if constexpr (kGroup == kBlock) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    v = smem[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v = op(v, smem[w]);
+    __syncthreads();  // smem may be reused by the next reduction
+  }
+  return v;
+}
+
+// Calls launch(IntC<kGroup>, IntC<kPer>) with the row shape for rows of `len` elements.
+template <class Launch>
+void with_row_shape(int len, Launch&& launch) {
+  if (len <= 32) launch(IntC<32>{}, IntC<1>{});
+  else if (len <= 64) launch(IntC<32>{}, IntC<2>{});
+  else if (len <= 128) launch(IntC<32>{}, IntC<4>{});
+  else if (len <= 256) launch(IntC<32>{}, IntC<8>{});
+  else if (len <= 512) launch(IntC<32>{}, IntC<16>{});
+  else if (len <= 1024) launch(IntC<32>{}, IntC<32>{});
+  else if (len <= 2048) launch(IntC<kBlock>{}, IntC<8>{});
+  else if (len <= 4096) launch(IntC<kBlock>{}, IntC<16>{});
+  else launch(IntC<kBlock>{}, IntC<0>{});
+}
+
+// ---- RMSNorm forward ----------------------------------------------------------------------------
+// rstd[r] = 1 / sqrt(mean_j x[r,j]^2 + eps) (sum of squares in double, as the CPU);
+// out[r,j] = (x[r,j] * rstd[r]) * w[j] in fp32.     x, out: [N,D]; rstd: [N]; w: [D]
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+rmsnorm_forward_kernel(float* __restrict__ out, float* __restrict__ rstd,
+                       const float* __restrict__ x, const float* __restrict__ w, int64_t N, int D,
+                       float eps) {
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ double red[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; r < N;
+       r += int64_t(gridDim.x) * kRowsPerBlock) {
+    const float* xr = x + r * D;
+    float* o = out + r * D;
+    double ss = 0.0;
+    if constexpr (kPer > 0) {
+      float xv[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        xv[k] = j < D ? xr[j] : 0.0f;
+        ss += double(xv[k]) * double(xv[k]);
+      }
+      ss = group_reduce<kGroup>(ss, SumOp{}, red);
+      const float rs = static_cast<float>(1.0 / sqrt(ss / D + double(eps)));
+      if (lane == 0) rstd[r] = rs;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        if (j < D) o[j] = xv[k] * rs * w[j];
+      }
+    } else {
+      for (int j = lane; j < D; j += kGroup) ss += double(xr[j]) * double(xr[j]);
+      ss = group_reduce<kGroup>(ss, SumOp{}, red);
+      const float rs = static_cast<float>(1.0 / sqrt(ss / D + double(eps)));
+      if (lane == 0) rstd[r] = rs;
+      for (int j = lane; j < D; j += kGroup) o[j] = xr[j] * rs * w[j];
+    }
+  }
+}
+
+// ---- RMSNorm backward, dx -----------------------------------------------------------------------
+// dot = sum_j double(dout)*w*x (double);  c = float(dot / D) * rs * rs * rs;
+// dx[r,j] = rs * w[j] * dout[r,j] - x[r,j] * c   (fp32, no fused multiply-add: the CPU's roundings)
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+rmsnorm_backward_dx_kernel(float* __restrict__ dx, const float* __restrict__ dout,
+                           const float* __restrict__ x, const float* __restrict__ w,
+                           const float* __restrict__ rstd, int64_t N, int D) {
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ double red[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; r < N;
+       r += int64_t(gridDim.x) * kRowsPerBlock) {
+    const float* xr = x + r * D;
+    const float* gr = dout + r * D;
+    float* d = dx + r * D;
+    const float rs = rstd[r];
+    double dot = 0.0;
+    if constexpr (kPer > 0) {
+      float xv[kPer], gv[kPer], wv[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        const bool in = j < D;
+        xv[k] = in ? xr[j] : 0.0f;
+        gv[k] = in ? gr[j] : 0.0f;
+        wv[k] = in ? w[j] : 0.0f;
+        dot += double(gv[k]) * double(wv[k]) * double(xv[k]);
+      }
+      dot = group_reduce<kGroup>(dot, SumOp{}, red);
+      const float c = static_cast<float>(dot / D) * rs * rs * rs;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        if (j < D) d[j] = __fsub_rn(__fmul_rn(__fmul_rn(rs, wv[k]), gv[k]), __fmul_rn(xv[k], c));
+      }
+    } else {
+      for (int j = lane; j < D; j += kGroup)
+        dot += double(gr[j]) * double(w[j]) * double(xr[j]);
+      dot = group_reduce<kGroup>(dot, SumOp{}, red);
+      const float c = static_cast<float>(dot / D) * rs * rs * rs;
+      for (int j = lane; j < D; j += kGroup)
+        d[j] = __fsub_rn(__fmul_rn(__fmul_rn(rs, w[j]), gr[j]), __fmul_rn(xr[j], c));
+    }
+  }
+}
+
+// ---- RMSNorm backward, dw: a two-pass column reduction ------------------------------------------
+// dw[j] += sum_r double(dout[r,j] * x[r,j] * rstd[r])   (the product in fp32, the sum in double)
+// Columns go in tiles of at most kPartialCap; within a tile the rows are cut into `chunks` runs
+// of `rows_per_chunk` consecutive rows. Pass 1: one thread per (chunk, column) sums its run in
+// increasing r into partial[chunk, column] (double, in the workspace). Pass 2: one thread per
+// column adds the chunk partials in chunk order, then dw[j] = float(dw[j] + total) as the CPU.
+constexpr int64_t kPartialCap = int64_t(kWorkspaceBytes / sizeof(double));  // doubles
+constexpr int64_t kMinRowsPerChunk = 32;
+constexpr int64_t kMaxChunks = 4096;  // bounds pass 2's serial sum
+
+__global__ void __launch_bounds__(kBlock)
+rmsnorm_dw_partial_kernel(double* __restrict__ partial, const float* __restrict__ dout,
+                          const float* __restrict__ x, const float* __restrict__ rstd, int64_t N,
+                          int D, int col0, int tile_w, int64_t rows_per_chunk) {
+  const int64_t chunk = blockIdx.x;
+  const int jj = blockIdx.y * kBlock + threadIdx.x;  // column within the tile
+  if (jj >= tile_w) return;
+  const int j = col0 + jj;
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < N ? r0 + rows_per_chunk : N;
+  double acc = 0.0;
+  for (int64_t r = r0; r < r1; ++r) acc += double(dout[r * D + j] * x[r * D + j] * rstd[r]);
+  partial[chunk * tile_w + jj] = acc;
+}
+
+__global__ void __launch_bounds__(kBlock)
+rmsnorm_dw_finish_kernel(float* __restrict__ dw, const double* __restrict__ partial, int col0,
+                         int tile_w, int64_t chunks) {
+  const int jj = blockIdx.x * kBlock + threadIdx.x;
+  if (jj >= tile_w) return;
+  double total = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) total += partial[k * tile_w + jj];
+  dw[col0 + jj] = static_cast<float>(double(dw[col0 + jj]) + total);
+}
+
+// ---- attention softmax forward ------------------------------------------------------------------
+// Row (b,h,i) of [B,H,Tq,Tk]: x_j = scores + bias[h,i,j] (fp32), allowed j: j < jmax (causal:
+// jmax = min(Tk, i+1)) and key_mask[b,j] != 0. mx = max over allowed x_j (fp32);
+// e_j = expf(x_j - mx) for allowed j, else 0; z = sum_j e_j in double; p_j = e_j * float(1/z),
+// all zeros when z == 0 (no allowed key).
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+attention_softmax_kernel(float* probs, const float* scores, const float* __restrict__ bias,
+                         const float* __restrict__ key_mask, int H, int Tq, int Tk, bool causal,
+                         int64_t rows) {
+  static_assert(kPer <= 32, "the allowed-mask is one 32-bit word per thread");
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ float red_max[kWarps];
+  __shared__ double red_sum[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int i = static_cast<int>(row % Tq);
+    const int h = static_cast<int>((row / Tq) % H);
+    const int64_t b = row / (int64_t(Tq) * H);
+    const float* s = scores + row * Tk;
+    const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
+    const float* km = key_mask ? key_mask + b * Tk : nullptr;
+    float* p = probs + row * Tk;  // may alias s
+    const int jmax = causal ? min(Tk, i + 1) : Tk;
+    float mx = -CUDART_INF_F;
+    double z = 0.0;
+    if constexpr (kPer > 0) {
+      float v[kPer];
+      uint32_t allowed = 0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        v[k] = 0.0f;
+        if (j < jmax && (!km || km[j] != 0.0f)) {
+          allowed |= 1u << k;
+          v[k] = s[j] + (bi ? bi[j] : 0.0f);
+          mx = MaxOp{}(mx, v[k]);
+        }
+      }
+      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        v[k] = (allowed >> k) & 1u ? expf(v[k] - mx) : 0.0f;
+        z += double(v[k]);
+      }
+      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
+      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        if (j < Tk) p[j] = v[k] * inv_z;
+      }
+    } else {
+      for (int j = lane; j < jmax; j += kGroup)
+        if (!km || km[j] != 0.0f) mx = MaxOp{}(mx, s[j] + (bi ? bi[j] : 0.0f));
+      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
+      for (int j = lane; j < Tk; j += kGroup) {
+        const bool ok = j < jmax && (!km || km[j] != 0.0f);
+        const float e = ok ? expf(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
+        p[j] = e;  // this thread's own element: s[j] was read just above
+        z += double(e);
+      }
+      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
+      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+      for (int j = lane; j < Tk; j += kGroup) p[j] *= inv_z;
+    }
+  }
+}
+
+// ---- softmax backward ---------------------------------------------------------------------------
+// dot = sum_j double(dp_j) * p_j (double); ds_j = p_j * (dp_j - float(dot)) in fp32.
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+softmax_backward_kernel(float* dscores, const float* dprobs, const float* __restrict__ probs,
+                        int64_t rows, int Tk) {
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ double red[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const float* dp = dprobs + row * Tk;
+    const float* p = probs + row * Tk;
+    float* ds = dscores + row * Tk;  // may alias dp
+    double dot = 0.0;
+    if constexpr (kPer > 0) {
+      float dv[kPer], pv[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        dv[k] = j < Tk ? dp[j] : 0.0f;
+        pv[k] = j < Tk ? p[j] : 0.0f;
+        dot += double(dv[k]) * double(pv[k]);
+      }
+      dot = group_reduce<kGroup>(dot, SumOp{}, red);
+      const float dotf = static_cast<float>(dot);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        if (j < Tk) ds[j] = pv[k] * (dv[k] - dotf);
+      }
+    } else {
+      for (int j = lane; j < Tk; j += kGroup) dot += double(dp[j]) * double(p[j]);
+      dot = group_reduce<kGroup>(dot, SumOp{}, red);
+      const float dotf = static_cast<float>(dot);
+      for (int j = lane; j < Tk; j += kGroup) ds[j] = p[j] * (dp[j] - dotf);
+    }
+  }
+}
+
+void require_workspace(const Ctx& c, const char* file, int line) {
+  if (c.workspace == nullptr || c.workspace_bytes < kWorkspaceBytes)
+    cuda_fail(file, line, "Ctx::workspace", "CUDA", 0,
+              "the launcher needs ctx.workspace of kWorkspaceBytes (internal error)");
+}
+
+}  // namespace
+
+void rmsnorm_forward(const Ctx& c, float* out, float* rstd, const float* x, const float* w,
+                     int64_t N, int D, float eps) {
+  if (N <= 0 || D <= 0) return;
+  with_row_shape(D, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(N, kBlock / kGroup);
+    rmsnorm_forward_kernel<kGroup, kPer>
+        <<<unsigned(blocks), kBlock, 0, c.stream>>>(out, rstd, x, w, N, D, eps);
+    SWT_CHECK_LAUNCH();
+  });
+}
+
+void rmsnorm_backward(const Ctx& c, float* dx, float* dw, const float* dout, const float* x,
+                      const float* w, const float* rstd, int64_t N, int D) {
+  if (N <= 0 || D <= 0) return;
+  with_row_shape(D, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(N, kBlock / kGroup);
+    rmsnorm_backward_dx_kernel<kGroup, kPer>
+        <<<unsigned(blocks), kBlock, 0, c.stream>>>(dx, dout, x, w, rstd, N, D);
+    SWT_CHECK_LAUNCH();
+  });
+
+  require_workspace(c, __FILE__, __LINE__);
+  double* partial = static_cast<double*>(c.workspace);
+  const int max_tile = static_cast<int>(std::min<int64_t>(D, kPartialCap));
+  for (int col0 = 0; col0 < D; col0 += max_tile) {  // one tile unless D > 512Ki
+    const int tile_w = std::min(max_tile, D - col0);
+    const int64_t max_chunks = std::max<int64_t>(1, std::min(kMaxChunks, kPartialCap / tile_w));
+    const int64_t rows_per_chunk =
+        std::max(kMinRowsPerChunk, (N + max_chunks - 1) / max_chunks);
+    const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;  // <= max_chunks
+    const unsigned col_blocks = unsigned((tile_w + kBlock - 1) / kBlock);
+    rmsnorm_dw_partial_kernel<<<dim3(unsigned(chunks), col_blocks), kBlock, 0, c.stream>>>(
+        partial, dout, x, rstd, N, D, col0, tile_w, rows_per_chunk);
+    SWT_CHECK_LAUNCH();
+    rmsnorm_dw_finish_kernel<<<col_blocks, kBlock, 0, c.stream>>>(dw, partial, col0, tile_w,
+                                                                  chunks);
+    SWT_CHECK_LAUNCH();
+  }
+}
+
+void attention_softmax_forward(const Ctx& c, float* probs, const float* scores, const float* bias,
+                               const float* key_mask, int B, int H, int Tq, int Tk, bool causal) {
+  const int64_t rows = int64_t(B) * H * Tq;
+  if (rows <= 0 || Tk <= 0) return;
+  with_row_shape(Tk, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(rows, kBlock / kGroup);
+    attention_softmax_kernel<kGroup, kPer><<<unsigned(blocks), kBlock, 0, c.stream>>>(
+        probs, scores, bias, key_mask, H, Tq, Tk, causal, rows);
+    SWT_CHECK_LAUNCH();
+  });
+}
+
+void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const float* probs,
+                      int64_t rows, int Tk) {
+  if (rows <= 0 || Tk <= 0) return;
+  with_row_shape(Tk, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(rows, kBlock / kGroup);
+    softmax_backward_kernel<kGroup, kPer>
+        <<<unsigned(blocks), kBlock, 0, c.stream>>>(dscores, dprobs, probs, rows, Tk);
+    SWT_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace switcht5::cuda
