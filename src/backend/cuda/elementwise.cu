@@ -361,7 +361,7 @@ __global__ void gated_gelu_backward_kernel(float* da, float* db, const float* do
 
 // One splitmix64 draw per group of four elements, as random16 (core/rng.h) defines the bits.
 __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t threshold,
-                               float scale, uint64_t seed) {
+                               float keep_scale, uint64_t seed) {
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = global_thread_index(); g < groups; g += grid_stride()) {
     const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * 0x9E3779B97F4A7C15ull);
@@ -372,7 +372,7 @@ __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t t
       if (i >= n) break;
       const uint32_t r = static_cast<uint32_t>(bits >> (16 * q)) & 0xFFFFu;
       const float v = x[i];
-      out[i] = r >= threshold ? __fmul_rn(v, scale) : 0.0f;
+      out[i] = r >= threshold ? __fdiv_rn(v, keep_scale) : 0.0f;  // as the CPU: x / (1 - p)
     }
   }
 }
@@ -573,11 +573,11 @@ void gated_gelu_backward(const Ctx& c, float* da, float* db, const float* dout, 
   SWT_CUDA_CHECK_LAUNCH();
 }
 
-void dropout(const Ctx& c, float* out, const float* x, int64_t n, uint32_t threshold, float scale,
-             uint64_t seed) {
+void dropout(const Ctx& c, float* out, const float* x, int64_t n, uint32_t threshold,
+             float keep_scale, uint64_t seed) {
   if (n <= 0) return;
-  dropout_kernel<<<grid_for((n + 3) / 4), kThreads, 0, stream_of(c)>>>(out, x, n, threshold, scale,
-                                                                       seed);
+  dropout_kernel<<<grid_for((n + 3) / 4), kThreads, 0, stream_of(c)>>>(out, x, n, threshold,
+                                                                       keep_scale, seed);
   SWT_CUDA_CHECK_LAUNCH();
 }
 

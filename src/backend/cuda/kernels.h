@@ -64,9 +64,11 @@ void relu_backward(const Ctx& c, float* dx, const float* dout, const float* x, i
 void gated_gelu_forward(const Ctx& c, float* out, const float* a, const float* b, int64_t n);
 void gated_gelu_backward(const Ctx& c, float* da, float* db, const float* dout, const float* a,
                          const float* b, int64_t n);
-// threshold = dropout_threshold(p) (core/rng.h), computed on the host; scale = 1 / (1 - p).
+// threshold = dropout_threshold(p) (core/rng.h) and keep_scale = 1.0f - p, both computed on the
+// host; kept elements are x / keep_scale, a true (correctly rounded) division as on the CPU, so
+// the result is bitwise the CPU backend's.
 void dropout(const Ctx& c, float* out, const float* x, int64_t n, uint32_t threshold,
-             float scale, uint64_t seed);
+             float keep_scale, uint64_t seed);
 void uniform_jitter(const Ctx& c, float* out, const float* x, int64_t n, float eps, uint64_t seed,
                     uint64_t offset);
 
