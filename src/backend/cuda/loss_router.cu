@@ -55,7 +55,8 @@ struct MaxOp {
 template <class T, class Op>
 __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -73,7 +74,7 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* smem /* [kWarps] */) {
   return v;
 }
 
-// ---- cross-entropy --------------------------------------------------------------------------------
+// ---- cross-entropy ------------------------------------------------------------------------------
 // One block per row of logits [N,V] (grid-stride over rows). Two passes as the CPU:
 // mx = max_v logits (fp32); z = sum_v double(expf(logits - mx)); lse = float(double(mx) + log z);
 // loss = float(l - double(logits[label])) for label >= 0, else 0.
@@ -124,7 +125,7 @@ cross_entropy_backward_kernel(float* dlogits, const float* logits, const float* 
   }
 }
 
-// ---- router forward -------------------------------------------------------------------------------
+// ---- router forward -----------------------------------------------------------------------------
 // Pass 1, one thread per token, experts in increasing e exactly as the CPU (in double, so that
 // near-ties pick the CPU's expert): probs, lse, expert (argmax of the stored float probs, lowest
 // index on ties), gate.
@@ -197,7 +198,7 @@ router_positions_kernel(int32_t* __restrict__ slot, float* __restrict__ counts,
   }
 }
 
-// ---- router balance loss --------------------------------------------------------------------------
+// ---- router balance loss ------------------------------------------------------------------------
 // One block per group: lb[g] = float(E * sum_e double(counts[g,e]) * P_e / (double(S) * S)),
 // P_e = sum_s double(probs[g*S+s, e]). The block is 8 rows x 32 columns: column tx takes experts
 // e0 + tx, row ty takes tokens s = ty, ty+8, ...; the 8 row partials are added in row order, the
@@ -232,7 +233,7 @@ router_balance_loss_kernel(float* __restrict__ lb, const float* __restrict__ pro
   }
 }
 
-// ---- router backward ------------------------------------------------------------------------------
+// ---- router backward ----------------------------------------------------------------------------
 // One thread per token, experts in increasing e as the CPU, in double:
 //   dprob_e = lb_coef * counts[g,e] + [e == expert] dgate,   lb_coef = lb_scale * E / S^2
 //   dlogits = float(p_e * (dprob_e - sum_e' dprob_e' p_e' + 2 z_scale lse))
@@ -247,19 +248,23 @@ router_backward_kernel(float* __restrict__ dlogits, const float* __restrict__ pr
     const float* counts_g = counts + (t / S) * E;
     const int ex = expert[t];
     const double dg = double(dgate[t]);
+    // Explicit _rn operations: nvcc would fuse a*b + c into one FMA (one rounding) where the CPU
+    // rounds the product and then the sum; spelled out, this is bitwise the CPU's order.
     double dot = 0.0;
-    for (int e = 0; e < E; ++e)
-      dot += (lb_coef * counts_g[e] + (e == ex ? dg : 0.0)) * double(p[e]);
-    const double z_term = double(z_scale) * 2.0 * double(lse[t]);
+    for (int e = 0; e < E; ++e) {
+      const double dprob = __dadd_rn(__dmul_rn(lb_coef, double(counts_g[e])), e == ex ? dg : 0.0);
+      dot = __dadd_rn(dot, __dmul_rn(dprob, double(p[e])));
+    }
+    const double z_term = __dmul_rn(__dmul_rn(double(z_scale), 2.0), double(lse[t]));
     float* d = dlogits + t * E;
     for (int e = 0; e < E; ++e) {
-      const double dprob = lb_coef * counts_g[e] + (e == ex ? dg : 0.0);
-      d[e] = static_cast<float>(double(p[e]) * (dprob - dot + z_term));
+      const double dprob = __dadd_rn(__dmul_rn(lb_coef, double(counts_g[e])), e == ex ? dg : 0.0);
+      d[e] = static_cast<float>(__dmul_rn(double(p[e]), __dadd_rn(__dsub_rn(dprob, dot), z_term)));
     }
   }
 }
 
-// ---- dispatch and combine -------------------------------------------------------------------------
+// ---- dispatch and combine -----------------------------------------------------------------------
 // Expert buffers [E, GC, D] are written whole, one writer per element, through a map from buffer
 // row to token (int64, -1 for an empty row) in the workspace. Rows go in ranges of at most
 // kMapCap rows [row0, row1) of the flat E*GC rows, in increasing order (one range unless
