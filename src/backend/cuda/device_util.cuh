@@ -66,6 +66,15 @@ class WorkspaceCarver {
   size_t used_ = 0;
 };
 
+// Row- and block-parallel kernels (norm_attention.cu, loss_router.cu) launch ceil(items /
+// per_block) blocks up to kMaxBlocks and grid-stride beyond (their results never depend on the
+// grid either: each row or item is one block's or thread's whole work).
+inline constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+inline int64_t blocks_for(int64_t items, int64_t per_block) {
+  const int64_t blocks = ceil_div(items, per_block);
+  return blocks < kMaxBlocks ? blocks : kMaxBlocks;
+}
+
 // ---- grid-stride index --------------------------------------------------------------------------
 
 __device__ __forceinline__ int64_t global_thread_index() {
@@ -74,6 +83,24 @@ __device__ __forceinline__ int64_t global_thread_index() {
 __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
 
 // ---- warp and block reductions (fixed trees) ----------------------------------------------------
+
+// Reductions with an operator, as an xor butterfly: every lane ends with the same value.
+struct SumOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+// std::max's rule (the CPU's): keep a unless a < b. A NaN candidate never replaces the maximum.
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return a < b ? b : a; }
+};
+template <class T, class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
 // T: float, double, int, long long, unsigned long long (types __shfl_*_sync takes).
 
 template <class T>

@@ -17,25 +17,21 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device_util.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace switcht5::cuda {
+
+using detail::blocks_for;
+using detail::MaxOp;
+using detail::SumOp;
+using detail::warp_reduce;
+
 namespace {
 
 constexpr int kBlock = 256;  // threads per block, every kernel here
 constexpr int kWarps = kBlock / 32;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // larger launches grid-stride
 
-int64_t blocks_for(int64_t items, int64_t per_block) {
-  return std::min((items + per_block - 1) / per_block, kMaxBlocks);
-}
-
-void check_launch(const char* file, int line) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    cuda_fail(file, line, "kernel launch", "CUDA", int(err), cudaGetErrorString(err));
-}
-#define SWT_CHECK_LAUNCH() check_launch(__FILE__, __LINE__)
 
 void require_workspace(const Ctx& c, const char* file, int line) {
   if (c.workspace == nullptr || c.workspace_bytes < kWorkspaceBytes)
@@ -43,22 +39,6 @@ void require_workspace(const Ctx& c, const char* file, int line) {
               "the launcher needs ctx.workspace of kWorkspaceBytes (internal error)");
 }
 
-struct SumOp {
-  template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
-};
-// std::max's rule (the CPU's): keep a unless a < b.
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return a < b ? b : a; }
-};
-
-template <class T, class Op>
-__device__ __forceinline__ T warp_reduce(T v, Op op) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 // Reduces v over the block (all threads must call it); every thread gets the result.
 template <class T, class Op>
@@ -323,15 +303,15 @@ void fill_expert_buffer(const Ctx& c, float* buf, const float* src, const float*
   for (int64_t row0 = 0; row0 < rows; row0 += kMapCap) {
     const int64_t n = std::min(kMapCap, rows - row0);
     map_clear_kernel<<<unsigned(blocks_for(n, kBlock)), kBlock, 0, c.stream>>>(map, n);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
     if (T > 0) {
       map_scatter_kernel<<<unsigned(blocks_for(T, kBlock)), kBlock, 0, c.stream>>>(
           map, expert, slot, T, E, GC, row0, row0 + n);
-      SWT_CHECK_LAUNCH();
+      SWT_CUDA_CHECK_LAUNCH();
     }
     map_fill_kernel<<<unsigned(blocks_for(n * D, kBlock)), kBlock, 0, c.stream>>>(
         buf, src, gate, map, row0, n, D);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   }
 }
 
@@ -385,7 +365,7 @@ void cross_entropy_forward(const Ctx& c, float* loss, float* lse, const float* l
   if (N <= 0 || V <= 0) return;
   cross_entropy_forward_kernel<<<unsigned(blocks_for(N, 1)), kBlock, 0, c.stream>>>(
       loss, lse, logits, labels, N, V);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, const float* lse,
@@ -393,7 +373,7 @@ void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, c
   if (N <= 0 || V <= 0) return;
   cross_entropy_backward_kernel<<<unsigned(blocks_for(N, 1)), kBlock, 0, c.stream>>>(
       dlogits, logits, lse, labels, N, V, scale, z_coef);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int32_t* slot,
@@ -403,12 +383,12 @@ void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int
   if (T > 0) {
     router_softmax_kernel<<<unsigned(blocks_for(T, kBlock)), kBlock, 0, c.stream>>>(
         probs, lse, expert, gate, logits, T, E);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   }
   // Also for S == 0: counts are then all 0.
   router_positions_kernel<<<unsigned(blocks_for(int64_t(G) * E, 1)), kBlock, 0, c.stream>>>(
       slot, counts, expert, G, S, E, C);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void router_balance_loss(const Ctx& c, float* lb, const float* probs, const float* counts, int G,
@@ -416,7 +396,7 @@ void router_balance_loss(const Ctx& c, float* lb, const float* probs, const floa
   if (G <= 0) return;
   router_balance_loss_kernel<<<unsigned(blocks_for(G, 1)), kBlock, 0, c.stream>>>(lb, probs,
                                                                                   counts, G, S, E);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void router_backward(const Ctx& c, float* dlogits, const float* probs, const float* lse,
@@ -427,7 +407,7 @@ void router_backward(const Ctx& c, float* dlogits, const float* probs, const flo
   const double lb_coef = double(lb_scale) * E / (double(S) * S);
   router_backward_kernel<<<unsigned(blocks_for(T, kBlock)), kBlock, 0, c.stream>>>(
       dlogits, probs, lse, expert, dgate, counts, T, S, E, lb_coef, z_scale);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void moe_dispatch(const Ctx& c, float* buf, const float* x, const int32_t* expert,
@@ -440,7 +420,7 @@ void moe_dispatch_backward(const Ctx& c, float* dx, const float* dbuf, const int
   if (T <= 0 || D <= 0) return;
   gather_rows_kernel<<<unsigned(blocks_for(T * D, kBlock)), kBlock, 0, c.stream>>>(
       dx, dbuf, nullptr, expert, slot, T, D, GC);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void moe_combine(const Ctx& c, float* out, const float* buf, const float* gate,
@@ -448,7 +428,7 @@ void moe_combine(const Ctx& c, float* out, const float* buf, const float* gate,
   if (T <= 0 || D <= 0) return;
   gather_rows_kernel<<<unsigned(blocks_for(T * D, kBlock)), kBlock, 0, c.stream>>>(
       out, buf, gate, expert, slot, T, D, GC);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 void moe_combine_backward(const Ctx& c, float* dbuf, float* dgate, const float* dout,
@@ -458,7 +438,7 @@ void moe_combine_backward(const Ctx& c, float* dbuf, float* dgate, const float* 
   if (T <= 0) return;
   combine_dgate_kernel<<<unsigned(blocks_for(T, kWarps)), kBlock, 0, c.stream>>>(
       dgate, dout, buf, expert, slot, T, D, E, GC);
-  SWT_CHECK_LAUNCH();
+  SWT_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace switcht5::cuda

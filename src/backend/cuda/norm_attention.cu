@@ -21,45 +21,25 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device_util.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace switcht5::cuda {
+
+using detail::blocks_for;
+using detail::MaxOp;
+using detail::SumOp;
+using detail::warp_reduce;
+
 namespace {
 
 constexpr int kBlock = 256;                       // threads per block, every kernel here
 constexpr int kWarps = kBlock / 32;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // larger launches grid-stride
 
 template <int V>
 using IntC = std::integral_constant<int, V>;
 
-int64_t blocks_for(int64_t items, int64_t per_block) {
-  return std::min((items + per_block - 1) / per_block, kMaxBlocks);
-}
 
-void check_launch(const char* file, int line) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    cuda_fail(file, line, "kernel launch", "CUDA", int(err), cudaGetErrorString(err));
-}
-#define SWT_CHECK_LAUNCH() check_launch(__FILE__, __LINE__)
-
-struct SumOp {
-  template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
-};
-// std::max's rule (the CPU's): keep a unless a < b. A NaN candidate never replaces the maximum.
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return a < b ? b : a; }
-};
-
-template <class T, class Op>
-__device__ __forceinline__ T warp_reduce(T v, Op op) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 // Reduces v over the row group; every thread of the group gets the result. For kGroup == kBlock
 // all threads of the block must call it (the loops over rows are block-uniform then); `smem`
@@ -344,7 +324,7 @@ void rmsnorm_forward(const Ctx& c, float* out, float* rstd, const float* x, cons
     const int64_t blocks = blocks_for(N, kBlock / kGroup);
     rmsnorm_forward_kernel<kGroup, kPer>
         <<<unsigned(blocks), kBlock, 0, c.stream>>>(out, rstd, x, w, N, D, eps);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   });
 }
 
@@ -356,7 +336,7 @@ void rmsnorm_backward(const Ctx& c, float* dx, float* dw, const float* dout, con
     const int64_t blocks = blocks_for(N, kBlock / kGroup);
     rmsnorm_backward_dx_kernel<kGroup, kPer>
         <<<unsigned(blocks), kBlock, 0, c.stream>>>(dx, dout, x, w, rstd, N, D);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   });
 
   require_workspace(c, __FILE__, __LINE__);
@@ -371,10 +351,10 @@ void rmsnorm_backward(const Ctx& c, float* dx, float* dw, const float* dout, con
     const unsigned col_blocks = unsigned((tile_w + kBlock - 1) / kBlock);
     rmsnorm_dw_partial_kernel<<<dim3(unsigned(chunks), col_blocks), kBlock, 0, c.stream>>>(
         partial, dout, x, rstd, N, D, col0, tile_w, rows_per_chunk);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
     rmsnorm_dw_finish_kernel<<<col_blocks, kBlock, 0, c.stream>>>(dw, partial, col0, tile_w,
                                                                   chunks);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   }
 }
 
@@ -387,7 +367,7 @@ void attention_softmax_forward(const Ctx& c, float* probs, const float* scores, 
     const int64_t blocks = blocks_for(rows, kBlock / kGroup);
     attention_softmax_kernel<kGroup, kPer><<<unsigned(blocks), kBlock, 0, c.stream>>>(
         probs, scores, bias, key_mask, H, Tq, Tk, causal, rows);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   });
 }
 
@@ -399,7 +379,7 @@ void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const f
     const int64_t blocks = blocks_for(rows, kBlock / kGroup);
     softmax_backward_kernel<kGroup, kPer>
         <<<unsigned(blocks), kBlock, 0, c.stream>>>(dscores, dprobs, probs, rows, Tk);
-    SWT_CHECK_LAUNCH();
+    SWT_CUDA_CHECK_LAUNCH();
   });
 }
 
