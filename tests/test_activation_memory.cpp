@@ -82,8 +82,8 @@ TEST_P(ActivationMemory, AttentionBackwardNeedsNoForwardScratch) {
   EXPECT_TRUE(bitwise_equal(a.dxq, b.dxq));
   EXPECT_TRUE(bitwise_equal(a.dxkv, b.dxkv));
   EXPECT_TRUE(bitwise_equal(a.grads, b.grads));
-  EXPECT_EQ(shared.activation_floats() + owning.forward_scratch_floats(),
-            owning.activation_floats())
+  EXPECT_EQ(shared.activation_bytes() + sizeof(float) * owning.forward_scratch_floats(),
+            owning.activation_bytes())
       << "a layer counts the forward workspace it owns, and only that one";
 }
 
@@ -105,7 +105,7 @@ TEST_P(ActivationMemory, SwitchEvaluatesInScratchAtTheEvaluationCapacity) {
                                      gated});
     SwitchFFN large(*be, ps, "mlp", {T, S, D, F, E, /*capacity_train=*/3, /*capacity_eval=*/3,
                                      gated});
-    EXPECT_LT(small.activation_floats(), large.activation_floats());
+    EXPECT_LT(small.activation_bytes(), large.activation_bytes());
     auto x = upload(*be, random_vector(T * D, 9, -2, 2));
     DeviceArray<float> out_eval(*be, T * D), out_train(*be, T * D);
     DeviceArray<float> arena(*be, small.forward_scratch_floats());
