@@ -116,9 +116,11 @@ int run(int argc, char** argv) {
              trainer.step_flops() * 1e-9, achieved, peak, rows, F, D, peak_square,
              100.0 * achieved / peak);
   fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; optimizer state {:.2f} MB; "
-             "activations {:.1f} MB\n",
+             "activations {:.1f} MB ({:.1f} MB kept for backward, {} compute dtype)\n",
              ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
-             opt_floats * 4e-6, trainer.model().activation_floats() * 4e-6);
+             opt_floats * 4e-6, double(trainer.model().activation_bytes()) * 1e-6,
+             double(trainer.model().kept_activation_bytes()) * 1e-6,
+             dtype_name(trainer.model().params().compute_dtype()));
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
   // Backend calls that hand data to the host (copy_to_host, sum, sum_squares, count_nonfinite):

@@ -177,18 +177,26 @@ void expect_same_steps(const std::vector<StepMetrics>& a, const std::vector<Step
   }
 }
 
-// Train 4 steps, save, resume to 6 and evaluate, all on guarded memory, for both optimizers;
+// Train 4 steps, save, resume to 6 and evaluate, all on guarded memory, for both optimizers
+// and (bf16 activations and compute copies in device memory) train.precision: bf16;
 // everything equals the same run on the cpu backend bit for bit, checkpoints included.
 TEST(GuardedBackend, TrainSaveResumeEvaluateEqualsCpu) {
-  for (const char* opt : {"adafactor", "adamw"}) {
-    SCOPED_TRACE(opt);
-    const std::string o = std::string("train.optimizer=") + opt;
+  struct Case {
+    const char* optimizer;
+    const char* precision;
+  };
+  for (const Case c : {Case{"adafactor", "fp32"}, Case{"adamw", "fp32"},
+                       Case{"adafactor", "bf16"}}) {
+    const std::string name = std::string(c.optimizer) + "_" + c.precision;
+    SCOPED_TRACE(name);
+    const std::string o = std::string("train.optimizer=") + c.optimizer;
+    const std::string p = std::string("train.precision=") + c.precision;
     TrainOptions guarded;
     guarded.make_backend_named = guarded_backend_factory();
-    const std::string gdir = temp_dir(std::string("guarded_") + opt);
-    const std::string cdir = temp_dir(std::string("cpu_") + opt);
-    const TrainResult g1 = train(tiny({"train.steps=4", o}), gdir, guarded);
-    const TrainResult c1 = train(tiny({"train.steps=4", o}), cdir);
+    const std::string gdir = temp_dir("guarded_" + name);
+    const std::string cdir = temp_dir("cpu_" + name);
+    const TrainResult g1 = train(tiny({"train.steps=4", o, p}), gdir, guarded);
+    const TrainResult c1 = train(tiny({"train.steps=4", o, p}), cdir);
     ASSERT_EQ(g1.logged.size(), 4u);
     expect_same_steps(g1.logged, c1.logged);
     EXPECT_TRUE(g1.logged[1].has_val);
@@ -198,8 +206,8 @@ TEST(GuardedBackend, TrainSaveResumeEvaluateEqualsCpu) {
     guarded.resume = "auto";
     TrainOptions plain;
     plain.resume = "auto";
-    const TrainResult g2 = train(tiny({"train.steps=6", o}), gdir, guarded);
-    const TrainResult c2 = train(tiny({"train.steps=6", o}), cdir, plain);
+    const TrainResult g2 = train(tiny({"train.steps=6", o, p}), gdir, guarded);
+    const TrainResult c2 = train(tiny({"train.steps=6", o, p}), cdir, plain);
     EXPECT_EQ(g2.start_step, 4);
     ASSERT_EQ(g2.logged.size(), 2u);
     expect_same_steps(g2.logged, c2.logged);
@@ -207,7 +215,7 @@ TEST(GuardedBackend, TrainSaveResumeEvaluateEqualsCpu) {
                          cdir + "/checkpoints/ckpt-00000006.h5");
 
     // Evaluation of the saved checkpoint (what `switcht5 eval` runs), parameters only.
-    const RunConfig cfg = tiny({"train.steps=6", o});
+    const RunConfig cfg = tiny({"train.steps=6", o, p});
     ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
     Trainer ge(cfg, grid, TrainerUse::kEvaluate, guarded_backend_factory());
     Trainer ce(cfg, grid, TrainerUse::kEvaluate);

@@ -1,5 +1,6 @@
 #include "model/attention.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "model/linear.h"
@@ -27,24 +28,29 @@ Attention::Attention(Backend& be, ParamStore& ps, const std::string& prefix, Att
       wq_(&ps.info(prefix + ".q.weight")), wk_(&ps.info(prefix + ".k.weight")),
       wv_(&ps.info(prefix + ".v.weight")), wo_(&ps.info(prefix + ".o.weight")) {
   const int64_t HK = int64_t(s.H) * s.K;
-  qh_ = DeviceArray<float>(be, int64_t(s.B) * s.Tq * HK);
-  kh_ = DeviceArray<float>(be, int64_t(s.B) * s.Tk * HK);
-  vh_ = DeviceArray<float>(be, kh_.size());
-  probs_ = DeviceArray<float>(be, int64_t(s.B) * s.H * s.Tq * s.Tk);
-  ctx_ = DeviceArray<float>(be, qh_.size());
+  const DType dt = ps.compute_dtype();
+  qh_ = ActivationBuffer(be, dt, int64_t(s.B) * s.Tq * HK);
+  kh_ = ActivationBuffer(be, dt, int64_t(s.B) * s.Tk * HK);
+  vh_ = ActivationBuffer(be, dt, kh_.size());
+  probs_ = ActivationBuffer(be, dt, int64_t(s.B) * s.H * s.Tq * s.Tk);
+  ctx_ = ActivationBuffer(be, dt, qh_.size());
 }
 
 int64_t Attention::scratch_floats() const {
   // dprobs [B,H,Tq,Tk] + dctx, dctx_h/dq_h, dq [B*Tq,HK] + dk_h, dv_h, dk, dv [B*Tk,HK]
-  return probs_.size() + 3 * qh_.size() + 4 * kh_.size();
+  // (+ bf16: probs in fp32 [B,H,Tq,Tk])
+  return probs_.size() + 3 * qh_.size() + 4 * kh_.size() + probs_.staging_floats();
 }
 
 int64_t Attention::forward_scratch_floats() const {
   // q (later ctx_h) [B*Tq,HK] + k, v [B*Tk,HK] + dropout(probs) [B,H,Tq,Tk]
-  return qh_.size() + 2 * kh_.size() + probs_.size();
+  // (+ bf16: one head-major permute in fp32, [B*T,HK] for the longer of Tq and Tk; the fp32
+  // probs live where dropout(probs) goes)
+  return qh_.size() + 2 * kh_.size() + probs_.size() +
+         std::max(qh_.staging_floats(), kh_.staging_floats());
 }
 
-void Attention::forward(float* out, const float* xq, const float* xkv, const float* bias,
+void Attention::forward(float* out, ActivationView xq, ActivationView xkv, const float* bias,
                         const float* key_mask, float dropout_p, uint64_t seed, float* scratch) {
   const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
   xq_ = xq;
@@ -61,33 +67,41 @@ void Attention::forward(float* out, const float* xq, const float* xkv, const flo
   float* k = arena.take<float>(kh_.size());              // [B*Tk, HK]
   float* v = arena.take<float>(vh_.size());              // [B*Tk, HK]
   float* p_dropped = arena.take<float>(probs_.size());   // [B,H,Tq,Tk]
+  // bf16: a head-major tensor in fp32 before it is stored ([B,H,T,K] or [B*Tq,HK]).
+  float* permuted = qh_.is_f32() ? nullptr : arena.take<float>(std::max(qh_.size(), kh_.size()));
   linear_forward(be_, q, xq, ps_.weight(*wq_), B * Tq, D, HK);
   linear_forward(be_, k, xkv, ps_.weight(*wk_), B * Tk, D, HK);
   linear_forward(be_, v, xkv, ps_.weight(*wv_), B * Tk, D, HK);
-  be_.permute_0213(qh_.data(), q, B, Tq, H, K);
-  be_.permute_0213(kh_.data(), k, B, Tk, H, K);
-  be_.permute_0213(vh_.data(), v, B, Tk, H, K);
-  // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h).
-  be_.gemm(false, true, Tq, Tk, K, 1.0f, qh_.data(), K, int64_t(Tq) * K, kh_.data(), K,
-           int64_t(Tk) * K, 0.0f, probs_.data(), Tk, int64_t(Tq) * Tk, B * H);
-  be_.attention_softmax_forward(probs_.data(), probs_.data(), bias, key_mask, B, H, Tq, Tk,
-                                s_.causal);
+  be_.permute_0213(qh_.f32_or(permuted), q, B, Tq, H, K);
+  qh_.store(be_, qh_.f32_or(permuted));
+  be_.permute_0213(kh_.f32_or(permuted), k, B, Tk, H, K);
+  kh_.store(be_, kh_.f32_or(permuted));
+  be_.permute_0213(vh_.f32_or(permuted), v, B, Tk, H, K);
+  vh_.store(be_, vh_.f32_or(permuted));
+  // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h), in fp32: in probs_ itself
+  // (fp32), else where dropout(probs) goes.
+  float* probs = probs_.f32_or(p_dropped);
+  activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, qh_.view(), K, int64_t(Tq) * K, kh_.view(),
+                  K, int64_t(Tk) * K, 0.0f, probs, Tk, int64_t(Tq) * Tk, B * H);
+  be_.attention_softmax_forward(probs, probs, bias, key_mask, B, H, Tq, Tk, s_.causal);
   // bf16: the softmax runs in fp32 on fp32 scores; its output is stored as bf16.
-  store_activation(be_, ps_, probs_.data(), probs_.size());
-  const float* p = probs_.data();
+  store_activation(be_, ps_, probs, probs_.size());
+  probs_.store(be_, probs);
+  const float* p = probs;
   if (dropout_p > 0.0f) {
-    be_.dropout(p_dropped, probs_.data(), probs_.size(), dropout_p, seed);
+    be_.dropout(p_dropped, probs, probs_.size(), dropout_p, seed);
     store_activation(be_, ps_, p_dropped, probs_.size());
     p = p_dropped;
   }
   // ctx_h = p v_h [B,H,Tq,K], written over q (free once permuted into qh_), then permuted
   // token-major into ctx_ [B*Tq, HK].
   float* ctx_h = q;
-  be_.gemm(false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.data(), K, int64_t(Tk) * K,
-           0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
+  activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.view(), K,
+                  int64_t(Tk) * K, 0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
   store_activation(be_, ps_, ctx_h, int64_t(B) * Tq * HK);
-  be_.permute_0213(ctx_.data(), ctx_h, B, H, Tq, K);
-  linear_forward(be_, out, ctx_.data(), ps_.weight(*wo_), B * Tq, HK, D);
+  be_.permute_0213(ctx_.f32_or(permuted), ctx_h, B, H, Tq, K);
+  ctx_.store(be_, ctx_.f32_or(permuted));
+  linear_forward(be_, out, ctx_.view(), ps_.weight(*wo_), B * Tq, HK, D);
 }
 
 void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch) {
@@ -102,36 +116,38 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   float* dv_h = arena.take<float>(nk);
   float* dk = arena.take<float>(nk);                 // [B*Tk,HK]
   float* dv = arena.take<float>(nk);
+  // The softmax output in fp32, for the dropout recomputation and the softmax backward.
+  const float* probs = probs_.load(be_, arena);      // [B,H,Tq,Tk]
 
   // out = ctx Wo^T
-  linear_backward_weight(be_, ps_.grad(*wo_), dout, ctx_.data(), B * Tq, HK, D);
+  linear_backward_weight(be_, ps_.grad(*wo_), dout, ctx_.view(), B * Tq, HK, D);
   linear_backward_input(be_, dctx, dout, ps_.weight(*wo_), B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
   // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
   // p was not kept: dropout is a function of (seed, index), so the forward's p is recomputed
   // exactly into dprobs, used for dv_h, then overwritten by dp.
-  const float* p = probs_.data();
+  const float* p = probs;
   if (dropout_p_ > 0.0f) {
-    be_.dropout(dprobs, probs_.data(), probs_.size(), dropout_p_, seed_);
+    be_.dropout(dprobs, probs, probs_.size(), dropout_p_, seed_);
     store_activation(be_, ps_, dprobs, probs_.size());
     p = dprobs;
   }
   be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K, int64_t(Tq) * K,
            0.0f, dv_h, K, int64_t(Tk) * K, B * H);
   store_activation(be_, ps_, dv_h, nk);
-  be_.gemm(false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.data(), K,
-           int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
+  activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.view(), K,
+                  int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
   if (dropout_p_ > 0.0f) be_.dropout(dprobs, dprobs, probs_.size(), dropout_p_, seed_);
   // probs = softmax(scores + bias): dscores in place of dprobs.
-  be_.softmax_backward(dprobs, dprobs, probs_.data(), int64_t(B) * H * Tq, Tk);
+  be_.softmax_backward(dprobs, dprobs, probs, int64_t(B) * H * Tq, Tk);
   if (dbias) be_.sum_over_batch(dbias, dprobs, B, int64_t(H) * Tq * Tk);
   store_activation(be_, ps_, dprobs, probs_.size());  // dscores feed bf16 GEMMs
   // scores = q_h k_h^T:  dq_h = dscores k_h,  dk_h = dscores^T q_h
   float* dq_h = dctx_h;
-  be_.gemm(false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.data(), K,
-           int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
-  be_.gemm(true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, qh_.data(), K,
-           int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
+  activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.view(), K,
+                  int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
+  activation_gemm(be_, true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, qh_.view(), K,
+                  int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
   store_activation(be_, ps_, dq_h, nq);
   store_activation(be_, ps_, dk_h, nk);
   be_.permute_0213(dq, dq_h, B, H, Tq, K);

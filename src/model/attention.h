@@ -6,11 +6,14 @@
 //   ctx_h = dropout(probs) v_h  [B,H,Tq,K];  out = ctx Wo^T [B*Tq, D]
 // Parameters (HF names under `prefix`): q.weight [HK,D], k.weight [HK,D], v.weight [HK,D],
 // o.weight [D,HK]. The relative position bias is owned by the stack, not by this layer.
+// Kept activations (q_h, k_h, v_h, probs, ctx and the inputs) are in the compute dtype
+// (model/activation_buffer.h); scores and the softmax run in fp32.
 #pragma once
 #include <cstdint>
 #include <string>
 
 #include "backend/backend.h"
+#include "model/activation_buffer.h"
 #include "model/params.h"
 
 namespace switcht5 {
@@ -30,26 +33,27 @@ class Attention {
   static void register_params(ParamStore& ps, const std::string& prefix, int D, int H, int K,
                               double init_scale, const Sharding& sharding = {});
 
+  // Kept activations are held in ps.compute_dtype() as it is now.
   Attention(Backend& be, ParamStore& ps, const std::string& prefix, AttentionShape shape);
 
-  // xq [B*Tq, D] and xkv [B*Tk, D] must stay alive until backward. bias [H,Tq,Tk] or null,
+  // xq [B*Tq, D] and xkv [B*Tk, D] (fp32 or the compute dtype) must stay alive until backward. bias [H,Tq,Tk] or null,
   // key_mask [B,Tk] or null. out [B*Tq, D]. scratch: forward_scratch_floats() floats of
   // workspace that is dead once forward returns (the caller may reuse it, e.g. for backward);
   // null: a buffer of the layer's own, allocated on first use (standalone layers, tests).
-  void forward(float* out, const float* xq, const float* xkv, const float* bias,
+  void forward(float* out, ActivationView xq, ActivationView xkv, const float* bias,
                const float* key_mask, float dropout_p, uint64_t seed, float* scratch = nullptr);
   // dxq [B*Tq,D] is assigned; dxkv [B*Tk,D] is accumulated (+=) after dxq is written, so a
   // self-attention may pass the same buffer for both. dbias [H,Tq,Tk] (+=) may be null.
   void backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch);
-  // Floats of scratch that backward needs.
+  // Floats of scratch that backward needs (in bf16 mode with an fp32 copy of probs).
   int64_t scratch_floats() const;
   // Floats of workspace forward needs: the projections before the head-major permute and
-  // dropout(probs).
+  // dropout(probs) (in bf16 mode with the fp32 staging of what is kept).
   int64_t forward_scratch_floats() const;
-  // Floats of activations this layer keeps for backward.
-  int64_t activation_floats() const {
-    return qh_.size() + kh_.size() + vh_.size() + probs_.size() + ctx_.size() +
-           own_scratch_.size();
+  // Bytes of activations this layer keeps for backward.
+  size_t activation_bytes() const {
+    return qh_.bytes() + kh_.bytes() + vh_.bytes() + probs_.bytes() + ctx_.bytes() +
+           own_scratch_.bytes();
   }
 
  private:
@@ -58,13 +62,12 @@ class Attention {
   ParamStore& ps_;
   const ParamInfo *wq_, *wk_, *wv_, *wo_;
   // Saved for backward.
-  const float* xq_ = nullptr;
-  const float* xkv_ = nullptr;
+  ActivationView xq_, xkv_;
   float dropout_p_ = 0.0f;
   uint64_t seed_ = 0;
-  DeviceArray<float> qh_, kh_, vh_;         // [B,H,T,K]
-  DeviceArray<float> probs_;                // [B,H,Tq,Tk] softmax output (before dropout)
-  DeviceArray<float> ctx_;                  // [B*Tq, HK]
+  ActivationBuffer qh_, kh_, vh_;           // [B,H,T,K]
+  ActivationBuffer probs_;                  // [B,H,Tq,Tk] softmax output (before dropout)
+  ActivationBuffer ctx_;                    // [B*Tq, HK]
   // Forward workspace when the caller passes none. dropout(probs) is not kept: backward
   // recomputes it from probs_ and the seed (Backend::dropout is a function of (seed, index)).
   DeviceArray<float> own_scratch_;

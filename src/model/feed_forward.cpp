@@ -46,58 +46,74 @@ FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix,
     wi_ = &ps.info(prefix + ".wi.weight");
   }
   const int64_t n = int64_t(count) * max_rows * F;
-  a_ = DeviceArray<float>(be, n);
-  if (gated) b_ = DeviceArray<float>(be, n);
-  h_ = DeviceArray<float>(be, n);
+  const DType dt = ps.compute_dtype();
+  a_ = ActivationBuffer(be, dt, n);
+  if (gated) b_ = ActivationBuffer(be, dt, n);
+  h_ = ActivationBuffer(be, dt, n);
 }
 
-void FeedForward::forward(float* out, const float* x, int N, float dropout_p, uint64_t seed) {
+void FeedForward::forward(float* out, ActivationView x, int N, float dropout_p, uint64_t seed,
+                          float* scratch) {
   SWT_CHECK(N <= max_rows_, "FeedForward::forward of {} rows, sized for {}", N, max_rows_);
   x_ = x;
   N_ = N;
   dropout_p_ = dropout_p;
   seed_ = seed;
-  forward_into(a_.data(), b_.data(), h_.data(), out, x, N, dropout_p, seed);
+  if (!scratch && forward_scratch_floats() > 0) {
+    if (own_scratch_.size() == 0) own_scratch_ = DeviceArray<float>(be_, forward_scratch_floats());
+    scratch = own_scratch_.data();
+  }
+  ScratchArena arena(scratch, forward_scratch_floats(), "FeedForward::forward scratch");
+  float* a = a_.f32_or(arena);                       // [count, N, F]
+  float* b = gated_ ? b_.f32_or(arena) : nullptr;    // [count, N, F] (gated)
+  float* h = h_.f32_or(a);  // bf16: in place of a, once a is stored
+  forward_into(a, b, h, out, x, N, dropout_p, seed, /*keep=*/true);
 }
 
-void FeedForward::forward_transient(float* out, const float* x, int N, float* scratch) {
-  x_ = nullptr;
+void FeedForward::forward_transient(float* out, ActivationView x, int N, float* scratch) {
+  x_ = ActivationView();
   ScratchArena arena(scratch, transient_floats(N), "FeedForward::forward_transient scratch");
   const int64_t n = int64_t(count_) * N * F_;
   float* a = arena.take<float>(n);                      // [count, N, F], then h in place
   float* b = gated_ ? arena.take<float>(n) : nullptr;   // [count, N, F] (gated)
-  forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0);
+  forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0, /*keep=*/false);
 }
 
-void FeedForward::forward_into(float* a, float* b, float* h, float* out, const float* x, int N,
-                               float dropout_p, uint64_t seed) {
+void FeedForward::forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
+                               float dropout_p, uint64_t seed, bool keep) {
   const int64_t n = int64_t(count_) * N * F_;
   linear_forward(be_, a, x, ps_.weight(*wi_), N, D_, F_, count_);
+  if (keep) a_.store(be_, a, n);
   if (gated_) {
     linear_forward(be_, b, x, ps_.weight(*wi1_), N, D_, F_, count_);
+    if (keep) b_.store(be_, b, n);
     be_.gated_gelu_forward(h, a, b, n);
   } else {
     be_.relu_forward(h, a, n);
   }
   if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
   store_activation(be_, ps_, h, n);  // bf16: the activation is stored as bf16 (GEMM input)
-  linear_forward(be_, out, h, ps_.weight(*wo_), N, F_, D_, count_);
+  if (keep) h_.store(be_, h, n);
+  linear_forward(be_, out, keep ? h_.view() : ActivationView(h), ps_.weight(*wo_), N, F_, D_,
+                 count_);
 }
 
 void FeedForward::backward(float* dx, const float* dout, float* scratch) {
-  SWT_CHECK(x_, "FeedForward::backward after forward_transient, which keeps nothing");
+  SWT_CHECK(x_.data, "FeedForward::backward after forward_transient, which keeps nothing");
   const int N = N_;
   const int64_t n = int64_t(count_) * N * F_;
   ScratchArena arena(scratch, scratch_floats(), "FeedForward::backward scratch");
-  float* dh = arena.take<float>(n);  // [count, N, F]
-  float* db = arena.take<float>(n);  // [count, N, F] (gated)
-  linear_backward_weight(be_, ps_.grad(*wo_), dout, h_.data(), N, F_, D_, count_);
+  float* dh = arena.take<float>(h_.size());  // [count, N, F]
+  float* db = arena.take<float>(h_.size());  // [count, N, F] (gated)
+  const float* a = a_.load(be_, arena, n);   // [count, N, F] in fp32
+  linear_backward_weight(be_, ps_.grad(*wo_), dout, h_.view(), N, F_, D_, count_);
   linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
   if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
   if (gated_) {
-    // h_ is dead once dWo is formed, so da goes there; db goes to scratch.
-    float* da = h_.data();
-    be_.gated_gelu_backward(da, db, dh, a_.data(), b_.data(), n);
+    const float* b = b_.load(be_, arena, n);
+    // fp32: h_ is dead once dWo is formed, so da goes there; bf16: to scratch. db to scratch.
+    float* da = h_.f32_or(arena);
+    be_.gated_gelu_backward(da, db, dh, a, b, n);
     store_activation(be_, ps_, da, n);
     store_activation(be_, ps_, db, n);
     linear_backward_weight(be_, ps_.grad(*wi_), da, x_, N, D_, F_, count_);
@@ -105,7 +121,7 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
     linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
     linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
   } else {
-    be_.relu_backward(dh, dh, a_.data(), n);
+    be_.relu_backward(dh, dh, a, n);
     linear_backward_weight(be_, ps_.grad(*wi_), dh, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
   }

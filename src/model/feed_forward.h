@@ -6,11 +6,14 @@
 //   gated-gelu (T5 1.1; HF wi_0, wi_1, wo):               h = gelu_tanh(x wi_0^T) * (x wi_1^T)
 //   out = dropout(h) wo^T
 // x [count, N, D] -> out [count, N, D]; weights wi* [count, F, D], wo [count, D, F].
+// Kept activations (a, b, h and the input x) are in the compute dtype
+// (model/activation_buffer.h); gelu and relu run in fp32.
 #pragma once
 #include <cstdint>
 #include <string>
 
 #include "backend/backend.h"
+#include "model/activation_buffer.h"
 #include "model/params.h"
 
 namespace switcht5 {
@@ -34,26 +37,40 @@ class FeedForward {
                               const ExpertShard* shard = nullptr, int model_parallel = 1,
                               int model_rank = 0);
 
-  // max_rows: the largest N passed to forward (forward_transient takes any N).
+  // max_rows: the largest N passed to forward (forward_transient takes any N). Kept activations
+  // are held in ps.compute_dtype() as it is now.
   FeedForward(Backend& be, ParamStore& ps, const std::string& prefix, int count, int max_rows,
               int D, int F, bool gated);
 
-  // x must stay alive until backward. N <= max_rows.
-  void forward(float* out, const float* x, int N, float dropout_p, uint64_t seed);
+  // x (fp32 or the compute dtype) must stay alive until backward. N <= max_rows. scratch:
+  // forward_scratch_floats() floats of workspace, dead once forward returns; null: a buffer of
+  // the layer's own, allocated on first use (standalone layers, tests).
+  void forward(float* out, ActivationView x, int N, float dropout_p, uint64_t seed,
+               float* scratch = nullptr);
+  // bf16 mode: a (and b) in fp32 before they are stored, h formed in place of a. fp32: none.
+  int64_t forward_scratch_floats() const { return a_.staging_floats() + b_.staging_floats(); }
   // Forward that keeps nothing for backward (evaluation: no dropout): a (and b) live in
   // `scratch` (transient_floats(N) floats) and h is formed in place of a, so N may exceed
   // max_rows. backward must not follow.
-  void forward_transient(float* out, const float* x, int N, float* scratch);
+  void forward_transient(float* out, ActivationView x, int N, float* scratch);
   int64_t transient_floats(int N) const { return int64_t(gated_ ? 2 : 1) * count_ * N * F_; }
   // dx [count, N, D] assigned.
   void backward(float* dx, const float* dout, float* scratch);
-  int64_t scratch_floats() const { return 2 * h_.size(); }
-  int64_t activation_floats() const { return a_.size() + b_.size() + h_.size(); }
+  // dh, db [count, N, F] (+ bf16: a, and for gated-gelu b and da, in fp32)
+  int64_t scratch_floats() const {
+    return 2 * h_.size() + a_.staging_floats() +
+           (gated_ ? b_.staging_floats() + h_.staging_floats() : 0);
+  }
+  size_t activation_bytes() const {
+    return a_.bytes() + b_.bytes() + h_.bytes() + own_scratch_.bytes();
+  }
 
  private:
-  // The forward math, with a, b and h [count, N, F] wherever the caller puts them (h may be a).
-  void forward_into(float* a, float* b, float* h, float* out, const float* x, int N,
-                    float dropout_p, uint64_t seed);
+  // The forward math, with a, b and h [count, N, F] in fp32 wherever the caller puts them (h may
+  // be a). keep: store a, b and h in the kept buffers as they are formed (a, b and h are then
+  // what f32_or gave), and read h for the output GEMM as kept.
+  void forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
+                    float dropout_p, uint64_t seed, bool keep);
 
   Backend& be_;
   ParamStore& ps_;
@@ -62,13 +79,14 @@ class FeedForward {
   const ParamInfo *wi_ = nullptr, *wi1_ = nullptr, *wo_;  // wi_ is wi (relu) or wi_0 (gated)
   int max_rows_;
   // Saved for backward.
-  const float* x_ = nullptr;  // null after forward_transient
+  ActivationView x_;  // data null after forward_transient
   int N_ = 0;
   float dropout_p_ = 0.0f;
   uint64_t seed_ = 0;
-  DeviceArray<float> a_;   // [count, N, F] pre-activation (x wi^T or x wi_0^T)
-  DeviceArray<float> b_;   // [count, N, F] x wi_1^T (gated only)
-  DeviceArray<float> h_;   // [count, N, F] activation, then dropout in place
+  ActivationBuffer a_;   // [count, N, F] pre-activation (x wi^T or x wi_0^T)
+  ActivationBuffer b_;   // [count, N, F] x wi_1^T (gated only)
+  ActivationBuffer h_;   // [count, N, F] activation, then dropout in place
+  DeviceArray<float> own_scratch_;  // forward workspace when the caller passes none
 };
 
 }  // namespace switcht5

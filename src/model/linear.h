@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "backend/backend.h"
+#include "model/activation_buffer.h"
 #include "model/params.h"
 
 namespace switcht5 {
@@ -24,21 +25,29 @@ inline void linear_backward_input(Backend& be, float* dx, const float* dy, const
           accumulate ? 1.0f : 0.0f, dx, in, int64_t(N) * in, count);
 }
 
-inline void linear_backward_weight(Backend& be, float* dW, const float* dy, const float* x, int N,
-                                   int in, int out, int count = 1) {
-  be.gemm(true, false, out, in, N, 1.0f, dy, out, int64_t(N) * out, x, in, int64_t(N) * in, 1.0f,
-          dW, in, int64_t(out) * in, count);
+// x as the layer kept it (model/activation_buffer.h): an fp32 x takes the all-fp32 gemm, a
+// bf16 x is read as bf16 by gemm_ex. dW is the fp32 master gradient either way.
+inline void linear_backward_weight(Backend& be, float* dW, const float* dy, ActivationView x,
+                                   int N, int in, int out, int count = 1) {
+  if (x.is_f32()) {
+    be.gemm(true, false, out, in, N, 1.0f, dy, out, int64_t(N) * out, x.f32(), in,
+            int64_t(N) * in, 1.0f, dW, in, int64_t(out) * in, count);
+    return;
+  }
+  be.gemm_ex(true, false, out, in, N, 1.0f, dy, DType::kF32, out, int64_t(N) * out, x.data,
+             x.dtype, in, int64_t(N) * in, 1.0f, dW, DType::kF32, in, int64_t(out) * in, count);
 }
 
 // Mixed precision: the same maps with the weight as ParamStore::weight() gives it (its bf16
-// compute copy, or the fp32 master). With a bf16 weight the layer runs in bf16: x and dy are
-// bf16 activations (bf16 values in fp32 buffers), the GEMM sums in fp32, and y / dx are stored
-// as bf16 (rounded once, as a bf16-output GEMM does). dW always accumulates in fp32: the
-// master gradient. With an fp32 weight these are exactly the functions above.
-inline void linear_forward(Backend& be, float* y, const float* x, ParamStore::WeightView W, int N,
-                           int in, int out, int count = 1) {
-  be.gemm_ex(false, true, N, out, in, 1.0f, x, DType::kF32, in, int64_t(N) * in, W.data, W.dtype,
-             in, int64_t(out) * in, 0.0f, y, DType::kF32, out, int64_t(N) * out, count);
+// compute copy, or the fp32 master). With a bf16 weight the layer runs in bf16: x is a bf16
+// activation (a bf16 ActivationBuffer, or bf16 values in an fp32 buffer), dy holds bf16
+// values, the GEMM sums in fp32, and y / dx get bf16 values (rounded once, as a bf16-output
+// GEMM does) in fp32 buffers. dW always accumulates in fp32: the master gradient. With an fp32
+// weight and x these are exactly the functions above.
+inline void linear_forward(Backend& be, float* y, ActivationView x, ParamStore::WeightView W,
+                           int N, int in, int out, int count = 1) {
+  be.gemm_ex(false, true, N, out, in, 1.0f, x.data, x.dtype, in, int64_t(N) * in, W.data,
+             W.dtype, in, int64_t(out) * in, 0.0f, y, DType::kF32, out, int64_t(N) * out, count);
   if (W.dtype == DType::kBF16) be.round_to_bf16(y, int64_t(count) * N * out);
 }
 
@@ -51,8 +60,9 @@ inline void linear_backward_input(Backend& be, float* dx, const float* dy,
   if (W.dtype == DType::kBF16) be.round_to_bf16(dx, int64_t(count) * N * in);
 }
 
-// Stores x [n] as the compute dtype stores activations: rounded to bf16 in bf16 mode, as is in
-// fp32 (see ParamStore::compute_dtype()).
+// Gives x [n] the value the compute dtype stores: rounded to bf16 in bf16 mode, as is in fp32
+// (see ParamStore::compute_dtype()). A kept activation is then stored in its ActivationBuffer
+// (model/activation_buffer.h); a transient one (a gradient) stays in its fp32 buffer.
 inline void store_activation(Backend& be, const ParamStore& ps, float* x, int64_t n) {
   if (ps.compute_dtype() == DType::kBF16) be.round_to_bf16(x, n);
 }

@@ -82,10 +82,10 @@ void register_model_params(ParamStore& ps, const ModelConfig& cfg, const Shardin
 // A pre-norm residual sublayer: h_next = h_prev + dropout(f(rmsnorm(h_prev))).
 struct NormedResidual {
   const ParamInfo* ln = nullptr;
-  DeviceArray<float> normed;  // [N,D] rmsnorm(h_prev), the sublayer input
-  DeviceArray<float> rstd;    // [N]
-  DeviceArray<float> h_next;  // [N,D]
-  const float* h_prev = nullptr;
+  ActivationBuffer normed;    // [N,D] rmsnorm(h_prev), the sublayer input
+  DeviceArray<float> rstd;    // [N] fp32 in every compute dtype: a norm statistic
+  ActivationBuffer h_next;    // [N,D]
+  ActivationView h_prev;      // [N,D] the previous h_next, or the stack's h0
   uint64_t seed = 0;
 };
 
@@ -110,12 +110,18 @@ struct SwitchT5Model::Stack {
   const ParamInfo* relbias;    // [num_buckets, H], block 0
   const ParamInfo* final_ln;
   DeviceArray<int32_t> buckets;          // [T,T]
+  // fp32 in every compute dtype: the bias gathered from the fp32 master table, added to fp32
+  // scores (never a bf16 store), and its fp32 gradient.
   DeviceArray<float> bias, dbias;        // [H,T,T]
-  DeviceArray<float> h0;                 // [N,D] dropout(embed)
-  DeviceArray<float> out;                // [N,D] dropout(rmsnorm_final(h_L))
-  DeviceArray<float> final_rstd;         // [N]
+  ActivationBuffer h0;                   // [N,D] dropout(embed)
+  ActivationBuffer out;                  // [N,D] dropout(rmsnorm_final(h_L))
+  DeviceArray<float> final_rstd;         // [N] fp32: a norm statistic
   DeviceArray<float> sub_out;            // [N,D] sublayer output (scratch)
-  DeviceArray<float> dh, dtmp, dnormed;  // [N,D] backward scratch
+  // [N,D] backward scratch; bf16 mode: dnormed also holds normed and out in fp32 in forward.
+  DeviceArray<float> dh, dtmp, dnormed;
+  // bf16 mode only (empty in fp32): the residual stream in fp32, [N,D]. Forward: the running h,
+  // stored into each h_next; backward: h_prev of the sublayer being differentiated.
+  DeviceArray<float> h_f32;
   uint64_t embed_seed = 0, final_seed = 0;
   float dropout_p = 0.0f;
 
@@ -142,9 +148,9 @@ struct SwitchT5Model::Stack {
     blocks.resize(layers);
     auto make_residual = [&](NormedResidual& r, const std::string& ln_name) {
       r.ln = &ps.info(ln_name);
-      r.normed = DeviceArray<float>(be, int64_t(N) * D);
+      r.normed = ActivationBuffer(be, ps.compute_dtype(), int64_t(N) * D);
       r.rstd = DeviceArray<float>(be, N);
-      r.h_next = DeviceArray<float>(be, int64_t(N) * D);
+      r.h_next = ActivationBuffer(be, ps.compute_dtype(), int64_t(N) * D);
     };
     for (int i = 0; i < layers; ++i) {
       Block& blk = blocks[i];
@@ -175,8 +181,9 @@ struct SwitchT5Model::Stack {
     be.copy_to_device(buckets.data(), host_buckets.data(), buckets.bytes());
     bias = DeviceArray<float>(be, int64_t(H) * T * T);
     dbias = DeviceArray<float>(be, bias.size());
-    h0 = DeviceArray<float>(be, int64_t(N) * D);
-    out = DeviceArray<float>(be, int64_t(N) * D);
+    h0 = ActivationBuffer(be, ps.compute_dtype(), int64_t(N) * D);
+    out = ActivationBuffer(be, ps.compute_dtype(), int64_t(N) * D);
+    if (!h0.is_f32()) h_f32 = DeviceArray<float>(be, int64_t(N) * D);
     final_rstd = DeviceArray<float>(be, N);
     sub_out = DeviceArray<float>(be, int64_t(N) * D);
     dh = DeviceArray<float>(be, int64_t(N) * D);
@@ -193,27 +200,36 @@ struct SwitchT5Model::Stack {
       for (const Attention* a : {blk.self_attention.get(), blk.cross_attention.get()})
         if (a) s = std::max({s, a->scratch_floats(), a->forward_scratch_floats()});
       if (blk.dense)
-        s = std::max(s, blk.dense->scratch_floats());
+        s = std::max({s, blk.dense->scratch_floats(), blk.dense->forward_scratch_floats()});
       else
         s = std::max({s, blk.sparse->scratch_floats(), blk.sparse->forward_scratch_floats()});
     }
     return s;
   }
 
-  // r.h_next = h_prev + dropout(sub(rmsnorm(h_prev))); `sub` writes its output to sub_out.
+  // r.h_next = h_prev + dropout(sub(rmsnorm(h_prev))); `sub(sub_out, normed)` writes the
+  // sublayer's output to sub_out. h_prev_f32 holds h_prev's values in fp32 (h_prev itself in fp32
+  // mode, h_f32 in bf16 mode); returns h_next's values in fp32 likewise. bf16: normed is formed
+  // in dnormed (free until backward).
   template <class Sub>
-  void residual_forward(NormedResidual& r, const float* h_prev, uint64_t seed, Sub&& sub) {
+  const float* residual_forward(NormedResidual& r, ActivationView h_prev, const float* h_prev_f32,
+                                uint64_t seed, Sub&& sub) {
     const int64_t n = int64_t(N) * D;
     r.h_prev = h_prev;
     r.seed = seed;
-    be.rmsnorm_forward(r.normed.data(), r.rstd.data(), h_prev, ps.master(*r.ln), N, D,
+    float* normed = r.normed.f32_or(dnormed.data());
+    be.rmsnorm_forward(normed, r.rstd.data(), h_prev_f32, ps.master(*r.ln), N, D,
                        float(cfg.layer_norm_epsilon));
-    store_activation(be, ps, r.normed.data(), n);  // bf16: statistics fp32, output bf16
-    sub(sub_out.data(), r.normed.data());
+    store_activation(be, ps, normed, n);  // bf16: statistics fp32, output bf16
+    r.normed.store(be, normed);
+    sub(sub_out.data(), r.normed.view());
     be.dropout(sub_out.data(), sub_out.data(), n, dropout_p, seed);
     store_activation(be, ps, sub_out.data(), n);
-    be.add(r.h_next.data(), h_prev, sub_out.data(), n);
-    store_activation(be, ps, r.h_next.data(), n);  // the residual stream is bf16 too
+    float* h_next = r.h_next.f32_or(h_f32.data());  // bf16: h_f32 += sub_out, in place
+    be.add(h_next, h_prev_f32, sub_out.data(), n);
+    store_activation(be, ps, h_next, n);  // the residual stream is bf16 too
+    r.h_next.store(be, h_next);
+    return h_next;
   }
 
   // dh holds dJ/dh_next on entry and dJ/dh_prev on exit. `sub_backward(dnormed, dsub)`.
@@ -223,8 +239,9 @@ struct SwitchT5Model::Stack {
     be.dropout(dtmp.data(), dh.data(), n, dropout_p, r.seed);
     store_activation(be, ps, dtmp.data(), n);
     sub_backward(dnormed.data(), dtmp.data());
-    be.rmsnorm_backward(dtmp.data(), ps.grad(*r.ln), dnormed.data(), r.h_prev,
-                        ps.master(*r.ln), r.rstd.data(), N, D);
+    const float* h_prev = load_f32(be, r.h_prev, n, h_f32.data());
+    be.rmsnorm_backward(dtmp.data(), ps.grad(*r.ln), dnormed.data(), h_prev, ps.master(*r.ln),
+                        r.rstd.data(), N, D);
     store_activation(be, ps, dtmp.data(), n);
     be.add(dh.data(), dh.data(), dtmp.data(), n);
     store_activation(be, ps, dh.data(), n);
@@ -239,7 +256,7 @@ struct SwitchT5Model::Stack {
   // ids [N], mask [B,T]; enc/enc_mask: encoder output and mask (decoder only). router_stats:
   // switch_layers() consecutive RouterStatsSlot arrays in backend memory, added to. scratch:
   // scratch_floats() floats, the layers' forward workspace.
-  void forward(const int32_t* ids, const float* mask, const float* enc, const float* enc_mask,
+  void forward(const int32_t* ids, const float* mask, ActivationView enc, const float* enc_mask,
                bool training, uint64_t seed, uint64_t first_row, double* router_stats,
                float* scratch) {
     const int64_t n = int64_t(N) * D;
@@ -250,35 +267,45 @@ struct SwitchT5Model::Stack {
     const uint64_t drop = derive_seed(seed, first_row + 1);
     embed_seed = site_seed(drop, decoder, -1, 0);
     final_seed = site_seed(drop, decoder, -1, 1);
-    be.embedding_forward(h0.data(), ids, ps.master(*embedding), N, D);
-    store_activation(be, ps, h0.data(), n);  // the rows of the bf16 compute copy
-    be.dropout(h0.data(), h0.data(), n, dropout_p, embed_seed);
-    store_activation(be, ps, h0.data(), n);
+    // h: the residual stream as kept; h_f32_values: its values in fp32 (the kept buffer itself
+    // in fp32 mode, this stack's h_f32 in bf16 mode).
+    float* embedded = h0.f32_or(h_f32.data());
+    be.embedding_forward(embedded, ids, ps.master(*embedding), N, D);
+    store_activation(be, ps, embedded, n);  // the rows of the bf16 compute copy
+    be.dropout(embedded, embedded, n, dropout_p, embed_seed);
+    store_activation(be, ps, embedded, n);
+    h0.store(be, embedded);
     be.relpos_bias_forward(bias.data(), ps.master(*relbias), buckets.data(),
                            H, T, T);
-    const float* h = h0.data();
+    ActivationView h = h0.view();
+    const float* h_f32_values = embedded;
     double* layer_stats = router_stats;
     for (size_t i = 0; i < blocks.size(); ++i) {
       Block& blk = blocks[i];
       const int bi = static_cast<int>(i);
-      residual_forward(blk.attn, h, site_seed(drop, decoder, bi, 0), [&](float* o, const float* x) {
-        blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
-                                    site_seed(drop, decoder, bi, 1), scratch);
-        tp.g_forward(o, int64_t(N) * D);
-      });
-      h = blk.attn.h_next.data();
+      h_f32_values = residual_forward(
+          blk.attn, h, h_f32_values, site_seed(drop, decoder, bi, 0),
+          [&](float* o, ActivationView x) {
+            blk.self_attention->forward(o, x, x, bias.data(), mask, dropout_p,
+                                        site_seed(drop, decoder, bi, 1), scratch);
+            tp.g_forward(o, int64_t(N) * D);
+          });
+      h = blk.attn.h_next.view();
       if (decoder) {
-        residual_forward(blk.cross, h, site_seed(drop, decoder, bi, 2),
-                         [&](float* o, const float* x) {
-                           blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
-                                                        site_seed(drop, decoder, bi, 3), scratch);
-                           tp.g_forward(o, int64_t(N) * D);
-                         });
-        h = blk.cross.h_next.data();
+        h_f32_values = residual_forward(
+            blk.cross, h, h_f32_values, site_seed(drop, decoder, bi, 2),
+            [&](float* o, ActivationView x) {
+              blk.cross_attention->forward(o, x, enc, nullptr, enc_mask, dropout_p,
+                                           site_seed(drop, decoder, bi, 3), scratch);
+              tp.g_forward(o, int64_t(N) * D);
+            });
+        h = blk.cross.h_next.view();
       }
-      residual_forward(blk.ff, h, site_seed(drop, decoder, bi, 4), [&](float* o, const float* x) {
+      h_f32_values = residual_forward(
+          blk.ff, h, h_f32_values, site_seed(drop, decoder, bi, 4),
+          [&](float* o, ActivationView x) {
         if (blk.dense) {
-          blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5));
+          blk.dense->forward(o, x, N, dropout_p, site_seed(drop, decoder, bi, 5), scratch);
           tp.g_forward(o, int64_t(N) * D);
         } else {
           blk.sparse->forward_accumulate(o, x, training, float(cfg.router_jitter_noise),
@@ -287,17 +314,19 @@ struct SwitchT5Model::Stack {
           layer_stats += router_stats_size(cfg.num_experts);
         }
       });
-      h = blk.ff.h_next.data();
+      h = blk.ff.h_next.view();
     }
-    be.rmsnorm_forward(out.data(), final_rstd.data(), h, ps.master(*final_ln), N, D,
+    float* normed_out = out.f32_or(dnormed.data());
+    be.rmsnorm_forward(normed_out, final_rstd.data(), h_f32_values, ps.master(*final_ln), N, D,
                        float(cfg.layer_norm_epsilon));
-    be.dropout(out.data(), out.data(), n, dropout_p, final_seed);
-    store_activation(be, ps, out.data(), n);
+    be.dropout(normed_out, normed_out, n, dropout_p, final_seed);
+    store_activation(be, ps, normed_out, n);
+    out.store(be, normed_out);
   }
 
-  const float* last_hidden() const {
+  ActivationView last_hidden() const {
     const Block& last = blocks.back();
-    return last.ff.h_next.data();
+    return last.ff.h_next.view();
   }
 
   // dout: dJ/d(out) [N,D] (consumed). d_enc (decoder only): dJ/d(encoder output), accumulated.
@@ -328,8 +357,9 @@ struct SwitchT5Model::Stack {
     const int64_t n = int64_t(N) * D;
     be.dropout(dout, dout, n, dropout_p, final_seed);
     store_activation(be, ps, dout, n);
-    be.rmsnorm_backward(dh.data(), ps.grad(*final_ln), dout, last_hidden(),
-                        ps.master(*final_ln), final_rstd.data(), N, D);
+    be.rmsnorm_backward(dh.data(), ps.grad(*final_ln), dout,
+                        load_f32(be, last_hidden(), n, h_f32.data()), ps.master(*final_ln),
+                        final_rstd.data(), N, D);
     report(ready, final_ln);
     store_activation(be, ps, dh.data(), n);
     be.fill(dbias.data(), 0.0f, dbias.size());
@@ -365,27 +395,36 @@ struct SwitchT5Model::Stack {
                           cfg.vocab_size);
   }
 
-  int64_t activation_floats() const {
-    int64_t s = 0;
+  // What forward keeps for backward (and the encoder output the decoder reads).
+  size_t kept_activation_bytes() const {
+    size_t s = 0;
     for (const Block& blk : blocks) {
       for (const NormedResidual* r : {&blk.attn, &blk.cross, &blk.ff})
-        s += r->normed.size() + r->rstd.size() + r->h_next.size();
-      s += blk.self_attention->activation_floats();
-      if (blk.cross_attention) s += blk.cross_attention->activation_floats();
-      s += blk.dense ? blk.dense->activation_floats() : blk.sparse->activation_floats();
+        s += r->normed.bytes() + r->rstd.bytes() + r->h_next.bytes();
+      s += blk.self_attention->activation_bytes();
+      if (blk.cross_attention) s += blk.cross_attention->activation_bytes();
+      s += blk.dense ? blk.dense->activation_bytes() : blk.sparse->activation_bytes();
     }
-    return s + bias.size() * 2 + 6 * int64_t(N) * D;
+    return s + h0.bytes() + out.bytes() + final_rstd.bytes();
+  }
+  // Buffers that live within one pass: the position bias and its gradient, the sublayer output,
+  // the backward's gradients and the bf16 mode's fp32 residual stream.
+  size_t workspace_bytes() const {
+    return bias.bytes() + dbias.bytes() + sub_out.bytes() + dh.bytes() + dtmp.bytes() +
+           dnormed.bytes() + h_f32.bytes();
   }
 };
 
 // ---- model ---------------------------------------------------------------------------------------
 
 SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape,
-                             ModelParallelism parallel)
+                             ModelParallelism parallel, DType compute_dtype)
     : be_(be), cfg_(cfg), shape_(shape), parallel_(parallel) {
   SWT_CHECK(cfg_.num_decoder_layers >= 1 && cfg_.num_layers >= 1, "unresolved layer counts");
   register_model_params(params_, cfg_, parallel.sharding);
   params_.allocate(be);
+  // Before the layers: they hold their activations in the compute dtype.
+  params_.set_compute_dtype(be, compute_dtype);
   head_ = &params_.info(cfg_.tie_word_embeddings ? "shared.weight" : "lm_head.weight");
   const int B = shape.batch, Ti = shape.inputs_length, Tt = shape.targets_length;
   encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel);
@@ -396,7 +435,7 @@ SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape sha
   dec_ids_ = DeviceArray<int32_t>(be, int64_t(B) * Tt);
   dec_mask_ = DeviceArray<float>(be, int64_t(B) * Tt);
   labels_ = DeviceArray<int32_t>(be, int64_t(B) * Tt);
-  head_in_ = DeviceArray<float>(be, int64_t(B) * Tt * cfg.d_model);
+  head_in_ = ActivationBuffer(be, compute_dtype, int64_t(B) * Tt * cfg.d_model);
   logits_ = DeviceArray<float>(be, int64_t(B) * Tt * cfg.vocab_size);
   token_loss_ = DeviceArray<float>(be, int64_t(B) * Tt);
   token_lse_ = DeviceArray<float>(be, int64_t(B) * Tt);
@@ -430,9 +469,14 @@ std::string SwitchT5Model::first_nonfinite_router_logits() const {
   return "";
 }
 
-int64_t SwitchT5Model::activation_floats() const {
-  return encoder_->activation_floats() + decoder_->activation_floats() + scratch_.size() +
-         head_in_.size() + logits_.size();
+size_t SwitchT5Model::kept_activation_bytes() const {
+  return encoder_->kept_activation_bytes() + decoder_->kept_activation_bytes() +
+         head_in_.bytes() + logits_.bytes() + token_loss_.bytes() + token_lse_.bytes();
+}
+
+size_t SwitchT5Model::activation_bytes() const {
+  return kept_activation_bytes() + encoder_->workspace_bytes() + decoder_->workspace_bytes() +
+         scratch_.bytes();
 }
 
 int64_t SwitchT5Model::statistics_size() const {
@@ -486,21 +530,27 @@ void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64
   be_.copy_to_device(dec_mask_.data(), batch.decoder_mask.data(), dec_mask_.bytes());
   be_.copy_to_device(labels_.data(), batch.labels.data(), labels_.bytes());
 
+  SWT_CHECK(params_.compute_dtype() == head_in_.dtype(),
+            "the compute dtype changed to {} after the model was built with {} activations",
+            dtype_name(params_.compute_dtype()), dtype_name(head_in_.dtype()));
   double* router_stats = stats + kModelStatsFixed;
-  encoder_->forward(enc_ids_.data(), enc_mask_.data(), nullptr, nullptr, training, seed,
+  encoder_->forward(enc_ids_.data(), enc_mask_.data(), ActivationView(), nullptr, training, seed,
                     first_row, router_stats, scratch_.data());
   router_stats += int64_t(encoder_->switch_layers()) * router_stats_size(cfg_.num_experts);
-  decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.data(), enc_mask_.data(),
+  decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.view(), enc_mask_.data(),
                     training, seed, first_row, router_stats, scratch_.data());
   const int64_t N = int64_t(B) * Tt;
-  be_.copy(head_in_.data(), decoder_->out.data(), head_in_.bytes());
+  // head_in in fp32: head_in_ itself, or (bf16) the decoder's sub_out, free after its forward.
+  float* head_in = head_in_.f32_or(decoder_->sub_out.data());
+  be_.cast(head_in, DType::kF32, decoder_->out.data(), decoder_->out.dtype(), head_in_.size());
   const ParamStore::WeightView W = params_.weight(*head_);
   if (cfg_.tie_word_embeddings)
-    be_.scale(head_in_.data(), float(1.0 / std::sqrt(double(D))), head_in_.size());
-  store_activation(be_, params_, head_in_.data(), head_in_.size());
+    be_.scale(head_in, float(1.0 / std::sqrt(double(D))), head_in_.size());
+  store_activation(be_, params_, head_in, head_in_.size());
+  head_in_.store(be_, head_in);
   // logits = head_in W^T, kept in fp32 whatever the compute dtype: the cross-entropy and its
   // log-sum-exp run in fp32 on them.
-  be_.gemm_ex(false, true, int(N), V, D, 1.0f, head_in_.data(), DType::kF32, D, 0, W.data,
+  be_.gemm_ex(false, true, int(N), V, D, 1.0f, head_in_.data(), head_in_.dtype(), D, 0, W.data,
               W.dtype, D, 0, 0.0f, logits_.data(), DType::kF32, V, 0, 1);
   be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
                             N, V);
@@ -527,9 +577,11 @@ void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready)
   const bool tied = cfg_.tie_word_embeddings;
   float* dW = params_.grad(*head_);
   store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
-  linear_backward_weight(be_, dW, logits_.data(), head_in_.data(), int(N), D, V);
+  linear_backward_weight(be_, dW, logits_.data(), head_in_.view(), int(N), D, V);
   if (!tied) Stack::report(ready, head_);  // tied: shared.weight also gets the embeddings
-  float* d_dec_out = head_in_.data();  // head_in is dead once dW is formed
+  // dJ/d(decoder output): in head_in_ (fp32), dead once dW is formed; bf16: in the decoder's
+  // sub_out, which its backward consumes as dout before any sublayer writes there.
+  float* d_dec_out = head_in_.f32_or(decoder_->sub_out.data());
   linear_backward_input(be_, d_dec_out, logits_.data(), params_.weight(*head_), int(N), D, V,
                         false);
   if (tied) be_.scale(d_dec_out, float(1.0 / std::sqrt(double(D))), head_in_.size());

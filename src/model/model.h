@@ -27,6 +27,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "model/activation_buffer.h"
 #include "model/attention.h"
 #include "model/batch.h"
 #include "model/feed_forward.h"
@@ -83,8 +84,10 @@ enum ModelStatsSlot : int {
 
 class SwitchT5Model {
  public:
+  // compute_dtype: the parameters' compute copy and the kept activations (ParamStore::
+  // compute_dtype(); kBF16 for train.precision: bf16). Fixed for the model's lifetime.
   SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape shape,
-                ModelParallelism parallel = {});
+                ModelParallelism parallel = {}, DType compute_dtype = DType::kF32);
   ~SwitchT5Model();
   SwitchT5Model(const SwitchT5Model&) = delete;
   SwitchT5Model& operator=(const SwitchT5Model&) = delete;
@@ -129,8 +132,12 @@ class SwitchT5Model {
 
   // [batch * targets_length, vocab] logits of the last forward (overwritten by backward).
   const float* logits() const;
-  // Floats of activation and scratch memory held (for the memory report).
-  int64_t activation_floats() const;
+  // Bytes of activation and scratch memory held (for the memory report): the kept activations
+  // plus the workspace of a pass (the layers' shared scratch, gradient buffers).
+  size_t activation_bytes() const;
+  // Bytes of what forward keeps for backward: in the compute dtype, but for what stays fp32 in
+  // every dtype (norm statistics, the router, logits and the loss).
+  size_t kept_activation_bytes() const;
 
   struct Stack;  // encoder or decoder (model.cpp)
 
@@ -150,9 +157,9 @@ class SwitchT5Model {
   std::vector<double> host_stats_;
   ForwardStats stats_;
   // Head.
-  DeviceArray<float> head_in_;   // [B*Tt, D] decoder output (scaled when tied)
-  DeviceArray<float> logits_;    // [B*Tt, V]
-  DeviceArray<float> token_loss_, token_lse_;  // [B*Tt]
+  ActivationBuffer head_in_;     // [B*Tt, D] decoder output (scaled when tied)
+  DeviceArray<float> logits_;    // [B*Tt, V] fp32 in every compute dtype: the CE runs in fp32
+  DeviceArray<float> token_loss_, token_lse_;  // [B*Tt] fp32: loss statistics
   uint64_t seed_ = 0;
   bool training_ = false;
 };

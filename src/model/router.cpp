@@ -46,22 +46,23 @@ Router::Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterSha
   balance_ = DeviceArray<float>(be, G);
 }
 
-void Router::forward(const float* x, bool training, float jitter_eps, uint64_t seed,
-                     uint64_t jitter_offset) {
+void Router::forward(ActivationView x, const float* x_f32, bool training, float jitter_eps,
+                     uint64_t seed, uint64_t jitter_offset) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
   C_ = training ? s_.capacity_train : s_.capacity_eval;
-  x_ = x;
   jitter_eps_ = training ? jitter_eps : 0.0f;
   jitter_offset_ = jitter_offset;
   jitter_seed_ = derive_seed(seed, 1);
   xr_ = x;
+  const float* xr = x_f32;
   if (jitter_eps_ > 0.0f) {
     if (jittered_.size() == 0) jittered_ = DeviceArray<float>(be_, int64_t(T) * D);
-    be_.uniform_jitter(jittered_.data(), x, int64_t(T) * D, jitter_eps_, jitter_seed_,
+    be_.uniform_jitter(jittered_.data(), x_f32, int64_t(T) * D, jitter_eps_, jitter_seed_,
                        jitter_offset);
     xr_ = jittered_.data();
+    xr = jittered_.data();
   }
-  linear_forward(be_, logits_.data(), xr_, ps_.master(*weight_), T, D, E);
+  linear_forward(be_, logits_.data(), xr, ps_.master(*weight_), T, D, E);
   tp_.broadcast_from_first(logits_.data(), logits_.size());
   be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), gate_.data(),
                      counts_.data(), logits_.data(), G, S, E, C_);
@@ -118,9 +119,9 @@ bool Router::logits_nonfinite() const {
   return be_.count_nonfinite(logits_.data(), logits_.size()) > 0;
 }
 
-int64_t Router::activation_floats() const {
-  return jittered_.size() + logits_.size() + probs_.size() + lse_.size() + gate_.size() +
-         expert_.size() + slot_.size() + counts_.size() + balance_.size();
+size_t Router::activation_bytes() const {
+  return jittered_.bytes() + logits_.bytes() + probs_.bytes() + lse_.bytes() + gate_.bytes() +
+         expert_.bytes() + slot_.bytes() + counts_.bytes() + balance_.bytes();
 }
 
 }  // namespace switcht5

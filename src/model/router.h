@@ -31,6 +31,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "model/activation_buffer.h"
 #include "model/params.h"
 #include "model/tensor_parallel.h"
 
@@ -81,11 +82,13 @@ class Router {
   Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterShape shape,
          TensorParallel tp);
 
-  // Routes x [T,D] (kept alive until backward). Jitter (eps > 0, training only) is keyed by
-  // `seed` and indexed from `jitter_offset`, the index of x's first element in the global
-  // batch's router input, so a token's noise does not depend on the layout.
-  void forward(const float* x, bool training, float jitter_eps, uint64_t seed,
-               uint64_t jitter_offset);
+  // Routes x [T,D] (kept alive until backward; fp32 or the compute dtype), whose values x_f32
+  // holds in fp32 (x itself when x is fp32; only read during the call). The router runs in fp32
+  // (Switch's selective precision): x_f32 and the fp32 master weight. Jitter (eps > 0, training
+  // only) is keyed by `seed` and indexed from `jitter_offset`, the index of x's first element in
+  // the global batch's router input, so a token's noise does not depend on the layout.
+  void forward(ActivationView x, const float* x_f32, bool training, float jitter_eps,
+               uint64_t seed, uint64_t jitter_offset);
   // Backward of the last forward. dgate [T] = dJ/dgate (0 for dropped tokens); lb_scale /
   // z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2 in the objective. Accumulates
   // dJ/dWr into the parameter gradients and ADDS dJ/dx through the router to dx [T,D].
@@ -106,7 +109,7 @@ class Router {
   const RouterStats& statistics();
   // Whether the last forward's logits hold a NaN or Inf.
   bool logits_nonfinite() const;
-  int64_t activation_floats() const;
+  size_t activation_bytes() const;
 
  private:
   Backend& be_;
@@ -115,12 +118,13 @@ class Router {
   TensorParallel tp_;
   const ParamInfo* weight_;
   // Saved for backward.
-  const float* x_ = nullptr;
-  const float* xr_ = nullptr;    // router input (x itself, or jittered_)
+  ActivationView xr_;            // router input (x itself, or jittered_)
   float jitter_eps_ = 0.0f;
   uint64_t jitter_offset_ = 0;
   uint64_t jitter_seed_ = 0;
   int C_ = 1;
+  // All fp32 in every compute dtype: the router, its losses and statistics run in fp32 (Switch's
+  // selective precision), and none of these values is a bf16 store.
   DeviceArray<float> jittered_;             // [T,D], allocated on the first jittered forward
   DeviceArray<float> logits_, probs_;       // [T,E]
   DeviceArray<float> lse_, gate_;           // [T]

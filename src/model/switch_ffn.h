@@ -12,7 +12,8 @@
 // activations) are sized for the training capacity. Evaluation uses eval_capacity_factor,
 // usually larger (2.0 vs 1.25), but keeps nothing for backward, so it runs entirely in the
 // caller's forward scratch (the model's shared scratch arena) and backward must follow a
-// training forward.
+// training forward. The kept buffers are in the compute dtype (model/activation_buffer.h); the
+// router, dispatch and combine run in fp32 on fp32 copies in scratch.
 //
 // Expert parallelism over P processes (the expert group): each holds E / P experts and
 // ExpertExchange moves every process's capacity buffers to the experts' owners and back, so
@@ -56,9 +57,10 @@ class SwitchFFN {
   static void register_params(ParamStore& ps, const std::string& prefix, int D, int F, int E,
                               bool gated, double init_scale, const Sharding& sharding = {});
 
+  // Kept activations are held in ps.compute_dtype() as it is now.
   SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape shape);
 
-  // x [T,D] must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
+  // x [T,D] (fp32 or the compute dtype) must stay alive until backward; out [T,D]. Router jitter is keyed by `seed` and
   // indexed from `jitter_offset` (see Router::forward); expert dropout by (seed, dropout_salt).
   // The statistics live in the router (valid until the next forward), so the steady state
   // allocates nothing. scratch: forward_scratch_floats() floats of workspace, dead once forward
@@ -66,11 +68,11 @@ class SwitchFFN {
   // use (standalone layers, tests). An evaluation forward (training = false) keeps nothing for
   // backward. Adds the router statistics to `stats` [router_stats_size(E)] in backend memory
   // (none when null): no host synchronisation.
-  void forward_accumulate(float* out, const float* x, bool training, float jitter_eps,
+  void forward_accumulate(float* out, ActivationView x, bool training, float jitter_eps,
                           float expert_dropout, uint64_t seed, uint64_t jitter_offset,
                           uint64_t dropout_salt, double* stats, float* scratch = nullptr);
   // forward_accumulate, then this call's statistics read back to the host (tests and tools).
-  const RouterStats& forward(float* out, const float* x, bool training, float jitter_eps,
+  const RouterStats& forward(float* out, ActivationView x, bool training, float jitter_eps,
                       float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
                       uint64_t dropout_salt = 0, float* scratch = nullptr);
   // dx [T,D] assigned. lb_scale / z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2
@@ -82,9 +84,9 @@ class SwitchFFN {
   int64_t alltoall_bytes_sent() const { return exchange_.bytes_sent(); }
   // Whether the last forward's router logits hold a NaN or Inf.
   bool router_logits_nonfinite() const { return router_.logits_nonfinite(); }
-  int64_t activation_floats() const {
-    return router_.activation_floats() + buf_.size() + y_.size() + experts_.activation_floats() +
-           own_scratch_.size();
+  size_t activation_bytes() const {
+    return router_.activation_bytes() + buf_.bytes() + y_.bytes() + experts_.activation_bytes() +
+           own_scratch_.bytes();
   }
 
  private:
@@ -96,9 +98,9 @@ class SwitchFFN {
   ExpertExchange exchange_;
   int P_ = 1, E_local_ = 1;
   // Kept for backward, sized for the training capacity C_train:
-  DeviceArray<float> buf_;  // [E_loc, P*G*C_train, D] the experts' input: the dispatch buffer
-                            // itself when P = 1, its exchange to the experts' owners when P > 1
-  DeviceArray<float> y_;    // [E, G*C_train, D] the experts' output, back at the tokens' slots
+  ActivationBuffer buf_;  // [E_loc, P*G*C_train, D] the experts' input: the dispatch buffer
+                          // itself when P = 1, its exchange to the experts' owners when P > 1
+  ActivationBuffer y_;    // [E, G*C_train, D] the experts' output, back at the tokens' slots
   DeviceArray<float> own_scratch_;  // forward workspace when the caller passes none
   bool kept_ = false;               // whether the last forward kept what backward needs
 };

@@ -72,10 +72,11 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   mp.expert_group = expert_comm_.get();
   mp.model_group = model_comm_.get();
   mp.sharding = Sharding{grid.expert, grid.expert_rank, grid.model, grid.model_rank};
-  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp);
+  const DType compute_dtype = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
+  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp,
+                                           compute_dtype);
   ParamStore& ps = model_->params();
   ps.initialize(*be_, cfg.train.seed);
-  if (cfg.train.precision == "bf16") ps.set_compute_dtype(*be_, DType::kBF16);
 
   if (use == TrainerUse::kTrain) {
     // Gradients travel on the data plane; ZeRO-1 gives this data rank the parameters of its
