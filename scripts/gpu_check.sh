@@ -129,7 +129,7 @@ phase_ctest() {
 
 sanitizer() {  # sanitizer TOOL NAME
   local tool=$1 name=$2 bin=$BUILD/tests/test_backend_ops
-  if [[ ! -x $SAN ]]; then echo "no compute-sanitizer" > "$WORK/$name.skip"; return 4; fi
+  if [[ ! -x $SAN ]]; then echo "skipped: no $SAN"; echo "no compute-sanitizer" > "$WORK/$name.skip"; return 4; fi
   [[ -x $bin ]] || { echo "missing $bin"; echo "no test binary" > "$WORK/$name.key"; return 1; }
   local filter=${SANITIZER_FILTER:-*cuda*:*Cuda*:*CUDA*}
   $SAN --tool "$tool" --error-exitcode 99 "$bin" --gtest_filter="$filter" --gtest_brief=1
