@@ -2,7 +2,12 @@
 // `switcht5 train` runs) for a config: ms/step, tokens/s, peak RSS, heap allocations per
 // steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak.
 //
-// Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--set k=v ...]
+// Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
+//        [--set k=v ...]
+// --json writes the numbers as one JSON object too (scripts/bench_gpu.sh reads it). On a GPU
+// backend (train.backend=cuda) the GEMM peak is measured on random operands of the step's own
+// precision (bf16 with train.precision=bf16: the MFU denominator), the square case at 8192^3 to
+// fill the chip, and the device memory peak is reported.
 // Under MPI (parallel.data/expert set to match) it also reports the bytes each rank sends in the
 // expert all-to-all exchanges per step, against the analytical count
 //   routed tokens x d_model x 4 bytes x 2 (dispatch + combine) x 2 (forward + backward)
@@ -26,7 +31,11 @@
 #include "comm/mpi_communicator.h"
 #include "comm/process_grid.h"
 #include "core/check.h"
+#include "core/rng.h"
 #include "train/trainer.h"
+#if SWITCHT5_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 
 // Counts every C++ heap allocation, so the benchmark can prove the steady-state step makes none
 // on the hot path.
@@ -43,25 +52,56 @@ namespace {
 
 using namespace switcht5;
 
-// Best-of-5 GFLOP/s of a square 2048 NN product and of the model's most common FFN shape.
-double gemm_peak(Backend& be, int M, int N, int K) {
-  DeviceArray<float> A(be, int64_t(M) * K), B(be, int64_t(K) * N), C(be, int64_t(M) * N);
-  be.fill(A.data(), 0.5f, A.size());
-  be.fill(B.data(), 0.25f, B.size());
+// Best-of-5 GFLOP/s of C[M,N] = A[M,K] B[N,K]^T (the NT product of a linear layer) with A and B
+// of type `type` on random data (never constants: they can run faster than real data), C fp32.
+// Each timed round is `calls` back-to-back products, then one synchronisation.
+double gemm_peak(Backend& be, int M, int N, int K, DType type) {
+  const int64_t na = int64_t(M) * K, nb = int64_t(K) * N;
+  DeviceArray<float> A(be, na), B(be, nb), C(be, int64_t(M) * N);
+  std::vector<float> host(size_t(std::max(na, nb)));
+  CounterRng rng(5);
+  for (auto& x : host) x = float(rng.next_double() - 0.5);
+  be.copy_to_device(A.data(), host.data(), A.bytes());
+  be.copy_to_device(B.data(), host.data(), B.bytes());
+  DeviceArray<uint16_t> A16, B16;
+  const void *a = A.data(), *b = B.data();
+  if (type == DType::kBF16) {
+    A16 = DeviceArray<uint16_t>(be, na);
+    B16 = DeviceArray<uint16_t>(be, nb);
+    be.cast(A16.data(), DType::kBF16, A.data(), DType::kF32, na);
+    be.cast(B16.data(), DType::kBF16, B.data(), DType::kF32, nb);
+    a = A16.data();
+    b = B16.data();
+  }
+  const int calls = be.host_accessible() ? 1 : 20;  // a GPU product takes about a millisecond
   double best = 1e30;
   for (int r = 0; r < 7; ++r) {
+    be.synchronize();
     const auto t0 = std::chrono::steady_clock::now();
-    be.gemm(false, true, M, N, K, 1.0f, A.data(), K, 0, B.data(), K, 0, 0.0f, C.data(), N, 0, 1);
+    for (int c = 0; c < calls; ++c)
+      be.gemm_ex(false, true, M, N, K, 1.0f, a, type, K, 0, b, type, K, 0, 0.0f, C.data(),
+                 DType::kF32, N, 0, 1);
     be.synchronize();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (r >= 2) best = std::min(best, s);
+    if (r >= 2) best = std::min(best, s / calls);
   }
   return 2.0 * M * N * K / best * 1e-9;
 }
 
+// Peak bytes of backend memory, or -1 where the backend does not count them (host backends:
+// see peak RSS).
+double device_peak_bytes(const Backend& be) {
+#if SWITCHT5_HAVE_CUDA
+  if (const auto* cuda = dynamic_cast<const CudaBackend*>(&be)) return double(cuda->peak_bytes());
+#endif
+  (void)be;
+  return -1.0;
+}
+
 int run(int argc, char** argv) {
-  SWT_USER_CHECK(argc >= 2, "usage: bench_step CONFIG [--warmup N] [--steps N] [--set k=v ...]");
-  std::string config = argv[1];
+  SWT_USER_CHECK(argc >= 2,
+                 "usage: bench_step CONFIG [--warmup N] [--steps N] [--json FILE] [--set k=v ...]");
+  std::string config = argv[1], json_path;
   int warmup = 2, steps = 5;
   std::vector<std::string> sets;
   for (int i = 2; i < argc; ++i) {
@@ -70,6 +110,7 @@ int run(int argc, char** argv) {
     if (a == "--warmup") warmup = std::atoi(argv[++i]);
     else if (a == "--steps") steps = std::atoi(argv[++i]);
     else if (a == "--set") sets.push_back(argv[++i]);
+    else if (a == "--json") json_path = argv[++i];
     else SWT_USER_CHECK(false, "unknown option {}", a);
   }
   RunConfig cfg = load_config(config, sets);
@@ -102,8 +143,11 @@ int run(int argc, char** argv) {
   const double achieved = trainer.step_flops() / (median * 1e-3) * 1e-9;
   const int D = cfg.model.d_model, F = cfg.model.d_ff;
   const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
-  const double peak = gemm_peak(trainer.backend(), rows, F, D);
-  const double peak_square = gemm_peak(trainer.backend(), 2048, 2048, 2048);
+  const double device_peak = device_peak_bytes(trainer.backend());  // before the GEMM buffers
+  const DType gemm_type = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
+  const int square = trainer.backend().host_accessible() ? 2048 : 8192;
+  const double peak = gemm_peak(trainer.backend(), rows, F, D, gemm_type);
+  const double peak_square = gemm_peak(trainer.backend(), square, square, square, gemm_type);
   if (!grid.is_root()) return 0;  // rank 0 reports (its own rank's numbers)
   fmt::print("config {} | backend {} | batch {} x ({} + {}) tokens\n", cfg.source_path,
              trainer.backend().name(), cfg.train.batch_size, cfg.data.inputs_length,
@@ -111,16 +155,17 @@ int run(int argc, char** argv) {
   fmt::print("step: median {:.1f} ms (min {:.1f}, max {:.1f}, {} steps after {} warmup)\n", median,
              ms.front(), ms.back(), steps, warmup);
   fmt::print("throughput: {:.0f} tokens/s (encoder + decoder tokens)\n", tokens / (median * 1e-3));
-  fmt::print("matmul: {:.2f} GFLOP/step -> {:.1f} GFLOP/s achieved; GEMM peak {:.1f} GFLOP/s "
-             "({}x{}x{} FFN shape), {:.1f} GFLOP/s (2048^3): {:.0f}% of the FFN-shape peak\n",
-             trainer.step_flops() * 1e-9, achieved, peak, rows, F, D, peak_square,
-             100.0 * achieved / peak);
+  fmt::print("matmul: {:.2f} GFLOP/step -> {:.1f} GFLOP/s achieved; {} GEMM peak {:.1f} GFLOP/s "
+             "({}x{}x{} FFN shape), {:.1f} GFLOP/s ({}^3): {:.0f}% of the FFN-shape peak\n",
+             trainer.step_flops() * 1e-9, achieved, dtype_name(gemm_type), peak, rows, F, D,
+             peak_square, square, 100.0 * achieved / peak);
   fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; optimizer state {:.2f} MB; "
              "activations {:.1f} MB ({:.1f} MB kept for backward, {} compute dtype)\n",
              ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
              opt_floats * 4e-6, double(trainer.model().activation_bytes()) * 1e-6,
              double(trainer.model().kept_activation_bytes()) * 1e-6,
              dtype_name(trainer.model().params().compute_dtype()));
+  if (device_peak >= 0) fmt::print("device memory: peak {:.1f} MB\n", device_peak * 1e-6);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
   // Backend calls that hand data to the host (copy_to_host, sum, sum_squares, count_nonfinite):
@@ -143,6 +188,26 @@ int run(int argc, char** argv) {
   }
   if (grid.world_size > 1)
     fmt::print("ranks: {} (this report is rank {}'s)\n", grid.describe(), grid.world_rank);
+  if (!json_path.empty()) {
+    std::FILE* f = std::fopen(json_path.c_str(), "w");
+    SWT_USER_CHECK(f != nullptr, "cannot write {}", json_path);
+    fmt::print(f,
+               "{{\"config\": \"{}\", \"backend\": \"{}\", \"precision\": \"{}\", "
+               "\"batch\": {}, \"inputs_length\": {}, \"targets_length\": {}, \"steps\": {}, "
+               "\"warmup\": {}, \"ms_median\": {:.4f}, \"ms_min\": {:.4f}, \"ms_max\": {:.4f}, "
+               "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"achieved_gflops\": {:.2f}, "
+               "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
+               "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
+               "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
+               "\"heap_allocs_per_step\": {:.2f}}}\n",
+               cfg.source_path, trainer.backend().name(), cfg.train.precision,
+               cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
+               median, ms.front(), ms.back(), tokens / (median * 1e-3), trainer.step_flops(),
+               achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
+               ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
+               syncs, double(allocs) / steps);
+    std::fclose(f);
+  }
   return 0;
 }
 

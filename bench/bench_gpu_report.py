@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Assembles scripts/bench_gpu.sh's measurements in OUTDIR into OUTDIR/bench_gpu.json and a
+bench/results-style OUTDIR/bench_gpu.md, and prints the table.
+
+  bench_gpu_report.py OUTDIR --chosen BATCH|none --quick 0|1 --config PATH
+
+MFU = model FLOPs per step / step time / peak. Model FLOPs per step are switcht5's own count
+(src/model/flops.cpp, Trainer::step_flops, reported by bench_step), used for HF too, so the
+systems compare by time alone:
+  step = 3 x forward   (backward = 2 x forward)
+  forward = sum over blocks [attention + FFN] + LM head 2*B*Tt*D*V
+  attention(Nq query, Nk key tokens, Tk keys per query) = 2*(2*Nq*D*HK + 2*Nk*D*HK) + 4*Nq*Tk*HK
+            (self-attention, and cross-attention over the encoder in decoder blocks)
+  dense FFN = 2*2*N*D*F;  Switch FFN = 2*N*D*E (router) + 2*2*(N/S)*C*E*D*F (experts over their
+            whole capacity buffers: C = ceil(capacity_factor*S/E) per group of S tokens)
+with N = B*T tokens of the stack, HK = heads*d_kv. Elementwise work is not counted."""
+import argparse
+import datetime
+import json
+import os
+
+DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense bf16 (NVIDIA datasheet)
+FORMULA = ("step FLOPs = 3 x forward matmul FLOPs (src/model/flops.cpp): attention "
+           "2*(2*Nq*D*HK + 2*Nk*D*HK) + 4*Nq*Tk*HK per attention; dense FFN 4*N*D*F; Switch FFN "
+           "2*N*D*E + 4*(N/S)*C*E*D*F (experts over full capacity buffers, C = ceil(capacity_factor*S/E)); "
+           "LM head 2*B*Tt*D*V")
+
+
+def read(out, name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--chosen", default="none")
+    p.add_argument("--quick", default="0")
+    p.add_argument("--config", default="configs/switch-base-8.yaml")
+    a = p.parse_args()
+    out = a.out
+    ours = read(out, f"bench_step_b{a.chosen}.json") if a.chosen != "none" else {}
+    gemm = read(out, "gemm_peak.json")
+    hf = {m: read(out, f"hf_{m}.json") for m in ("eager", "compile")}
+    ver = read(out, "cuda_versions.json")
+    try:
+        gpu_line = open(os.path.join(out, "gpu.txt")).read().strip()
+    except OSError:
+        gpu_line = ""
+    tried = sorted((int(f[len("bench_step_b"):-4]) for f in os.listdir(out)
+                    if f.startswith("bench_step_b") and f.endswith(".log")), reverse=True)
+    flops = ours.get("step_flops")
+    peak_measured = gemm.get("tflops")
+
+    def mfu(ms, peak_tflops):
+        if not (isinstance(ms, (int, float)) and ms > 0 and flops and peak_tflops):
+            return None
+        return flops / (ms * 1e-3) / (peak_tflops * 1e12)
+
+    rows = []
+    if ours:
+        rows.append({"system": f"switcht5 {ours.get('backend')} {ours.get('precision')}",
+                     "batch": ours.get("batch"), "ms": ours.get("ms_median"),
+                     "tokens_per_s": ours.get("tokens_per_s"),
+                     "memory_mb": ours.get("device_peak_mb") if ours.get("device_peak_mb", -1) > 0
+                     else ours.get("peak_rss_mb"), "note": ""})
+    for m, h in hf.items():
+        note = h.get("error") or h.get("skipped") or ""
+        if h.get("router_losses") is False:
+            note = ("router losses OFF (output_router_logits=True failed: "
+                    f"{h.get('router_losses_error', '?')})")
+        rows.append({"system": f"HF {m} bf16", "batch": h.get("batch"), "ms": h.get("ms_median"),
+                     "tokens_per_s": h.get("tokens_per_s"), "memory_mb": h.get("peak_memory_mb"),
+                     "note": note})
+    for r in rows:
+        r["mfu_measured"] = mfu(r["ms"], peak_measured)
+        r["mfu_datasheet"] = mfu(r["ms"], DATASHEET_TFLOPS)
+
+    torch_v = next((h for h in [gemm, *hf.values()] if h.get("torch")), {})
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": a.config, "quick": a.quick == "1", "batches_tried": tried,
+        "chosen_batch": None if a.chosen == "none" else int(a.chosen),
+        "gpu": gpu_line, "cuda": ver, "torch": torch_v.get("torch"),
+        "torch_cuda": torch_v.get("torch_cuda"), "transformers": torch_v.get("transformers"),
+        "step_flops": flops, "flops_formula": FORMULA,
+        "peak_measured_tflops": peak_measured, "peak_measured_how": gemm.get("what"),
+        "peak_datasheet_tflops": DATASHEET_TFLOPS,
+        "switcht5": ours, "hf": hf, "gemm": gemm, "rows": rows,
+    }
+    with open(os.path.join(out, "bench_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+    head = ("| system | batch | ms/step (median) | tokens/s | MFU (measured peak) | "
+            "MFU (989 TFLOP/s) | peak memory MB | note |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['batch'] if r['batch'] is not None else '-'} | "
+                     f"{fmt(r['ms'], '.1f')} | {fmt(r['tokens_per_s'], '.0f')} | "
+                     f"{fmt(r['mfu_measured'], '.1%')} | {fmt(r['mfu_datasheet'], '.1%')} | "
+                     f"{fmt(r['memory_mb'], '.0f')} | {r['note']} |")
+    table = "\n".join(lines)
+    name = os.path.splitext(os.path.basename(a.config))[0]
+    md = f"""# {name} training step: switcht5 {ours.get('backend', 'cuda')} vs HuggingFace Switch-Base-8 ({report['date'][:10]})
+
+Machine: {gpu_line or 'no GPU'}; CUDA runtime {ver.get('runtime')}, driver supports CUDA
+{ver.get('driver_cuda')}, cuBLAS {ver.get('cublas')} (cuBLASLt {ver.get('cublasLt')}); torch
+{report['torch']} (CUDA {report['torch_cuda']}), transformers {report['transformers']}.
+Command: `scripts/bench_gpu.sh OUTDIR{' --quick' if report['quick'] else ''}` ({a.config},
+train.backend={ours.get('backend', 'cuda')}, train.precision={ours.get('precision', 'bf16')}, synthetic
+reverse task, {ours.get('inputs_length', 512)} input + {ours.get('targets_length', 114)} target tokens).
+Batch: the largest of {tried} that fit: {a.chosen}. switcht5: median of {ours.get('steps', '-')}
+steps after {ours.get('warmup', '-')} warm-up (bench_step). HF: SwitchTransformersForConditionalGeneration
+from a config with the same dimensions (random init, bf16 weights and Adafactor state), forward +
+backward + Adafactor step timed with CUDA events, median of {hf['eager'].get('steps', '-')} after warm-up.
+
+{table}
+
+- Model FLOPs per step: {fmt(flops, '.4g')} ({FORMULA}). The same count is used for HF.
+- Measured bf16 peak: {fmt(peak_measured, '.0f')} TFLOP/s ({gemm.get('what', gemm.get('skipped', 'not measured'))});
+  switcht5's own bf16 GEMM (bench_step, cuBLASLt through the backend): {fmt((ours.get('gemm_square_gflops') or 0) * 1e-3, '.3g')} TFLOP/s
+  at {ours.get('gemm_square', '-')}^3, {fmt((ours.get('gemm_ffn_gflops') or 0) * 1e-3, '.3g')} TFLOP/s on the FFN shape {ours.get('gemm_ffn_shape', '-')}.
+- switcht5 keeps fp32 master weights, gradients and Adafactor state with bf16 compute copies; HF
+  runs everything in bf16. HF's expert capacity is fixed ({hf['eager'].get('expert_capacity', 80)} per sequence, every
+  Switch layer); switcht5 derives it per stack from capacity factor 1.25.
+- Host synchronisations per switcht5 step: {ours.get('host_syncs_per_step', '-')}.
+"""
+    with open(os.path.join(out, "bench_gpu.md"), "w") as f:
+        f.write(md)
+    print(table)
+    print(f"step FLOPs {fmt(flops, '.4g')}; measured bf16 peak {fmt(peak_measured, '.0f')} TFLOP/s; "
+          f"report: {os.path.join(out, 'bench_gpu.md')}")
+
+
+if __name__ == "__main__":
+    main()
