@@ -153,9 +153,8 @@ class CudaModel : public ::testing::TestWithParam<ModelCase> {
     }
     const LossWeights w{1.0 / double(batch.target_tokens()), 1e-3, 1.0};
     auto be = make_backend(backend);
-    SwitchT5Model model(*be, m, {B, Ti, Tt});
+    SwitchT5Model model(*be, m, {B, Ti, Tt}, {}, precision);
     model.params().initialize(*be, 8);
-    if (precision == DType::kBF16) model.params().set_compute_dtype(*be, DType::kBF16);
     PassResult r;
     const ForwardStats& st = model.forward(batch, /*training=*/true, 1234);
     r.ce_sum = st.ce_sum;
