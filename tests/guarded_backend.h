@@ -233,8 +233,8 @@ class GuardedBackend final : public Backend {
 
 // A BackendFactory for Trainer / TrainOptions: the named backend, guarded.
 inline BackendFactory guarded_backend_factory() {
-  return [](const std::string& name) -> std::unique_ptr<Backend> {
-    return std::make_unique<GuardedBackend>(make_backend(name));
+  return [](const std::string& name, const BackendOptions& options) -> std::unique_ptr<Backend> {
+    return std::make_unique<GuardedBackend>(make_backend(name, options));
   };
 }
 

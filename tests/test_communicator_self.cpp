@@ -48,6 +48,8 @@ TEST(SelfCommunicator, GridIsOneByOneByOne) {
   EXPECT_EQ(g.model_group->size(), 1);
   EXPECT_EQ(g.expert_group->size(), 1);
   EXPECT_EQ(g.expert_replica_group->size(), 1);
+  EXPECT_EQ(g.local_rank, 0);
+  EXPECT_EQ(g.local_size, 1);
   EXPECT_EQ(g.describe(),
             "world 1 = data 1 x model 1, expert 1; this rank: data 0, model 0, expert 0");
 }

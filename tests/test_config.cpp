@@ -331,7 +331,7 @@ TEST(ConfigErrors, EnumValues) {
   EXPECT_TRUE(has_parts(error_of("log:\n  level: verbose\n"),
                         {"x.yaml:2: ", "log.level: got \"verbose\", expected one of: trace, debug, info, warn, error"}));
   EXPECT_TRUE(has_parts(error_of("train:\n  backend: gpu\n"),
-                        {"x.yaml:2: ", "train.backend: got \"gpu\", expected one of: cpu, reference"}));
+                        {"x.yaml:2: ", "train.backend: got \"gpu\", expected one of: cpu, reference, cuda"}));
 }
 
 TEST(ConfigErrors, NullListAndMapValues) {

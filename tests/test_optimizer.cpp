@@ -117,9 +117,20 @@ double beta2t_at(int64_t t, double decay_rate = 0.8) {
 
 class OptimKernelTest : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { be = make_backend(GetParam()); }
+  void SetUp() override {
+    std::string why;
+    be = testing::backend_or_skip(GetParam(), why);
+    if (!be) GTEST_SKIP() << why;
+  }
   std::unique_ptr<Backend> be;
 };
+
+// The reference and every backend under test (test_util.h).
+std::vector<std::string> all_backends() {
+  std::vector<std::string> names = {"reference"};
+  for (const std::string& b : testing::backends_under_test()) names.push_back(b);
+  return names;
+}
 
 TEST_P(OptimKernelTest, AdamWMatchesHostOverSteps) {
   for (int64_t n : {1, 37, 1000, 50001}) {
@@ -251,7 +262,7 @@ TEST_P(OptimKernelTest, AdafactorHandWorked2x2) {
   EXPECT_TRUE(all_close(download(*be, vc.data(), 2), {0.5f, 2.0f}, 1e-7, 0));
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, OptimKernelTest, ::testing::Values("reference", "cpu"),
+INSTANTIATE_TEST_SUITE_P(Backends, OptimKernelTest, ::testing::ValuesIn(all_backends()),
                          [](const auto& info) { return info.param; });
 
 // The CPU kernels give bitwise the same result for any thread count.
@@ -450,11 +461,23 @@ TEST(Optimizer, UnknownNameIsUserError) {
   }
 }
 
+// The Optimizer classes and gradient clipping on each backend (a fresh backend per case; the
+// fixture only skips a GPU backend where no GPU is visible).
+class OptimizerOnBackend : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (!testing::backend_or_skip(GetParam(), why)) GTEST_SKIP() << why;
+  }
+};
+class GradClipOnBackend : public OptimizerOnBackend {};
+
 // Zero gradients: the update is 0 (Adafactor: g * finite factors; AdamW: 0 / (0 + eps)), so only
 // the weight decay moves parameters: every non-vector parameter is scaled by (1 - lr*wd) and
 // the RMSNorm scale (kVector) stays exactly as it was.
-TEST(Optimizer, WeightDecaySkipsVectors) {
-  for (std::string backend : {"reference", "cpu"}) {
+TEST_P(OptimizerOnBackend, WeightDecaySkipsVectors) {
+  {
+    const std::string backend = GetParam();
     for (std::string name : {"adafactor", "adamw"}) {
       SCOPED_TRACE(backend + " " + name);
       auto be = make_backend(backend);
@@ -477,8 +500,9 @@ TEST(Optimizer, WeightDecaySkipsVectors) {
 }
 
 // Full optimizer steps against the host implementation, parameter by parameter.
-TEST(Optimizer, StepsMatchHostPerParameter) {
-  for (std::string backend : {"reference", "cpu"}) {
+TEST_P(OptimizerOnBackend, StepsMatchHostPerParameter) {
+  {
+    const std::string backend = GetParam();
     for (std::string name : {"adafactor", "adamw"}) {
       SCOPED_TRACE(backend + " " + name);
       auto be = make_backend(backend);
@@ -527,8 +551,9 @@ TEST(Optimizer, StepsMatchHostPerParameter) {
 
 // ---- global gradient-norm clipping ----
 
-TEST(GradClip, ReturnsNormAndScales) {
-  for (std::string backend : {"reference", "cpu"}) {
+TEST_P(GradClipOnBackend, ReturnsNormAndScales) {
+  {
+    const std::string backend = GetParam();
     SCOPED_TRACE(backend);
     auto be = make_backend(backend);
     auto fresh = [&] {
@@ -565,6 +590,11 @@ TEST(GradClip, ReturnsNormAndScales) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, OptimizerOnBackend, ::testing::ValuesIn(all_backends()),
+                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Backends, GradClipOnBackend, ::testing::ValuesIn(all_backends()),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace switcht5

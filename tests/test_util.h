@@ -5,15 +5,42 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "backend/backend.h"
+#include "core/check.h"
 #include "core/rng.h"
 
 namespace switcht5::testing {
+
+// The backends that the parameterised backend tests run on besides the reference: "cpu", and
+// "cuda" in a build with the CUDA backend. Test instances are named by backend, so
+// --gtest_filter=*cuda* selects the GPU ones (ctest label gpu) and -*cuda* the rest (label cpu).
+inline std::vector<std::string> backends_under_test() {
+#if defined(SWITCHT5_HAVE_CUDA)
+  return {"cpu", "cuda"};
+#else
+  return {"cpu"};
+#endif
+}
+
+// make_backend(name); for a GPU backend with no GPU visible, null with `skip_reason` set: the
+// caller skips the test with it, so a machine without a GPU neither fails nor silently passes:
+//   be_ = backend_or_skip(GetParam(), why);  if (!be_) GTEST_SKIP() << why;
+inline std::unique_ptr<Backend> backend_or_skip(const std::string& name, std::string& skip_reason) {
+  try {
+    return make_backend(name);
+  } catch (const UserError& e) {
+    const std::string msg = e.what();
+    if (name != "cuda" || msg.find("no CUDA GPU is visible") == std::string::npos) throw;
+    skip_reason = "no CUDA GPU visible: " + msg;
+    return nullptr;
+  }
+}
 
 inline std::vector<float> random_vector(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
   CounterRng rng(seed);

@@ -37,7 +37,7 @@ class Backend {
   virtual bool host_accessible() const = 0;
 
   // ---- memory ------------------------------------------------------------------------------
-  virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned
+  virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned (CUDA: 256)
   virtual void free_bytes(void* ptr) = 0;
   // Host <-> backend copies, synchronous on the host side: copy_to_host returns with the data
   // in `dst`, copy_to_device returns when `src` may be overwritten (checkpoint staging reuses
@@ -268,14 +268,26 @@ class Backend {
   int64_t host_syncs_ = 0;
 };
 
-// Backends by name: "reference" (plain loops, double accumulation, single thread: the oracle)
-// and "cpu" (oneDNN sgemm + OpenMP). Throws UserError for an unknown name.
-std::unique_ptr<Backend> make_backend(const std::string& name);
+// Where a process's backend runs, decided by the trainer from the process grid.
+struct BackendOptions {
+  // This process's rank among the job's processes on its node (ProcessGrid::local_rank). The
+  // CUDA backend takes device local_rank % (number of visible devices): one rank per GPU over a
+  // node's GPUs, and CUDA_VISIBLE_DEVICES or a scheduler's per-task GPU binding (one visible
+  // device per rank: device 0) is respected because the runtime only counts visible devices.
+  int local_rank = 0;
+};
+
+// Backends by name: "reference" (plain loops, double accumulation, single thread: the oracle),
+// "cpu" (oneDNN sgemm + OpenMP) and "cuda" (backend/cuda/cuda_backend.h; in a build with the
+// CUDA backend and a visible GPU). Throws UserError for an unknown name, for "cuda" in a build
+// without it, and for "cuda" when no GPU is visible.
+std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options = {});
 
 // What builds a trainer's backend from train.backend: make_backend, or a test's substitute
 // (tests/guarded_backend.h wraps a backend so that the host cannot read its memory), passed
 // in explicitly (Trainer, TrainOptions) rather than registered globally.
-using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& name)>;
+using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& name,
+                                                              const BackendOptions& options)>;
 
 // A typed array in backend memory, freed on destruction. Move-only.
 template <class T>

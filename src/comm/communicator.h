@@ -54,6 +54,10 @@ class Communicator {
   // A communicator over the ranks that passed the same color (>= 0), ranked by key, ties broken
   // by rank in this communicator (MPI_Comm_split semantics). Collective over this communicator.
   virtual std::unique_ptr<Communicator> split(int color, int key) const = 0;
+  // A communicator over the ranks of this one that share its node (a shared-memory domain:
+  // MPI_Comm_split_type with MPI_COMM_TYPE_SHARED), ranked as in this one. Collective. The
+  // default, for communicators that are not MPI's, puts every rank on a node of its own.
+  virtual std::unique_ptr<Communicator> split_by_node() const { return split(rank(), 0); }
 };
 
 // One process: rank 0 of 1; collectives are copies. For single-process runs and tests.

@@ -329,6 +329,15 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) const {
   return sub;
 }
 
+std::unique_ptr<Communicator> MpiCommunicator::split_by_node() const {
+  auto st = std::make_unique<detail::MpiState>();
+  SWT_MPI(MPI_Comm_split_type(state_->comm, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL,
+                              &st->comm));
+  auto sub = std::make_unique<MpiCommunicator>(std::move(st));
+  sub->max_chunk_bytes_ = max_chunk_bytes_;
+  return sub;
+}
+
 MPI_Comm native_mpi_comm(const Communicator& comm) {
   const auto* mpi = dynamic_cast<const MpiCommunicator*>(&comm);
   return mpi ? mpi->mpi_state().comm : MPI_COMM_NULL;

@@ -50,6 +50,7 @@ class MpiCommunicator final : public Communicator {
   void barrier() override;
   // The new communicator inherits max_chunk_bytes().
   std::unique_ptr<Communicator> split(int color, int key) const override;
+  std::unique_ptr<Communicator> split_by_node() const override;  // inherits max_chunk_bytes()
 
   // In place over blocks of any sizes, for the data plane (comm/data_plane.h): data is
   // [counts[0] + ... + counts[size-1]], block r starting after blocks 0..r-1.

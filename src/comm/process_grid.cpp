@@ -40,6 +40,9 @@ ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, i
   g.model_group = world->split(g.data_rank, g.model_rank);
   g.expert_group = world->split(expert_group_index * model + g.model_rank, g.expert_rank);
   g.expert_replica_group = world->split(g.expert_rank * model + g.model_rank, expert_group_index);
+  const std::unique_ptr<Communicator> node = world->split_by_node();
+  g.local_rank = node->rank();
+  g.local_size = node->size();
   g.world = std::move(world);
   return g;
 }

@@ -27,6 +27,9 @@ struct ProcessGrid {
   int world_rank = 0, world_size = 1;
   int data = 1, model = 1, expert = 1;                 // degrees
   int data_rank = 0, model_rank = 0, expert_rank = 0;  // expert_rank = data_rank % expert
+  // This rank among the world's ranks on its node (Communicator::split_by_node), and how many
+  // there are: a GPU backend picks its device by local_rank (BackendOptions).
+  int local_rank = 0, local_size = 1;
   std::unique_ptr<Communicator> world;
   std::unique_ptr<Communicator> data_group;    // size data, rank data_rank
   std::unique_ptr<Communicator> model_group;   // size model, rank model_rank
@@ -41,8 +44,8 @@ struct ProcessGrid {
   ProcessGrid& operator=(const ProcessGrid&) = delete;
 
   // Validates the degrees (each >= 1, data * model == world size, expert divides data; a
-  // UserError naming the numbers otherwise, thrown on every rank before any communication) and
-  // splits the groups. Collective over `world`.
+  // UserError naming the numbers otherwise, thrown on every rank before any communication),
+  // splits the groups and finds the node-local rank. Collective over `world`.
   static ProcessGrid create(std::unique_ptr<Communicator> world, int data, int model, int expert);
 
   bool is_root() const { return world_rank == 0; }

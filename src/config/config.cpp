@@ -134,7 +134,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("train", "seed", t.seed, at_least(0));
   v("train", "eval_every", t.eval_every, IntRule{0, std::nullopt, "0: never"});
   v("train", "eval_batches", t.eval_batches, at_least(1));
-  v("train", "backend", t.backend, EnumRule{{"cpu", "reference"}});
+  v("train", "backend", t.backend, EnumRule{{"cpu", "reference", "cuda"}});
   v("train", "precision", t.precision, EnumRule{{"fp32", "bf16"}});
   v("train", "max_skipped_steps", t.max_skipped_steps, at_least(0));
 

@@ -93,7 +93,7 @@ struct TrainConfig {
   uint64_t seed = 0;
   int64_t eval_every = 0;          // steps between evaluations, 0 = never
   int eval_batches = 1;
-  std::string backend = "cpu";     // "cpu" or "reference"
+  std::string backend = "cpu";     // "cpu", "reference" or "cuda"
   // "fp32", or "bf16": fp32 master weights, gradients and optimizer state; bf16 compute copies
   // of the weights and bf16 activations; router, losses and normalisation statistics in fp32.
   std::string precision = "fp32";

@@ -51,7 +51,7 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
                  const BackendFactory& make_backend_named)
     : cfg_(cfg), grid_(grid), local_rows_(cfg.train.batch_size / grid.data),
       micro_(local_rows_ / cfg.train.grad_accum_steps),
-      be_(make_backend_named(cfg.train.backend)),
+      be_(make_backend_named(cfg.train.backend, BackendOptions{.local_rank = grid.local_rank})),
       schedule_({cfg.train.schedule, cfg.train.learning_rate, cfg.train.warmup_steps,
                  cfg.train.steps, cfg.train.min_learning_rate}),
       batches_(cfg.train.grad_accum_steps) {

@@ -45,7 +45,8 @@ enum class TrainerUse { kTrain, kEvaluate };
 class Trainer {
  public:
   // `grid` must outlive the trainer; its degrees must match cfg.parallel. `make_backend_named`
-  // builds the backend from cfg.train.backend (tests pass a substitute).
+  // builds the backend from cfg.train.backend and the grid's node-local rank (which GPU this
+  // rank uses); tests pass a substitute.
   Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use = TrainerUse::kTrain,
           const BackendFactory& make_backend_named = make_backend);
   ~Trainer();

@@ -347,6 +347,9 @@ TEST_P(Grid, GroupsHoldExactlyTheirMembers) {
   EXPECT_EQ(g.model_rank, m);
   EXPECT_EQ(g.expert_rank, e);
   EXPECT_EQ(std::tie(g.data, g.model, g.expert), std::tie(data, model, expert));
+  // The tests' mpirun starts every rank on this one machine: one node, ranked as the world.
+  EXPECT_EQ(g.local_rank, me);
+  EXPECT_EQ(g.local_size, w.size());
 
   std::vector<int> world_members, data_members, model_members, expert_members, replica_members;
   for (int r = 0; r < w.size(); ++r) world_members.push_back(r);

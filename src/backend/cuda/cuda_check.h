@@ -4,6 +4,8 @@
 // spdlog stay out of .cu files, where nvcc's C++20 mode rejects them).
 //   SWT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
 //   SWT_CUBLAS_CHECK(cublasLtMatmul(...));
+// SWT_CUBLAS_CHECK names the status with cublasLtGetStatusString (cublasLt.h), so the backend
+// links libcublasLt only, not libcublas.
 #pragma once
 
 namespace switcht5::cuda {
@@ -25,5 +27,5 @@ namespace switcht5::cuda {
     const cublasStatus_t swt_st_ = (call);                                                   \
     if (swt_st_ != CUBLAS_STATUS_SUCCESS)                                                    \
       ::switcht5::cuda::cuda_fail(__FILE__, __LINE__, #call, "cuBLAS", int(swt_st_),         \
-                                  cublasGetStatusString(swt_st_));                           \
+                                  cublasLtGetStatusString(swt_st_));                         \
   } while (0)
