@@ -6,10 +6,13 @@
 #include <cuda_runtime.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cuda_gemm.h"
@@ -23,6 +26,27 @@ namespace {
 // The arena is a whole number of these (the driver's large-page size).
 constexpr size_t kArenaGranule = size_t(2) << 20;
 constexpr size_t kResultBytes = 64;  // one double or int64 result, with room to spare
+
+// The lowest compute capability (e.g. 90 for sm_90) among the architectures this build's kernels
+// are compiled for (SWITCHT5_CUDA_ARCHS, e.g. "90" or "80;90a"); 0 when none is numeric
+// ("native", "all": no check).
+int min_compute_capability() {
+  const std::string list = SWITCHT5_CUDA_ARCHS_LIST;
+  int best = 0;
+  size_t i = 0;
+  while (i < list.size()) {
+    size_t j = i;
+    while (j < list.size() && std::isdigit(static_cast<unsigned char>(list[j]))) ++j;
+    if (j > i) {
+      const int cc = std::stoi(list.substr(i, j - i));
+      best = best == 0 ? cc : std::min(best, cc);
+    }
+    i = list.find(';', j);
+    if (i == std::string::npos) break;
+    ++i;
+  }
+  return best;
+}
 
 double memory_fraction_from_env() {
   const char* env = std::getenv(kCudaMemoryFractionEnv);
@@ -75,6 +99,15 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   memory_fraction_ = memory_fraction_from_env();
   try {
     SWT_CUDA_CHECK(cudaSetDevice(device));
+    // An sm_90 build on an older GPU would fail at its first kernel with "no kernel image".
+    int major = 0, minor = 0;
+    SWT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    SWT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    const int built_for = min_compute_capability();
+    SWT_USER_CHECK(major * 10 + minor >= built_for,
+                   "train.backend 'cuda': GPU {} has compute capability {}.{}, but this build's "
+                   "kernels are for sm_{} and later (rebuild with -DSWITCHT5_CUDA_ARCHS={}{})",
+                   device, major, minor, built_for, major, minor);
     int sm_count = 0;
     SWT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
     cudaStream_t stream = nullptr;
@@ -114,8 +147,12 @@ void CudaBackend::release() noexcept {
 void CudaBackend::reserve_arena() {
   size_t free_bytes = 0, total_bytes = 0;
   SWT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  const size_t bytes =
-      static_cast<size_t>(double(free_bytes) * memory_fraction_) / kArenaGranule * kArenaGranule;
+  // At least 1 GiB stays free whatever the fraction: the CUDA context's lazily loaded kernel
+  // modules, local memory and (later) NCCL's buffers live outside the arena.
+  const size_t headroom = size_t(1) << 30;
+  const size_t wanted = static_cast<size_t>(double(free_bytes) * memory_fraction_);
+  const size_t capped = free_bytes > headroom ? std::min(wanted, free_bytes - headroom) : wanted;
+  const size_t bytes = capped / kArenaGranule * kArenaGranule;
   SWT_CHECK(bytes > 0,
             "CUDA device {}: {} x {} bytes free is less than the arena's granule of {} bytes; "
             "raise {}",

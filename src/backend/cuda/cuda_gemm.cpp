@@ -112,6 +112,12 @@ CublasLtGemm::Plan CublasLtGemm::make_plan(const Key& k) const {
     const uint64_t ws = workspace_bytes_;
     SWT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    // Split-K partial sums only in the compute type (fp32, in the workspace): the "in place"
+    // and "output type" schemes add partials in C's type, which for a bf16 C rounds more than
+    // once (backend.h: C is rounded once). No split-K at all is always allowed.
+    const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    SWT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction, sizeof reduction));
     const uint32_t align[4] = {k.align_b, k.align_a, k.align_c, k.align_c};  // cuBLASLt A B C D
     const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
