@@ -23,9 +23,8 @@ namespace switcht5 {
 
 namespace {
 
-// The arena is a whole number of these (the driver's large-page size).
-constexpr size_t kArenaGranule = size_t(2) << 20;
-constexpr size_t kResultBytes = 64;  // one double or int64 result, with room to spare
+using cuda::kArenaGranule;  // cuda_memory.h
+using cuda::kResultBytes;
 
 // The lowest compute capability (e.g. 90 for sm_90) among the architectures this build's kernels
 // are compiled for (SWITCHT5_CUDA_ARCHS, e.g. "90" or "80;90a"); 0 when none is numeric
@@ -149,7 +148,7 @@ void CudaBackend::reserve_arena() {
   SWT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   // At least 1 GiB stays free whatever the fraction: the CUDA context's lazily loaded kernel
   // modules, local memory and (later) NCCL's buffers live outside the arena.
-  const size_t headroom = size_t(1) << 30;
+  const size_t headroom = cuda::kArenaHeadroomBytes;
   const size_t wanted = static_cast<size_t>(double(free_bytes) * memory_fraction_);
   const size_t capped = free_bytes > headroom ? std::min(wanted, free_bytes - headroom) : wanted;
   const size_t bytes = capped / kArenaGranule * kArenaGranule;

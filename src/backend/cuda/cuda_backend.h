@@ -40,14 +40,13 @@ namespace cuda {
 class CublasLtGemm;
 }
 
-// The environment variable that sizes the arena.
-inline constexpr const char* kCudaMemoryFractionEnv = "SWITCHT5_CUDA_MEMORY_FRACTION";
+// kCudaMemoryFractionEnv, the environment variable that sizes the arena: cuda_memory.h.
 
 class CudaBackend final : public Backend {
  public:
-  static constexpr double kDefaultMemoryFraction = 0.9;
-  // cuBLASLt's workspace: 32 MiB, NVIDIA's recommendation for Hopper.
-  static constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
+  // cuda_memory.h holds these (and the other sizes), for `switcht5 plan`.
+  static constexpr double kDefaultMemoryFraction = cuda::kDefaultMemoryFraction;
+  static constexpr size_t kCublasWorkspaceBytes = cuda::kCublasWorkspaceBytes;
 
   // `device`: a CUDA device ordinal among the visible devices. Throws Error when a CUDA call
   // fails, UserError for a bad SWITCHT5_CUDA_MEMORY_FRACTION.

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backend/cuda/cuda_memory.h"  // kWorkspaceBytes
 #include "core/dtype.h"
 
 struct CUstream_st;
@@ -35,7 +36,6 @@ struct Ctx {
   size_t workspace_bytes = 0;
   int sm_count = 0;  // informational; launch shapes must NOT depend on it (determinism)
 };
-inline constexpr size_t kWorkspaceBytes = size_t(4) << 20;
 
 // ---- memory and casts (elementwise.cu) ---------------------------------------------------------
 void fill(const Ctx& c, float* x, float value, int64_t n);
