@@ -44,6 +44,7 @@ Router::Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterSha
   slot_ = DeviceArray<int32_t>(be, s.T);
   counts_ = DeviceArray<float>(be, int64_t(G) * s.E);
   balance_ = DeviceArray<float>(be, G);
+  if (s.jitter) jittered_ = DeviceArray<float>(be, int64_t(s.T) * s.D);
 }
 
 void Router::forward(ActivationView x, const float* x_f32, bool training, float jitter_eps,

@@ -71,6 +71,11 @@ struct RouterShape {
   int D = 1, E = 1;
   int capacity_train = 1;  // C while training
   int capacity_eval = 1;   // C in evaluation
+  // Whether training forwards will jitter (the model: router_jitter_noise > 0): the jittered
+  // copy is then allocated at construction, so that constructing a model allocates everything
+  // its training steps hold (what `switcht5 plan` counts). Otherwise it is allocated on the
+  // first jittered forward.
+  bool jitter = false;
 };
 
 class Router {
@@ -125,7 +130,7 @@ class Router {
   int C_ = 1;
   // All fp32 in every compute dtype: the router, its losses and statistics run in fp32 (Switch's
   // selective precision), and none of these values is a bf16 store.
-  DeviceArray<float> jittered_;             // [T,D], allocated on the first jittered forward
+  DeviceArray<float> jittered_;             // [T,D] (RouterShape::jitter)
   DeviceArray<float> logits_, probs_;       // [T,E]
   DeviceArray<float> lse_, gate_;           // [T]
   DeviceArray<int32_t> expert_, slot_;      // [T]

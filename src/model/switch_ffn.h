@@ -46,6 +46,7 @@ struct SwitchShape {
   int capacity_train = 1;  // C while training
   int capacity_eval = 1;   // C in evaluation
   bool gated = false;
+  bool jitter = false;                   // RouterShape::jitter
   Communicator* expert_group = nullptr;  // null or size 1: every expert is local
   TensorParallel tp{};                   // no group: each expert's d_ff is whole (F = d_ff)
 };
