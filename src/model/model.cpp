@@ -480,6 +480,11 @@ size_t SwitchT5Model::activation_bytes() const {
          scratch_.bytes();
 }
 
+size_t SwitchT5Model::input_bytes() const {
+  return enc_ids_.bytes() + enc_mask_.bytes() + dec_ids_.bytes() + dec_mask_.bytes() +
+         labels_.bytes() + encoder_->buckets.bytes() + decoder_->buckets.bytes();
+}
+
 int64_t SwitchT5Model::statistics_size() const {
   return kModelStatsFixed + int64_t(encoder_->switch_layers() + decoder_->switch_layers()) *
                                 router_stats_size(cfg_.num_experts);

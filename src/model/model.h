@@ -138,6 +138,10 @@ class SwitchT5Model {
   // Bytes of what forward keeps for backward: in the compute dtype, but for what stays fp32 in
   // every dtype (norm statistics, the router, logits and the loss).
   size_t kept_activation_bytes() const;
+  // Bytes of a pass's inputs on the device: the batch (token ids, masks, labels) and the
+  // relative-position buckets. With the parameter store's arrays and activation_bytes(), all
+  // the model allocates (`switcht5 plan` checks that the parts add up to what it counts).
+  size_t input_bytes() const;
 
   struct Stack;  // encoder or decoder (model.cpp)
 

@@ -47,6 +47,38 @@ enum StepStatsSlot : int {
 
 }  // namespace
 
+int micro_batch_size(const RunConfig& cfg) {
+  return cfg.train.batch_size / cfg.parallel.data / cfg.train.grad_accum_steps;
+}
+
+StepState build_step_state(const RunConfig& cfg, Backend& be, TrainerUse use,
+                           const StepGroups& g) {
+  StepState st;
+  ModelParallelism mp;
+  mp.expert_group = g.expert;
+  mp.model_group = g.model;
+  mp.sharding = g.sharding;
+  const DType compute_dtype = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
+  st.model = std::make_unique<SwitchT5Model>(
+      be, cfg.model, ModelShape{micro_batch_size(cfg), cfg.data.inputs_length,
+                                cfg.data.targets_length},
+      mp, compute_dtype);
+  ParamStore& ps = st.model->params();
+  if (use == TrainerUse::kTrain) {
+    // Gradients travel on the data plane; ZeRO-1 gives this data rank the parameters of its
+    // shard to update (expert parameters are updated by every replica).
+    const ParallelConfig& pc = cfg.parallel;
+    st.reducer = std::make_unique<GradientReducer>(be, ps, *g.data, *g.replica,
+                                                   bucket_floats(pc.bucket_mb), pc.zero1);
+    std::vector<bool> updates(ps.infos().size(), true);
+    for (size_t i = 0; i < updates.size(); ++i)
+      updates[i] = st.reducer->param_owner()[i] < 0 || st.reducer->param_owner()[i] == g.data_rank;
+    st.optimizer = make_optimizer(optimizer_options(cfg.train), be, ps, updates, g.model);
+  }
+  st.statistics = DeviceArray<double>(be, st.model->statistics_size() + kStepStatsExtra);
+  return st;
+}
+
 Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
                  const BackendFactory& make_backend_named)
     : cfg_(cfg), grid_(grid), local_rows_(cfg.train.batch_size / grid.data),
@@ -60,7 +92,8 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
                  "parallel = (data {}, model {}, expert {}) but the process grid is ({}, {}, {})",
                  pc.data, pc.model, pc.expert, grid.data, grid.model, grid.expert);
   SWT_CHECK(local_rows_ * grid.data == cfg.train.batch_size &&
-                micro_ * cfg.train.grad_accum_steps == local_rows_,
+                micro_ * cfg.train.grad_accum_steps == local_rows_ &&
+                micro_ == micro_batch_size(cfg),
             "batch {} does not split over {} data ranks x {} micro-batches",
             cfg.train.batch_size, grid.data, cfg.train.grad_accum_steps);
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
@@ -68,33 +101,24 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   model_plane_ = make_data_plane(*grid.model_group, *be_);
   expert_comm_ = make_backend_communicator(*expert_plane_, *grid.expert_group, *be_);
   model_comm_ = make_backend_communicator(*model_plane_, *grid.model_group, *be_);
-  ModelParallelism mp;
-  mp.expert_group = expert_comm_.get();
-  mp.model_group = model_comm_.get();
-  mp.sharding = Sharding{grid.expert, grid.expert_rank, grid.model, grid.model_rank};
-  const DType compute_dtype = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
-  model_ = std::make_unique<SwitchT5Model>(*be_, cfg.model, ModelShape{micro_, Ti, Tt}, mp,
-                                           compute_dtype);
-  ParamStore& ps = model_->params();
-  ps.initialize(*be_, cfg.train.seed);
-
   if (use == TrainerUse::kTrain) {
-    // Gradients travel on the data plane; ZeRO-1 gives this data rank the parameters of its
-    // shard to update (expert parameters are updated by every replica).
     data_plane_ = make_data_plane(*grid.data_group, *be_);
     replica_plane_ = make_data_plane(*grid.expert_replica_group, *be_);
-    reducer_ = std::make_unique<GradientReducer>(*be_, ps, *data_plane_, *replica_plane_,
-                                                 bucket_floats(pc.bucket_mb), pc.zero1);
-    std::vector<bool> updates(ps.infos().size(), true);
-    for (size_t i = 0; i < updates.size(); ++i)
-      updates[i] = reducer_->param_owner()[i] < 0 || reducer_->param_owner()[i] == grid.data_rank;
-    optimizer_ = make_optimizer(optimizer_options(cfg.train), *be_, ps, updates,
-                                model_comm_.get());
-    train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
   }
+  StepState st = build_step_state(
+      cfg, *be_, use,
+      StepGroups{.expert = expert_comm_.get(), .model = model_comm_.get(),
+                 .data = data_plane_.get(), .replica = replica_plane_.get(),
+                 .sharding = Sharding{grid.expert, grid.expert_rank, grid.model, grid.model_rank},
+                 .data_rank = grid.data_rank});
+  model_ = std::move(st.model);
+  reducer_ = std::move(st.reducer);
+  optimizer_ = std::move(st.optimizer);
+  step_stats_ = std::move(st.statistics);
+  model_->params().initialize(*be_, cfg.train.seed);
+  if (use == TrainerUse::kTrain) train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
   switch_layers_ = model_->switch_layer_names();
-  step_stats_ = DeviceArray<double>(*be_, model_->statistics_size() + kStepStatsExtra);
   host_stats_.assign(step_stats_.size(), 0.0);
   step_flops_ = 3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, Ti, Tt, true);
   if (const char* env = std::getenv("SWITCHT5_INJECT_NAN")) {

@@ -42,6 +42,36 @@ struct TrainingState;  // checkpoint/checkpoint.h
 // evaluation only (model and validation data: no optimizer state, no training shards read).
 enum class TrainerUse { kTrain, kEvaluate };
 
+// Sequences per forward call: train.batch_size / parallel.data / train.grad_accum_steps (a
+// whole number for a validated config).
+int micro_batch_size(const RunConfig& cfg);
+
+// What one rank's step communicates over, as the model, the gradient reducer and the optimizer
+// take it. The Trainer passes its backend communicators and data planes over the process grid;
+// `switcht5 plan` passes stand-ins that have only a size and rank 0 (train/memory_plan.h).
+struct StepGroups {
+  Communicator* expert = nullptr;  // over the expert group (the model's all-to-all)
+  Communicator* model = nullptr;   // over the model group (tensor parallelism, Adafactor)
+  DataPlane* data = nullptr;       // over the data group (gradients; training only)
+  DataPlane* replica = nullptr;    // over the expert-replica group (training only)
+  Sharding sharding;               // this rank's expert and model blocks
+  int data_rank = 0;
+};
+
+// Everything a rank's training or evaluation holds in backend memory, built in one place, so
+// that `switcht5 plan` counts exactly what the Trainer allocates: the model (parameters, their
+// gradients and compute copy, activations, the batch on the device), and for training the
+// gradient reducer and the optimizer (state only for the parameters this rank updates), then
+// the step's statistics array. Parameters are allocated, not initialised.
+struct StepState {
+  std::unique_ptr<SwitchT5Model> model;
+  std::unique_ptr<GradientReducer> reducer;  // training only
+  std::unique_ptr<Optimizer> optimizer;      // training only
+  DeviceArray<double> statistics;            // model statistics, then the trainer's (trainer.cpp)
+};
+StepState build_step_state(const RunConfig& cfg, Backend& be, TrainerUse use,
+                           const StepGroups& groups);
+
 class Trainer {
  public:
   // `grid` must outlive the trainer; its degrees must match cfg.parallel. `make_backend_named`
