@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "backend/cuda/cuda_memory.h"
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/h5_file.h"
 #include "comm/mpi_communicator.h"
@@ -19,6 +20,7 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/memory_plan.h"
 #include "train/optimizer.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
@@ -41,8 +43,11 @@ constexpr const char* kUsage =
     "  inspect --hf-names CKPT | --config FILE [--set ...]\n"
     "        the HuggingFace state_dict names of the model's parameters as JSON (HF key ->\n"
     "        internal name, offset, shape); scripts/export_hf.py and import_hf.py use it\n"
-    "  plan  --config FILE [--set section.key=value ...]\n"
-    "        validate a config and print the model's parameters, capacities and FLOPs\n";
+    "  plan  --config FILE [--set section.key=value ...] [--json] [--device-memory-gb GB]\n"
+    "        validate a config and print the model's parameters, capacities, FLOPs and the\n"
+    "        backend memory one rank allocates (counted from the training code's own\n"
+    "        allocations), against the device's memory for train.backend cuda (default 141 GB);\n"
+    "        --json: the same as one JSON object\n";
 // Set once the process grid exists; read by the error path in main().
 int g_world_rank = 0;
 int g_world_size = 1;
@@ -55,6 +60,8 @@ struct Args {
   std::string checkpoint;
   std::string dump_batch;
   bool hf_names = false;
+  bool json = false;              // plan --json
+  double device_memory_gb = 0.0;  // plan --device-memory-gb (0: the default device)
   std::vector<std::string> positional;
   std::vector<std::string> overrides;
 };
@@ -75,6 +82,14 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--checkpoint") a.checkpoint = value();
     else if (flag == "--dump-batch") a.dump_batch = value();
     else if (flag == "--hf-names" && a.command == "inspect") a.hf_names = true;
+    else if (flag == "--json" && a.command == "plan") a.json = true;
+    else if (flag == "--device-memory-gb" && a.command == "plan") {
+      const std::string v = value();
+      char* end = nullptr;
+      a.device_memory_gb = std::strtod(v.c_str(), &end);
+      SWT_USER_CHECK(end != v.c_str() && *end == '\0' && a.device_memory_gb > 0,
+                     "--device-memory-gb \"{}\": expected a number of GB (10^9 bytes) > 0", v);
+    }
     else if (flag == "--set") a.overrides.push_back(value());
     else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
     else if (flag.rfind("-", 0) != 0) a.positional.push_back(flag);
@@ -83,12 +98,55 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
-int cmd_plan(const RunConfig& cfg) {
+int cmd_plan(const RunConfig& cfg, const Args& args) {
   ModelConfig m = cfg.model;
   ParamStore ps;
   register_model_params(ps, m);
   int64_t dense = 0, expert = 0;
   for (const ParamInfo& p : ps.infos()) (p.kind == ParamKind::kStacked ? expert : dense) += p.numel;
+  const double f = forward_matmul_flops(m, cfg.train.batch_size, cfg.data.inputs_length,
+                                        cfg.data.targets_length, true);
+  // What one rank allocates in backend memory, counted by building the run's step state on a
+  // sizing backend (train/memory_plan.h).
+  const MemoryPlan mp = plan_memory(cfg, args.device_memory_gb * 1e9);
+  const ParallelConfig& pc = cfg.parallel;
+  if (args.json) {
+    std::string out = "{";
+    auto field = [&](const std::string& key, const std::string& value) {
+      out += fmt::format("{}{}: {}", out.size() > 1 ? ", " : "", json_string(key), value);
+    };
+    field("config", json_string(cfg.source_path));
+    field("parameters", std::to_string(dense + expert));
+    field("expert_parameters", std::to_string(expert));
+    field("train_step_matmul_flops", fmt::format("{:.6g}", 3 * f));
+    field("batch_size", std::to_string(cfg.train.batch_size));
+    field("micro_batch", std::to_string(mp.micro_batch));
+    field("layout", fmt::format("{{\"data\": {}, \"model\": {}, \"expert\": {}, \"zero1\": {}}}",
+                                pc.data, pc.model, pc.expert, pc.zero1 ? "true" : "false"));
+    field("backend", json_string(mp.backend));
+    field("precision", json_string(mp.precision));
+    field("optimizer", json_string(cfg.train.optimizer));
+    // Bytes, rank 0's share.
+    for (const auto& [key, v] : std::initializer_list<std::pair<const char*, int64_t>>{
+             {"master_params_bytes", mp.master_params}, {"compute_copy_bytes", mp.compute_copy},
+             {"gradients_bytes", mp.gradients}, {"optimizer_state_bytes", mp.optimizer_state},
+             {"optimizer_state_without_zero1_bytes", mp.optimizer_unsharded},
+             {"kept_activations_bytes", mp.kept_activations},
+             {"activation_workspace_bytes", mp.activation_workspace},
+             {"inputs_bytes", mp.inputs}, {"statistics_bytes", mp.statistics},
+             {"communication_bytes", mp.communication}, {"other_bytes", mp.other},
+             {"counted_bytes", mp.counted}, {"rounding_bytes", mp.rounding},
+             {"backend_workspace_bytes", mp.backend_workspace}, {"total_bytes", mp.total}})
+      field(key, std::to_string(v));
+    if (mp.device_memory > 0) {
+      field("device_memory_bytes", std::to_string(mp.device_memory));
+      field("arena_limit_bytes", std::to_string(mp.arena_limit));
+      field("fits", mp.fits ? "true" : "false");
+    }
+    fmt::print("{}}}\n", out);
+    return 0;
+  }
+
   fmt::print("config: {}\n", cfg.source_path);
   fmt::print("parameters: {} ({} outside experts, {} in experts), {:.1f} MB fp32\n",
              dense + expert, dense, expert, (dense + expert) * 4e-6);
@@ -104,8 +162,6 @@ int cmd_plan(const RunConfig& cfg) {
                dec ? "decoder" : "encoder", layers, sparse, S,
                sparse.empty() ? 0 : expert_capacity(m, S, true), sparse.empty() ? 0 : expert_capacity(m, S, false));
   }
-  const double f = forward_matmul_flops(m, cfg.train.batch_size, cfg.data.inputs_length,
-                                        cfg.data.targets_length, true);
   fmt::print("matmul GFLOP per training step (batch {}): {:.3f} forward, {:.3f} total\n",
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
 
@@ -113,7 +169,6 @@ int cmd_plan(const RunConfig& cfg) {
   // parameters and gradients, and the optimizer state as the optimizer allocates it
   // (optimizer_state_numel, train/optimizer.h), with ZeRO-1 dividing the replicated
   // parameters' state over the data ranks.
-  const ParallelConfig& pc = cfg.parallel;
   ParamStore local;
   register_model_params(local, m, Sharding{pc.expert, 0, pc.model, 0});
   int64_t held = 0;
@@ -128,6 +183,38 @@ int cmd_plan(const RunConfig& cfg) {
              "{:.1f} MB, {} state {:.1f} MB (fp32)\n",
              pc.data, pc.model, pc.expert, pc.zero1 ? ", ZeRO-1" : "", held * 4e-6, held * 4e-6,
              cfg.train.optimizer, (state_rep + state_other) * 4e-6);
+
+  // The backend memory of rank 0 as training allocates it (MB = 10^6 bytes).
+  auto line = [](const std::string& label, int64_t bytes, const std::string& note = "") {
+    fmt::print("  {:<31}{:10.1f} MB{}\n", label, double(bytes) * 1e-6,
+               note.empty() ? "" : "  (" + note + ")");
+  };
+  fmt::print("backend memory per rank (rank 0; {} backend, {}, micro-batch {} sequences):\n",
+             mp.backend, mp.precision, mp.micro_batch);
+  line("parameters (fp32 masters)", mp.master_params);
+  if (mp.compute_copy > 0) line("compute copy (bf16)", mp.compute_copy);
+  line("gradients (fp32)", mp.gradients);
+  line("optimizer state (" + cfg.train.optimizer + ")", mp.optimizer_state,
+       pc.zero1 && pc.data > 1
+           ? fmt::format("ZeRO-1 over {} data ranks; {:.1f} MB without", pc.data,
+                         double(mp.optimizer_unsharded) * 1e-6)
+           : "");
+  line("activations kept for backward", mp.kept_activations);
+  line("activation workspace", mp.activation_workspace);
+  line("batch and position buckets", mp.inputs);
+  line("step statistics", mp.statistics);
+  line("communication buffers", mp.communication,
+       "gradients reduce in place; device buffers stage through host memory");
+  if (mp.other != 0) line("other", mp.other);
+  line("allocation rounding", mp.rounding);
+  if (mp.backend_workspace > 0) line("CUDA backend workspaces", mp.backend_workspace);
+  line("total", mp.total);
+  if (mp.device_memory > 0)
+    fmt::print("device: {:.1f} GB; the arena at the default {} {} (1 GiB left free) holds "
+               "{:.1f} GB: {} ({:.0f}%), besides the transient scratch of mixed-precision GEMMs\n",
+               double(mp.device_memory) * 1e-9, kCudaMemoryFractionEnv,
+               cuda::kDefaultMemoryFraction, double(mp.arena_limit) * 1e-9,
+               mp.fits ? "fits" : "DOES NOT FIT", 100.0 * double(mp.total) / double(mp.arena_limit));
   return 0;
 }
 
@@ -279,7 +366,7 @@ int run(int argc, char** argv) {
   }
   SWT_USER_CHECK(!a.config.empty(), "{}: --config FILE is required", a.command);
   RunConfig cfg = load_config(a.config, a.overrides);
-  if (a.command == "plan") return cmd_plan(cfg);
+  if (a.command == "plan") return cmd_plan(cfg, a);
   std::string dir = a.run_dir;
   if (dir.empty()) dir = cfg.log.run_dir;
   if (dir.empty()) dir = "runs/" + std::filesystem::path(a.config).stem().string();

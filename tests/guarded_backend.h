@@ -12,12 +12,17 @@
 // host pointer where device memory belongs (or copy_to_host a device destination) throws Error,
 // which catches host buffers passed to device ops, a mix-up the real device would not forgive.
 //
+// It also counts the bytes of its live allocations and their peak, as requested (tests/
+// test_plan.cpp holds `switcht5 plan`'s memory plan to what a real Trainer allocates).
+//
 // Selected where the trainer builds its backend, with no global registration: pass
 // guarded_backend_factory() as Trainer's make_backend_named or TrainOptions::make_backend_named.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "backend/backend.h"
 #include "core/check.h"
@@ -41,8 +46,24 @@ class GuardedBackend final : public Backend {
   }
 
   // ---- memory -----------------------------------------------------------------------------------
-  void* alloc_bytes(size_t bytes) override { return to_device(inner_->alloc_bytes(bytes)); }
-  void free_bytes(void* ptr) override { inner_->free_bytes(host(ptr)); }
+  void* alloc_bytes(size_t bytes) override {
+    void* p = to_device(inner_->alloc_bytes(bytes));
+    live_[p] = bytes;
+    requested_ += bytes;
+    peak_requested_ = std::max(peak_requested_, requested_);
+    return p;
+  }
+  void free_bytes(void* ptr) override {
+    if (!ptr) return;
+    auto it = live_.find(ptr);
+    SWT_CHECK(it != live_.end(), "GuardedBackend::free_bytes({}): not a live allocation", ptr);
+    requested_ -= it->second;
+    live_.erase(it);
+    inner_->free_bytes(host(ptr));
+  }
+  // Bytes of the live allocations (as requested), and the most ever live.
+  size_t requested_bytes() const { return requested_; }
+  size_t peak_requested_bytes() const { return peak_requested_; }
   void copy_to_host(void* dst, const void* src, size_t bytes) override {
     SWT_CHECK(!is_device(dst), "copy_to_host into device memory");
     inner_->copy_to_host(dst, host(src), bytes);
@@ -229,6 +250,8 @@ class GuardedBackend final : public Backend {
   }
 
   std::unique_ptr<Backend> inner_;
+  std::unordered_map<void*, size_t> live_;  // device pointer -> requested bytes
+  size_t requested_ = 0, peak_requested_ = 0;
 };
 
 // A BackendFactory for Trainer / TrainOptions: the named backend, guarded.

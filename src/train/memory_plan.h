@@ -1,0 +1,56 @@
+// What one rank of a training run holds in backend memory, for `switcht5 plan`: counted, not
+// estimated. plan_memory builds the run's real step state (build_step_state, train/trainer.h:
+// the model, gradient reducer, optimizer and statistics array the Trainer builds) on a
+// SizingBackend (backend/sizing_backend.h), which allocates nothing and counts every request,
+// so the numbers are what training allocates and cannot drift from the allocation code; the
+// parts (parameters, activations, ...) come from the objects' own byte counts and must add up
+// to the counted total (tests/test_plan.cpp holds both to a real Trainer's allocations).
+//
+// Rank 0 of the layout cfg.parallel is sized (size-only stand-ins for its communicators: rank
+// 0, the group's size). Every rank's share has the same size except under ZeRO-1, whose shards
+// are balanced to within one parameter.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "config/config.h"
+
+namespace switcht5 {
+
+struct MemoryPlan {
+  std::string backend;    // train.backend
+  std::string precision;  // train.precision
+  int micro_batch = 0;    // sequences per forward call
+  // Bytes as requested by the allocating code (a DeviceArray's bytes()):
+  int64_t master_params = 0;        // fp32 parameters
+  int64_t compute_copy = 0;         // their bf16 copy (train.precision bf16), else 0
+  int64_t gradients = 0;            // fp32
+  int64_t optimizer_state = 0;      // what the optimizer allocates (ZeRO-1 shard when on)
+  int64_t optimizer_unsharded = 0;  // the same without ZeRO-1 (= optimizer_state without it)
+  int64_t kept_activations = 0;     // SwitchT5Model::kept_activation_bytes()
+  int64_t activation_workspace = 0; // activation_bytes() - kept: scratch and gradient buffers
+  int64_t inputs = 0;               // the batch on the device and the position buckets
+  int64_t statistics = 0;           // the step's statistics array
+  // Backend memory for communication: none today (the gradient reducer reduces in place in the
+  // gradients; the MPI data plane stages device buffers through host memory).
+  int64_t communication = 0;
+  int64_t other = 0;                // counted but in no part above (0: tests keep it so)
+  int64_t counted = 0;              // everything the step state allocates
+  // What the backend adds: each allocation rounded to its blocks (64 bytes host, 256 in the
+  // CUDA arena), and the CUDA backend's fixed workspaces (kernels 4 MiB, cuBLASLt 32 MiB, one
+  // result block).
+  int64_t rounding = 0;
+  int64_t backend_workspace = 0;
+  int64_t total = 0;                // counted + rounding + backend_workspace
+  // CUDA: the arena the default SWITCHT5_CUDA_MEMORY_FRACTION reserves on a device with
+  // `device_memory` bytes free, and whether `total` fits in it (not counted: the transient
+  // scratch of mixed-precision GEMMs, cuda_backend.h, allocated and freed within an op).
+  int64_t device_memory = 0;
+  int64_t arena_limit = 0;
+  bool fits = true;
+};
+
+// `device_memory_bytes` (CUDA only; <= 0: 141 GB, an H200) is the device's memory.
+MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes = 0);
+
+}  // namespace switcht5
