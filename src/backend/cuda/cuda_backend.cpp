@@ -119,6 +119,12 @@ CudaBackend::CudaBackend(int device) : device_(device) {
     blas_workspace_ = arena_alloc(kCublasWorkspaceBytes);
     result_device_ = arena_alloc(kResultBytes);
     SWT_CUDA_CHECK(cudaMallocHost(&result_host_, kResultBytes));
+    SWT_CUDA_CHECK(cudaMallocHost(&staging_, kStagingSlots * kStagingSlotBytes));
+    for (CUevent_st*& e : staging_done_) {
+      cudaEvent_t event = nullptr;
+      SWT_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+      e = event;
+    }
     gemm_ = std::make_unique<cuda::CublasLtGemm>(stream_, blas_workspace_, kCublasWorkspaceBytes);
   } catch (...) {
     release();
@@ -135,6 +141,12 @@ void CudaBackend::release() noexcept {
   gemm_.reset();
   if (result_host_) cudaFreeHost(result_host_);
   result_host_ = nullptr;
+  for (CUevent_st*& e : staging_done_) {
+    if (e) cudaEventDestroy(e);
+    e = nullptr;
+  }
+  if (staging_) cudaFreeHost(staging_);
+  staging_ = nullptr;
   if (pool_) cudaFree(pool_);
   pool_ = nullptr;
   if (stream_) cudaStreamDestroy(stream_);
@@ -209,10 +221,24 @@ void CudaBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
   SWT_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+// Through the pinned staging ring, slot by slot: wait for the slot's previous copy (its event;
+// an event never recorded has passed), memcpy the chunk into it, enqueue the copy and record the
+// event. `src` may be reused when this returns, and the stream is never drained (a batch upload
+// no longer stalls the GPU five times per micro-batch).
 void CudaBackend::copy_to_device(void* dst, const void* src, size_t bytes) {
-  if (bytes == 0) return;
-  SWT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-  SWT_CUDA_CHECK(cudaStreamSynchronize(stream_));  // `src` may be reused when this returns
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  for (size_t done = 0; done < bytes;) {
+    const size_t n = std::min(bytes - done, kStagingSlotBytes);
+    const int slot = staging_next_;
+    staging_next_ = (staging_next_ + 1) % kStagingSlots;
+    char* pinned = static_cast<char*>(staging_) + size_t(slot) * kStagingSlotBytes;
+    SWT_CUDA_CHECK(cudaEventSynchronize(staging_done_[slot]));
+    std::memcpy(pinned, s + done, n);
+    SWT_CUDA_CHECK(cudaMemcpyAsync(d + done, pinned, n, cudaMemcpyHostToDevice, stream_));
+    SWT_CUDA_CHECK(cudaEventRecord(staging_done_[slot], stream_));
+    done += n;
+  }
 }
 
 void CudaBackend::copy(void* dst, const void* src, size_t bytes) {

@@ -33,6 +33,7 @@
 #include "backend/device_arena.h"
 
 struct CUstream_st;
+struct CUevent_st;
 
 namespace switcht5 {
 
@@ -186,6 +187,14 @@ class CudaBackend final : public Backend {
   void* blas_workspace_ = nullptr;
   void* result_device_ = nullptr;  // sum / sum_squares / count_nonfinite write here
   void* result_host_ = nullptr;    // pinned: where the result is copied for the host
+  // copy_to_device's staging ring: kStagingSlots pinned slots of kStagingSlotBytes, each with
+  // the event of its last copy. A copy goes through the next slot once that event has passed,
+  // so the host's buffer is free when the call returns without draining the stream.
+  static constexpr int kStagingSlots = 4;
+  static constexpr size_t kStagingSlotBytes = size_t(4) << 20;
+  void* staging_ = nullptr;        // pinned, kStagingSlots * kStagingSlotBytes
+  CUevent_st* staging_done_[kStagingSlots] = {};
+  int staging_next_ = 0;
   std::unique_ptr<cuda::CublasLtGemm> gemm_;
 };
 
