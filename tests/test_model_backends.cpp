@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "model/model.h"
+#include "model_test_util.h"
 #include "test_util.h"
 
 namespace switcht5 {
@@ -28,41 +29,9 @@ class ModelBackends : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ModelBackends, CpuMatchesReference) {
   const Case c = GetParam();
-  ModelConfig m;
-  m.vocab_size = 40;
-  m.d_model = 16;
-  m.d_ff = 24;
-  m.d_kv = 4;
-  m.num_heads = 3;
-  m.num_layers = 3;
-  m.num_decoder_layers = 2;
-  m.num_experts = 4;
-  m.encoder_sparse_step = c.sparse_step;
-  m.decoder_sparse_step = c.sparse_step;
-  m.relative_attention_num_buckets = 8;
-  m.relative_attention_max_distance = 20;
-  m.feed_forward_proj = c.ffn;
-  m.tie_word_embeddings = c.tied;
-  m.dropout_rate = 0.1;
-  m.expert_dropout = 0.2;
-  m.router_jitter_noise = 0.01;
-  m.group_size = 0;
+  const ModelConfig m = testing::tiny_model_config(c.sparse_step, c.ffn, c.tied);
   const int B = 3, Ti = 9, Tt = 7;
-  Batch batch;
-  batch.resize(B, Ti, Tt);
-  CounterRng rng(17);
-  for (int b = 0; b < B; ++b) {
-    const int len = Ti - b;
-    for (int i = 0; i < len; ++i) {
-      batch.encoder_input_tokens[b * Ti + i] = 3 + int(rng.next_below(37));
-      batch.encoder_mask[b * Ti + i] = 1;
-    }
-    for (int i = 0; i < Tt; ++i) {
-      batch.decoder_input_tokens[b * Tt + i] = int(rng.next_below(40));
-      batch.decoder_mask[b * Tt + i] = 1;
-      batch.labels[b * Tt + i] = i < Tt - b ? int(rng.next_below(40)) : kIgnoreLabel;
-    }
-  }
+  const Batch batch = testing::padded_batch(B, Ti, Tt, /*pad_per_row=*/1);
   LossWeights w{1.0 / double(batch.target_tokens()), 1e-3, 1.0};
 
   struct Out {

@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "backend/gemm_operands.h"
 #include "core/check.h"
 #include "core/rng.h"
 
@@ -142,18 +143,6 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
   }
 }
 
-namespace {
-void check_float_type(DType t, const char* what) {
-  SWT_CHECK(t == DType::kF32 || t == DType::kBF16, "{}: {} is not a floating-point type", what,
-            dtype_name(t));
-}
-// Elements a strided batch of `rows` x `cols` blocks spans (0 for an empty one).
-int64_t extent(int batch, int64_t stride, int rows, int ld, int cols) {
-  if (batch <= 0 || rows <= 0 || cols <= 0) return 0;
-  return int64_t(batch - 1) * stride + int64_t(rows - 1) * ld + cols;
-}
-}  // namespace
-
 // bf16 storage emulation: bf16 operands are widened (exactly) to fp32 copies and the fp32 GEMM
 // runs on them, which sums the exact products in fp32 as a GPU's bf16 GEMM does; a bf16 C is
 // formed in fp32 and rounded once. The copies live in buffers grown once and reused.
@@ -171,15 +160,15 @@ void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float 
     return buf.data();
   };
   const float* a = widened(wide_a_, A, a_type,
-                           extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
+                           gemm_extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
   const float* b = widened(wide_b_, B, b_type,
-                           extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
+                           gemm_extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
   if (c_type == DType::kF32) {
     gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
          static_cast<float*>(C), ldc, stride_c, batch);
     return;
   }
-  const int64_t nc = extent(batch, stride_c, M, ldc, N);
+  const int64_t nc = gemm_extent(batch, stride_c, M, ldc, N);
   if (int64_t(wide_c_.size()) < nc) wide_c_.resize(size_t(nc));
   if (beta != 0.0f) cast(wide_c_.data(), DType::kF32, C, DType::kBF16, nc);
   gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,

@@ -16,6 +16,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cuda_gemm.h"
+#include "backend/gemm_operands.h"
 #include "core/check.h"
 #include "core/rng.h"
 
@@ -63,16 +64,6 @@ double memory_fraction_from_env() {
 
 cudaDataType_t cuda_type(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
-void check_float_type(DType t, const char* what) {
-  SWT_CHECK(t == DType::kF32 || t == DType::kBF16, "{}: {} is not a floating-point type", what,
-            dtype_name(t));
-}
-
-// Elements a strided batch of `rows` x `cols` blocks spans (0 for an empty one).
-int64_t extent(int batch, int64_t stride, int rows, int64_t ld, int cols) {
-  if (batch <= 0 || rows <= 0 || cols <= 0) return 0;
-  return int64_t(batch - 1) * stride + int64_t(rows - 1) * ld + cols;
-}
 
 double gib(size_t bytes) { return double(bytes) / double(size_t(1) << 30); }
 
@@ -374,7 +365,7 @@ void CudaBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float
   auto widen = [&](std::unique_ptr<Scratch>& wide, const void*& ptr, DType& type, int rows,
                    int64_t ld, int cols, int64_t stride) {
     if (type != DType::kBF16) return;
-    const int64_t n = extent(batch, stride, rows, ld, cols);
+    const int64_t n = gemm_extent(batch, stride, rows, ld, cols);
     wide = std::make_unique<Scratch>(*this, sizeof(float) * size_t(n));
     cast(wide->as<void>(), DType::kF32, ptr, DType::kBF16, n);
     ptr = wide->as<void>();
