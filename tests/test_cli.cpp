@@ -17,6 +17,10 @@ const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synt
 using Result = switcht5::testing::CommandResult;
 
 Result run(const std::string& args) { return switcht5::testing::run_command(kBin + " " + args); }
+// The same with environment assignments ("NAME=value ...") for the command only.
+Result run_with_env(const std::string& env, const std::string& args) {
+  return switcht5::testing::run_command("env " + env + " " + kBin + " " + args);
+}
 
 std::string read_file(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -74,6 +78,24 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"resume_not_hdf5", "", std::string("--resume ") + kTiny,
                 {"tiny-synthetic.yaml", "not a readable HDF5 checkpoint"}}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// train.backend: cuda where it cannot run is one line and exit 2: in a build without the CUDA
+// backend, and (CUDA_VISIBLE_DEVICES empty hides every GPU, on any machine) with no GPU visible.
+TEST(Cli, CudaBackendUnavailableIsOneClearLine) {
+  Result r = run_with_env("CUDA_VISIBLE_DEVICES=", "train --config " + kTiny + " --run-dir " +
+                          (std::filesystem::temp_directory_path() / "switcht5_cli_cuda").string() +
+                          " --set train.backend=cuda");
+  EXPECT_EQ(r.code, 2) << r.output;
+#if SWITCHT5_HAVE_CUDA
+  const std::vector<std::string> parts = {"train.backend 'cuda'", "no CUDA GPU is visible",
+                                          "CUDA_VISIBLE_DEVICES="};
+#else
+  const std::vector<std::string> parts = {"train.backend 'cuda'", "no CUDA backend",
+                                          "-DSWITCHT5_CUDA=ON"};
+#endif
+  for (const std::string& p : parts) EXPECT_NE(r.output.find(p), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("| loss"), std::string::npos) << "training must not start: " << r.output;
+}
 
 TEST(Cli, EvalAndInspectBadInput) {
   const std::string not_ckpt = write_config("not_a_checkpoint", "model:\n  d_model: 8\n");
