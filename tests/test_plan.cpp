@@ -10,6 +10,8 @@
 
 #include <gtest/gtest.h>
 
+#include "backend/cuda/cuda_env.h"
+#include "backend/cuda/cuda_memory.h"
 #include "backend/sizing_backend.h"
 #include "comm/process_grid.h"
 #include "config/config.h"
@@ -99,6 +101,37 @@ TEST(Plan, PrecisionAndZero1ChangeTheirParts) {
 
 // The sizing backend counts, hands out distinct aligned addresses it never backs, and refuses
 // to compute.
+// SWITCHT5_CUDA_MEMORY_FRACTION: unset is the default; a number in (0, 1] is taken; anything
+// else is a UserError naming the variable and the value. (The CUDA backend reads it at start-up;
+// the parse is plain C++, so it is tested in every build.)
+TEST(Plan, CudaMemoryFractionIsValidated) {
+  EXPECT_EQ(cuda::memory_fraction(nullptr), cuda::kDefaultMemoryFraction);
+  EXPECT_EQ(cuda::memory_fraction("0.4"), 0.4);
+  EXPECT_EQ(cuda::memory_fraction("1"), 1.0);
+  for (const char* bad : {"", "0", "-0.5", "1.5", "abc", "0.4x", "nan", "inf", "1e999"}) {
+    try {
+      cuda::memory_fraction(bad);
+      ADD_FAILURE() << "accepted \"" << bad << "\"";
+    } catch (const UserError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("SWITCHT5_CUDA_MEMORY_FRACTION=\"" + std::string(bad) + "\""),
+                std::string::npos) << msg;
+      EXPECT_NE(msg.find("(0, 1]"), std::string::npos) << msg;
+    }
+  }
+}
+
+// The arena's size, which the backend reserves and plan checks against: the fraction of the free
+// memory, at least 1 GiB left free, whole 2 MiB granules.
+TEST(Plan, CudaArenaSizeRule) {
+  const size_t GiB = size_t(1) << 30, granule = cuda::kArenaGranule;
+  EXPECT_EQ(cuda::arena_bytes(100 * GiB, 0.5), 50 * GiB);           // the fraction
+  EXPECT_EQ(cuda::arena_bytes(100 * GiB, 1.0), 99 * GiB);           // 1 GiB headroom
+  EXPECT_EQ(cuda::arena_bytes(10 * GiB + 3, 0.9) % granule, 0u);    // whole granules
+  EXPECT_LE(cuda::arena_bytes(10 * GiB + 3, 0.9), size_t(0.9 * double(10 * GiB + 3)));
+  EXPECT_EQ(cuda::arena_bytes(GiB / 2, 0.5), GiB / 4);              // small devices: fraction only
+}
+
 TEST(Plan, SizingBackendCountsAndRefusesWork) {
   SizingBackend be(256);
   void* a = be.alloc_bytes(10);

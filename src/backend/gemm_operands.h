@@ -13,6 +13,13 @@ inline void check_float_type(DType t, const char* what) {
             dtype_name(t));
 }
 
+// gemm_ex's three operands.
+inline void check_gemm_ex_types(DType a, DType b, DType c) {
+  check_float_type(a, "gemm_ex A");
+  check_float_type(b, "gemm_ex B");
+  check_float_type(c, "gemm_ex C");
+}
+
 // Elements a strided batch of `rows` x `cols` blocks with leading dimension `ld` spans, from the
 // first block's first element to the last block's last (0 for an empty one).
 inline int64_t gemm_extent(int batch, int64_t stride, int rows, int64_t ld, int cols) {

@@ -117,10 +117,7 @@ MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes) {
     // CudaBackend::reserve_arena with the default fraction, on a device whose memory is all free.
     const double m = device_memory_bytes > 0 ? device_memory_bytes : 141e9;
     p.device_memory = int64_t(m);
-    const double wanted = m * cuda::kDefaultMemoryFraction;
-    const double capped = std::min(wanted, m - double(cuda::kArenaHeadroomBytes));
-    p.arena_limit = std::max<int64_t>(0, int64_t(capped) / int64_t(cuda::kArenaGranule) *
-                                             int64_t(cuda::kArenaGranule));
+    p.arena_limit = int64_t(cuda::arena_bytes(size_t(m), cuda::kDefaultMemoryFraction));
     p.fits = p.total <= p.arena_limit;
   }
   return p;

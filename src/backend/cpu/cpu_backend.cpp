@@ -150,9 +150,7 @@ void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float 
                          const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
                          DType b_type, int ldb, int64_t stride_b, float beta, void* C,
                          DType c_type, int ldc, int64_t stride_c, int batch) {
-  check_float_type(a_type, "gemm_ex A");
-  check_float_type(b_type, "gemm_ex B");
-  check_float_type(c_type, "gemm_ex C");
+  check_gemm_ex_types(a_type, b_type, c_type);
   auto widened = [&](std::vector<float>& buf, const void* p, DType t, int64_t n) -> const float* {
     if (t == DType::kF32) return static_cast<const float*>(p);
     if (int64_t(buf.size()) < n) buf.resize(size_t(n));

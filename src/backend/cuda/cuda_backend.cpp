@@ -15,6 +15,7 @@
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cuda_env.h"
 #include "backend/cuda/cuda_gemm.h"
 #include "backend/gemm_operands.h"
 #include "core/check.h"
@@ -48,20 +49,6 @@ int min_compute_capability() {
   return best;
 }
 
-double memory_fraction_from_env() {
-  const char* env = std::getenv(kCudaMemoryFractionEnv);
-  if (!env) return CudaBackend::kDefaultMemoryFraction;
-  char* end = nullptr;
-  errno = 0;
-  const double f = std::strtod(env, &end);
-  SWT_USER_CHECK(end != env && *end == '\0' && errno == 0 && std::isfinite(f) && f > 0.0 &&
-                     f <= 1.0,
-                 "{}=\"{}\": expected a number in (0, 1], the fraction of the GPU's free memory "
-                 "the CUDA backend reserves at startup (default {})",
-                 kCudaMemoryFractionEnv, env, CudaBackend::kDefaultMemoryFraction);
-  return f;
-}
-
 cudaDataType_t cuda_type(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 
@@ -86,7 +73,7 @@ class CudaBackend::Scratch {
 // ---- construction -------------------------------------------------------------------------------
 
 CudaBackend::CudaBackend(int device) : device_(device) {
-  memory_fraction_ = memory_fraction_from_env();
+  memory_fraction_ = cuda::memory_fraction(std::getenv(kCudaMemoryFractionEnv));
   try {
     SWT_CUDA_CHECK(cudaSetDevice(device));
     // An sm_90 build on an older GPU would fail at its first kernel with "no kernel image".
@@ -149,12 +136,7 @@ void CudaBackend::release() noexcept {
 void CudaBackend::reserve_arena() {
   size_t free_bytes = 0, total_bytes = 0;
   SWT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  // At least 1 GiB stays free whatever the fraction: the CUDA context's lazily loaded kernel
-  // modules, local memory and (later) NCCL's buffers live outside the arena.
-  const size_t headroom = cuda::kArenaHeadroomBytes;
-  const size_t wanted = static_cast<size_t>(double(free_bytes) * memory_fraction_);
-  const size_t capped = free_bytes > headroom ? std::min(wanted, free_bytes - headroom) : wanted;
-  const size_t bytes = capped / kArenaGranule * kArenaGranule;
+  const size_t bytes = cuda::arena_bytes(free_bytes, memory_fraction_);  // cuda_memory.h
   SWT_CHECK(bytes > 0,
             "CUDA device {}: {} x {} bytes free is less than the arena's granule of {} bytes; "
             "raise {}",
@@ -327,9 +309,7 @@ void CudaBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float
                           const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
                           DType b_type, int ldb, int64_t stride_b, float beta, void* C,
                           DType c_type, int ldc, int64_t stride_c, int batch) {
-  check_float_type(a_type, "gemm_ex A");
-  check_float_type(b_type, "gemm_ex B");
-  check_float_type(c_type, "gemm_ex C");
+  check_gemm_ex_types(a_type, b_type, c_type);
   SWT_CHECK(M >= 0 && N >= 0 && K >= 0 && batch >= 0,
             "gemm: negative size M={} N={} K={} batch={}", M, N, K, batch);
   if (M == 0 || N == 0 || batch == 0) return;

@@ -2,6 +2,7 @@
 // `switcht5 plan` (built with or without the CUDA backend) sizes a CUDA run from the same numbers
 // the backend uses (cuda_backend.h describes the arena).
 #pragma once
+#include <algorithm>
 #include <cstddef>
 
 namespace switcht5 {
@@ -24,6 +25,16 @@ inline constexpr size_t kResultBytes = 64;
 inline constexpr double kDefaultMemoryFraction = 0.9;
 inline constexpr size_t kArenaHeadroomBytes = size_t(1) << 30;
 inline constexpr size_t kArenaGranule = size_t(2) << 20;
+
+// The arena's size on a device with `free_bytes` free (the rule above): what CudaBackend reserves
+// and what `plan` checks a run against.
+inline size_t arena_bytes(size_t free_bytes, double fraction) {
+  const size_t wanted = static_cast<size_t>(double(free_bytes) * fraction);
+  const size_t capped = free_bytes > kArenaHeadroomBytes
+                            ? std::min(wanted, free_bytes - kArenaHeadroomBytes)
+                            : wanted;
+  return capped / kArenaGranule * kArenaGranule;
+}
 
 }  // namespace cuda
 }  // namespace switcht5
