@@ -320,11 +320,11 @@ TEST_F(ReferenceOps, CrossEntropyWithIgnoredLabel) {
   EXPECT_TRUE(all_close(download(ref_, lse.data(), 2),
                         {float(std::log(4.0)), float(1 + std::log(2.0))}, 1e-6, 1e-7));
   // scale 2, no z-loss: 2 * (softmax - onehot) = 2 * (0.25, 0.75 - 1); ignored row is 0.
-  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 2.0f, 0.0f);
+  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 2.0f, nullptr, 0.0f);
   EXPECT_TRUE(all_close(download(ref_, dlogits.data(), 4), {0.5f, -0.5f, 0.0f, 0.0f}, 1e-6, 1e-7));
   // z-loss: softmax is scaled by 1 + 2 z lse.
   const float z = 0.1f, l = float(std::log(4.0));
-  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 1.0f, z);
+  ref_.cross_entropy_backward(dlogits.data(), Lg.data(), lse.data(), Lb.data(), 2, 2, 1.0f, nullptr, z);
   EXPECT_TRUE(all_close(download(ref_, dlogits.data(), 4),
                         {0.25f * (1 + 2 * z * l), 0.75f * (1 + 2 * z * l) - 1, 0.0f, 0.0f}, 1e-6,
                         1e-7));
@@ -501,7 +501,7 @@ TEST_F(ReferenceOps, CrossEntropyBackwardMatchesFiniteDifferences) {
   auto L = upload(ref_, logits);
   DeviceArray<float> loss(ref_, N), lse(ref_, N), dl(ref_, N * V);
   ref_.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), N, V);
-  ref_.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), N, V, scale, z_coef);
+  ref_.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), N, V, scale, nullptr, z_coef);
   expect_gradient_matches_fd(objective, logits, download(ref_, dl.data(), N * V), "cross entropy");
 }
 
@@ -975,10 +975,12 @@ TEST_P(BackendVsReference, CrossEntropy) {
                dl = poisoned<float>(be, d.N * d.V);
           be.cross_entropy_forward(loss.data(), lse.data(), L.data(), Lb.data(), d.N, d.V);
           be.cross_entropy_backward(dl.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
-                                    1e-2f);
+                                    nullptr, 1e-2f);
           auto dlh = download(be, dl.data(), d.N * d.V);
-          be.cross_entropy_backward(L.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.125f,
-                                    1e-2f);  // in place
+          // In place, with the scale read from backend memory: 0.5 * 0.375 (an exact product).
+          auto by = upload(be, std::vector<float>{0.375f});
+          be.cross_entropy_backward(L.data(), L.data(), lse.data(), Lb.data(), d.N, d.V, 0.5f,
+                                    by.data(), 1e-2f);
           return {download(be, loss.data(), d.N), download(be, lse.data(), d.N), dlh,
                   download(be, L.data(), d.N * d.V)};
         },
@@ -1420,7 +1422,7 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
   auto loss = poisoned<float>(be, N), lse = poisoned<float>(be, N),
        dl = poisoned<float>(be, int64_t(N) * V);
   be.cross_entropy_forward(loss.data(), lse.data(), X.data(), Ids.data(), N, V);
-  be.cross_entropy_backward(dl.data(), X.data(), lse.data(), Ids.data(), N, V, 0.5f, 1e-3f);
+  be.cross_entropy_backward(dl.data(), X.data(), lse.data(), Ids.data(), N, V, 0.5f, nullptr, 1e-3f);
   outs.push_back(download(be, loss.data(), N));
   outs.push_back(download(be, dl.data(), int64_t(N) * V));
 

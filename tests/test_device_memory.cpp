@@ -229,5 +229,91 @@ TEST(GuardedBackend, TrainSaveResumeEvaluateEqualsCpu) {
   }
 }
 
+
+// train.cuda_graphs on the guarded backend, whose recording has CUDA graph semantics (ops stored
+// with their by-value arguments, replayed in order; host calls refused while recording). Every
+// step after the first replays one recording, with dropout, expert dropout and jitter on, two
+// micro-batches and a target-token count (the CE scale) that changes from step to step: the
+// run equals the eager one bit for bit, checkpoints and the resumed run included. A step value
+// baked into the recording (a host-derived seed or scale) would make these differ.
+TEST(GuardedBackend, RecordedStepsEqualEagerSteps) {
+  for (const char* precision : {"fp32", "bf16"}) {
+    SCOPED_TRACE(precision);
+    const std::string p = std::string("train.precision=") + precision;
+    const std::vector<std::string> sets = {"train.steps=5", "train.grad_accum_steps=2", p};
+    TrainOptions guarded;
+    guarded.make_backend_named = guarded_backend_factory();
+    const std::string rdir = temp_dir(std::string("recorded_") + precision);
+    const std::string edir = temp_dir(std::string("eager_") + precision);
+    std::vector<std::string> recorded_sets = sets;
+    recorded_sets.push_back("train.cuda_graphs=true");
+    const TrainResult r = train(tiny(recorded_sets), rdir, guarded);
+    const TrainResult e = train(tiny(sets), edir, guarded);
+    ASSERT_EQ(r.logged.size(), 5u);
+    expect_same_steps(r.logged, e.logged);
+    // The losses do change from step to step (the test is not comparing constants).
+    EXPECT_NE(r.logged[3].loss, r.logged[4].loss);
+    expect_same_datasets(rdir + "/checkpoints/ckpt-00000005.h5",
+                         edir + "/checkpoints/ckpt-00000005.h5");
+    // Resumed from the checkpoint with graphs on: records again after one eager step.
+    guarded.resume = "auto";
+    recorded_sets[0] = "train.steps=7";
+    std::vector<std::string> eager_sets = sets;
+    eager_sets[0] = "train.steps=7";
+    const TrainResult r2 = train(tiny(recorded_sets), rdir, guarded);
+    const TrainResult e2 = train(tiny(eager_sets), edir, guarded);
+    EXPECT_EQ(r2.start_step, 5);
+    expect_same_steps(r2.logged, e2.logged);
+  }
+}
+
+// The trainer replays from the second step on, and the recording is one step's work.
+TEST(GuardedBackend, TrainerReplaysAfterOneEagerStep) {
+  RunConfig cfg = tiny({"train.cuda_graphs=true", "train.grad_accum_steps=2"});
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+  Trainer t(cfg, grid, TrainerUse::kTrain, guarded_backend_factory());
+  auto& be = dynamic_cast<GuardedBackend&>(t.backend());
+  t.train_step(1);
+  EXPECT_FALSE(t.step_recorded());
+  EXPECT_EQ(be.replays(), 0);
+  t.train_step(2);
+  t.train_step(3);
+  EXPECT_TRUE(t.step_recorded());
+  EXPECT_EQ(t.replayed_steps(), 2);
+  EXPECT_EQ(be.replays(), 2);
+  EXPECT_GT(be.recorded_ops(), 100u);
+}
+
+// The harness catches what the trainer must avoid: a dropout keyed by a plain seed replays the
+// recorded mask, one keyed by the step counter in backend memory draws the current step's.
+TEST(GuardedBackend, ReplayReadsStepValuesFromBackendMemory) {
+  GuardedBackend be(make_backend("cpu"));
+  const int64_t n = 64;
+  DeviceArray<float> x(be, n), baked(be, n), keyed(be, n);
+  DeviceArray<uint64_t> step(be, 1);
+  const std::vector<float> ones(n, 1.0f);
+  be.copy_to_device(x.data(), ones.data(), sizeof(float) * n);
+  auto set_step = [&](uint64_t s) { be.copy_to_device(step.data(), &s, sizeof s); };
+  auto host = [&](const DeviceArray<float>& a) {
+    std::vector<float> h(size_t(a.size()));
+    be.copy_to_host(h.data(), a.data(), a.bytes());
+    return h;
+  };
+  set_step(1);
+  be.begin_recording();
+  be.dropout(baked.data(), x.data(), n, 0.5f, derive_seed(7, 1));  // host-derived: baked in
+  be.dropout(keyed.data(), x.data(), n, 0.5f, RandomKey(7, step.data()));
+  EXPECT_THROW(be.sum(x.data(), n), Error);
+  EXPECT_THROW(be.copy_to_device(step.data(), &n, sizeof n), Error);
+  be.end_recording();
+  set_step(2);
+  be.replay();
+  DeviceArray<float> expect(be, n);
+  be.dropout(expect.data(), x.data(), n, 0.5f, derive_seed(7, 2));
+  EXPECT_EQ(host(keyed), host(expect));  // the step-2 mask
+  EXPECT_NE(host(baked), host(expect));  // still the step-1 mask
+  EXPECT_THROW(make_backend("cpu")->begin_recording(), Error);
+}
+
 }  // namespace
 }  // namespace switcht5

@@ -9,6 +9,10 @@
 
 namespace switcht5 {
 
+void Backend::begin_recording() { SWT_CHECK(false, "backend '{}' cannot record work", name()); }
+void Backend::end_recording() { SWT_CHECK(false, "backend '{}' cannot record work", name()); }
+void Backend::replay() { SWT_CHECK(false, "backend '{}' cannot record work", name()); }
+
 std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options) {
   if (name == "reference") return std::make_unique<ReferenceBackend>();
   if (name == "cpu") return std::make_unique<CpuBackend>();

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "core/dtype.h"
+#include "core/rng.h"
 
 namespace switcht5 {
 
@@ -48,6 +49,21 @@ class Backend {
   virtual void fill(float* x, float value, int64_t n) = 0;
   virtual void zero_bytes(void* x, size_t bytes) = 0;  // any dtype: all bits 0 (0.0, 0)
   virtual void synchronize() {}
+
+  // ---- recorded work (CUDA graphs, train.cuda_graphs) -------------------------------------------
+  // A backend that records (can_record()): the ops issued between begin_recording() and
+  // end_recording() are recorded, not run, and replay() runs the recording again, as often as
+  // asked: the same ops on the same pointers with the same by-value arguments. So anything that
+  // changes between replays must be read from backend memory when the op runs (RandomKey's step
+  // counter, cross_entropy_backward's scale_by, inputs copied in before replay()). While
+  // recording, the calls that involve the host (copy_to_host, copy_to_device, synchronize, sum,
+  // sum_squares, count_nonfinite) are errors, and memory freed is kept until the recording is
+  // discarded (the recording still uses it; allocations are allowed). One recording per backend:
+  // begin_recording() discards the previous one. Backends that cannot record throw Error.
+  virtual bool can_record() const { return false; }
+  virtual void begin_recording();
+  virtual void end_recording();
+  virtual void replay();
 
   // ---- GEMM ---------------------------------------------------------------------------------
   // For each b in [0, batch):
@@ -173,15 +189,17 @@ class Backend {
                                    const float* b, int64_t n) = 0;
 
   // ---- randomness (counter-based, see core/rng.h) -----------------------------------------------
-  // Inverted dropout: out[i] = x[i] / (1-p) if random16(seed, i) >= dropout_threshold(p) else 0
-  // (core/rng.h). Its backward is the same call on dout with the same seed. p == 0 copies.
+  // `key` gives the stream's seed s: key.seed, or derive_seed(key.seed, *key.step) when the key
+  // carries a step counter in backend memory, read when the op runs (RandomKey, core/rng.h).
+  // Inverted dropout: out[i] = x[i] / (1-p) if random16(s, i) >= dropout_threshold(p) else 0
+  // (core/rng.h). Its backward is the same call on dout with the same key. p == 0 copies.
   // out may alias x.
-  virtual void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) = 0;
-  // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(seed, offset + i)). Linear
-  // in x, so its backward is the same call on dout with the same seed and offset. `offset` places
+  virtual void dropout(float* out, const float* x, int64_t n, float p, RandomKey key) = 0;
+  // Multiplicative jitter: out[i] = x[i] * (1 - eps + 2*eps*uniform01(s, offset + i)). Linear
+  // in x, so its backward is the same call on dout with the same key and offset. `offset` places
   // this tensor in a larger logical one (a rank's rows of the global batch), so the noise a token
   // gets does not depend on how the batch is split. out may alias x.
-  virtual void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+  virtual void uniform_jitter(float* out, const float* x, int64_t n, float eps, RandomKey key,
                               uint64_t offset = 0) = 0;
 
   // ---- loss -------------------------------------------------------------------------------------
@@ -189,12 +207,14 @@ class Backend {
   // for labels[r] >= 0; rows with label -100 (ignored) get loss 0 (lse is still written).
   virtual void cross_entropy_forward(float* loss, float* lse, const float* logits,
                                      const int32_t* labels, int64_t N, int V) = 0;
-  // Gradient of  scale * sum_{r not ignored} (loss[r] + z_coef * lse[r]^2)  w.r.t. the logits:
-  //   dlogits[r,v] = scale * (softmax[r,v] * (1 + 2 z_coef lse[r]) - [v == label[r]])
-  // and 0 on ignored rows. dlogits may alias logits.
+  // Gradient of  s * sum_{r not ignored} (loss[r] + z_coef * lse[r]^2)  w.r.t. the logits:
+  //   dlogits[r,v] = s * (softmax[r,v] * (1 + 2 z_coef lse[r]) - [v == label[r]])
+  // and 0 on ignored rows, with s = scale * *scale_by (float product) when scale_by (backend
+  // memory, one float, read when the op runs: a per-step value a recorded step replays with)
+  // is not null, else s = scale. dlogits may alias logits.
   virtual void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                                       const int32_t* labels, int64_t N, int V, float scale,
-                                      float z_coef) = 0;
+                                      const float* scale_by, float z_coef) = 0;
 
   // ---- Switch router and token dispatch -----------------------------------------------------------
   // Legend: G groups of S tokens (T = G*S tokens, token t = g*S + s), E experts, capacity C

@@ -115,8 +115,8 @@ class SizingBackend final : public Backend {
                            int64_t) override {
     refuse("gated_gelu_backward");
   }
-  void dropout(float*, const float*, int64_t, float, uint64_t) override { refuse("dropout"); }
-  void uniform_jitter(float*, const float*, int64_t, float, uint64_t, uint64_t) override {
+  void dropout(float*, const float*, int64_t, float, RandomKey) override { refuse("dropout"); }
+  void uniform_jitter(float*, const float*, int64_t, float, RandomKey, uint64_t) override {
     refuse("uniform_jitter");
   }
   void cross_entropy_forward(float*, float*, const float*, const int32_t*, int64_t,
@@ -124,7 +124,7 @@ class SizingBackend final : public Backend {
     refuse("cross_entropy_forward");
   }
   void cross_entropy_backward(float*, const float*, const float*, const int32_t*, int64_t, int,
-                              float, float) override {
+                              float, const float*, float) override {
     refuse("cross_entropy_backward");
   }
   void router_forward(float*, float*, int32_t*, int32_t*, float*, float*, const float*, int, int,

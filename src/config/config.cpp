@@ -136,6 +136,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("train", "eval_batches", t.eval_batches, at_least(1));
   v("train", "backend", t.backend, EnumRule{{"cpu", "reference", "cuda"}});
   v("train", "precision", t.precision, EnumRule{{"fp32", "bf16"}});
+  v("train", "cuda_graphs", t.cuda_graphs, BoolRule{});
   v("train", "max_skipped_steps", t.max_skipped_steps, at_least(0));
 
   ParallelConfig& p = c.parallel;

@@ -98,6 +98,9 @@ struct TrainConfig {
   // of the weights and bf16 activations; router, losses and normalisation statistics in fp32.
   std::string precision = "fp32";
   int max_skipped_steps = 5;       // consecutive non-finite steps skipped before the run stops
+  // Record the step's forward and backward as a CUDA graph after one eager step and replay it
+  // (backend cuda, one process): fewer kernel launches, the same results bitwise.
+  bool cuda_graphs = false;
 
   bool operator==(const TrainConfig&) const = default;
 };

@@ -40,6 +40,24 @@ inline uint32_t dropout_threshold(float p) {
   return static_cast<uint32_t>(std::lround(static_cast<double>(p) * 65536.0));
 }
 
+// The key of a random stream as a backend op receives it: a seed fixed when the op is issued and,
+// optionally, a step counter the op reads from device memory when it runs. The stream's seed is
+//   key.step ? derive_seed(key.seed, *key.step) : key.seed.
+// Training keys carry the step counter, so that work recorded once (a CUDA graph of the step,
+// train.cuda_graphs) draws the current step's masks when replayed: the host never bakes a
+// step-dependent seed into the recording. A plain seed converts to a key without a step.
+struct RandomKey {
+  uint64_t seed = 0;
+  const uint64_t* step = nullptr;  // backend (device) memory, or null
+
+  RandomKey(uint64_t s = 0) : seed(s) {}  // NOLINT(google-explicit-constructor): a plain seed
+  RandomKey(uint64_t s, const uint64_t* st) : seed(s), step(st) {}
+  // A child key: the seed derived with `tag`, the same step counter.
+  RandomKey derive(uint64_t tag) const { return {derive_seed(seed, tag), step}; }
+  // The stream's seed where the counter is host-readable (host backends).
+  uint64_t host_seed() const { return step ? derive_seed(seed, *step) : seed; }
+};
+
 // Host-side sequential generator built on the same mixer (for init and synthetic data).
 class CounterRng {
  public:

@@ -51,7 +51,7 @@ int64_t Attention::forward_scratch_floats() const {
 }
 
 void Attention::forward(float* out, ActivationView xq, ActivationView xkv, const float* bias,
-                        const float* key_mask, float dropout_p, uint64_t seed, float* scratch) {
+                        const float* key_mask, float dropout_p, RandomKey seed, float* scratch) {
   const int B = s_.B, Tq = s_.Tq, Tk = s_.Tk, D = s_.D, H = s_.H, K = s_.K, HK = H * K;
   xq_ = xq;
   xkv_ = xkv;

@@ -41,7 +41,7 @@ class Attention {
   // workspace that is dead once forward returns (the caller may reuse it, e.g. for backward);
   // null: a buffer of the layer's own, allocated on first use (standalone layers, tests).
   void forward(float* out, ActivationView xq, ActivationView xkv, const float* bias,
-               const float* key_mask, float dropout_p, uint64_t seed, float* scratch = nullptr);
+               const float* key_mask, float dropout_p, RandomKey seed, float* scratch = nullptr);
   // dxq [B*Tq,D] is assigned; dxkv [B*Tk,D] is accumulated (+=) after dxq is written, so a
   // self-attention may pass the same buffer for both. dbias [H,Tq,Tk] (+=) may be null.
   void backward(float* dxq, float* dxkv, float* dbias, const float* dout, float* scratch);
@@ -64,7 +64,7 @@ class Attention {
   // Saved for backward.
   ActivationView xq_, xkv_;
   float dropout_p_ = 0.0f;
-  uint64_t seed_ = 0;
+  RandomKey seed_;
   ActivationBuffer qh_, kh_, vh_;           // [B,H,T,K]
   ActivationBuffer probs_;                  // [B,H,Tq,Tk] softmax output (before dropout)
   ActivationBuffer ctx_;                    // [B*Tq, HK]

@@ -52,7 +52,7 @@ FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix,
   h_ = ActivationBuffer(be, dt, n);
 }
 
-void FeedForward::forward(float* out, ActivationView x, int N, float dropout_p, uint64_t seed,
+void FeedForward::forward(float* out, ActivationView x, int N, float dropout_p, RandomKey seed,
                           float* scratch) {
   SWT_CHECK(N <= max_rows_, "FeedForward::forward of {} rows, sized for {}", N, max_rows_);
   x_ = x;
@@ -80,7 +80,7 @@ void FeedForward::forward_transient(float* out, ActivationView x, int N, float* 
 }
 
 void FeedForward::forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
-                               float dropout_p, uint64_t seed, bool keep) {
+                               float dropout_p, RandomKey seed, bool keep) {
   const int64_t n = int64_t(count_) * N * F_;
   linear_forward(be_, a, x, ps_.weight(*wi_), N, D_, F_, count_);
   if (keep) a_.store(be_, a, n);

@@ -45,7 +45,7 @@ class FeedForward {
   // x (fp32 or the compute dtype) must stay alive until backward. N <= max_rows. scratch:
   // forward_scratch_floats() floats of workspace, dead once forward returns; null: a buffer of
   // the layer's own, allocated on first use (standalone layers, tests).
-  void forward(float* out, ActivationView x, int N, float dropout_p, uint64_t seed,
+  void forward(float* out, ActivationView x, int N, float dropout_p, RandomKey seed,
                float* scratch = nullptr);
   // bf16 mode: a (and b) in fp32 before they are stored, h formed in place of a. fp32: none.
   int64_t forward_scratch_floats() const { return a_.staging_floats() + b_.staging_floats(); }
@@ -70,7 +70,7 @@ class FeedForward {
   // be a). keep: store a, b and h in the kept buffers as they are formed (a, b and h are then
   // what f32_or gave), and read h for the output GEMM as kept.
   void forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
-                    float dropout_p, uint64_t seed, bool keep);
+                    float dropout_p, RandomKey seed, bool keep);
 
   Backend& be_;
   ParamStore& ps_;
@@ -82,7 +82,7 @@ class FeedForward {
   ActivationView x_;  // data null after forward_transient
   int N_ = 0;
   float dropout_p_ = 0.0f;
-  uint64_t seed_ = 0;
+  RandomKey seed_;
   ActivationBuffer a_;   // [count, N, F] pre-activation (x wi^T or x wi_0^T)
   ActivationBuffer b_;   // [count, N, F] x wi_1^T (gated only)
   ActivationBuffer h_;   // [count, N, F] activation, then dropout in place

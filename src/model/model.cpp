@@ -20,8 +20,8 @@ bool feed_forward_gated(const ModelConfig& cfg) { return cfg.feed_forward_proj =
 
 // Dropout sites get seeds derived from the forward call's seed and a per-site tag, so that
 // every mask is reproducible in backward and independent of everything else.
-uint64_t site_seed(uint64_t seed, bool decoder, int block, int site) {
-  return derive_seed(seed, (uint64_t(decoder) << 40) | (uint64_t(block + 1) << 8) | uint64_t(site));
+RandomKey site_seed(RandomKey seed, bool decoder, int block, int site) {
+  return seed.derive((uint64_t(decoder) << 40) | (uint64_t(block + 1) << 8) | uint64_t(site));
 }
 
 }  // namespace
@@ -86,7 +86,7 @@ struct NormedResidual {
   DeviceArray<float> rstd;    // [N] fp32 in every compute dtype: a norm statistic
   ActivationBuffer h_next;    // [N,D]
   ActivationView h_prev;      // [N,D] the previous h_next, or the stack's h0
-  uint64_t seed = 0;
+  RandomKey seed;
 };
 
 struct SwitchT5Model::Stack {
@@ -122,7 +122,7 @@ struct SwitchT5Model::Stack {
   // bf16 mode only (empty in fp32): the residual stream in fp32, [N,D]. Forward: the running h,
   // stored into each h_next; backward: h_prev of the sublayer being differentiated.
   DeviceArray<float> h_f32;
-  uint64_t embed_seed = 0, final_seed = 0;
+  RandomKey embed_seed, final_seed;
   float dropout_p = 0.0f;
 
   Stack(Backend& be_, const ModelConfig& cfg_, ParamStore& ps_, bool decoder_, int B_, int T_,
@@ -214,7 +214,7 @@ struct SwitchT5Model::Stack {
   // in dnormed (free until backward).
   template <class Sub>
   const float* residual_forward(NormedResidual& r, ActivationView h_prev, const float* h_prev_f32,
-                                uint64_t seed, Sub&& sub) {
+                                RandomKey seed, Sub&& sub) {
     const int64_t n = int64_t(N) * D;
     r.h_prev = h_prev;
     r.seed = seed;
@@ -258,14 +258,14 @@ struct SwitchT5Model::Stack {
   // switch_layers() consecutive RouterStatsSlot arrays in backend memory, added to. scratch:
   // scratch_floats() floats, the layers' forward workspace.
   void forward(const int32_t* ids, const float* mask, ActivationView enc, const float* enc_mask,
-               bool training, uint64_t seed, uint64_t first_row, double* router_stats,
+               bool training, RandomKey seed, uint64_t first_row, double* router_stats,
                float* scratch) {
     const int64_t n = int64_t(N) * D;
     dropout_p = training ? float(cfg.dropout_rate) : 0.0f;
     const float expert_dropout = training ? float(cfg.expert_dropout) : 0.0f;
     // Dropout masks are indexed within this batch, so each micro-batch gets its own seed; router
     // jitter is indexed by global position and keeps the step's seed.
-    const uint64_t drop = derive_seed(seed, first_row + 1);
+    const RandomKey drop = seed.derive(first_row + 1);
     embed_seed = site_seed(drop, decoder, -1, 0);
     final_seed = site_seed(drop, decoder, -1, 1);
     // h: the residual stream as kept; h_f32_values: its values in fp32 (the kept buffer itself
@@ -431,11 +431,7 @@ SwitchT5Model::SwitchT5Model(Backend& be, const ModelConfig& cfg, ModelShape sha
   encoder_ = std::make_unique<Stack>(be, cfg_, params_, false, B, Ti, Ti, parallel);
   decoder_ = std::make_unique<Stack>(be, cfg_, params_, true, B, Tt, Ti, parallel);
   scratch_ = DeviceArray<float>(be, std::max(encoder_->scratch_floats(), decoder_->scratch_floats()));
-  enc_ids_ = DeviceArray<int32_t>(be, int64_t(B) * Ti);
-  enc_mask_ = DeviceArray<float>(be, int64_t(B) * Ti);
-  dec_ids_ = DeviceArray<int32_t>(be, int64_t(B) * Tt);
-  dec_mask_ = DeviceArray<float>(be, int64_t(B) * Tt);
-  labels_ = DeviceArray<int32_t>(be, int64_t(B) * Tt);
+  in_ = make_device_batch();
   head_in_ = ActivationBuffer(be, compute_dtype, int64_t(B) * Tt * cfg.d_model);
   logits_ = DeviceArray<float>(be, int64_t(B) * Tt * cfg.vocab_size);
   token_loss_ = DeviceArray<float>(be, int64_t(B) * Tt);
@@ -481,8 +477,7 @@ size_t SwitchT5Model::activation_bytes() const {
 }
 
 size_t SwitchT5Model::input_bytes() const {
-  return enc_ids_.bytes() + enc_mask_.bytes() + dec_ids_.bytes() + dec_mask_.bytes() +
-         labels_.bytes() + encoder_->buckets.bytes() + decoder_->buckets.bytes();
+  return in_.bytes() + encoder_->buckets.bytes() + decoder_->buckets.bytes();
 }
 
 int64_t SwitchT5Model::statistics_size() const {
@@ -504,7 +499,7 @@ ForwardStats SwitchT5Model::decode_statistics(const double* stats) const {
   return st;
 }
 
-const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, uint64_t seed,
+const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, RandomKey seed,
                                            uint64_t first_row) {
   if (stats_acc_.size() == 0) stats_acc_ = DeviceArray<double>(be_, statistics_size());
   be_.zero_bytes(stats_acc_.data(), stats_acc_.bytes());
@@ -515,10 +510,20 @@ const ForwardStats& SwitchT5Model::forward(const Batch& batch, bool training, ui
   return stats_;
 }
 
-void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64_t seed,
-                                       uint64_t first_row, double* stats) {
+DeviceBatch SwitchT5Model::make_device_batch() {
+  const int64_t B = shape_.batch, Ti = shape_.inputs_length, Tt = shape_.targets_length;
+  DeviceBatch d;
+  d.enc_ids = DeviceArray<int32_t>(be_, B * Ti);
+  d.enc_mask = DeviceArray<float>(be_, B * Ti);
+  d.dec_ids = DeviceArray<int32_t>(be_, B * Tt);
+  d.dec_mask = DeviceArray<float>(be_, B * Tt);
+  d.labels = DeviceArray<int32_t>(be_, B * Tt);
+  return d;
+}
+
+void SwitchT5Model::upload(const Batch& batch, DeviceBatch& dst) {
   const int B = shape_.batch, Ti = shape_.inputs_length, Tt = shape_.targets_length;
-  const int D = cfg_.d_model, V = cfg_.vocab_size;
+  const int V = cfg_.vocab_size;
   SWT_CHECK(batch.batch == B && batch.inputs_length == Ti && batch.targets_length == Tt,
             "batch shape {}x{}/{} does not match the model's {}x{}/{}", batch.batch,
             batch.inputs_length, batch.targets_length, B, Ti, Tt);
@@ -528,22 +533,43 @@ void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64
     SWT_CHECK(id >= 0 && id < V, "decoder token id {} outside the vocabulary [0, {})", id, V);
   for (int32_t id : batch.labels)
     SWT_CHECK(id == kIgnoreLabel || (id >= 0 && id < V), "label {} outside the vocabulary", id);
+  be_.copy_to_device(dst.enc_ids.data(), batch.encoder_input_tokens.data(), dst.enc_ids.bytes());
+  be_.copy_to_device(dst.enc_mask.data(), batch.encoder_mask.data(), dst.enc_mask.bytes());
+  be_.copy_to_device(dst.dec_ids.data(), batch.decoder_input_tokens.data(), dst.dec_ids.bytes());
+  be_.copy_to_device(dst.dec_mask.data(), batch.decoder_mask.data(), dst.dec_mask.bytes());
+  be_.copy_to_device(dst.labels.data(), batch.labels.data(), dst.labels.bytes());
+}
+
+void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, RandomKey seed,
+                                       uint64_t first_row, double* stats) {
+  upload(batch, in_);
+  forward_accumulate(in_, training, seed, first_row, stats);
+}
+
+void SwitchT5Model::forward_accumulate(const DeviceBatch& batch, bool training, RandomKey seed,
+                                       uint64_t first_row, double* stats) {
+  const int B = shape_.batch, Tt = shape_.targets_length;
+  const int D = cfg_.d_model, V = cfg_.vocab_size;
+  SWT_CHECK(batch.bytes() == in_.bytes(), "device batch of {} bytes for a model taking {}",
+            batch.bytes(), in_.bytes());
   training_ = training;
   seed_ = seed;
-  be_.copy_to_device(enc_ids_.data(), batch.encoder_input_tokens.data(), enc_ids_.bytes());
-  be_.copy_to_device(enc_mask_.data(), batch.encoder_mask.data(), enc_mask_.bytes());
-  be_.copy_to_device(dec_ids_.data(), batch.decoder_input_tokens.data(), dec_ids_.bytes());
-  be_.copy_to_device(dec_mask_.data(), batch.decoder_mask.data(), dec_mask_.bytes());
-  be_.copy_to_device(labels_.data(), batch.labels.data(), labels_.bytes());
+  if (&batch != &in_) {
+    be_.copy(in_.enc_ids.data(), batch.enc_ids.data(), in_.enc_ids.bytes());
+    be_.copy(in_.enc_mask.data(), batch.enc_mask.data(), in_.enc_mask.bytes());
+    be_.copy(in_.dec_ids.data(), batch.dec_ids.data(), in_.dec_ids.bytes());
+    be_.copy(in_.dec_mask.data(), batch.dec_mask.data(), in_.dec_mask.bytes());
+    be_.copy(in_.labels.data(), batch.labels.data(), in_.labels.bytes());
+  }
 
   SWT_CHECK(params_.compute_dtype() == head_in_.dtype(),
             "the compute dtype changed to {} after the model was built with {} activations",
             dtype_name(params_.compute_dtype()), dtype_name(head_in_.dtype()));
   double* router_stats = stats + kModelStatsFixed;
-  encoder_->forward(enc_ids_.data(), enc_mask_.data(), ActivationView(), nullptr, training, seed,
+  encoder_->forward(in_.enc_ids.data(), in_.enc_mask.data(), ActivationView(), nullptr, training, seed,
                     first_row, router_stats, scratch_.data());
   router_stats += int64_t(encoder_->switch_layers()) * router_stats_size(cfg_.num_experts);
-  decoder_->forward(dec_ids_.data(), dec_mask_.data(), encoder_->out.view(), enc_mask_.data(),
+  decoder_->forward(in_.dec_ids.data(), in_.dec_mask.data(), encoder_->out.view(), in_.enc_mask.data(),
                     training, seed, first_row, router_stats, scratch_.data());
   const int64_t N = int64_t(B) * Tt;
   // head_in in fp32: head_in_ itself, or (bf16) the decoder's sub_out, free after its forward.
@@ -558,10 +584,10 @@ void SwitchT5Model::forward_accumulate(const Batch& batch, bool training, uint64
   // log-sum-exp run in fp32 on them.
   be_.gemm_ex(false, true, int(N), V, D, 1.0f, head_in_.data(), head_in_.dtype(), D, 0, W.data,
               W.dtype, D, 0, 0.0f, logits_.data(), DType::kF32, V, 0, 1);
-  be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), labels_.data(),
+  be_.cross_entropy_forward(token_loss_.data(), token_lse_.data(), logits_.data(), in_.labels.data(),
                             N, V);
   be_.accumulate_loss_statistics(stats + kCeSum, token_loss_.data(), token_lse_.data(),
-                                 labels_.data(), N);
+                                 in_.labels.data(), N);
 }
 
 double SwitchT5Model::objective(const ForwardStats& st, const LossWeights& w) const {
@@ -578,8 +604,9 @@ void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready)
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * Tt;
   // Head: logits = head_in W^T, dlogits in place of the logits.
-  be_.cross_entropy_backward(logits_.data(), logits_.data(), token_lse_.data(), labels_.data(), N,
-                             V, float(w.ce_scale), float(w.logit_z_loss));
+  be_.cross_entropy_backward(logits_.data(), logits_.data(), token_lse_.data(), in_.labels.data(), N,
+                             V, w.ce_scale_device ? 1.0f : float(w.ce_scale), w.ce_scale_device,
+                             float(w.logit_z_loss));
   const bool tied = cfg_.tie_word_embeddings;
   float* dW = params_.grad(*head_);
   store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
@@ -604,11 +631,11 @@ void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready)
   DeviceArray<float>& d_enc = encoder_->sub_out;  // encoder's sub_out is free during backward
   be_.fill(d_enc.data(), 0.0f, d_enc.size());
   router_scales(*decoder_, lb, z);
-  decoder_->backward(d_dec_out, dec_ids_.data(), d_enc.data(), lb, z, scratch_.data(), ready);
+  decoder_->backward(d_dec_out, in_.dec_ids.data(), d_enc.data(), lb, z, scratch_.data(), ready);
   // The encoder output feeds every decoder block's column-parallel k/v projections: f's backward.
   TensorParallel(parallel_.model_group).f_backward(d_enc.data(), d_enc.size());
   router_scales(*encoder_, lb, z);
-  encoder_->backward(d_enc.data(), enc_ids_.data(), nullptr, lb, z, scratch_.data(), ready);
+  encoder_->backward(d_enc.data(), in_.enc_ids.data(), nullptr, lb, z, scratch_.data(), ready);
   Stack::report(ready, &params_.info("shared.weight"));
 }
 

@@ -61,6 +61,22 @@ struct LossWeights {
   double ce_scale = 1.0;      // multiplies the sum of per-token CE (and logit z-loss)
   double logit_z_loss = 0.0;  // T5X z_loss coefficient on the LM head's logsumexp^2
   double microbatches = 1.0;  // forward calls in the global batch
+  // When set: ce_scale as a float in backend memory, which the cross-entropy backward reads when
+  // it runs (a training step recorded once and replayed, train.cuda_graphs, sees each step's
+  // value). It must hold float(ce_scale).
+  const float* ce_scale_device = nullptr;
+};
+
+// A batch in backend memory: Batch's fields, the same layouts. A training step uploads its
+// micro-batches before it issues any work, so that the work reads its inputs from backend
+// memory only (a recorded step, train.cuda_graphs, replays reading the current step's batch).
+struct DeviceBatch {
+  DeviceArray<int32_t> enc_ids, dec_ids, labels;  // [B,Ti], [B,Tt], [B,Tt]
+  DeviceArray<float> enc_mask, dec_mask;          // [B,Ti], [B,Tt]
+  size_t bytes() const {
+    return enc_ids.bytes() + dec_ids.bytes() + labels.bytes() + enc_mask.bytes() +
+           dec_mask.bytes();
+  }
 };
 
 // Statistics of forward calls (summed over the calls since the statistics array was zeroed).
@@ -102,14 +118,22 @@ class SwitchT5Model {
   // Adds the call's losses and router statistics to `stats` [statistics_size()] in backend
   // memory (ModelStatsSlot): no host synchronisation, so a training step accumulates over its
   // micro-batches and reads the array back once.
-  void forward_accumulate(const Batch& batch, bool training, uint64_t seed, uint64_t first_row,
+  void forward_accumulate(const Batch& batch, bool training, RandomKey seed, uint64_t first_row,
                           double* stats);
+  // The same on a batch already in backend memory (upload()); the forward copies it into the
+  // model's own input buffers on the device, where the backward reads it.
+  void forward_accumulate(const DeviceBatch& batch, bool training, RandomKey seed,
+                          uint64_t first_row, double* stats);
+  // A DeviceBatch of this model's batch shape, and a host batch checked (shape, token ids and
+  // labels in the vocabulary) and copied into one.
+  DeviceBatch make_device_batch();
+  void upload(const Batch& batch, DeviceBatch& dst);
   int64_t statistics_size() const;
   // ForwardStats from a host copy of a statistics array.
   ForwardStats decode_statistics(const double* stats) const;
   // forward_accumulate into a zeroed array of the model's own, read back: the statistics of
   // this one call (tests, evaluation tools). Valid until the next forward.
-  const ForwardStats& forward(const Batch& batch, bool training, uint64_t seed,
+  const ForwardStats& forward(const Batch& batch, bool training, RandomKey seed,
                               uint64_t first_row = 0);
   // Accumulates dJ/dparams into params().grads() for the last forward call. An evaluation
   // forward (training = false) keeps nothing for the Switch layers' backward (they evaluate
@@ -154,9 +178,7 @@ class SwitchT5Model {
   const ParamInfo* head_ = nullptr;  // the LM head's weight: shared.weight (tied) or lm_head.weight
   std::unique_ptr<Stack> encoder_, decoder_;
   DeviceArray<float> scratch_;
-  // Batch on the device.
-  DeviceArray<int32_t> enc_ids_, dec_ids_, labels_;
-  DeviceArray<float> enc_mask_, dec_mask_;
+  DeviceBatch in_;  // the batch of the last forward, read by the backward
   DeviceArray<double> stats_acc_;    // [statistics_size()] for forward()
   std::vector<double> host_stats_;
   ForwardStats stats_;
@@ -164,7 +186,7 @@ class SwitchT5Model {
   ActivationBuffer head_in_;     // [B*Tt, D] decoder output (scaled when tied)
   DeviceArray<float> logits_;    // [B*Tt, V] fp32 in every compute dtype: the CE runs in fp32
   DeviceArray<float> token_loss_, token_lse_;  // [B*Tt] fp32: loss statistics
-  uint64_t seed_ = 0;
+  RandomKey seed_;
   bool training_ = false;
 };
 

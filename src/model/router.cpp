@@ -48,12 +48,12 @@ Router::Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterSha
 }
 
 void Router::forward(ActivationView x, const float* x_f32, bool training, float jitter_eps,
-                     uint64_t seed, uint64_t jitter_offset) {
+                     RandomKey seed, uint64_t jitter_offset) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
   C_ = training ? s_.capacity_train : s_.capacity_eval;
   jitter_eps_ = training ? jitter_eps : 0.0f;
   jitter_offset_ = jitter_offset;
-  jitter_seed_ = derive_seed(seed, 1);
+  jitter_seed_ = seed.derive(1);
   xr_ = x;
   const float* xr = x_f32;
   if (jitter_eps_ > 0.0f) {

@@ -93,7 +93,7 @@ class Router {
   // only) is keyed by `seed` and indexed from `jitter_offset`, the index of x's first element in
   // the global batch's router input, so a token's noise does not depend on the layout.
   void forward(ActivationView x, const float* x_f32, bool training, float jitter_eps,
-               uint64_t seed, uint64_t jitter_offset);
+               RandomKey seed, uint64_t jitter_offset);
   // Backward of the last forward. dgate [T] = dJ/dgate (0 for dropped tokens); lb_scale /
   // z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2 in the objective. Accumulates
   // dJ/dWr into the parameter gradients and ADDS dJ/dx through the router to dx [T,D].
@@ -126,7 +126,7 @@ class Router {
   ActivationView xr_;            // router input (x itself, or jittered_)
   float jitter_eps_ = 0.0f;
   uint64_t jitter_offset_ = 0;
-  uint64_t jitter_seed_ = 0;
+  RandomKey jitter_seed_;
   int C_ = 1;
   // All fp32 in every compute dtype: the router, its losses and statistics run in fp32 (Switch's
   // selective precision), and none of these values is a bf16 store.

@@ -66,7 +66,7 @@ int64_t SwitchFFN::forward_scratch_floats() const {
 }
 
 const RouterStats& SwitchFFN::forward(float* out, ActivationView x, bool training,
-                                      float jitter_eps, float expert_dropout, uint64_t seed,
+                                      float jitter_eps, float expert_dropout, RandomKey seed,
                                       uint64_t jitter_offset, uint64_t dropout_salt,
                                       float* scratch) {
   forward_accumulate(out, x, training, jitter_eps, expert_dropout, seed, jitter_offset,
@@ -75,7 +75,7 @@ const RouterStats& SwitchFFN::forward(float* out, ActivationView x, bool trainin
 }
 
 void SwitchFFN::forward_accumulate(float* out, ActivationView x, bool training,
-                                   float jitter_eps, float expert_dropout, uint64_t seed,
+                                   float jitter_eps, float expert_dropout, RandomKey seed,
                                    uint64_t jitter_offset, uint64_t dropout_salt, double* stats,
                                    float* scratch) {
   const int T = s_.T, S = s_.S, D = s_.D, E = s_.E, G = T / S;
@@ -114,7 +114,7 @@ void SwitchFFN::forward_accumulate(float* out, ActivationView x, bool training,
   if (P_ > 1) exchange_.to_experts(expert_in, dispatched, GC, /*staging=*/y);
   if (training) {
     buf_.store(be_, expert_in);  // rows of x (bf16 values) and zeros
-    const uint64_t drop_seed = derive_seed(derive_seed(seed, 2), dropout_salt);
+    const RandomKey drop_seed = seed.derive(2).derive(dropout_salt);
     experts_.forward(expert_out, buf_.view(), P_ * GC, expert_dropout, drop_seed, ffn_scratch);
   } else {
     experts_.forward_transient(expert_out, expert_in, P_ * GC, ffn_scratch);

@@ -70,11 +70,11 @@ class SwitchFFN {
   // backward. Adds the router statistics to `stats` [router_stats_size(E)] in backend memory
   // (none when null): no host synchronisation.
   void forward_accumulate(float* out, ActivationView x, bool training, float jitter_eps,
-                          float expert_dropout, uint64_t seed, uint64_t jitter_offset,
+                          float expert_dropout, RandomKey seed, uint64_t jitter_offset,
                           uint64_t dropout_salt, double* stats, float* scratch = nullptr);
   // forward_accumulate, then this call's statistics read back to the host (tests and tools).
   const RouterStats& forward(float* out, ActivationView x, bool training, float jitter_eps,
-                      float expert_dropout, uint64_t seed, uint64_t jitter_offset = 0,
+                      float expert_dropout, RandomKey seed, uint64_t jitter_offset = 0,
                       uint64_t dropout_salt = 0, float* scratch = nullptr);
   // dx [T,D] assigned. lb_scale / z_scale multiply this call's sum_g lb[g] and sum_t lse[t]^2
   // in the objective (e.g. aux_coef / total groups, z_coef / total tokens). The last forward

@@ -90,7 +90,7 @@ MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes) {
   p.compute_copy = ps.compute_dtype() == DType::kBF16 ? int64_t(sizeof(uint16_t)) * numel : 0;
   p.kept_activations = int64_t(st.model->kept_activation_bytes());
   p.activation_workspace = int64_t(st.model->activation_bytes()) - p.kept_activations;
-  p.inputs = int64_t(st.model->input_bytes());
+  p.inputs = int64_t(st.model->input_bytes() + st.step_input_bytes());
   p.statistics = int64_t(st.statistics.bytes());
   // The optimizer's allocation, measured: the state of the parameters this rank updates (and
   // Adafactor's gather buffers under tensor parallelism). Without ZeRO-1, for comparison: an

@@ -29,7 +29,8 @@ struct MemoryPlan {
   int64_t optimizer_unsharded = 0;  // the same without ZeRO-1 (= optimizer_state without it)
   int64_t kept_activations = 0;     // SwitchT5Model::kept_activation_bytes()
   int64_t activation_workspace = 0; // activation_bytes() - kept: scratch and gradient buffers
-  int64_t inputs = 0;               // the batch on the device and the position buckets
+  int64_t inputs = 0;               // the batch on the device (the model's and the step's micro-
+                                    // batches), the position buckets, the step's scalars
   int64_t statistics = 0;           // the step's statistics array
   // Backend memory for communication: none today (the gradient reducer reduces in place in the
   // gradients; the MPI data plane stages device buffers through host memory).

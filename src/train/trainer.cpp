@@ -76,7 +76,19 @@ StepState build_step_state(const RunConfig& cfg, Backend& be, TrainerUse use,
     st.optimizer = make_optimizer(optimizer_options(cfg.train), be, ps, updates, g.model);
   }
   st.statistics = DeviceArray<double>(be, st.model->statistics_size() + kStepStatsExtra);
+  if (use == TrainerUse::kTrain) {
+    for (int m = 0; m < cfg.train.grad_accum_steps; ++m)
+      st.micro_batches.push_back(st.model->make_device_batch());
+    st.rng_step = DeviceArray<uint64_t>(be, 1);
+    st.ce_scale = DeviceArray<float>(be, 1);
+  }
   return st;
+}
+
+size_t StepState::step_input_bytes() const {
+  size_t n = rng_step.bytes() + ce_scale.bytes();
+  for (const DeviceBatch& b : micro_batches) n += b.bytes();
+  return n;
 }
 
 Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
@@ -115,6 +127,21 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   reducer_ = std::move(st.reducer);
   optimizer_ = std::move(st.optimizer);
   step_stats_ = std::move(st.statistics);
+  device_batches_ = std::move(st.micro_batches);
+  rng_step_ = std::move(st.rng_step);
+  ce_scale_ = std::move(st.ce_scale);
+  if (cfg.train.cuda_graphs && use == TrainerUse::kTrain) {
+    SWT_USER_CHECK(be_->can_record(),
+                   "train.cuda_graphs: true needs train.backend: cuda (backend '{}' cannot record "
+                   "a step)",
+                   be_->name());
+    // Several ranks exchange tokens and gradients through MPI on the host inside the step,
+    // which a graph cannot hold; NCCL's collectives can be captured (the multi-GPU data plane).
+    SWT_USER_CHECK(grid.world_size == 1,
+                   "train.cuda_graphs: true runs on one process for now; this run has {} (set "
+                   "train.cuda_graphs: false)",
+                   grid.world_size);
+  }
   model_->params().initialize(*be_, cfg.train.seed);
   if (use == TrainerUse::kTrain) train_source_ = make_train_source(cfg, grid.data_rank, grid.data);
   val_source_ = make_validation_source(cfg, grid.data_rank, grid.data);
@@ -207,30 +234,16 @@ std::string Trainer::first_nonfinite() {
   return "loss";
 }
 
-StepMetrics Trainer::train_step(int64_t step) {
+void Trainer::issue_forward_backward(int64_t step, const LossWeights& w, RandomKey seed) {
   const TrainConfig& tc = cfg_.train;
-  const auto t0 = std::chrono::steady_clock::now();
   ParamStore& ps = model_->params();
-  train_source_->next(local_);
-  int64_t tokens = 0;
-  for (int m = 0; m < tc.grad_accum_steps; ++m) {
-    local_.slice_rows(m * micro_, micro_, batches_[m]);
-    tokens += batches_[m].target_tokens();
-  }
-  grid_.data_group->all_reduce_sum(&tokens, 1);
-  // Weights that make the sum over micro-batches and data ranks the global-batch objective.
-  LossWeights w;
-  w.ce_scale = tokens > 0 ? 1.0 / double(tokens) : 0.0;
-  w.logit_z_loss = tc.z_loss;
-  w.microbatches = double(tc.grad_accum_steps) * grid_.data;
   ps.zero_grads(*be_);
   const int64_t model_stats = model_->statistics_size();
   be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
-  const uint64_t seed = derive_seed(derive_seed(tc.seed, 0xD80u), uint64_t(step));
   double* extra = step_stats_.data() + model_stats;
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
     const uint64_t first_row = uint64_t(grid_.data_rank) * local_rows_ + uint64_t(m) * micro_;
-    model_->forward_accumulate(batches_[m], /*training=*/true, seed, first_row,
+    model_->forward_accumulate(device_batches_[m], /*training=*/true, seed, first_row,
                                step_stats_.data());
     // The last backward makes the gradients final and reports them to the reducer, which
     // launches each bucket's reduction as soon as it is complete. The reducer also sums the
@@ -249,6 +262,51 @@ StepMetrics Trainer::train_step(int64_t step) {
   }
   reducer_->finish();  // buckets not yet launched (none when every parameter was reported)
   accumulate_grad_norm_squares(extra);
+}
+
+StepMetrics Trainer::train_step(int64_t step) {
+  const TrainConfig& tc = cfg_.train;
+  const auto t0 = std::chrono::steady_clock::now();
+  ParamStore& ps = model_->params();
+  train_source_->next(local_);
+  int64_t tokens = 0;
+  for (int m = 0; m < tc.grad_accum_steps; ++m) {
+    local_.slice_rows(m * micro_, micro_, batches_[m]);
+    tokens += batches_[m].target_tokens();
+  }
+  grid_.data_group->all_reduce_sum(&tokens, 1);
+  // Weights that make the sum over micro-batches and data ranks the global-batch objective.
+  LossWeights w;
+  w.ce_scale = tokens > 0 ? 1.0 / double(tokens) : 0.0;
+  w.logit_z_loss = tc.z_loss;
+  w.microbatches = double(tc.grad_accum_steps) * grid_.data;
+  // The step's inputs in backend memory before any of its work is issued: the micro-batches,
+  // the step (dropout and jitter masks are keyed by it, RandomKey) and 1 / target tokens.
+  for (int m = 0; m < tc.grad_accum_steps; ++m) model_->upload(batches_[m], device_batches_[m]);
+  const uint64_t step_counter = uint64_t(step);
+  const float ce_scale = float(w.ce_scale);
+  be_->copy_to_device(rng_step_.data(), &step_counter, sizeof step_counter);
+  be_->copy_to_device(ce_scale_.data(), &ce_scale, sizeof ce_scale);
+  w.ce_scale_device = ce_scale_.data();
+  const RandomKey seed(derive_seed(tc.seed, 0xD80u), rng_step_.data());
+  if (step_recorded_) {
+    be_->replay();
+    ++replayed_steps_;
+  } else if (tc.cuda_graphs && eager_steps_ > 0) {
+    // train.cuda_graphs: after one eager step (lazy allocations made, GEMM plans chosen), record
+    // the step's work once; recording does not run it, so replay it now and on every later step.
+    SWT_CHECK(inject_step_ < 0, "the NaN-injection test hook needs train.cuda_graphs: false");
+    be_->begin_recording();
+    issue_forward_backward(step, w, seed);
+    be_->end_recording();
+    step_recorded_ = true;
+    be_->replay();
+    ++replayed_steps_;
+  } else {
+    issue_forward_backward(step, w, seed);
+    ++eager_steps_;
+  }
+  const int64_t model_stats = model_->statistics_size();
   // The step's one read-back: losses, router statistics, non-finite check, norm partials.
   be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
   const double* host_extra = host_stats_.data() + model_stats;

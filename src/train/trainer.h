@@ -68,6 +68,12 @@ struct StepState {
   std::unique_ptr<GradientReducer> reducer;  // training only
   std::unique_ptr<Optimizer> optimizer;      // training only
   DeviceArray<double> statistics;            // model statistics, then the trainer's (trainer.cpp)
+  // Training only: what changes from step to step, in backend memory, written before the step's
+  // work is issued (so a recorded step, train.cuda_graphs, replays on the current values).
+  std::vector<DeviceBatch> micro_batches;  // one per gradient-accumulation micro-batch
+  DeviceArray<uint64_t> rng_step;          // [1] the step: RandomKey's counter for dropout/jitter
+  DeviceArray<float> ce_scale;             // [1] LossWeights::ce_scale (1 / target tokens)
+  size_t step_input_bytes() const;
 };
 StepState build_step_state(const RunConfig& cfg, Backend& be, TrainerUse use,
                            const StepGroups& groups);
@@ -115,6 +121,11 @@ class Trainer {
   // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
   double step_flops() const { return step_flops_; }
 
+  // train.cuda_graphs: whether the step's forward and backward now replay a recording, and
+  // how many steps replayed one (bench_step and tests report them).
+  bool step_recorded() const { return step_recorded_; }
+  int64_t replayed_steps() const { return replayed_steps_; }
+
   // Test hook: the gradients of rank `rank` get a NaN at step `step` (also set by the
   // environment variable SWITCHT5_INJECT_NAN=STEP:RANK).
   void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
@@ -125,6 +136,11 @@ class Trainer {
   // global_grad_norm combines a host copy over the groups.
   void accumulate_grad_norm_squares(double* extra);
   double global_grad_norm(const double* extra);
+  // Issues the step's work up to its read-back, all of it on the backend and reading only
+  // backend memory (what train.cuda_graphs records once and replays): zeroed gradients and
+  // statistics, forward and backward over the micro-batches (gradient buckets reduced as they
+  // become final), and the gradient-norm partial sums.
+  void issue_forward_backward(int64_t step, const LossWeights& w, RandomKey seed);
   std::string first_nonfinite();
 
   RunConfig cfg_;
@@ -152,6 +168,11 @@ class Trainer {
   // micro-batches, then all-reduced over the data group on the host copy) and the trainer's
   // sums of squares (StepStatsSlot in trainer.cpp). Read back once per step.
   DeviceArray<double> step_stats_;
+  std::vector<DeviceBatch> device_batches_;     // StepState::micro_batches
+  DeviceArray<uint64_t> rng_step_;              // StepState::rng_step
+  DeviceArray<float> ce_scale_;                 // StepState::ce_scale
+  bool step_recorded_ = false;                  // train.cuda_graphs: a recording to replay
+  int64_t eager_steps_ = 0, replayed_steps_ = 0;
   std::vector<double> host_stats_;
   double step_flops_ = 0.0;
   int consecutive_skips_ = 0;

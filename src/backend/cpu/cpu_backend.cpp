@@ -485,8 +485,9 @@ void CpuBackend::gated_gelu_backward(float* da, float* db, const float* dout, co
 // SSE4.1 is the Release build's baseline (-march=x86-64-v2); the attribute lets a Debug or
 // sanitizer build (no -march) compile the intrinsics too.
 __attribute__((target("sse4.1")))
-void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) {
+void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
+  const uint64_t seed = key.host_seed();
   if (p == 0.0f) {
     if (out != x) copy(out, x, sizeof(float) * n);
     return;
@@ -519,8 +520,9 @@ void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_
   }
 }
 
-void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+void CpuBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, RandomKey key,
                                 uint64_t offset) {
+  const uint64_t seed = key.host_seed();
 #pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
   for (int64_t i = 0; i < n; ++i)
     out[i] = x[i] * (1.0f - eps + 2.0f * eps * uniform01(seed, offset + static_cast<uint64_t>(i)));
@@ -545,7 +547,8 @@ void CpuBackend::cross_entropy_forward(float* loss, float* lse, const float* log
 
 void CpuBackend::cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                                         const int32_t* labels, int64_t N, int V, float scale,
-                                        float z_coef) {
+                                        const float* scale_by, float z_coef) {
+  if (scale_by) scale = scale * *scale_by;
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     float* d = dlogits + r * V;  // may alias logits: elementwise

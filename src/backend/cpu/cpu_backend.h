@@ -75,15 +75,15 @@ class CpuBackend final : public Backend {
   void gated_gelu_backward(float* da, float* db, const float* dout, const float* a, const float* b,
                            int64_t n) override;
 
-  void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) override;
-  void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+  void dropout(float* out, const float* x, int64_t n, float p, RandomKey key) override;
+  void uniform_jitter(float* out, const float* x, int64_t n, float eps, RandomKey key,
                       uint64_t offset = 0) override;
 
   void cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* labels,
                              int64_t N, int V) override;
   void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                               const int32_t* labels, int64_t N, int V, float scale,
-                              float z_coef) override;
+                              const float* scale_by, float z_coef) override;
 
   void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
                       float* counts, const float* logits, int G, int S, int E, int C) override;

@@ -59,7 +59,7 @@ double gib(size_t bytes) { return double(bytes) / double(size_t(1) << 30); }
 class CudaBackend::Scratch {
  public:
   Scratch(CudaBackend& be, size_t bytes) : be_(be), ptr_(be.arena_alloc(bytes)) {}
-  ~Scratch() { be_.arena_.free(ptr_); }
+  ~Scratch() { be_.free_bytes(ptr_); }  // kept for a graph recorded meanwhile (free_bytes)
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   template <class T>
@@ -115,7 +115,15 @@ CudaBackend::~CudaBackend() { release(); }
 void CudaBackend::release() noexcept {
   // Nothing here throws: errors (e.g. a sticky error from an earlier failed kernel) are ignored,
   // as a destructor must.
+  if (recording_) {  // an exception while capturing: end the capture, drop what it made
+    cudaGraph_t partial = nullptr;
+    cudaStreamEndCapture(stream_, &partial);
+    if (partial) cudaGraphDestroy(partial);
+    (void)cudaGetLastError();
+    recording_ = false;
+  }
   if (stream_) cudaStreamSynchronize(stream_);
+  discard_recording();
   gemm_.reset();
   if (result_host_) cudaFreeHost(result_host_);
   result_host_ = nullptr;
@@ -171,6 +179,7 @@ void* CudaBackend::arena_alloc(size_t bytes) {
         "startup: raise it (at most 1) or reduce the batch or model size",
         device_, bytes, arena_.bytes_in_use(), arena_.capacity(), arena_.largest_free_block(),
         arena_.peak_bytes(), kCudaMemoryFractionEnv, memory_fraction_));
+  if (recording_) graph_blocks_.insert(p);
   return p;
 }
 
@@ -184,10 +193,59 @@ void CudaBackend::free_bytes(void* ptr) {
   if (!ptr) return;
   SWT_CHECK(arena_.owns(ptr), "CudaBackend::free_bytes({}): not a live block of this backend's "
             "arena (freed twice, or memory of another backend)", ptr);
+  if (recording_ || graph_blocks_.count(ptr)) {
+    // The graph may use the block on every replay: it stays reserved while the graph lives.
+    kept_for_graph_.push_back(ptr);
+    return;
+  }
   arena_.free(ptr);
 }
 
+// ---- recorded work ------------------------------------------------------------------------------
+
+void CudaBackend::check_not_recording(const char* what) const {
+  SWT_CHECK(!recording_, "CudaBackend::{} while recording a CUDA graph: a recorded step must "
+            "take its inputs from device memory and hand nothing to the host", what);
+}
+
+void CudaBackend::discard_recording() noexcept {
+  if (graph_) cudaGraphExecDestroy(graph_);
+  graph_ = nullptr;
+  for (void* p : kept_for_graph_) arena_.free(p);
+  kept_for_graph_.clear();
+  graph_blocks_.clear();
+}
+
+void CudaBackend::begin_recording() {
+  check_not_recording("begin_recording");
+  if (graph_) {
+    SWT_CUDA_CHECK(cudaStreamSynchronize(stream_));  // a replay may still be running
+    discard_recording();
+  }
+  SWT_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  recording_ = true;
+}
+
+void CudaBackend::end_recording() {
+  SWT_CHECK(recording_, "CudaBackend::end_recording without begin_recording");
+  recording_ = false;
+  cudaGraph_t graph = nullptr;
+  SWT_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  SWT_CUDA_CHECK(err);
+  graph_ = exec;
+}
+
+void CudaBackend::replay() {
+  check_not_recording("replay");
+  SWT_CHECK(graph_, "CudaBackend::replay: nothing recorded");
+  SWT_CUDA_CHECK(cudaGraphLaunch(graph_, stream_));
+}
+
 void CudaBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
+  check_not_recording("copy_to_host");
   count_host_sync();
   if (bytes == 0) return;
   SWT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
@@ -199,6 +257,7 @@ void CudaBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
 // event. `src` may be reused when this returns, and the stream is never drained (a batch upload
 // no longer stalls the GPU five times per micro-batch).
 void CudaBackend::copy_to_device(void* dst, const void* src, size_t bytes) {
+  check_not_recording("copy_to_device");
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
   for (size_t done = 0; done < bytes;) {
@@ -232,10 +291,14 @@ void CudaBackend::zero_bytes(void* x, size_t bytes) {
   if (bytes > 0) SWT_CUDA_CHECK(cudaMemsetAsync(x, 0, bytes, stream_));
 }
 
-void CudaBackend::synchronize() { SWT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void CudaBackend::synchronize() {
+  check_not_recording("synchronize");
+  SWT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
 template <class T>
 T CudaBackend::fetch_result() {
+  check_not_recording("a call returning a value to the host (sum, count_nonfinite)");
   count_host_sync();
   SWT_CUDA_CHECK(
       cudaMemcpyAsync(result_host_, result_device_, sizeof(T), cudaMemcpyDeviceToHost, stream_));
@@ -514,19 +577,19 @@ void CudaBackend::gated_gelu_backward(float* da, float* db, const float* dout, c
 
 // ---- randomness ---------------------------------------------------------------------------------
 
-void CudaBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) {
+void CudaBackend::dropout(float* out, const float* x, int64_t n, float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
   if (p == 0.0f) {
     if (out != x) copy(out, x, sizeof(float) * size_t(n));
     return;
   }
   // The mask threshold and the kept values' scale, as the CPU backend computes them.
-  cuda::dropout(ctx_, out, x, n, dropout_threshold(p), 1.0f - p, seed);
+  cuda::dropout(ctx_, out, x, n, dropout_threshold(p), 1.0f - p, key.seed, key.step);
 }
 
-void CudaBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+void CudaBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps, RandomKey key,
                                  uint64_t offset) {
-  cuda::uniform_jitter(ctx_, out, x, n, eps, seed, offset);
+  cuda::uniform_jitter(ctx_, out, x, n, eps, key.seed, key.step, offset);
 }
 
 // ---- loss, router, dispatch ---------------------------------------------------------------------
@@ -538,8 +601,8 @@ void CudaBackend::cross_entropy_forward(float* loss, float* lse, const float* lo
 
 void CudaBackend::cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                                          const int32_t* labels, int64_t N, int V, float scale,
-                                         float z_coef) {
-  cuda::cross_entropy_backward(ctx_, dlogits, logits, lse, labels, N, V, scale, z_coef);
+                                         const float* scale_by, float z_coef) {
+  cuda::cross_entropy_backward(ctx_, dlogits, logits, lse, labels, N, V, scale, scale_by, z_coef);
 }
 
 void CudaBackend::router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_set>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cuda/kernels.h"
@@ -34,6 +36,7 @@
 
 struct CUstream_st;
 struct CUevent_st;
+struct CUgraphExec_st;
 
 namespace switcht5 {
 
@@ -74,6 +77,16 @@ class CudaBackend final : public Backend {
   void fill(float* x, float value, int64_t n) override;
   void zero_bytes(void* x, size_t bytes) override;
   void synchronize() override;
+
+  // CUDA graphs: the stream is captured (cudaStreamCaptureModeThreadLocal) between
+  // begin_recording and end_recording, which instantiates the graph; replay launches it on the
+  // stream. Arena blocks freed while capturing (GEMM scratch), and blocks allocated while
+  // capturing whenever they are freed, stay reserved for the graph until the next
+  // begin_recording or the backend's end, so no later allocation reuses memory a replay writes.
+  bool can_record() const override { return true; }
+  void begin_recording() override;
+  void end_recording() override;
+  void replay() override;
 
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C,
@@ -126,15 +139,15 @@ class CudaBackend final : public Backend {
   void gated_gelu_backward(float* da, float* db, const float* dout, const float* a, const float* b,
                            int64_t n) override;
 
-  void dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) override;
-  void uniform_jitter(float* out, const float* x, int64_t n, float eps, uint64_t seed,
+  void dropout(float* out, const float* x, int64_t n, float p, RandomKey key) override;
+  void uniform_jitter(float* out, const float* x, int64_t n, float eps, RandomKey key,
                       uint64_t offset = 0) override;
 
   void cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* labels,
                              int64_t N, int V) override;
   void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                               const int32_t* labels, int64_t N, int V, float scale,
-                              float z_coef) override;
+                              const float* scale_by, float z_coef) override;
 
   void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
                       float* counts, const float* logits, int G, int S, int E, int C) override;
@@ -166,6 +179,10 @@ class CudaBackend final : public Backend {
   class Scratch;
 
   void release() noexcept;  // the destructor's body (also undoes a constructor that threw)
+  // Error (internal: a caller bug) when `what`, a call that involves the host, is made while
+  // recording; a captured stream would fail it with a less direct CUDA error.
+  void check_not_recording(const char* what) const;
+  void discard_recording() noexcept;
   void reserve_arena();
   void* arena_alloc(size_t bytes);
   template <class T>
@@ -196,6 +213,12 @@ class CudaBackend final : public Backend {
   CUevent_st* staging_done_[kStagingSlots] = {};
   int staging_next_ = 0;
   std::unique_ptr<cuda::CublasLtGemm> gemm_;
+  bool recording_ = false;
+  CUgraphExec_st* graph_ = nullptr;       // the instantiated recording, or null
+  // Arena blocks the graph may use on every replay: those allocated while recording, and those
+  // freed while recording or later (kept, not freed, until the graph is discarded).
+  std::unordered_set<void*> graph_blocks_;
+  std::vector<void*> kept_for_graph_;
 };
 
 // make_backend("cuda", options): a CudaBackend on device options.local_rank % (visible

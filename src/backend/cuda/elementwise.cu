@@ -360,8 +360,15 @@ __global__ void gated_gelu_backward_kernel(float* da, float* db, const float* do
 // ---- randomness ---------------------------------------------------------------------------------
 
 // One splitmix64 draw per group of four elements, as random16 (core/rng.h) defines the bits.
+// The seed of a RandomKey (core/rng.h): the step counter is read when the kernel runs, so a
+// recorded launch (CUDA graph) draws the current step's stream.
+__device__ __forceinline__ uint64_t key_seed(uint64_t seed, const uint64_t* step) {
+  return step ? derive_seed(seed, *step) : seed;
+}
+
 __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t threshold,
-                               float keep_scale, uint64_t seed) {
+                               float keep_scale, uint64_t key, const uint64_t* step) {
+  const uint64_t seed = key_seed(key, step);
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = global_thread_index(); g < groups; g += grid_stride()) {
     const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * 0x9E3779B97F4A7C15ull);
@@ -378,7 +385,9 @@ __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t t
 }
 
 __global__ void uniform_jitter_kernel(float* out, const float* x, int64_t n, float one_minus_eps,
-                                      float two_eps, uint64_t seed, uint64_t offset) {
+                                      float two_eps, uint64_t key, const uint64_t* step,
+                                      uint64_t offset) {
+  const uint64_t seed = key_seed(key, step);
   for (int64_t i = global_thread_index(); i < n; i += grid_stride()) {
     const float u = uniform01(seed, offset + static_cast<uint64_t>(i));
     out[i] = __fmul_rn(x[i], __fadd_rn(one_minus_eps, __fmul_rn(two_eps, u)));
@@ -574,21 +583,21 @@ void gated_gelu_backward(const Ctx& c, float* da, float* db, const float* dout, 
 }
 
 void dropout(const Ctx& c, float* out, const float* x, int64_t n, uint32_t threshold,
-             float keep_scale, uint64_t seed) {
+             float keep_scale, uint64_t seed, const uint64_t* step) {
   if (n <= 0) return;
   dropout_kernel<<<grid_for((n + 3) / 4), kThreads, 0, stream_of(c)>>>(out, x, n, threshold,
-                                                                       keep_scale, seed);
+                                                                       keep_scale, seed, step);
   SWT_CUDA_CHECK_LAUNCH();
 }
 
 void uniform_jitter(const Ctx& c, float* out, const float* x, int64_t n, float eps, uint64_t seed,
-                    uint64_t offset) {
+                    const uint64_t* step, uint64_t offset) {
   if (n <= 0) return;
   // The CPU's (1 - eps) + (2 * eps) * u, with the two constants formed in float as it does.
   const float one_minus_eps = 1.0f - eps;
   const float two_eps = 2.0f * eps;
   uniform_jitter_kernel<<<grid_for(n), kThreads, 0, stream_of(c)>>>(out, x, n, one_minus_eps,
-                                                                    two_eps, seed, offset);
+                                                                    two_eps, seed, step, offset);
   SWT_CUDA_CHECK_LAUNCH();
 }
 

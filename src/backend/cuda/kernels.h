@@ -67,10 +67,12 @@ void gated_gelu_backward(const Ctx& c, float* da, float* db, const float* dout, 
 // threshold = dropout_threshold(p) (core/rng.h) and keep_scale = 1.0f - p, both computed on the
 // host; kept elements are x / keep_scale, a true (correctly rounded) division as on the CPU, so
 // the result is bitwise the CPU backend's.
+// The stream's seed is derive_seed(seed, *step) when `step` (device memory) is not null, read by
+// the kernel when it runs (RandomKey, core/rng.h), else `seed`.
 void dropout(const Ctx& c, float* out, const float* x, int64_t n, uint32_t threshold,
-             float keep_scale, uint64_t seed);
+             float keep_scale, uint64_t seed, const uint64_t* step);
 void uniform_jitter(const Ctx& c, float* out, const float* x, int64_t n, float eps, uint64_t seed,
-                    uint64_t offset);
+                    const uint64_t* step, uint64_t offset);
 
 // ---- reductions and statistics (reduce.cu) -----------------------------------------------------
 // out is ONE device value, assigned (the backend copies it to the host where the op returns
@@ -99,7 +101,8 @@ void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const f
 void cross_entropy_forward(const Ctx& c, float* loss, float* lse, const float* logits,
                            const int32_t* labels, int64_t N, int V);
 void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, const float* lse,
-                            const int32_t* labels, int64_t N, int V, float scale, float z_coef);
+                            const int32_t* labels, int64_t N, int V, float scale,
+                            const float* scale_by, float z_coef);
 // Positions by a deterministic scan per group (lowest token index first, exactly the CPU order).
 void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int32_t* slot,
                     float* gate, float* counts, const float* logits, int G, int S, int E, int C);

@@ -87,7 +87,8 @@ cross_entropy_forward_kernel(float* __restrict__ loss, float* __restrict__ lse,
 __global__ void __launch_bounds__(kBlock)
 cross_entropy_backward_kernel(float* dlogits, const float* logits, const float* __restrict__ lse,
                               const int32_t* __restrict__ labels, int64_t N, int V, float scale,
-                              float z_coef) {
+                              const float* __restrict__ scale_by, float z_coef) {
+  if (scale_by) scale = __fmul_rn(scale, *scale_by);  // read when the kernel runs
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     float* d = dlogits + r * V;
     const float* row = logits + r * V;
@@ -369,10 +370,11 @@ void cross_entropy_forward(const Ctx& c, float* loss, float* lse, const float* l
 }
 
 void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, const float* lse,
-                            const int32_t* labels, int64_t N, int V, float scale, float z_coef) {
+                            const int32_t* labels, int64_t N, int V, float scale,
+                            const float* scale_by, float z_coef) {
   if (N <= 0 || V <= 0) return;
   cross_entropy_backward_kernel<<<unsigned(blocks_for(N, 1)), kBlock, 0, c.stream>>>(
-      dlogits, logits, lse, labels, N, V, scale, z_coef);
+      dlogits, logits, lse, labels, N, V, scale, scale_by, z_coef);
   SWT_CUDA_CHECK_LAUNCH();
 }
 

@@ -428,8 +428,9 @@ void ReferenceBackend::gated_gelu_backward(float* da, float* db, const float* do
 
 // ---- randomness -------------------------------------------------------------------------------
 
-void ReferenceBackend::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed) {
+void ReferenceBackend::dropout(float* out, const float* x, int64_t n, float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
+  const uint64_t seed = key.host_seed();
   for (int64_t i = 0; i < n; ++i) {
     if (p == 0.0f) {
       out[i] = x[i];
@@ -441,7 +442,8 @@ void ReferenceBackend::dropout(float* out, const float* x, int64_t n, float p, u
 }
 
 void ReferenceBackend::uniform_jitter(float* out, const float* x, int64_t n, float eps,
-                                      uint64_t seed, uint64_t offset) {
+                                      RandomKey key, uint64_t offset) {
+  const uint64_t seed = key.host_seed();
   for (int64_t i = 0; i < n; ++i) {
     double u = uniform01(seed, offset + static_cast<uint64_t>(i));
     out[i] = static_cast<float>(double(x[i]) * (1.0 - double(eps) + 2.0 * double(eps) * u));
@@ -467,7 +469,8 @@ void ReferenceBackend::cross_entropy_forward(float* loss, float* lse, const floa
 
 void ReferenceBackend::cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                                               const int32_t* labels, int64_t N, int V, float scale,
-                                              float z_coef) {
+                                              const float* scale_by, float z_coef) {
+  if (scale_by) scale = scale * *scale_by;
   for (int64_t r = 0; r < N; ++r) {
     int32_t label = labels[r];
     SWT_CHECK(label == -100 || (label >= 0 && label < V),
