@@ -20,6 +20,7 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/batch_source.h"
+#include "train/comm_plan.h"
 #include "train/memory_plan.h"
 #include "train/optimizer.h"
 #include "train/metrics.h"
@@ -44,10 +45,16 @@ constexpr const char* kUsage =
     "        the HuggingFace state_dict names of the model's parameters as JSON (HF key ->\n"
     "        internal name, offset, shape); scripts/export_hf.py and import_hf.py use it\n"
     "  plan  --config FILE [--set section.key=value ...] [--json] [--device-memory-gb GB]\n"
+    "        [--world-size N] [--gpus-per-node G] [--nvlink-gbs X] [--network-gbs X]\n"
+    "        [--gpu-tflops X] [--mfu F]\n"
     "        validate a config and print the model's parameters, capacities, FLOPs and the\n"
     "        backend memory one rank allocates (counted from the training code's own\n"
     "        allocations), against the device's memory for train.backend cuda (default 141 GB);\n"
-    "        --json: the same as one JSON object\n";
+    "        then what a rank communicates per step, collective by collective, with a time\n"
+    "        estimate from link speeds (defaults: 8 GPUs per node, NVLink 370 GB/s, network\n"
+    "        50 GB/s per GPU, 989 TFLOP/s at 40% MFU) and the predicted step time and\n"
+    "        weak-scaling efficiency; --world-size N plans N ranks (parallel.data = N /\n"
+    "        parallel.model); --json: the same as one JSON object\n";
 // Set once the process grid exists; read by the error path in main().
 int g_world_rank = 0;
 int g_world_size = 1;
@@ -62,9 +69,22 @@ struct Args {
   bool hf_names = false;
   bool json = false;              // plan --json
   double device_memory_gb = 0.0;  // plan --device-memory-gb (0: the default device)
+  int world_size = 0;             // plan --world-size (0: as the config's parallel section)
+  LinkModel links;                // plan --gpus-per-node, --nvlink-gbs, ...
   std::vector<std::string> positional;
   std::vector<std::string> overrides;
 };
+
+// A command-line number > 0 (a whole one when `whole`), or a UserError naming the flag.
+double positive_number(const std::string& flag, const std::string& v, const char* expected,
+                       bool whole = false) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  SWT_USER_CHECK(end != v.c_str() && *end == '\0' && x > 0 && (!whole || x == double(int64_t(x))) &&
+                     x < 1e15,
+                 "{} \"{}\": expected {}", flag, v, expected);
+  return x;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -83,12 +103,21 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--dump-batch") a.dump_batch = value();
     else if (flag == "--hf-names" && a.command == "inspect") a.hf_names = true;
     else if (flag == "--json" && a.command == "plan") a.json = true;
-    else if (flag == "--device-memory-gb" && a.command == "plan") {
-      const std::string v = value();
-      char* end = nullptr;
-      a.device_memory_gb = std::strtod(v.c_str(), &end);
-      SWT_USER_CHECK(end != v.c_str() && *end == '\0' && a.device_memory_gb > 0,
-                     "--device-memory-gb \"{}\": expected a number of GB (10^9 bytes) > 0", v);
+    else if (flag == "--device-memory-gb" && a.command == "plan")
+      a.device_memory_gb = positive_number(flag, value(), "a number of GB (10^9 bytes) > 0");
+    else if (flag == "--world-size" && a.command == "plan")
+      a.world_size = int(positive_number(flag, value(), "a whole number of ranks >= 1", true));
+    else if (flag == "--gpus-per-node" && a.command == "plan")
+      a.links.gpus_per_node = int(positive_number(flag, value(), "a whole number >= 1", true));
+    else if (flag == "--nvlink-gbs" && a.command == "plan")
+      a.links.nvlink_gb_per_s = positive_number(flag, value(), "GB/s > 0");
+    else if (flag == "--network-gbs" && a.command == "plan")
+      a.links.network_gb_per_s = positive_number(flag, value(), "GB/s > 0");
+    else if (flag == "--gpu-tflops" && a.command == "plan")
+      a.links.gpu_tflops = positive_number(flag, value(), "TFLOP/s > 0");
+    else if (flag == "--mfu" && a.command == "plan") {
+      a.links.mfu = positive_number(flag, value(), "a fraction in (0, 1]");
+      SWT_USER_CHECK(a.links.mfu <= 1.0, "--mfu \"{}\": expected a fraction in (0, 1]", a.links.mfu);
     }
     else if (flag == "--set") a.overrides.push_back(value());
     else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
@@ -109,7 +138,9 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
   // What one rank allocates in backend memory, counted by building the run's step state on a
   // sizing backend (train/memory_plan.h).
   const MemoryPlan mp = plan_memory(cfg, args.device_memory_gb * 1e9);
+  const CommPlan cp = plan_communication(cfg, args.links);
   const ParallelConfig& pc = cfg.parallel;
+  const LinkModel& lk = args.links;
   if (args.json) {
     std::string out = "{";
     auto field = [&](const std::string& key, const std::string& value) {
@@ -143,6 +174,26 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
       field("arena_limit_bytes", std::to_string(mp.arena_limit));
       field("fits", mp.fits ? "true" : "false");
     }
+    // Communication per rank and step (train/comm_plan.h).
+    std::string colls = "[";
+    for (const PlannedCollective& c : cp.collectives)
+      colls += fmt::format(
+          "{}{{\"group\": \"{}\", \"group_size\": {}, \"spans_nodes\": {}, \"collective\": "
+          "\"{}\", \"carries\": {}, \"calls\": {}, \"payload_bytes\": {}, \"wire_bytes\": "
+          "{:.0f}, \"seconds\": {:.6g}, \"overlapped\": {}}}",
+          colls.size() > 1 ? ", " : "", c.group, c.group_size, c.spans_nodes ? "true" : "false",
+          collective_name(c.collective), json_string(c.carries), c.calls, 4 * c.floats,
+          c.wire_bytes, c.seconds, c.overlapped ? "true" : "false");
+    field("communication", colls + "]");
+    field("links", fmt::format("{{\"gpus_per_node\": {}, \"nvlink_gb_per_s\": {}, "
+                               "\"network_gb_per_s\": {}, \"gpu_tflops\": {}, \"mfu\": {}}}",
+                               lk.gpus_per_node, lk.nvlink_gb_per_s, lk.network_gb_per_s,
+                               lk.gpu_tflops, lk.mfu));
+    field("predicted", fmt::format("{{\"compute_seconds\": {:.6g}, \"communication_seconds\": "
+                                   "{:.6g}, \"exposed_communication_seconds\": {:.6g}, "
+                                   "\"step_seconds\": {:.6g}, \"scaling_efficiency\": {:.4f}}}",
+                                   cp.compute_seconds, cp.comm_seconds, cp.exposed_seconds,
+                                   cp.step_seconds, cp.scaling_efficiency));
     fmt::print("{}}}\n", out);
     return 0;
   }
@@ -215,6 +266,24 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
                double(mp.device_memory) * 1e-9, kCudaMemoryFractionEnv,
                cuda::kDefaultMemoryFraction, double(mp.arena_limit) * 1e-9,
                mp.fits ? "fits" : "DOES NOT FIT", 100.0 * double(mp.total) / double(mp.arena_limit));
+
+  // Communication of one rank per optimizer step (train/comm_plan.h has the model).
+  const int world = pc.data * pc.model;
+  fmt::print("communication per rank and step ({} ranks, {} GPUs per node; NVLink {} GB/s, "
+             "network {} GB/s per GPU; fp32 on the wire):\n",
+             world, lk.gpus_per_node, lk.nvlink_gb_per_s, lk.network_gb_per_s);
+  if (cp.collectives.empty()) fmt::print("  none (one rank)\n");
+  for (const PlannedCollective& c : cp.collectives)
+    fmt::print("  {:<15}{:>5} {:<6} {:<15}{:>6} calls {:>10.1f} MB  sends {:>10.1f} MB {:>9.2f} ms"
+               "{}  {}\n",
+               c.group, c.group_size, c.spans_nodes ? "nodes" : "node", collective_name(c.collective),
+               c.calls, 4e-6 * double(c.floats), 1e-6 * c.wire_bytes, 1e3 * c.seconds,
+               c.overlapped ? " (overlapped)" : "", c.carries);
+  fmt::print("predicted step: compute {:.1f} ms ({} TFLOP/s at {:.0f}% MFU) + exposed "
+             "communication {:.1f} ms (of {:.1f} ms; gradient buckets behind the backward pass but "
+             "the last) = {:.1f} ms, weak-scaling efficiency {:.0f}%\n",
+             1e3 * cp.compute_seconds, lk.gpu_tflops, 100 * lk.mfu, 1e3 * cp.exposed_seconds,
+             1e3 * cp.comm_seconds, 1e3 * cp.step_seconds, 100 * cp.scaling_efficiency);
   return 0;
 }
 
@@ -365,7 +434,24 @@ int run(int argc, char** argv) {
     return fail(e.what(), 1);
   }
   SWT_USER_CHECK(!a.config.empty(), "{}: --config FILE is required", a.command);
-  RunConfig cfg = load_config(a.config, a.overrides);
+  std::vector<std::string> first = a.overrides;
+  if (a.command == "plan" && a.world_size > 0) {
+    // --world-size N sets parallel.data = N / parallel.model: read the model degree with the
+    // data and expert degrees at 1 (always a valid pair), then load the planned layout.
+    first.push_back("parallel.data=1");
+    first.push_back("parallel.expert=1");
+  }
+  RunConfig cfg = load_config(a.config, first);
+  if (a.command == "plan" && a.world_size > 0) {
+    const int M = cfg.parallel.model;
+    SWT_USER_CHECK(a.world_size % M == 0,
+                   "--world-size {}: expected a multiple of parallel.model = {} (ranks are data "
+                   "x model)",
+                   a.world_size, M);
+    std::vector<std::string> sets = a.overrides;
+    sets.push_back("parallel.data=" + std::to_string(a.world_size / M));
+    cfg = load_config(a.config, sets);
+  }
   if (a.command == "plan") return cmd_plan(cfg, a);
   std::string dir = a.run_dir;
   if (dir.empty()) dir = cfg.log.run_dir;

@@ -57,6 +57,7 @@ class MpiDataPlane final : public DataPlane {
   int size() const override { return comm_.size(); }
 
   void all_reduce_sum(float* data, int64_t n) override {
+    count(Collective::kAllReduce, n);
     if (!staged_) {
       be_.synchronize();  // the backend's writes to `data` are done before MPI reads it
       return comm_.all_reduce_sum(data, n);
@@ -73,6 +74,7 @@ class MpiDataPlane final : public DataPlane {
 
   void reduce_scatter_sum(float* data, std::span<const int64_t> counts) override {
     check_counts(counts, size());
+    count(Collective::kReduceScatter, std::accumulate(counts.begin(), counts.end(), int64_t{0}));
     if (!staged_) {
       be_.synchronize();
       return comm_.reduce_scatter_sum_v(data, counts);
@@ -87,6 +89,7 @@ class MpiDataPlane final : public DataPlane {
 
   void all_gather(float* data, std::span<const int64_t> counts) override {
     check_counts(counts, size());
+    count(Collective::kAllGather, std::accumulate(counts.begin(), counts.end(), int64_t{0}));
     if (!staged_) {
       be_.synchronize();
       return comm_.all_gather_v(data, counts);
@@ -100,6 +103,7 @@ class MpiDataPlane final : public DataPlane {
   }
 
   void all_to_all(float* out, const float* in, int64_t n) override {
+    count(Collective::kAllToAll, n * size());
     if (!staged_) {
       be_.synchronize();
       return comm_.all_to_all(out, in, n);
@@ -113,6 +117,7 @@ class MpiDataPlane final : public DataPlane {
   }
 
   void broadcast(float* data, int64_t n, int root) override {
+    count(Collective::kBroadcast, n);
     if (!staged_) {
       be_.synchronize();
       return comm_.broadcast(data, n, root);
@@ -213,6 +218,17 @@ class BackendCommunicator final : public Communicator {
 };
 
 }  // namespace
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::kAllReduce: return "all_reduce";
+    case Collective::kReduceScatter: return "reduce_scatter";
+    case Collective::kAllGather: return "all_gather";
+    case Collective::kAllToAll: return "all_to_all";
+    case Collective::kBroadcast: return "broadcast";
+  }
+  return "?";
+}
 
 std::unique_ptr<Communicator> make_backend_communicator(DataPlane& plane, Communicator& control,
                                                         Backend& be) {

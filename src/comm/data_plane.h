@@ -34,6 +34,20 @@ namespace switcht5 {
 class Backend;
 class Communicator;
 
+// The data plane's collectives, and what a plane has been asked to move: per kind, the calls
+// and the payload in floats, the buffer one rank hands the call: n for all_reduce_sum and
+// broadcast, the sum of the counts for reduce_scatter_sum and all_gather, size * n for
+// all_to_all. Every plane over more than one rank counts (a plane of one moves nothing and
+// counts nothing); `switcht5 plan` predicts these numbers per step (train/memory_plan.h) and
+// tests/mpi/test_plan_layouts.cpp holds the prediction to the counts.
+enum class Collective { kAllReduce, kReduceScatter, kAllGather, kAllToAll, kBroadcast };
+inline constexpr int kCollectiveKinds = 5;
+const char* collective_name(Collective c);  // "all_reduce", "reduce_scatter", ...
+struct PlaneTraffic {
+  int64_t calls[kCollectiveKinds] = {};
+  int64_t floats[kCollectiveKinds] = {};
+};
+
 class DataPlane {
  public:
   virtual ~DataPlane() = default;
@@ -55,6 +69,17 @@ class DataPlane {
   virtual void broadcast(float* data, int64_t n, int root) = 0;
   // Every call issued so far has completed: the backend and the host may use its buffers.
   virtual void synchronize() = 0;
+
+  const PlaneTraffic& traffic() const { return traffic_; }
+
+ protected:
+  void count(Collective c, int64_t floats) {
+    ++traffic_.calls[int(c)];
+    traffic_.floats[int(c)] += floats;
+  }
+
+ private:
+  PlaneTraffic traffic_;
 };
 
 // A data plane over the ranks of `group` (collective over it) for buffers in `be`'s memory.

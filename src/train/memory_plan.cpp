@@ -63,23 +63,57 @@ class SizeOnlyDataPlane final : public DataPlane {
   int size_;
 };
 
+// Rank 0's step state of cfg's layout on a sizing backend, with size-only stand-ins for its
+// groups (which must outlive the state: they are members).
+struct SizedStep {
+  explicit SizedStep(const RunConfig& cfg)
+      : be(cfg.train.backend == "cuda" ? DeviceArena::kAlignment : 64),
+        expert(cfg.parallel.expert), model(cfg.parallel.model), data(cfg.parallel.data),
+        replica(cfg.parallel.data / cfg.parallel.expert),
+        st(build_step_state(
+            cfg, be, TrainerUse::kTrain,
+            StepGroups{.expert = &expert, .model = &model, .data = &data, .replica = &replica,
+                       .sharding = Sharding{cfg.parallel.expert, 0, cfg.parallel.model, 0},
+                       .data_rank = 0})) {}
+  SizingBackend be;
+  SizeOnlyCommunicator expert, model;
+  SizeOnlyDataPlane data, replica;
+  StepState st;
+};
+
 }  // namespace
 
+PlannedReduction plan_reduction(const RunConfig& cfg, int data_rank) {
+  SizedStep sized(cfg);
+  const GradientReducer& r = *sized.st.reducer;
+  const ParamStore& ps = sized.st.model->params();
+  PlannedReduction out;
+  for (const GradientBucket& b : r.buckets()) out.buckets.push_back({b.end - b.begin, b.experts});
+  out.zero1 = r.zero1();
+  out.dense_floats = ps.expert_region_begin();
+  // Adafactor under tensor parallelism gathers each model-split parameter it updates, and its
+  // gradient (train/optimizer.cpp: AdafactorShape::split).
+  if (cfg.train.optimizer == "adafactor" && cfg.parallel.model > 1)
+    for (size_t i = 0; i < ps.infos().size(); ++i) {
+      const ParamInfo& p = ps.infos()[i];
+      const int owner = r.param_owner()[i];
+      if (p.model_split_dim >= 0 && (owner < 0 || owner == data_rank))
+        out.split_gathers.push_back(p.numel);
+    }
+  return out;
+}
+
 MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes) {
-  const ParallelConfig& pc = cfg.parallel;
   const bool cuda = cfg.train.backend == "cuda";
-  SizingBackend be(cuda ? DeviceArena::kAlignment : 64);
-  SizeOnlyCommunicator expert(pc.expert), model(pc.model);
-  SizeOnlyDataPlane data(pc.data), replica(pc.data / pc.expert);
-  const StepGroups groups{.expert = &expert, .model = &model, .data = &data,
-                          .replica = &replica,
-                          .sharding = Sharding{pc.expert, 0, pc.model, 0}, .data_rank = 0};
+  SizedStep sized(cfg);
+  SizingBackend& be = sized.be;
+  SizeOnlyCommunicator& model = sized.model;
+  StepState& st = sized.st;
 
   MemoryPlan p;
   p.backend = cfg.train.backend;
   p.precision = cfg.train.precision;
   p.micro_batch = micro_batch_size(cfg);
-  StepState st = build_step_state(cfg, be, TrainerUse::kTrain, groups);
   p.counted = int64_t(be.peak_requested_bytes());
   p.rounding = int64_t(be.peak_occupied_bytes()) - p.counted;
 

@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 
@@ -53,5 +54,20 @@ struct MemoryPlan {
 
 // `device_memory_bytes` (CUDA only; <= 0: 141 GB, an H200) is the device's memory.
 MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes = 0);
+
+// The gradient reduction of the ranks of data rank `data_rank` in cfg's layout, from the
+// GradientReducer and optimizer the run builds (for the communication plan, train/comm_plan.h).
+// Only split_gathers depends on the data rank (ZeRO-1: a rank updates its shard's parameters).
+struct PlannedReduction {
+  struct Bucket {
+    int64_t floats = 0;
+    bool experts = false;  // over the expert-replica group, else the data group
+  };
+  std::vector<Bucket> buckets;        // launch order; none for a group of one
+  bool zero1 = false;
+  int64_t dense_floats = 0;           // the data group's region (ZeRO-1's all_gather)
+  std::vector<int64_t> split_gathers; // Adafactor: each model-split parameter's block it gathers
+};
+PlannedReduction plan_reduction(const RunConfig& cfg, int data_rank = 0);
 
 }  // namespace switcht5

@@ -264,6 +264,17 @@ void Trainer::issue_forward_backward(int64_t step, const LossWeights& w, RandomK
   accumulate_grad_norm_squares(extra);
 }
 
+PlaneTraffic Trainer::traffic(const std::string& group) const {
+  const DataPlane* plane = group == "data"             ? data_plane_.get()
+                           : group == "expert_replica" ? replica_plane_.get()
+                           : group == "expert"         ? expert_plane_.get()
+                           : group == "model"          ? model_plane_.get()
+                                                       : nullptr;
+  SWT_CHECK(group == "data" || group == "expert_replica" || group == "expert" || group == "model",
+            "no process group \"{}\"", group);
+  return plane ? plane->traffic() : PlaneTraffic{};
+}
+
 StepMetrics Trainer::train_step(int64_t step) {
   const TrainConfig& tc = cfg_.train;
   const auto t0 = std::chrono::steady_clock::now();

@@ -121,6 +121,11 @@ class Trainer {
   // Matmul FLOPs of one optimizer step over the whole global batch (forward + backward).
   double step_flops() const { return step_flops_; }
 
+  // What each data plane has moved so far (DataPlane::traffic), by group: "data",
+  // "expert_replica" (training only), "expert", "model". `switcht5 plan` predicts it per step
+  // (train/comm_plan.h).
+  PlaneTraffic traffic(const std::string& group) const;
+
   // train.cuda_graphs: whether the step's forward and backward now replay a recording, and
   // how many steps replayed one (bench_step and tests report them).
   bool step_recorded() const { return step_recorded_; }
