@@ -4,6 +4,9 @@ bench/results-style OUTDIR/bench_gpu.md, and prints the table.
 
   bench_gpu_report.py OUTDIR --chosen BATCH|none --quick 0|1 --config PATH
 
+Exit status 1 when the memory check (memory_check: bench_step's measured backend peak against
+OUTDIR/plan_bBATCH.json, `switcht5 plan --json` of the same run) fails or cannot be made.
+
 MFU = model FLOPs per step / step time / peak. Model FLOPs per step are switcht5's own count
 (src/model/flops.cpp, Trainer::step_flops, reported by bench_step), used for HF too, so the
 systems compare by time alone:
@@ -38,6 +41,67 @@ def fmt(x, spec):
     return format(x, spec) if isinstance(x, (int, float)) else "-"
 
 
+def human(b):
+    """Bytes as GB or MB (10^9, 10^6), two decimals."""
+    if not isinstance(b, (int, float)):
+        return "-"
+    return f"{b / 1e9:.2f} GB" if abs(b) >= 1e9 else f"{b / 1e6:.2f} MB"
+
+
+def memory_check(ours, plan):
+    """bench_step's measured backend memory (ours["backend_memory"]) against `switcht5 plan
+    --json` of the same config and overrides (plan), and cudaMemGetInfo's view of the device.
+
+    Both sides count the same thing in the same units: the plan builds the run's step state on a
+    sizing backend and rounds every request to the target backend's block (256 bytes in the CUDA
+    arena, 64 on the CPU), and the backend counts its live blocks rounded the same way
+    (Backend::MemoryCounts). So:
+      held_peak (the most held outside transient op scratch) == plan total_bytes, and
+      plan <= peak <= plan + transient_peak,
+    where transient_peak is the CUDA backend's scratch for mixed-precision GEMMs and overlapping
+    copies, allocated and freed inside one op: the plan leaves it out by design
+    (train/memory_plan.h) and the backend measures it, so it is the one allowance above the plan
+    (0 on the CPU, whose GEMM copies are host vectors). Tolerance on top of that: one block per
+    live block (live_blocks x block_bytes, about 1 MB for switch-base-8 on cuda), because the plan
+    is exact up to allocation alignment and no further: a rounding rule that drifted between the
+    backend and the plan moves each block by less than one block, while a tensor the plan misses
+    or invents is a real difference and fails the check."""
+    if not ours:
+        return None
+    m = ours.get("backend_memory")
+    if not isinstance(m, dict):
+        return {"pass": False, "error": f"bench_step reports no backend memory count for "
+                                        f"backend {ours.get('backend')}"}
+    if not plan or "total_bytes" not in plan:
+        return {"pass": False, "error": "no plan (switcht5 plan --json failed: see plan_b*.log)"}
+    total, peak, held = plan["total_bytes"], m["peak_bytes"], m["held_peak_bytes"]
+    transient = m["transient_peak_bytes"]
+    tol = m["live_blocks"] * m["block_bytes"]
+    held_ok = abs(held - total) <= tol
+    peak_ok = total - tol <= peak <= total + transient + tol
+    r = {"plan_total_bytes": total, "plan_counted_bytes": plan.get("counted_bytes"),
+         "plan_kept_activations_bytes": plan.get("kept_activations_bytes"),
+         "plan_activation_workspace_bytes": plan.get("activation_workspace_bytes"),
+         "peak_bytes": peak, "held_peak_bytes": held, "transient_peak_bytes": transient,
+         "peak_minus_plan_bytes": peak - total, "peak_minus_plan": (peak - total) / total,
+         "held_minus_plan_bytes": held - total, "tolerance_bytes": tol,
+         "live_blocks": m["live_blocks"], "block_bytes": m["block_bytes"],
+         "measured_by": ("the CUDA arena's high-water mark" if ours.get("backend") == "cuda"
+                         else f"the {ours.get('backend')} backend's count of its live blocks"),
+         "pass": held_ok and peak_ok}
+    r["summary"] = (f"plan {human(total)} vs peak {human(peak)} ({r['peak_minus_plan']:+.2%}; "
+                    f"transient scratch {human(transient)}, held - plan {held - total:+d} B, "
+                    f"tolerance {tol} B)")
+    d = ours.get("device_memory")
+    if isinstance(d, dict):
+        r["device"] = dict(d, outside_arena_bytes=d["used_bytes"] - d["arena_bytes"],
+                           arena_unused_at_peak_bytes=d["arena_bytes"] - peak,
+                           plan_arena_limit_bytes=plan.get("arena_limit_bytes"))
+        r["summary"] += (f"; device used {human(d['used_bytes'])} of {human(d['total_bytes'])} "
+                         f"(arena {human(d['arena_bytes'])})")
+    return r
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -47,6 +111,8 @@ def main():
     a = p.parse_args()
     out = a.out
     ours = read(out, f"bench_step_b{a.chosen}.json") if a.chosen != "none" else {}
+    plan = read(out, f"plan_b{a.chosen}.json") if a.chosen != "none" else {}
+    memory = memory_check(ours, plan)
     gemm = read(out, "gemm_peak.json")
     hf = {m: read(out, f"hf_{m}.json") for m in ("eager", "compile")}
     ver = read(out, "cuda_versions.json")
@@ -93,7 +159,7 @@ def main():
         "step_flops": flops, "flops_formula": FORMULA,
         "peak_measured_tflops": peak_measured, "peak_measured_how": gemm.get("what"),
         "peak_datasheet_tflops": DATASHEET_TFLOPS,
-        "switcht5": ours, "hf": hf, "gemm": gemm, "rows": rows,
+        "switcht5": ours, "hf": hf, "gemm": gemm, "rows": rows, "memory": memory, "plan": plan,
     }
     with open(os.path.join(out, "bench_gpu.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -132,12 +198,58 @@ backward + Adafactor step timed with CUDA events, median of {hf['eager'].get('st
   Switch layer); switcht5 derives it per stack from capacity factor 1.25.
 - Host synchronisations per switcht5 step: {ours.get('host_syncs_per_step', '-')}.
 """
+    md += memory_markdown(memory, ours)
     with open(os.path.join(out, "bench_gpu.md"), "w") as f:
         f.write(md)
     print(table)
     print(f"step FLOPs {fmt(flops, '.4g')}; measured bf16 peak {fmt(peak_measured, '.0f')} TFLOP/s; "
           f"report: {os.path.join(out, 'bench_gpu.md')}")
+    if memory is not None:
+        verdict = "PASS" if memory["pass"] else "FAIL"
+        print(f"memory vs plan: {verdict}: {memory.get('summary', memory.get('error'))}")
+        if not memory["pass"]:
+            return 1
+    return 0
+
+
+def memory_markdown(memory, ours):
+    if memory is None:
+        return ""
+    if "error" in memory:
+        return f"\n## Memory: planned vs measured\n\nFAIL: {memory['error']}\n"
+    rows = [
+        ("plan total (`switcht5 plan --json`, same config and overrides)", memory["plan_total_bytes"]),
+        ("  of which activations kept for backward", memory["plan_kept_activations_bytes"]),
+        ("  of which activation workspace", memory["plan_activation_workspace_bytes"]),
+        (f"measured peak ({memory['measured_by']})", memory["peak_bytes"]),
+        ("  held outside transient op scratch", memory["held_peak_bytes"]),
+        ("  transient op scratch at most (not in the plan by design)", memory["transient_peak_bytes"]),
+    ]
+    d = memory.get("device")
+    if d:
+        rows += [
+            ("device: used after the steps (cudaMemGetInfo)", d["used_bytes"]),
+            ("  the arena's reservation", d["arena_bytes"]),
+            ("  outside the arena (context, modules, cuBLASLt handle, other processes)",
+             d["outside_arena_bytes"]),
+            ("  arena left unused at the peak", d["arena_unused_at_peak_bytes"]),
+            ("device: total", d["total_bytes"]),
+        ]
+    table = "\n".join(f"| {k} | {v} | {human(v)} |" for k, v in rows)
+    verdict = "PASS" if memory["pass"] else "FAIL"
+    return f"""
+## Memory: planned vs measured ({ours.get('backend')}, {ours.get('precision')}, batch {ours.get('batch')})
+
+{verdict}: peak - plan = {memory['peak_minus_plan_bytes']:+d} bytes ({memory['peak_minus_plan']:+.3%}); held - plan =
+{memory['held_minus_plan_bytes']:+d} bytes. The check: held == plan and plan <= peak <= plan + transient scratch,
+each within {memory['tolerance_bytes']} bytes ({memory['live_blocks']} live blocks x {memory['block_bytes']} bytes: the plan is exact up to
+allocation alignment; bench/bench_gpu_report.py memory_check says why).
+
+| what | bytes | |
+| --- | --- | --- |
+{table}
+"""
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,7 +7,10 @@
 // --json writes the numbers as one JSON object too (scripts/bench_gpu.sh reads it). On a GPU
 // backend (train.backend=cuda) the GEMM peak is measured on random operands of the step's own
 // precision (bf16 with train.precision=bf16: the MFU denominator), the square case at 8192^3 to
-// fill the chip, and the device memory peak is reported.
+// fill the chip, and the device memory peak is reported. Every backend that counts its memory
+// (cpu, cuda: Backend::memory_counts) reports its peak, split into what `switcht5 plan` counts
+// and transient op scratch; scripts/bench_gpu.sh holds it to the plan. On cuda, also what
+// cudaMemGetInfo says of the whole device after the steps.
 // Under MPI (parallel.data/expert set to match) it also reports the bytes each rank sends in the
 // expert all-to-all exchanges per step, against the analytical count
 //   routed tokens x d_model x 4 bytes x 2 (dispatch + combine) x 2 (forward + backward)
@@ -88,14 +91,50 @@ double gemm_peak(Backend& be, int M, int N, int K, DType type) {
   return 2.0 * M * N * K / best * 1e-9;
 }
 
-// Peak bytes of backend memory, or -1 where the backend does not count them (host backends:
-// see peak RSS).
+// Peak bytes of device memory (the CUDA arena's high-water mark), or -1 on a host backend (see
+// peak RSS, and the backend's own count in backend_memory_json).
 double device_peak_bytes(const Backend& be) {
 #if SWITCHT5_HAVE_CUDA
   if (const auto* cuda = dynamic_cast<const CudaBackend*>(&be)) return double(cuda->peak_bytes());
 #endif
   (void)be;
   return -1.0;
+}
+
+// The backend's memory counts (Backend::MemoryCounts: what `switcht5 plan` predicts, in the same
+// blocks) as a JSON object, or null where the backend does not count.
+std::string backend_memory_json(const Backend::MemoryCounts& m) {
+  if (!m.counted) return "null";
+  return fmt::format("{{\"block_bytes\": {}, \"in_use_bytes\": {}, \"live_blocks\": {}, "
+                     "\"peak_bytes\": {}, \"held_peak_bytes\": {}, \"transient_peak_bytes\": {}}}",
+                     m.block_bytes, m.in_use, m.live_blocks, m.peak, m.held_peak,
+                     m.transient_peak);
+}
+
+// The whole device as cudaMemGetInfo sees it after the steps (the CUDA context, cuBLASLt's
+// handle, the arena's reservation and any other process), as a JSON object and a line of text;
+// "null" and "" on a host backend.
+struct DeviceMemoryReport {
+  std::string json = "null", line;
+};
+DeviceMemoryReport device_memory_report(const Backend& be) {
+  DeviceMemoryReport r;
+#if SWITCHT5_HAVE_CUDA
+  if (const auto* cuda = dynamic_cast<const CudaBackend*>(&be)) {
+    const CudaBackend::DeviceMemory m = cuda->device_memory();
+    const size_t used = m.total - m.free, arena = cuda->arena_bytes();
+    r.json = fmt::format("{{\"total_bytes\": {}, \"free_bytes\": {}, \"used_bytes\": {}, "
+                         "\"arena_bytes\": {}}}",
+                         m.total, m.free, used, arena);
+    r.line = fmt::format("device (cudaMemGetInfo): {:.1f} MB used of {:.1f} MB: the arena's "
+                         "reservation {:.1f} MB + {:.1f} MB outside it (CUDA context, modules, "
+                         "cuBLASLt handle, other processes)",
+                         used * 1e-6, m.total * 1e-6, arena * 1e-6,
+                         (double(used) - double(arena)) * 1e-6);
+  }
+#endif
+  (void)be;
+  return r;
 }
 
 int run(int argc, char** argv) {
@@ -143,7 +182,11 @@ int run(int argc, char** argv) {
   const double achieved = trainer.step_flops() / (median * 1e-3) * 1e-9;
   const int D = cfg.model.d_model, F = cfg.model.d_ff;
   const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
-  const double device_peak = device_peak_bytes(trainer.backend());  // before the GEMM buffers
+  // Memory after the steps, before gemm_peak's buffers: what the plan of this config counts.
+  const double device_peak = device_peak_bytes(trainer.backend());
+  const Backend::MemoryCounts mem = trainer.backend().memory_counts();
+  const std::string mem_json = backend_memory_json(mem);
+  const DeviceMemoryReport device = device_memory_report(trainer.backend());
   const DType gemm_type = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
   const int square = trainer.backend().host_accessible() ? 2048 : 8192;
   const double peak = gemm_peak(trainer.backend(), rows, F, D, gemm_type);
@@ -165,7 +208,13 @@ int run(int argc, char** argv) {
              opt_floats * 4e-6, double(trainer.model().activation_bytes()) * 1e-6,
              double(trainer.model().kept_activation_bytes()) * 1e-6,
              dtype_name(trainer.model().params().compute_dtype()));
-  if (device_peak >= 0) fmt::print("device memory: peak {:.1f} MB\n", device_peak * 1e-6);
+  if (mem.counted)
+    fmt::print("backend memory: peak {:.1f} MB = held {:.1f} MB (what `switcht5 plan` counts) + "
+               "up to {:.1f} MB transient op scratch; {} live blocks of {}-byte granules\n",
+               mem.peak * 1e-6, mem.held_peak * 1e-6, mem.transient_peak * 1e-6, mem.live_blocks,
+               mem.block_bytes);
+  if (device_peak >= 0) fmt::print("device memory: arena peak {:.1f} MB\n", device_peak * 1e-6);
+  if (!device.line.empty()) fmt::print("{}\n", device.line);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
   // Backend calls that hand data to the host (copy_to_host, sum, sum_squares, count_nonfinite):
@@ -199,13 +248,14 @@ int run(int argc, char** argv) {
                "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
                "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
-               "\"heap_allocs_per_step\": {:.2f}}}\n",
+               "\"heap_allocs_per_step\": {:.2f}, \"backend_memory\": {}, "
+               "\"device_memory\": {}}}\n",
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), tokens / (median * 1e-3), trainer.step_flops(),
                achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
-               syncs, double(allocs) / steps);
+               syncs, double(allocs) / steps, mem_json, device.json);
     std::fclose(f);
   }
   return 0;

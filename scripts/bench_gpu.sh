@@ -17,13 +17,17 @@
 #      (bench/hf_baseline_gpu.py gemm);
 #   3. HF eager and HF torch.compile at the batch of step 1 (bench/hf_baseline_gpu.py hf);
 #   4. bench/bench_gpu_report.py: OUTDIR/bench_gpu.json and OUTDIR/bench_gpu.md (bench/results
-#      style, with GPU, driver, CUDA, cuBLAS, torch and transformers versions).
+#      style, with GPU, driver, CUDA, cuBLAS, torch and transformers versions), including the
+#      memory check: bench_step's measured backend peak (the CUDA arena's high-water mark) against
+#      `switcht5 plan --json` of the same config and overrides (OUTDIR/plan_bBATCH.json), and
+#      what cudaMemGetInfo says of the whole device (bench_gpu_report.py states the tolerance).
 # Every step has its own time limit and log (OUTDIR/*.log); a failed HF step is reported, not fatal.
 # --quick (scripts/gpu_check.sh): batch 16 only, 2 + 3 steps, limits that sum to 185 s.
 # Environment: BUILD (build-cuda), BATCHES ("64 32 16 8"), BENCH_CONFIG, BENCH_BACKEND (cuda),
 # BENCH_PRECISION (bf16), PYTHON (python3). BENCH_BACKEND=cpu with a small BENCH_CONFIG runs
 # the same mechanics on a machine without a GPU (the torch steps then report why they skipped).
-# Exit status: 0 when bench_step measured a step, 1 when it did not, 3 when there is no GPU.
+# Exit status: 0 when bench_step measured a step and its memory peak is the plan's, 1 when it
+# measured none or the memory check failed (or could not be made), 3 when there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 [[ $# -ge 1 && "$1" != --* ]] || { echo "usage: scripts/bench_gpu.sh OUTDIR [--quick]"; exit 2; }
@@ -66,12 +70,21 @@ chosen=""
 for b in $BATCHES; do
   log=$OUT/bench_step_b$b.log
   echo "bench_gpu: bench_step $CONFIG backend $BACKEND $PRECISION batch $b (limit ${T_STEP}s)"
+  sets=(--set train.backend="$BACKEND" --set train.precision="$PRECISION" --set train.batch_size="$b")
   timeout -k 10 "$T_STEP" "$BUILD/bench_step" "$CONFIG" --warmup "$WARMUP" --steps "$STEPS" \
-    --json "$OUT/bench_step_b$b.json" --set train.backend="$BACKEND" \
-    --set train.precision="$PRECISION" --set train.batch_size="$b" > "$log" 2>&1
+    --json "$OUT/bench_step_b$b.json" "${sets[@]}" > "$log" 2>&1
   rc=$?
   tail -n 12 "$log"
-  if [[ $rc == 0 && -s $OUT/bench_step_b$b.json ]]; then chosen=$b; break; fi
+  if [[ $rc == 0 && -s $OUT/bench_step_b$b.json ]]; then
+    chosen=$b
+    # The memory plan of exactly what bench_step ran (same config and --set overrides), which
+    # the report holds the measured peak to (0.3 s for switch-base-8: it allocates nothing).
+    echo "bench_gpu: switcht5 plan --json, the same config and overrides"
+    timeout -k 2 10 "$BUILD/switcht5" plan --json --config "$CONFIG" "${sets[@]}" \
+      > "$OUT/plan_b$b.json" 2> "$OUT/plan_b$b.log" \
+      || echo "bench_gpu: switcht5 plan failed (exit $?), see plan_b$b.log"
+    break
+  fi
   if grep -qiE 'out of (device )?memory|MemoryAllocation|memory fraction|arena' "$log"; then
     echo "bench_gpu: batch $b does not fit (out of memory); trying the next"
     continue
@@ -109,4 +122,5 @@ fi
 
 # 4. Report.
 $PY bench/bench_gpu_report.py "$OUT" --quick "$QUICK" --chosen "${chosen:-none}" --config "$CONFIG"
-[[ -n $chosen ]] && exit 0 || exit 1
+report_rc=$?
+[[ -n $chosen && $report_rc == 0 ]] && exit 0 || exit 1

@@ -23,7 +23,13 @@
 #                     (SWITCHT5_CUDA_MEMORY_FRACTION=0.4), 10 steps: losses within 1e-4 of the
 #                     one-process cuda run's first 10, same routing (parallelism does not change
 #                     the math)
-#   bench      (195)  scripts/bench_gpu.sh OUTDIR/bench --quick (switch-base-8 bf16 vs HF)
+#   bench      (195)  scripts/bench_gpu.sh OUTDIR/bench --quick (switch-base-8 bf16 vs HF), with
+#                     the memory check: the arena's measured peak against `switcht5 plan --json`
+#                     of the same run ("plan X GB vs peak Y GB (+z%)"); it fails when the bytes
+#                     held differ from the plan by more than allocation alignment (one 256-byte
+#                     block per live block), or the peak exceeds the plan by more than the
+#                     measured transient GEMM scratch the plan leaves out (bench_gpu_report.py
+#                     memory_check)
 # Each phase's log is OUTDIR/<phase>.log; OUTDIR/summary.json holds each result, seconds and key
 # number; the last thing printed is the summary table. A failing phase does not stop the others.
 # Exit status: 0 every phase passed (or skipped for a missing tool), 1 some phase failed or
@@ -33,6 +39,9 @@
 #        cp /tmp/gc/summary.json /tmp/gc/bench/bench_gpu.md $OUT/; exit $rc
 # --cpu-dry-run (for this CPU machine): run the phases' mechanics with the cpu backend in place
 # of cuda and tiny-synthetic in place of switch-base-8. It proves the script, nothing about a GPU.
+# The memory check then holds the CPU backend's own count of its live 64-byte blocks to the plan
+# (exact as on cuda, with no transient scratch): the same comparison and tolerance rule, not peak
+# RSS, which is mostly the process (libraries, loader, host copies) and says nothing of the plan.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 [[ $# -ge 1 && "$1" != --* ]] || { echo "usage: scripts/gpu_check.sh OUTDIR [--cpu-dry-run]"; exit 2; }
@@ -239,9 +248,18 @@ rows = {x["system"]: x for x in r.get("rows", [])}
 ours = next((x for k, x in rows.items() if k.startswith("switcht5")), None)
 hf = rows.get("HF eager bf16", {})
 f = lambda x, s: format(x, s) if isinstance(x, (int, float)) else "-"
+gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.2f} MB"
+m = r.get("memory") or {}
+if "error" in m:
+    mem = f"memory vs plan: FAIL: {m['error']}"
+elif m:
+    mem = (f"plan {gb(m['plan_total_bytes'])} vs peak {gb(m['peak_bytes'])} "
+           f"({m['peak_minus_plan']:+.2%}){'' if m['pass'] else ': MEMORY CHECK FAIL'}")
+else:
+    mem = "no memory check"
 if ours:
     print(f"b{ours['batch']}: {f(ours['ms'], '.1f')} ms/step, MFU {f(ours.get('mfu_measured'), '.1%')} "
-          f"(989: {f(ours.get('mfu_datasheet'), '.1%')}); HF eager {f(hf.get('ms'), '.1f')} ms")
+          f"(989: {f(ours.get('mfu_datasheet'), '.1%')}); HF eager {f(hf.get('ms'), '.1f')} ms; {mem}")
 else:
     print("bench_step measured nothing")
 EOF

@@ -6,7 +6,9 @@
 //      the first 20 steps (expect_same_trajectory says why), and two CUDA runs are bitwise equal;
 //  (c) a checkpoint saved on CUDA resumes on the CPU and one saved on the CPU resumes on CUDA,
 //      continuing the run they came from (1e-4 relative, same routing, for 10 steps), and CUDA's
-//      own resume is bitwise.
+//      own resume is bitwise;
+//  (d) the arena holds exactly what `switcht5 plan` counts (bench_gpu.sh checks the same at
+//      switch-base-8 scale), its peak exceeding that only by the transient GEMM scratch.
 // Compiled in every build. Without the CUDA backend (built without -DSWITCHT5_CUDA=ON) or
 // without a usable GPU every test skips, printing why.
 //
@@ -35,7 +37,10 @@
 #include "model/model.h"
 #include "model_test_util.h"
 #include "test_util.h"
+#include "comm/process_grid.h"
+#include "train/memory_plan.h"
 #include "train/train_loop.h"
+#include "train/trainer.h"
 
 namespace switcht5 {
 namespace {
@@ -345,6 +350,38 @@ TEST(CudaTraining, CheckpointsResumeAcrossBackends) {
     ASSERT_EQ(y.step, x.step);
     EXPECT_EQ(x.loss, y.loss) << "CUDA resume, step " << x.step;
     EXPECT_EQ(x.grad_norm, y.grad_norm) << "CUDA resume, step " << x.step;
+  }
+}
+
+// ---- (d) memory against the plan ----------------------------------------------------------------
+
+// The arena's blocks outside transient scratch (CudaBackend::memory_counts' held bytes) are the
+// plan's total, rounding and the backend's workspaces included, after construction and through
+// training and an evaluation; the peak lies between it and it plus the transient scratch, which
+// bf16 needs (its backward GEMMs take fp32 dy with bf16 weights: the weights are widened).
+TEST(CudaTraining, ArenaHoldsThePlannedBytes) {
+  SKIP_WITHOUT_CUDA();
+  for (const char* precision : {"fp32", "bf16"}) {
+    SCOPED_TRACE(precision);
+    const RunConfig cfg = tiny("cuda", {std::string("train.precision=") + precision,
+                                        "train.eval_batches=1"});
+    const MemoryPlan plan = plan_memory(cfg);
+    ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+    Trainer trainer(cfg, grid);
+    Backend::MemoryCounts m = trainer.backend().memory_counts();
+    ASSERT_TRUE(m.counted);
+    EXPECT_EQ(m.block_bytes, 256);
+    EXPECT_EQ(m.in_use, plan.total) << "after construction";
+    for (int64_t step = 1; step <= 2; ++step) EXPECT_FALSE(trainer.train_step(step).skipped);
+    if (trainer.has_validation()) trainer.evaluate();
+    m = trainer.backend().memory_counts();
+    EXPECT_EQ(m.in_use, plan.total) << "after training";
+    EXPECT_EQ(m.held_peak, plan.total);
+    EXPECT_GE(m.peak, plan.total);
+    EXPECT_LE(m.peak, plan.total + m.transient_peak);
+    if (std::string(precision) == "bf16") {
+      EXPECT_GT(m.transient_peak, 0);
+    }
   }
 }
 

@@ -76,6 +76,31 @@ TEST_P(PlanMatchesTraining, CountedBytesAreWhatATrainerAllocates) {
   EXPECT_EQ(int64_t(be.peak_requested_bytes()), plan.counted);
 }
 
+// bench_step's memory check on the cpu backend (scripts/bench_gpu.sh, gpu_check.sh
+// --cpu-dry-run): the backend's own count of its live 64-byte blocks (Backend::memory_counts) is
+// the plan's total, rounding included, after construction and as the peak of training and an
+// evaluation; the CPU backend has no transient blocks. (On cuda, test_cuda_model holds the arena
+// to the plan the same way.)
+TEST_P(PlanMatchesTraining, CpuBackendCountsThePlanTotal) {
+  const PlanCase& c = GetParam();
+  const RunConfig cfg = load_config(kConfigs + c.config, c.sets);
+  ASSERT_EQ(cfg.train.backend, "cpu");
+  const MemoryPlan plan = plan_memory(cfg);
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+  Trainer trainer(cfg, grid);
+  Backend::MemoryCounts m = trainer.backend().memory_counts();
+  ASSERT_TRUE(m.counted);
+  EXPECT_EQ(m.block_bytes, 64);
+  EXPECT_EQ(m.in_use, plan.total) << "after construction";
+  for (int64_t step = 1; step <= 2; ++step) EXPECT_FALSE(trainer.train_step(step).skipped);
+  trainer.evaluate();
+  m = trainer.backend().memory_counts();
+  EXPECT_EQ(m.in_use, plan.total) << "after training and evaluation";
+  EXPECT_EQ(m.peak, plan.total);
+  EXPECT_EQ(m.held_peak, plan.total);
+  EXPECT_EQ(m.transient_peak, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Configs, PlanMatchesTraining, ::testing::ValuesIn(plan_cases()),
                          [](const auto& info) { return std::string(info.param.name); });
 

@@ -65,6 +65,23 @@ class Backend {
   virtual void end_recording();
   virtual void replay();
 
+  // The backend memory this backend holds, as it holds it: every live block rounded up to the
+  // backend's block_bytes (64 on the CPU, 256 in the CUDA arena), which is how `switcht5 plan`
+  // counts (train/memory_plan.h), so bench_step can hold a run's peak to its plan. Transient
+  // blocks are those a backend takes and frees inside one op (the CUDA backend's GEMM widening
+  // scratch, cuda_backend.h), which the plan does not count:
+  //   peak <= held_peak + transient_peak,   held_peak <= peak.
+  struct MemoryCounts {
+    bool counted = false;        // false: this backend does not count (reference); all 0
+    int64_t block_bytes = 0;
+    int64_t in_use = 0;          // bytes of live blocks now
+    int64_t live_blocks = 0;
+    int64_t peak = 0;            // the most bytes ever live (CUDA: the arena's high-water mark)
+    int64_t held_peak = 0;       // the most ever live outside transient blocks
+    int64_t transient_peak = 0;  // the most transient bytes ever live at once
+  };
+  virtual MemoryCounts memory_counts() const { return {}; }
+
   // ---- GEMM ---------------------------------------------------------------------------------
   // For each b in [0, batch):
   //   C_b[M,N] = alpha * op(A_b) * op(B_b) + beta * C_b,   op(X) = X or X^T

@@ -71,10 +71,27 @@ void* CpuBackend::alloc_bytes(size_t bytes) {
   void* ptr = std::aligned_alloc(64, rounded);
   SWT_CHECK(ptr != nullptr, "out of host memory allocating {} bytes", bytes);
   std::memset(ptr, 0, rounded);
+  live_.emplace(ptr, rounded);
+  in_use_ += rounded;
+  peak_ = std::max(peak_, in_use_);
   return ptr;
 }
 
-void CpuBackend::free_bytes(void* ptr) { std::free(ptr); }
+void CpuBackend::free_bytes(void* ptr) {
+  if (!ptr) return;
+  const auto it = live_.find(ptr);
+  SWT_CHECK(it != live_.end(), "CpuBackend::free_bytes({}): not a live block of this backend "
+            "(freed twice, or memory of another backend)", ptr);
+  in_use_ -= it->second;
+  live_.erase(it);
+  std::free(ptr);
+}
+
+Backend::MemoryCounts CpuBackend::memory_counts() const {
+  return {.counted = true, .block_bytes = 64, .in_use = int64_t(in_use_),
+          .live_blocks = int64_t(live_.size()), .peak = int64_t(peak_),
+          .held_peak = int64_t(peak_), .transient_peak = 0};
+}
 
 void CpuBackend::copy_to_host(void* dst, const void* src, size_t bytes) {
   count_host_sync();

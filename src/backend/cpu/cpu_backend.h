@@ -5,6 +5,7 @@
 // depend on the thread count (reductions sum fixed-size blocks, then the blocks in order).
 // Tested against ReferenceBackend in tests/test_backend_ops.cpp.
 #pragma once
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -23,6 +24,9 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill(float* x, float value, int64_t n) override;
   void zero_bytes(void* x, size_t bytes) override;
+  // Counted in 64-byte blocks, the multiple aligned_alloc is given (no transient blocks: the
+  // GEMM's fp32 copies are host vectors, wide_a_ below).
+  MemoryCounts memory_counts() const override;
 
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C,
@@ -120,6 +124,9 @@ class CpuBackend final : public Backend {
   }
   std::vector<double> scratch_;
   std::vector<float> wide_a_, wide_b_, wide_c_;  // gemm_ex's fp32 copies of bf16 operands
+  // alloc_bytes' live blocks (address -> rounded bytes) and their sum, for memory_counts().
+  std::unordered_map<void*, size_t> live_;
+  size_t in_use_ = 0, peak_ = 0;
 };
 
 }  // namespace switcht5

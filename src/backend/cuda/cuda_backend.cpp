@@ -58,8 +58,13 @@ double gib(size_t bytes) { return double(bytes) / double(size_t(1) << 30); }
 
 class CudaBackend::Scratch {
  public:
-  Scratch(CudaBackend& be, size_t bytes) : be_(be), ptr_(be.arena_alloc(bytes)) {}
-  ~Scratch() { be_.free_bytes(ptr_); }  // kept for a graph recorded meanwhile (free_bytes)
+  Scratch(CudaBackend& be, size_t bytes)
+      : be_(be), ptr_(be.arena_alloc(bytes, /*transient=*/true)),
+        rounded_(DeviceArena::rounded(bytes)) {}
+  ~Scratch() {
+    be_.transient_in_use_ -= rounded_;
+    be_.free_bytes(ptr_);  // kept for a graph recorded meanwhile (free_bytes)
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   template <class T>
@@ -68,6 +73,7 @@ class CudaBackend::Scratch {
  private:
   CudaBackend& be_;
   void* ptr_;
+  size_t rounded_;  // what the arena holds for it
 };
 
 // ---- construction -------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ void CudaBackend::reserve_arena() {
                gib(free_bytes), std::lround(gib(total_bytes)));
 }
 
-void* CudaBackend::arena_alloc(size_t bytes) {
+void* CudaBackend::arena_alloc(size_t bytes, bool transient) {
   if (!pool_) reserve_arena();
   void* p = arena_.allocate(bytes);
   if (!p)
@@ -180,7 +186,27 @@ void* CudaBackend::arena_alloc(size_t bytes) {
         device_, bytes, arena_.bytes_in_use(), arena_.capacity(), arena_.largest_free_block(),
         arena_.peak_bytes(), kCudaMemoryFractionEnv, memory_fraction_));
   if (recording_) graph_blocks_.insert(p);
+  if (transient) {
+    transient_in_use_ += DeviceArena::rounded(bytes);
+    transient_peak_ = std::max(transient_peak_, transient_in_use_);
+  } else {
+    held_peak_ = std::max(held_peak_, arena_.bytes_in_use() - transient_in_use_);
+  }
   return p;
+}
+
+Backend::MemoryCounts CudaBackend::memory_counts() const {
+  return {.counted = true, .block_bytes = int64_t(DeviceArena::kAlignment),
+          .in_use = int64_t(arena_.bytes_in_use()), .live_blocks = int64_t(arena_.live_blocks()),
+          .peak = int64_t(arena_.peak_bytes()), .held_peak = int64_t(held_peak_),
+          .transient_peak = int64_t(transient_peak_)};
+}
+
+CudaBackend::DeviceMemory CudaBackend::device_memory() const {
+  DeviceMemory m;
+  SWT_CUDA_CHECK(cudaSetDevice(device_));
+  SWT_CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+  return m;
 }
 
 void* CudaBackend::alloc_bytes(size_t bytes) {

@@ -68,6 +68,16 @@ class CudaBackend final : public Backend {
   size_t arena_bytes() const { return arena_.capacity(); }
   size_t bytes_in_use() const { return arena_.bytes_in_use(); }
   size_t peak_bytes() const { return arena_.peak_bytes(); }
+  // The arena's counts (Backend::MemoryCounts); transient blocks are the GEMM and copy scratch
+  // (Scratch below), so held_peak is what `switcht5 plan` counts and peak exceeds it by at most
+  // transient_peak.
+  MemoryCounts memory_counts() const override;
+  // What cudaMemGetInfo says of this backend's device now (every process's use, the CUDA
+  // context, cuBLASLt's handle and this arena included): bench_step reports it.
+  struct DeviceMemory {
+    size_t total = 0, free = 0;
+  };
+  DeviceMemory device_memory() const;
 
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* ptr) override;
@@ -184,7 +194,8 @@ class CudaBackend final : public Backend {
   void check_not_recording(const char* what) const;
   void discard_recording() noexcept;
   void reserve_arena();
-  void* arena_alloc(size_t bytes);
+  // `transient`: a Scratch block (counted apart from the blocks the backend's callers hold).
+  void* arena_alloc(size_t bytes, bool transient = false);
   template <class T>
   T fetch_result();  // the launcher's result in result_device_, waited for and counted
   // C = beta * C over C's M x N blocks (gemm_ex with K == 0).
@@ -200,6 +211,9 @@ class CudaBackend final : public Backend {
   double memory_fraction_ = kDefaultMemoryFraction;
   void* pool_ = nullptr;   // the arena's one cudaMalloc
   DeviceArena arena_;
+  // Of the arena's bytes in use: Scratch blocks now, their most at once, and the most ever in
+  // use outside them (memory_counts()).
+  size_t transient_in_use_ = 0, transient_peak_ = 0, held_peak_ = 0;
   cuda::Ctx ctx_;          // stream, kWorkspaceBytes of workspace, SM count
   void* blas_workspace_ = nullptr;
   void* result_device_ = nullptr;  // sum / sum_squares / count_nonfinite write here
