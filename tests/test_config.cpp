@@ -63,6 +63,7 @@ TEST(Config, EmptyTextGivesDefaults) {
   EXPECT_EQ(c.train.schedule, "rsqrt");
   EXPECT_EQ(c.train.backend, "cpu");
   EXPECT_EQ(c.parallel.expert, 1);
+  EXPECT_EQ(c.parallel.data_plane, "mpi");
   EXPECT_EQ(c.checkpoint.every, 0);
   EXPECT_EQ(c.log.level, "info");
 }
@@ -494,6 +495,22 @@ TEST(ConfigErrors, ParallelDegrees) {
   EXPECT_TRUE(has_parts(
       error_of("model: {num_experts: 0, encoder_sparse_step: 0, decoder_sparse_step: 0}\nparallel:\n  expert: 2\n"),
       {"x.yaml:3: ", "parallel.expert: got 2, expected 1"}));
+}
+
+// parallel.data_plane: one of mpi, nccl; nccl only over CUDA memory (where the build has NCCL
+// is make_data_plane's check: test_nccl_data_plane.cpp).
+TEST(ConfigErrors, DataPlane) {
+  EXPECT_EQ(parse_config("train: {backend: cuda}\nparallel: {data_plane: nccl}\n", "x.yaml", {})
+                .parallel.data_plane,
+            "nccl");
+  EXPECT_TRUE(has_parts(error_of("parallel:\n  data_plane: gloo\n"),
+                        {"x.yaml:2: ", "parallel.data_plane: got \"gloo\", expected one of: mpi, nccl"}));
+  EXPECT_TRUE(has_parts(error_of("train:\n  backend: cpu\nparallel:\n  data_plane: nccl\n"),
+                        {"x.yaml:4: ", "parallel.data_plane: got \"nccl\", expected mpi with "
+                         "train.backend = cpu", "set train.backend: cuda"}));
+  EXPECT_TRUE(has_parts(error_of("train:\n  backend: cuda\nparallel:\n  data_plane: nccl\n",
+                                 {"train.backend=reference"}),
+                        {"--set train.backend=reference: ", "parallel.data_plane: got \"nccl\""}));
 }
 
 TEST(ConfigErrors, TokenIds) {

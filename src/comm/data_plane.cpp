@@ -4,6 +4,7 @@
 //                   MPI as it is; other memory (a device) is staged through host buffers with
 //                   Backend::copy_to_host / copy_to_device around the same collective, so both
 //                   give bitwise the same results. Every call completes before it returns.
+// make_data_plane also hands out NcclDataPlane (comm/nccl/nccl_data_plane.h) in builds with NCCL.
 #include "comm/data_plane.h"
 
 #include <algorithm>
@@ -14,6 +15,9 @@
 #include "comm/communicator.h"
 #include "comm/mpi_communicator.h"
 #include "core/check.h"
+#if defined(SWITCHT5_HAVE_NCCL)
+#include "comm/nccl/nccl_data_plane.h"
+#endif
 
 namespace switcht5 {
 namespace {
@@ -235,7 +239,30 @@ std::unique_ptr<Communicator> make_backend_communicator(DataPlane& plane, Commun
   return std::make_unique<BackendCommunicator>(plane, control, be);
 }
 
-std::unique_ptr<DataPlane> make_data_plane(const Communicator& group, Backend& be) {
+DataPlaneKind data_plane_kind(const std::string& name) {
+  if (name == "mpi") return DataPlaneKind::kMpi;
+  if (name == "nccl") return DataPlaneKind::kNccl;
+  throw Error(fmt::format("parallel.data_plane: got \"{}\", expected mpi or nccl", name));
+}
+
+std::unique_ptr<DataPlane> make_data_plane(const Communicator& group, Backend& be,
+                                           DataPlaneKind kind) {
+  if (kind == DataPlaneKind::kNccl) {
+#if defined(SWITCHT5_HAVE_NCCL)
+    auto* cuda = dynamic_cast<CudaBackend*>(&be);
+    SWT_USER_CHECK(cuda != nullptr,
+                   "parallel.data_plane: nccl moves CUDA device memory and needs train.backend: "
+                   "cuda (this run's backend is '{}'; use parallel.data_plane: mpi)",
+                   be.name());
+    if (group.size() == 1) return std::make_unique<LocalDataPlane>(be);
+    return std::make_unique<NcclDataPlane>(group, *cuda);
+#else
+    throw UserError(
+        "parallel.data_plane: nccl, but this build has no NCCL (configure with "
+        "-DSWITCHT5_CUDA=ON where nccl.h and libnccl are installed, e.g. with the CUDA toolkit "
+        "under /usr/local/cuda; or use parallel.data_plane: mpi)");
+#endif
+  }
   if (group.size() == 1) return std::make_unique<LocalDataPlane>(be);
   SWT_CHECK(dynamic_cast<const MpiCommunicator*>(&group) != nullptr,
             "a data plane over {} ranks needs an MPI communicator", group.size());

@@ -145,6 +145,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("parallel", "expert", p.expert, at_least(1));
   v("parallel", "zero1", p.zero1, BoolRule{});
   v("parallel", "bucket_mb", p.bucket_mb, RealRule{0.0, true, 1048576.0, false});  // <= 1 TiB
+  v("parallel", "data_plane", p.data_plane, EnumRule{{"mpi", "nccl"}});
 
   CheckpointConfig& k = c.checkpoint;
   v("checkpoint", "every", k.every, IntRule{0, std::nullopt, "0: only at the end"});
@@ -644,6 +645,12 @@ class CrossChecks {
       fail_at({"parallel.expert", "model.num_experts"},
               fmt::format("parallel.expert: got {}, expected a divisor of model.num_experts = {}",
                           p.expert, m.num_experts));
+    }
+    if (p.data_plane == "nccl" && t.backend != "cuda") {
+      fail_at({"parallel.data_plane", "train.backend"},
+              fmt::format("parallel.data_plane: got \"nccl\", expected mpi with train.backend = {} "
+                          "(NCCL moves CUDA device memory: set train.backend: cuda)",
+                          t.backend));
     }
     if (p.data % p.expert != 0) {
       fail_at({"parallel.expert", "parallel.data"},

@@ -112,6 +112,10 @@ struct ParallelConfig {
   int expert = 1;
   bool zero1 = false;  // shard optimizer state of replicated parameters over the data ranks
   double bucket_mb = 25.0;  // MiB of gradients per data-plane reduction (train/gradient_reducer.h)
+  // What carries backend buffers between ranks (comm/data_plane.h): "mpi" (any backend; device
+  // memory staged through the host) or "nccl" (train.backend cuda, a build with NCCL). The
+  // default stays mpi for cuda too: it runs everywhere, and NCCL is asked for where it exists.
+  std::string data_plane = "mpi";
 
   bool operator==(const ParallelConfig&) const = default;
 };

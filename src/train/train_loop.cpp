@@ -36,7 +36,9 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
             "parameters on this rank ({:.1f} MB fp32); micro-batch {} x ({} + {}) tokens, {} "
             "micro-batches per step; {:.3g} GFLOP of matmul per global step",
             grid.world_size, grid.data, grid.model, grid.expert,
-            cfg.parallel.zero1 ? ", ZeRO-1 optimizer sharding" : "", trainer.backend().name(),
+            cfg.parallel.zero1 ? ", ZeRO-1 optimizer sharding" : "",
+            trainer.backend().name() +
+                (grid.world_size > 1 ? ", data plane " + cfg.parallel.data_plane : ""),
             trainer.model().params().total_numel(), trainer.model().params().total_numel() * 4e-6,
             tc.batch_size / (grid.data * tc.grad_accum_steps), cfg.data.inputs_length,
             cfg.data.targets_length, tc.grad_accum_steps, trainer.step_flops() * 1e-9);

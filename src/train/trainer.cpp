@@ -109,13 +109,16 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
             "batch {} does not split over {} data ranks x {} micro-batches",
             cfg.train.batch_size, grid.data, cfg.train.grad_accum_steps);
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
-  expert_plane_ = make_data_plane(*grid.expert_group, *be_);
-  model_plane_ = make_data_plane(*grid.model_group, *be_);
+  // Every rank makes the planes in this order (with NCCL: one communicator each, collective
+  // over its group).
+  const DataPlaneKind plane_kind = data_plane_kind(pc.data_plane);
+  expert_plane_ = make_data_plane(*grid.expert_group, *be_, plane_kind);
+  model_plane_ = make_data_plane(*grid.model_group, *be_, plane_kind);
   expert_comm_ = make_backend_communicator(*expert_plane_, *grid.expert_group, *be_);
   model_comm_ = make_backend_communicator(*model_plane_, *grid.model_group, *be_);
   if (use == TrainerUse::kTrain) {
-    data_plane_ = make_data_plane(*grid.data_group, *be_);
-    replica_plane_ = make_data_plane(*grid.expert_replica_group, *be_);
+    data_plane_ = make_data_plane(*grid.data_group, *be_, plane_kind);
+    replica_plane_ = make_data_plane(*grid.expert_replica_group, *be_, plane_kind);
   }
   StepState st = build_step_state(
       cfg, *be_, use,

@@ -128,6 +128,12 @@ void CudaBackend::release() noexcept {
     (void)cudaGetLastError();
     recording_ = false;
   }
+  // NCCL kernels on the communication stream may still write arena memory.
+  if (comm_stream_) {
+    cudaStreamSynchronize(comm_stream_);
+    cudaStreamDestroy(comm_stream_);
+    comm_stream_ = nullptr;
+  }
   if (stream_) cudaStreamSynchronize(stream_);
   discard_recording();
   gemm_.reset();
@@ -143,6 +149,17 @@ void CudaBackend::release() noexcept {
   pool_ = nullptr;
   if (stream_) cudaStreamDestroy(stream_);
   stream_ = nullptr;
+}
+
+CUstream_st* CudaBackend::communication_stream() {
+  if (!comm_stream_) {
+    int least = 0, greatest = 0;  // numerically: greatest priority is the lowest number
+    SWT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    cudaStream_t s = nullptr;
+    SWT_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
+    comm_stream_ = s;
+  }
+  return comm_stream_;
 }
 
 // ---- memory -------------------------------------------------------------------------------------

@@ -63,6 +63,13 @@ class CudaBackend final : public Backend {
   bool host_accessible() const override { return false; }
 
   int device() const { return device_; }
+  // The stream every op above is issued to (the compute stream), and the communication stream:
+  // made at the first call (non-blocking, the device's highest priority, so collectives are not
+  // queued behind compute kernels), shared by every NCCL data plane on this backend
+  // (comm/nccl/nccl_data_plane.h orders the two with events) and synchronised and destroyed
+  // before the arena is freed. Nothing in this backend issues work to it.
+  CUstream_st* stream() const { return stream_; }
+  CUstream_st* communication_stream();
   // Arena: its size, the bytes in use now and the most ever in use (benchmarks report it),
   // including the backend's own workspaces (kWorkspaceBytes + kCublasWorkspaceBytes + 256).
   size_t arena_bytes() const { return arena_.capacity(); }
@@ -208,6 +215,7 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   CUstream_st* stream_ = nullptr;
+  CUstream_st* comm_stream_ = nullptr;  // communication_stream(), or null until asked for
   double memory_fraction_ = kDefaultMemoryFraction;
   void* pool_ = nullptr;   // the arena's one cudaMalloc
   DeviceArena arena_;

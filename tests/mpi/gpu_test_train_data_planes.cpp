@@ -1,0 +1,212 @@
+// Two ranks train on the GPU (ctest label gpu, np 2) equal to one rank: the tiny Switch model
+// on train.backend cuda, 6 Adafactor steps, dropout off, for each data plane (mpi: staged
+// through the host; nccl) and the layouts that exercise each collective: data 2 (all-reduce),
+// data 2 with ZeRO-1 (per-block reduce and broadcast), data 2 x expert 2 (the expert
+// all-to-all), model 2 (tensor-parallel sums, Adafactor's gather). Losses and grad norms within
+// 1e-5 relative of one rank's, every parameter within 1e-5 of its largest entry, as
+// tests/mpi/test_parallel_equivalence.cpp holds the CPU layouts.
+//
+// With fewer GPUs than ranks the two ranks share one. NCCL refuses two ranks of a communicator
+// on one device ("Duplicate GPU detected"), so then each rank gets its own NCCL_HOSTID before
+// NCCL starts: NCCL takes them for two hosts and moves the data over its network transport
+// (sockets), slow but the same collectives. NCCL documents one device per rank; this is a test
+// arrangement, not a way to run. Skipped, with the reason, without NCCL (the nccl cases) or
+// without a usable GPU (all).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#if defined(SWITCHT5_HAVE_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+#include "backend/backend.h"
+#include "comm/communicator.h"
+#include "comm/process_grid.h"
+#include "config/config.h"
+#include "core/check.h"
+#include "mpi_test_env.h"
+#include "train/trainer.h"
+
+namespace switcht5 {
+namespace {
+
+using testing::test_world;
+
+RunConfig tiny_config(const std::string& plane, int data, int expert, bool zero1, int model) {
+  RunConfig cfg = load_config(std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml",
+                              {"train.steps=6", "train.batch_size=8", "model.dropout_rate=0",
+                               "model.expert_dropout=0", "model.router_jitter_noise=0.01",
+                               "model.num_experts=4", "model.encoder_sparse_step=1",
+                               "model.decoder_sparse_step=2", "train.eval_every=0",
+                               "train.backend=cuda"});
+  cfg.parallel.data = data;
+  cfg.parallel.model = model;
+  cfg.parallel.expert = expert;
+  cfg.parallel.zero1 = zero1;
+  cfg.parallel.data_plane = plane;
+  return cfg;
+}
+
+struct TrainedRun {
+  std::vector<double> losses, grad_norms;
+  std::map<std::string, std::vector<float>> params;  // full logical tensors
+};
+
+// Gathers a model-split block into the logical tensor (blocks along `dim`).
+std::vector<float> gather_model_split(Communicator& group, const ParamInfo& p,
+                                      const std::vector<float>& local) {
+  const int M = group.size();
+  std::vector<float> blocks(local.size() * M);
+  group.all_gather(blocks.data(), local.data(), int64_t(local.size()));
+  int64_t outer = 1;
+  for (int k = 0; k < p.model_split_dim; ++k) outer *= p.shape[size_t(k)];
+  const int64_t inner = int64_t(local.size()) / outer;
+  std::vector<float> full(blocks.size());
+  for (int m = 0; m < M; ++m)
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(blocks.begin() + (m * outer + o) * inner, inner,
+                  full.begin() + (o * M + m) * inner);
+  return full;
+}
+
+TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicator> world) {
+  ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data,
+                                         cfg.parallel.model, cfg.parallel.expert);
+  Trainer trainer(cfg, grid);
+  TrainedRun r;
+  for (int64_t s = 1; s <= cfg.train.steps; ++s) {
+    StepMetrics m = trainer.train_step(s);
+    r.losses.push_back(m.loss);
+    r.grad_norms.push_back(m.grad_norm);
+  }
+  Backend& be = trainer.backend();
+  ParamStore& ps = trainer.model().params();
+  for (const ParamInfo& p : ps.infos()) {
+    std::vector<float> local(p.numel);
+    be.copy_to_host(local.data(), ps.values() + p.offset, sizeof(float) * p.numel);
+    if (p.model_split_dim >= 0 && grid.model > 1)
+      local = gather_model_split(*grid.model_group, p, local);
+    if (p.kind == ParamKind::kStacked) {
+      std::vector<float> full(local.size() * grid.expert);
+      grid.expert_group->all_gather(full.data(), local.data(), int64_t(local.size()));
+      r.params[p.name] = std::move(full);
+    } else {
+      r.params[p.name] = std::move(local);
+    }
+  }
+  return r;
+}
+
+// Why the GPU runs cannot happen here ("" when they can), the same on every rank.
+const std::string& gpu_unavailable() {
+  static const std::string reason = [] {
+    std::string why;
+    try {
+      std::unique_ptr<Backend> be = make_backend("cuda");
+      DeviceArray<float> x(*be, 16);
+      be->fill(x.data(), 1.0f, 16);
+      float h = 0;
+      be->copy_to_host(&h, x.data() + 15, sizeof(float));
+      if (h != 1.0f) why = "the CUDA backend's fill/copy_to_host does not work";
+    } catch (const std::exception& e) {
+      why = std::string("no usable GPU: ") + e.what();
+    }
+    int64_t bad = why.empty() ? 0 : 1;
+    test_world().all_reduce_max(&bad, 1);
+    if (bad && why.empty()) why = "another rank has no usable GPU";
+    return why;
+  }();
+  return reason;
+}
+
+// Ranks sharing a device: a host id of their own for NCCL (file comment), set before NCCL reads
+// it at its first communicator.
+void separate_nccl_hosts_if_sharing_a_gpu() {
+#if defined(SWITCHT5_HAVE_CUDA)
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) return;
+  if (devices < test_world().size() && std::getenv("NCCL_HOSTID") == nullptr) {
+    const std::string id = "switcht5-test-rank-" + std::to_string(test_world().rank());
+    setenv("NCCL_HOSTID", id.c_str(), 1);
+  }
+#endif
+}
+
+const TrainedRun& reference() {
+  static const TrainedRun ref =
+      train_layout(tiny_config("mpi", 1, 1, false, 1), make_self_communicator());
+  return ref;
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::fabs(x)));
+  return m;
+}
+
+struct Case {
+  const char* name;
+  const char* plane;
+  int data, expert;
+  bool zero1;
+  int model;
+};
+
+class TwoRanksOnGpu : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TwoRanksOnGpu, TrainLikeOneRank) {
+  const Case c = GetParam();
+  Communicator& world = test_world();
+  if (world.size() != 2) GTEST_SKIP() << "runs on exactly 2 ranks, not " << world.size();
+  if (!gpu_unavailable().empty()) {
+    if (world.rank() == 0) std::printf("skipped: %s\n", gpu_unavailable().c_str());
+    GTEST_SKIP() << gpu_unavailable();
+  }
+#if !defined(SWITCHT5_HAVE_NCCL)
+  if (std::string(c.plane) == "nccl") {
+    const char* why = "this build has no NCCL (parallel.data_plane: nccl)";
+    if (world.rank() == 0) std::printf("skipped: %s\n", why);
+    GTEST_SKIP() << why;
+  }
+#endif
+  separate_nccl_hosts_if_sharing_a_gpu();
+  const TrainedRun& ref = reference();
+  TrainedRun run = train_layout(tiny_config(c.plane, c.data, c.expert, c.zero1, c.model),
+                                world.split(0, world.rank()));
+  ASSERT_EQ(run.losses.size(), ref.losses.size());
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    EXPECT_LE(std::fabs(run.losses[s] - ref.losses[s]), 1e-5 * std::fabs(ref.losses[s]))
+        << "step " << s + 1 << ": " << run.losses[s] << " vs " << ref.losses[s];
+    EXPECT_LE(std::fabs(run.grad_norms[s] - ref.grad_norms[s]), 1e-5 * ref.grad_norms[s])
+        << "step " << s + 1;
+  }
+  EXPECT_GT(ref.losses.front() - ref.losses.back(), 0.5);  // the steps did train
+  ASSERT_EQ(run.params.size(), ref.params.size());
+  for (const auto& [name, want] : ref.params) {
+    const std::vector<float>& got = run.params.at(name);
+    ASSERT_EQ(got.size(), want.size()) << name;
+    double diff = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      diff = std::max(diff, double(std::fabs(got[i] - want[i])));
+    EXPECT_LE(diff, 1e-5 * max_abs(want)) << name;
+  }
+}
+
+const Case kCases[] = {
+    {"mpi_D2", "mpi", 2, 1, false, 1},           {"mpi_D2_E2", "mpi", 2, 2, false, 1},
+    {"mpi_D2_zero1", "mpi", 2, 1, true, 1},      {"mpi_M2", "mpi", 1, 1, false, 2},
+    {"nccl_D2", "nccl", 2, 1, false, 1},         {"nccl_D2_E2", "nccl", 2, 2, false, 1},
+    {"nccl_D2_zero1", "nccl", 2, 1, true, 1},    {"nccl_M2", "nccl", 1, 1, false, 2},
+};
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TwoRanksOnGpu, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace switcht5
