@@ -137,6 +137,13 @@ def main():
                      "tokens_per_s": ours.get("tokens_per_s"),
                      "memory_mb": ours.get("device_peak_mb") if ours.get("device_peak_mb", -1) > 0
                      else ours.get("peak_rss_mb"), "note": ""})
+    graphs = read(out, "bench_step_graphs.json")
+    if graphs:
+        rows.append({"system": f"switcht5 {graphs.get('backend')} {graphs.get('precision')} "
+                               "+ CUDA graphs",
+                     "batch": graphs.get("batch"), "ms": graphs.get("ms_median"),
+                     "tokens_per_s": graphs.get("tokens_per_s"),
+                     "memory_mb": graphs.get("device_peak_mb"), "note": "train.cuda_graphs"})
     for m, h in hf.items():
         note = h.get("error") or h.get("skipped") or ""
         if h.get("router_losses") is False:

@@ -22,7 +22,7 @@
 #      `switcht5 plan --json` of the same config and overrides (OUTDIR/plan_bBATCH.json), and
 #      what cudaMemGetInfo says of the whole device (bench_gpu_report.py states the tolerance).
 # Every step has its own time limit and log (OUTDIR/*.log); a failed HF step is reported, not fatal.
-# --quick (scripts/gpu_check.sh): batch 16 only, 2 + 3 steps, limits that sum to 185 s.
+# --quick (scripts/gpu_check.sh): batch 16 only, 2 + 3 steps, limits that sum to 175 s (the graphs run included).
 # Environment: BUILD (build-cuda), BATCHES ("64 32 16 8"), BENCH_CONFIG, BENCH_BACKEND (cuda),
 # BENCH_PRECISION (bf16), PYTHON (python3). BENCH_BACKEND=cpu with a small BENCH_CONFIG runs
 # the same mechanics on a machine without a GPU (the torch steps then report why they skipped).
@@ -42,10 +42,10 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 if [[ $QUICK == 1 ]]; then
   BATCHES=${BATCHES:-16}; WARMUP=2; STEPS=3; HF_WARMUP=2; HF_STEPS=3
-  T_STEP=65; T_GEMM=20; T_EAGER=40; T_COMPILE=60
+  T_STEP=50; T_GRAPHS=30; T_GEMM=15; T_EAGER=35; T_COMPILE=45
 else
   BATCHES=${BATCHES:-64 32 16 8}; WARMUP=3; STEPS=10; HF_WARMUP=3; HF_STEPS=10
-  T_STEP=240; T_GEMM=60; T_EAGER=180; T_COMPILE=420
+  T_STEP=240; T_GRAPHS=240; T_GEMM=60; T_EAGER=180; T_COMPILE=420
 fi
 
 have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }
@@ -93,6 +93,15 @@ for b in $BATCHES; do
                                  || echo "bench_gpu: batch $b: bench_step failed (exit $rc)"
   break
 done
+
+# 1b. The same step with train.cuda_graphs (one graph launch per step after the first two);
+# a row of its own, informational: the equality of graphs on and off is a gpu test.
+if [[ -n $chosen && $BACKEND == cuda ]]; then
+  echo "bench_gpu: bench_step batch $chosen with train.cuda_graphs=true (limit ${T_GRAPHS}s)"
+  timeout -k 10 "$T_GRAPHS" "$BUILD/bench_step" "$CONFIG" --warmup "$WARMUP" --steps "$STEPS" \
+    --json "$OUT/bench_step_graphs.json" "${sets[@]}" --set train.cuda_graphs=true \
+    > "$OUT/bench_step_graphs.log" 2>&1 || echo "bench_gpu: graphs run failed (exit $?), see bench_step_graphs.log"
+fi
 
 # 2 and 3: torch on the same GPU (skipped, with the reason, where torch sees none).
 torch_gpu=$($PY -c 'import torch, transformers; print(int(torch.cuda.is_available()))' 2>/dev/null || echo "")

@@ -8,22 +8,24 @@
 # (../shared/tools/device-pack build-cuda made the pack here: the build ships prebuilt with its
 # libraries; the GPU machine has no apt and no network). BUILD (default build-cuda) names the
 # build. Phases (limit in seconds):
-#   info        (15)  GPU name, driver, CUDA runtime, cuBLAS, NCCL, torch: nvidia-smi,
+#   info        (10)  GPU name, driver, CUDA runtime, cuBLAS, NCCL, torch: nvidia-smi,
 #                     scripts/cuda_versions.py (the libraries our binaries load) and python
-#   ctest       (90)  ctest -L gpu: the op tests' CUDA cases and tests/test_cuda_model.cpp (model
-#                     fp32/bf16 vs CPU, 50 training steps vs CPU, cross-backend resume); a test
-#                     that skips on this machine counts as a failure
-#   memcheck    (45)  compute-sanitizer --tool memcheck over test_backend_ops' CUDA cases
-#   racecheck   (35)  the same with --tool racecheck (shared-memory hazards)
-#   equivalence (40)  `switcht5 train` on tiny-synthetic, 50 steps, dropout/jitter off, on cpu and
+#   ctest      (130)  ctest -L gpu: the op tests' CUDA cases and tests/test_cuda_model.cpp (model
+#                     fp32/bf16 vs CPU, 50 training steps vs CPU, cross-backend resume, CUDA
+#                     graphs on vs off bitwise, arena vs plan), the NCCL data plane (every call
+#                     on a one-rank communicator; 2 ranks on the GPU, mpi and nccl planes, equal
+#                     to one rank); a test that skips on this machine counts as a failure
+#   memcheck    (40)  compute-sanitizer --tool memcheck over test_backend_ops' CUDA cases
+#   racecheck   (30)  the same with --tool racecheck (shared-memory hazards)
+#   equivalence (35)  `switcht5 train` on tiny-synthetic, 50 steps, dropout/jitter off, on cpu and
 #                     on cuda: metrics.jsonl losses within 1e-4 relative at every step until the
 #                     routing first differs, which must not be in the first 20 steps (see
 #                     compare_losses)
-#   mpi         (30)  mpirun -np 2 (data 2, expert 2) on cuda, both ranks on the one GPU
+#   mpi         (25)  mpirun -np 2 (data 2, expert 2) on cuda, both ranks on the one GPU
 #                     (SWITCHT5_CUDA_MEMORY_FRACTION=0.4), 10 steps: losses within 1e-4 of the
 #                     one-process cuda run's first 10, same routing (parallelism does not change
 #                     the math)
-#   bench      (195)  scripts/bench_gpu.sh OUTDIR/bench --quick (switch-base-8 bf16 vs HF), with
+#   bench      (180)  scripts/bench_gpu.sh OUTDIR/bench --quick (switch-base-8 bf16 vs HF), with
 #                     the memory check: the arena's measured peak against `switcht5 plan --json`
 #                     of the same run ("plan X GB vs peak Y GB (+z%)"); it fails when the bytes
 #                     held differ from the plan by more than allocation alignment (one 256-byte
@@ -121,7 +123,7 @@ EOF
 
 phase_ctest() {
   mkdir -p "$BUILD/tmp"  # the tests' TMPDIR (the pack carries no empty folders)
-  ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 80
+  ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 100
   local rc=$?
   local summary
   summary=$(grep -E 'tests passed' "$OUT/ctest.log" | tail -n 1)
@@ -270,13 +272,13 @@ export -f phase_info phase_ctest sanitizer phase_memcheck phase_racecheck phase_
 [[ $DRY == 1 ]] && echo "gpu_check: DRY RUN on the CPU (cpu backend in place of cuda): proves the script only"
 [[ $GPU == 0 ]] && echo "gpu_check: no GPU here (nvidia-smi lists none): every phase is skipped"
 T_START=$(date +%s)
-run_phase info 15 phase_info
-run_phase ctest 90 phase_ctest
-run_phase memcheck 45 phase_memcheck
-run_phase racecheck 35 phase_racecheck
-run_phase equivalence 40 phase_equivalence
-run_phase mpi 30 phase_mpi
-run_phase bench 195 phase_bench
+run_phase info 10 phase_info
+run_phase ctest 130 phase_ctest
+run_phase memcheck 40 phase_memcheck
+run_phase racecheck 30 phase_racecheck
+run_phase equivalence 35 phase_equivalence
+run_phase mpi 25 phase_mpi
+run_phase bench 180 phase_bench
 TOTAL=$(( $(date +%s) - T_START ))
 
 # ---- summary -------------------------------------------------------------------------------
