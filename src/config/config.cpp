@@ -145,6 +145,8 @@ void for_each_field(RunConfig& c, V& v) {
   v("parallel", "expert", p.expert, at_least(1));
   v("parallel", "zero1", p.zero1, BoolRule{});
   v("parallel", "bucket_mb", p.bucket_mb, RealRule{0.0, true, 1048576.0, false});  // <= 1 TiB
+  // At most 10^7 s (116 days): the deadline in nanoseconds fits an int64.
+  v("parallel", "timeout_s", p.timeout_s, RealRule{0.0, true, 1e7, false});
 
   CheckpointConfig& k = c.checkpoint;
   v("checkpoint", "every", k.every, IntRule{0, std::nullopt, "0: only at the end"});

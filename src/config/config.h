@@ -112,6 +112,9 @@ struct ParallelConfig {
   int expert = 1;
   bool zero1 = false;  // shard optimizer state of replicated parameters over the data ranks
   double bucket_mb = 25.0;  // MiB of gradients per data-plane reduction (train/gradient_reducer.h)
+  // Seconds one collective may take; past it the watchdog ends the job on every rank with one
+  // message (exit code 3; comm/watchdog.h).
+  double timeout_s = 600.0;
 
   bool operator==(const ParallelConfig&) const = default;
 };
