@@ -155,7 +155,7 @@ int run(int argc, char** argv) {
   RunConfig cfg = load_config(config, sets);
   cfg.train.steps = warmup + steps;
   ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
-                                         cfg.parallel.expert);
+                                         cfg.parallel.expert, cfg.parallel.timeout_s);
   Trainer trainer(cfg, grid);
   for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
   std::vector<double> ms;

@@ -1,7 +1,8 @@
 // switcht5: train, evaluate and inspect Switch Transformers (usage in kUsage below).
 // Exit codes: 0 success, 2 bad user input (config, CLI, data, checkpoint), 1 any other failure,
-// 128 + signal number when SIGTERM / SIGUSR1 stopped training after saving a checkpoint. Under
-// MPI a failing rank prints its error tagged with the rank and ends every rank of the job.
+// 128 + signal number when SIGTERM / SIGUSR1 stopped training after saving a checkpoint, 3 when
+// a collective missed its deadline (parallel.timeout_s; comm/watchdog.h). Under MPI a failing
+// rank prints its error tagged with the rank and ends every rank of the job.
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -386,7 +387,7 @@ int cmd_eval(const Args& a) {
     cfg = checkpoint_config(checkpoint, o);
   }
   ProcessGrid grid = ProcessGrid::create(std::move(world), cfg.parallel.data, cfg.parallel.model,
-                                         cfg.parallel.expert);
+                                         cfg.parallel.expert, cfg.parallel.timeout_s);
   g_world_rank = grid.world_rank;
   g_world_size = grid.world_size;
   Trainer t(cfg, grid, TrainerUse::kEvaluate);
@@ -457,7 +458,7 @@ int run(int argc, char** argv) {
   if (dir.empty()) dir = cfg.log.run_dir;
   if (dir.empty()) dir = "runs/" + std::filesystem::path(a.config).stem().string();
   ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
-                                         cfg.parallel.expert);
+                                         cfg.parallel.expert, cfg.parallel.timeout_s);
   g_world_rank = grid.world_rank;
   g_world_size = grid.world_size;
   try {

@@ -64,6 +64,7 @@ TEST(Config, EmptyTextGivesDefaults) {
   EXPECT_EQ(c.train.backend, "cpu");
   EXPECT_EQ(c.parallel.expert, 1);
   EXPECT_EQ(c.parallel.data_plane, "mpi");
+  EXPECT_DOUBLE_EQ(c.parallel.timeout_s, 600.0);
   EXPECT_EQ(c.checkpoint.every, 0);
   EXPECT_EQ(c.log.level, "info");
 }
@@ -511,6 +512,17 @@ TEST(ConfigErrors, DataPlane) {
   EXPECT_TRUE(has_parts(error_of("train:\n  backend: cuda\nparallel:\n  data_plane: nccl\n",
                                  {"train.backend=reference"}),
                         {"--set train.backend=reference: ", "parallel.data_plane: got \"nccl\""}));
+}
+
+// The collective deadline (comm/watchdog.h): positive seconds, fractions allowed.
+TEST(ConfigErrors, ParallelTimeout) {
+  EXPECT_DOUBLE_EQ(parse_config("parallel:\n  timeout_s: 2.5\n", "x.yaml", {}).parallel.timeout_s,
+                   2.5);
+  for (const char* bad : {"0", "-5", "\"ten\"", "1e8"})
+    EXPECT_TRUE(has_parts(error_of(fmt::format("parallel:\n  timeout_s: {}\n", bad)),
+                          {"x.yaml:2: ", fmt::format("parallel.timeout_s: got {}", bad),
+                           "expected a number in (0, 10000000]"}))
+        << bad;
 }
 
 TEST(ConfigErrors, TokenIds) {

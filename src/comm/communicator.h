@@ -21,6 +21,8 @@
 
 namespace switcht5 {
 
+class Watchdog;  // comm/watchdog.h
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -58,6 +60,12 @@ class Communicator {
   // MPI_Comm_split_type with MPI_COMM_TYPE_SHARED), ranked as in this one. Collective. The
   // default, for communicators that are not MPI's, puts every rank on a node of its own.
   virtual std::unique_ptr<Communicator> split_by_node() const { return split(rank(), 0); }
+
+  // From now on every collective of this communicator, and of the communicators split from it
+  // (which inherit both), has a deadline and is recorded in the trace of `group` ("data",
+  // "expert", ...; comm/watchdog.h); `watchdog` must outlive them. Communicators that cannot
+  // wait on another process (one process) ignore it.
+  virtual void attach_watchdog(Watchdog& watchdog, const std::string& group) {}
 };
 
 // One process: rank 0 of 1; collectives are copies. For single-process runs and tests.

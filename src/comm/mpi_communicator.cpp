@@ -26,6 +26,10 @@ struct MpiState {
   // does not allocate.
   std::tuple<std::vector<float>, std::vector<double>, std::vector<int64_t>> scratch;
   std::vector<int64_t> block_starts;  // of the variable-block collectives
+  // attach_watchdog: the deadline and the trace of this communicator's group (label `group`).
+  Watchdog* watchdog = nullptr;
+  CollectiveTrace* trace = nullptr;
+  std::string group;
 };
 }  // namespace detail
 
@@ -61,6 +65,27 @@ bool mpi_is_running() {
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
   return initialized && !finalized;
+}
+
+// Waits for st.requests, polling so that the watchdog can act on this thread (see the header).
+void wait_all(MpiState& st) {
+  int done = 0;
+  for (;;) {
+    SWT_MPI(MPI_Testall(static_cast<int>(st.requests.size()), st.requests.data(), &done,
+                        MPI_STATUSES_IGNORE));
+    if (done) return;
+    if (st.watchdog) st.watchdog->poll();
+  }
+}
+
+// A blocking collective, started non-blocking and waited for as above.
+template <class Start>
+void run_polled(MpiState& st, Start start) {
+  st.requests.clear();
+  MPI_Request req;
+  start(&req);
+  st.requests.push_back(req);
+  wait_all(st);
 }
 
 template <class T>
@@ -106,8 +131,7 @@ void exchange(MpiState& st, int rank, int size, SendBlock send_block, RecvBlock 
   SWT_CHECK(own_count == own_out_count, "exchange: own block of {} elements into {}", own_count,
             own_out_count);
   if (own_count > 0 && own_in != own_out) std::memcpy(own_out, own_in, sizeof(T) * own_count);
-  SWT_MPI(
-      MPI_Waitall(static_cast<int>(st.requests.size()), st.requests.data(), MPI_STATUSES_IGNORE));
+  wait_all(st);
 }
 
 template <class T>
@@ -179,7 +203,9 @@ void bcast(MpiState& st, int size, T* data, int64_t n, int root, int64_t max_chu
   const int64_t piece = chunk_elems<T>(max_chunk_bytes);
   for (int64_t off = 0; off < n; off += piece) {
     const int count = static_cast<int>(std::min(piece, n - off));
-    SWT_MPI(MPI_Bcast(data + off, count, mpi_type<T>(), root, st.comm));
+    run_polled(st, [&](MPI_Request* req) {
+      SWT_MPI(MPI_Ibcast(data + off, count, mpi_type<T>(), root, st.comm, req));
+    });
   }
 }
 
@@ -209,20 +235,25 @@ void MpiCommunicator::set_max_chunk_bytes(int64_t bytes) {
 }
 
 void MpiCommunicator::all_reduce_sum(float* data, int64_t n) {
+  const auto w = watch(CommCall::kAllReduceSum, ElementType::kFloat, n);
   all_reduce(*state_, rank_, size_, data, n, max_chunk_bytes_, Sum{});
 }
 void MpiCommunicator::all_reduce_sum(double* data, int64_t n) {
+  const auto w = watch(CommCall::kAllReduceSum, ElementType::kDouble, n);
   all_reduce(*state_, rank_, size_, data, n, max_chunk_bytes_, Sum{});
 }
 void MpiCommunicator::all_reduce_sum(int64_t* data, int64_t n) {
+  const auto w = watch(CommCall::kAllReduceSum, ElementType::kInt64, n);
   all_reduce(*state_, rank_, size_, data, n, max_chunk_bytes_, Sum{});
 }
 void MpiCommunicator::all_reduce_max(int64_t* data, int64_t n) {
+  const auto w = watch(CommCall::kAllReduceMax, ElementType::kInt64, n);
   all_reduce(*state_, rank_, size_, data, n, max_chunk_bytes_, Max{});
 }
 
 void MpiCommunicator::reduce_scatter_sum(float* out, const float* in, int64_t n) {
   check_count(n);
+  const auto w = watch(CommCall::kReduceScatterSum, ElementType::kFloat, n);
   // Pieces [k, k + c) of every block per round: recv holds the `size` contributions to mine.
   const int64_t piece = std::max<int64_t>(1, chunk_elems<float>(max_chunk_bytes_) / size_);
   float* recv = scratch<float>(*state_, std::min(piece, n) * size_);
@@ -258,6 +289,8 @@ int64_t block_starts(std::span<const int64_t> counts, int size, std::vector<int6
 void MpiCommunicator::reduce_scatter_sum_v(float* data, std::span<const int64_t> counts) {
   std::vector<int64_t>& starts = state_->block_starts;
   const int64_t largest = block_starts(counts, size_, starts);
+  const auto w =
+      watch(CommCall::kReduceScatterSum, ElementType::kFloat, starts.back() + counts.back());
   const int64_t piece = std::max<int64_t>(1, chunk_elems<float>(max_chunk_bytes_) / size_);
   float* recv = scratch<float>(*state_, std::min(piece, largest) * size_);
   // Every rank runs the same rounds (the largest block decides); piece k of a shorter block is
@@ -275,6 +308,8 @@ void MpiCommunicator::reduce_scatter_sum_v(float* data, std::span<const int64_t>
 void MpiCommunicator::all_gather_v(float* data, std::span<const int64_t> counts) {
   std::vector<int64_t>& starts = state_->block_starts;
   const int64_t largest = block_starts(counts, size_, starts);
+  const auto w =
+      watch(CommCall::kAllGather, ElementType::kFloat, starts.back() + counts.back());
   const int64_t piece = chunk_elems<float>(max_chunk_bytes_);
   for (int64_t k = 0; k < largest; k += piece) {
     auto part = [&](int q) { return std::clamp<int64_t>(counts[size_t(q)] - k, 0, piece); };
@@ -287,6 +322,7 @@ void MpiCommunicator::all_gather_v(float* data, std::span<const int64_t> counts)
 
 void MpiCommunicator::all_gather(float* out, const float* in, int64_t n) {
   check_count(n);
+  const auto w = watch(CommCall::kAllGather, ElementType::kFloat, n);
   const int64_t piece = chunk_elems<float>(max_chunk_bytes_);
   for (int64_t k = 0; k < n; k += piece) {
     const int64_t c = std::min(piece, n - k);
@@ -298,6 +334,7 @@ void MpiCommunicator::all_gather(float* out, const float* in, int64_t n) {
 
 void MpiCommunicator::all_to_all(float* out, const float* in, int64_t n) {
   check_count(n);
+  const auto w = watch(CommCall::kAllToAll, ElementType::kFloat, n);
   const int64_t piece = chunk_elems<float>(max_chunk_bytes_);
   for (int64_t k = 0; k < n; k += piece) {
     const int64_t c = std::min(piece, n - k);
@@ -308,34 +345,61 @@ void MpiCommunicator::all_to_all(float* out, const float* in, int64_t n) {
 }
 
 void MpiCommunicator::broadcast(float* data, int64_t n, int root) {
+  const auto w = watch(CommCall::kBroadcast, ElementType::kFloat, n);
   bcast(*state_, size_, data, n, root, max_chunk_bytes_);
 }
 
 void MpiCommunicator::broadcast(std::string& data, int root) {
+  const auto w = watch(CommCall::kBroadcast, ElementType::kNone, 0);  // lengths differ
   int64_t length = static_cast<int64_t>(data.size());
   bcast(*state_, size_, &length, 1, root, max_chunk_bytes_);
   data.resize(static_cast<size_t>(length));
   bcast(*state_, size_, data.data(), length, root, max_chunk_bytes_);
 }
 
-void MpiCommunicator::barrier() { SWT_MPI(MPI_Barrier(state_->comm)); }
+void MpiCommunicator::barrier() {
+  const auto w = watch(CommCall::kBarrier, ElementType::kNone, 0);
+  run_polled(*state_, [&](MPI_Request* req) { SWT_MPI(MPI_Ibarrier(state_->comm, req)); });
+}
+
+void MpiCommunicator::attach_watchdog(Watchdog& watchdog, const std::string& group) {
+  state_->watchdog = &watchdog;
+  state_->trace = watchdog.trace(group);
+  state_->group = group;
+}
+
+Watchdog::Watch MpiCommunicator::watch(CommCall c, ElementType t, int64_t count) const {
+  return Watchdog::Watch(state_->watchdog, state_->trace, state_->group.c_str(), size_,
+                         {c, t, count});
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::derived(std::unique_ptr<detail::MpiState> st,
+                                                          const std::string& group) const {
+  auto sub = std::make_unique<MpiCommunicator>(std::move(st));
+  sub->max_chunk_bytes_ = max_chunk_bytes_;
+  if (state_->watchdog) sub->attach_watchdog(*state_->watchdog, group);
+  return sub;
+}
 
 std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) const {
   SWT_CHECK(color >= 0, "split: color must be >= 0, got {}", color);
   auto st = std::make_unique<detail::MpiState>();
-  SWT_MPI(MPI_Comm_split(state_->comm, color, key, &st->comm));
-  auto sub = std::make_unique<MpiCommunicator>(std::move(st));
-  sub->max_chunk_bytes_ = max_chunk_bytes_;
-  return sub;
+  {
+    // Blocking inside MPI: only the watchdog's thread can act on its deadline.
+    const auto w = watch(CommCall::kSplit, ElementType::kNone, 0);
+    SWT_MPI(MPI_Comm_split(state_->comm, color, key, &st->comm));
+  }
+  return derived(std::move(st), state_->group);
 }
 
 std::unique_ptr<Communicator> MpiCommunicator::split_by_node() const {
   auto st = std::make_unique<detail::MpiState>();
-  SWT_MPI(MPI_Comm_split_type(state_->comm, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL,
-                              &st->comm));
-  auto sub = std::make_unique<MpiCommunicator>(std::move(st));
-  sub->max_chunk_bytes_ = max_chunk_bytes_;
-  return sub;
+  {
+    const auto w = watch(CommCall::kSplit, ElementType::kNone, 0);
+    SWT_MPI(MPI_Comm_split_type(state_->comm, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL,
+                                &st->comm));
+  }
+  return derived(std::move(st), "node");
 }
 
 MPI_Comm native_mpi_comm(const Communicator& comm) {

@@ -12,6 +12,10 @@
 //   reduce_scatter: a round moves a piece of max(1, L / size) elements of every block;
 //                   scratch: size * piece.
 //   all_gather, all_to_all, broadcast: pieces of L elements; no scratch.
+//
+// With a watchdog attached (attach_watchdog), every public collective is one Watch, and a
+// wait polls (MPI_Testall; MPI_Ibcast and MPI_Ibarrier for the blocking collectives) and calls
+// Watchdog::poll between tests, so an expired deadline is acted on by this, the main, thread.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -19,6 +23,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/watchdog.h"
 
 namespace switcht5 {
 
@@ -51,6 +56,8 @@ class MpiCommunicator final : public Communicator {
   // The new communicator inherits max_chunk_bytes().
   std::unique_ptr<Communicator> split(int color, int key) const override;
   std::unique_ptr<Communicator> split_by_node() const override;  // inherits max_chunk_bytes()
+  // The node communicator is labelled "node" (it is not one of the grid's groups).
+  void attach_watchdog(Watchdog& watchdog, const std::string& group) override;
 
   // In place over blocks of any sizes, for the data plane (comm/data_plane.h): data is
   // [counts[0] + ... + counts[size-1]], block r starting after blocks 0..r-1.
@@ -70,14 +77,21 @@ class MpiCommunicator final : public Communicator {
   const detail::MpiState& mpi_state() const { return *state_; }  // see comm/mpi_native.h
 
  private:
+  // In flight until destroyed; recorded in the group's trace (a no-op without a watchdog).
+  Watchdog::Watch watch(CommCall c, ElementType t, int64_t count) const;
+  // A new communicator over `comm` with this one's chunk size, watchdog and `group` label.
+  std::unique_ptr<MpiCommunicator> derived(std::unique_ptr<detail::MpiState> st,
+                                           const std::string& group) const;
+
   std::unique_ptr<detail::MpiState> state_;
   int rank_ = 0, size_ = 1;
   int64_t max_chunk_bytes_ = kDefaultMaxChunkBytes;
 };
 
 // Initialises MPI on the first call (MPI_Init_thread with MPI_THREAD_FUNNELED: only the main
-// thread calls MPI) and registers MPI_Finalize to run at exit; returns a communicator over
-// MPI_COMM_WORLD (a duplicate, so its messages never mix with other users of the world).
+// thread calls MPI, but for a watchdog's last-resort MPI_Abort, comm/watchdog.h) and registers
+// MPI_Finalize to run at exit; returns a communicator over MPI_COMM_WORLD (a duplicate, so its
+// messages never mix with other users of the world).
 // A program not started by mpirun becomes a 1-rank MPI job (Open MPI singleton init). Only if
 // MPI_Init_thread fails does it print a warning and return make_self_communicator().
 std::unique_ptr<Communicator> mpi_world();

@@ -3,12 +3,13 @@
 #include <cstdint>
 #include <utility>
 
+#include "comm/mpi_communicator.h"
 #include "core/check.h"
 
 namespace switcht5 {
 
 ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, int model,
-                                int expert) {
+                                int expert, double collective_timeout_s) {
   SWT_CHECK(world != nullptr, "ProcessGrid::create needs a world communicator");
   SWT_USER_CHECK(
       data >= 1 && model >= 1 && expert >= 1,
@@ -26,6 +27,11 @@ ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, i
                  expert, data);
 
   ProcessGrid g;
+  if (world_size > 1) {
+    g.watchdog = std::make_unique<Watchdog>(collective_timeout_s, world->rank(),
+                                            [](int code) { abort_all_ranks(code); });
+    world->attach_watchdog(*g.watchdog, "world");
+  }
   g.world_rank = world->rank();
   g.world_size = world_size;
   g.data = data;
@@ -40,6 +46,12 @@ ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, i
   g.model_group = world->split(g.data_rank, g.model_rank);
   g.expert_group = world->split(expert_group_index * model + g.model_rank, g.expert_rank);
   g.expert_replica_group = world->split(g.expert_rank * model + g.model_rank, expert_group_index);
+  if (g.watchdog) {
+    g.data_group->attach_watchdog(*g.watchdog, "data");
+    g.model_group->attach_watchdog(*g.watchdog, "model");
+    g.expert_group->attach_watchdog(*g.watchdog, "expert");
+    g.expert_replica_group->attach_watchdog(*g.watchdog, "expert-replica");
+  }
   const std::unique_ptr<Communicator> node = world->split_by_node();
   g.local_rank = node->rank();
   g.local_size = node->size();

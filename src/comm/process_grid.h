@@ -15,11 +15,16 @@
 //   model_group     {0,1} {2,3} {4,5} {6,7}         same data rank
 //   expert_group    {0,2} {4,6} {1,3} {5,7}         d / expert and model rank equal, by d % expert
 //   replica_group   {0,4} {2,6} {1,5} {3,7}         d % expert and model rank equal, by d / expert
+//
+// With more than one process the grid owns a Watchdog (comm/watchdog.h) and attaches it to
+// every group, labelled "world", "data", "model", "expert" and "expert-replica": a collective
+// that does not complete within collective_timeout_s (parallel.timeout_s) ends the job.
 #pragma once
 #include <memory>
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/watchdog.h"
 
 namespace switcht5 {
 
@@ -30,6 +35,9 @@ struct ProcessGrid {
   // This rank among the world's ranks on its node (Communicator::split_by_node), and how many
   // there are: a GPU backend picks its device by local_rank (BackendOptions).
   int local_rank = 0, local_size = 1;
+  // Null for one process. Declared before the communicators, which report to it, so that it is
+  // destroyed after them.
+  std::unique_ptr<Watchdog> watchdog;
   std::unique_ptr<Communicator> world;
   std::unique_ptr<Communicator> data_group;    // size data, rank data_rank
   std::unique_ptr<Communicator> model_group;   // size model, rank model_rank
@@ -45,8 +53,10 @@ struct ProcessGrid {
 
   // Validates the degrees (each >= 1, data * model == world size, expert divides data; a
   // UserError naming the numbers otherwise, thrown on every rank before any communication),
-  // splits the groups and finds the node-local rank. Collective over `world`.
-  static ProcessGrid create(std::unique_ptr<Communicator> world, int data, int model, int expert);
+  // splits the groups and finds the node-local rank. Collective over `world`. A watchdog,
+  // made when world has several ranks, ends the job with abort_all_ranks.
+  static ProcessGrid create(std::unique_ptr<Communicator> world, int data, int model, int expert,
+                            double collective_timeout_s = 600.0);
 
   bool is_root() const { return world_rank == 0; }
   // "world 8 = data 4 x model 2, expert 2; this rank: data 1, model 0, expert 1", for the log.

@@ -146,6 +146,8 @@ void for_each_field(RunConfig& c, V& v) {
   v("parallel", "zero1", p.zero1, BoolRule{});
   v("parallel", "bucket_mb", p.bucket_mb, RealRule{0.0, true, 1048576.0, false});  // <= 1 TiB
   v("parallel", "data_plane", p.data_plane, EnumRule{{"mpi", "nccl"}});
+  // At most 10^7 s (116 days): the deadline in nanoseconds fits an int64.
+  v("parallel", "timeout_s", p.timeout_s, RealRule{0.0, true, 1e7, false});
 
   CheckpointConfig& k = c.checkpoint;
   v("checkpoint", "every", k.every, IntRule{0, std::nullopt, "0: only at the end"});

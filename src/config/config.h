@@ -116,6 +116,9 @@ struct ParallelConfig {
   // memory staged through the host) or "nccl" (train.backend cuda, a build with NCCL). The
   // default stays mpi for cuda too: it runs everywhere, and NCCL is asked for where it exists.
   std::string data_plane = "mpi";
+  // Seconds one collective may take; past it the watchdog ends the job on every rank with one
+  // message (exit code 3; comm/watchdog.h).
+  double timeout_s = 600.0;
 
   bool operator==(const ParallelConfig&) const = default;
 };

@@ -1,8 +1,10 @@
 #include "train/metrics.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "model/model.h"
 #include "model/router.h"
@@ -21,8 +23,10 @@ void decode_routing(StepMetrics& m, const double* model_stats,
     r.aux_loss = a[kRouterBalanceSum] / calls;
     r.z_loss = a[kRouterZSum] / calls;
     r.dropped_fraction = tokens > 0 ? a[kRouterDropped] / tokens : 0.0;
-    for (int e = 0; e < num_experts; ++e)
+    for (int e = 0; e < num_experts; ++e) {
       r.expert_fraction.push_back(tokens > 0 ? a[kRouterStatsFixed + e] / tokens : 0.0);
+      r.expert_tokens.push_back(std::llround(a[kRouterStatsFixed + e]));
+    }
     m.aux_loss += r.aux_loss / double(layers.size());
     m.z_loss += r.z_loss / double(layers.size());
     routed += tokens;
@@ -30,6 +34,24 @@ void decode_routing(StepMetrics& m, const double* model_stats,
     m.routing.push_back(std::move(r));
   }
   m.dropped_fraction = routed > 0 ? dropped / routed : 0.0;
+}
+
+std::string describe_expert_tokens(const StepMetrics& m) {
+  constexpr size_t kListed = 16;
+  std::string out;
+  for (const LayerRouting& r : m.routing) {
+    const std::vector<int64_t>& t = r.expert_tokens;
+    out += out.empty() ? "" : ", ";
+    if (t.size() <= kListed) {
+      out += fmt::format("{} [{}]", r.layer, fmt::join(t, " "));
+      continue;
+    }
+    const auto [lo, hi] = std::minmax_element(t.begin(), t.end());
+    out += fmt::format("{} [{} experts: min {} (expert {}), max {} (expert {}), {} with none]",
+                       r.layer, t.size(), *lo, lo - t.begin(), *hi, hi - t.begin(),
+                       std::count(t.begin(), t.end(), int64_t{0}));
+  }
+  return out;
 }
 
 namespace {

@@ -15,6 +15,7 @@ struct LayerRouting {
   double z_loss = 0.0;                   // router z-loss, mean over tokens
   double dropped_fraction = 0.0;
   std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
+  std::vector<int64_t> expert_tokens;    // the tokens whose top-1 is each expert
 };
 
 struct StepMetrics {
@@ -40,6 +41,11 @@ struct StepMetrics {
 // step's micro-batches and data ranks.
 void decode_routing(StepMetrics& m, const double* model_stats,
                     const std::vector<std::string>& layers, int num_experts);
+
+// Per Switch layer, the tokens whose top-1 is each expert, for the watchdog's message:
+// "encoder.block.1 [12 0 7 5], decoder.block.1 [...]"; a layer of more than 16 experts as
+// "encoder.block.1 [128 experts: min 0 (expert 5), max 40 (expert 17), 3 with none]".
+std::string describe_expert_tokens(const StepMetrics& m);
 
 // One metrics.jsonl line (no trailing newline).
 std::string metrics_json(const StepMetrics& m);

@@ -53,6 +53,18 @@ std::shared_ptr<spdlog::logger> make_run_logger(const RunConfig& cfg, const Proc
   return logger;
 }
 
+std::function<void(const std::string&)> file_log_writer(const spdlog::logger& log) {
+  std::vector<spdlog::sink_ptr> files;
+  for (const spdlog::sink_ptr& s : log.sinks())
+    if (std::dynamic_pointer_cast<spdlog::sinks::basic_file_sink_mt>(s)) files.push_back(s);
+  // Sharing the sinks shares their format (spdlog formats per sink): the same "[rank r]" lines.
+  auto files_only = std::make_shared<spdlog::logger>(log.name(), files.begin(), files.end());
+  return [files_only](const std::string& line) {
+    files_only->error("{}", line);
+    files_only->flush();
+  };
+}
+
 void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops) {
   log.info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
            "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",

@@ -2,6 +2,7 @@
 // every rank with log.per_rank_files), the line a logged step prints, and metrics.jsonl.
 #pragma once
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -19,6 +20,10 @@ namespace switcht5 {
 // resuming, the files are continued.
 std::shared_ptr<spdlog::logger> make_run_logger(const RunConfig& cfg, const ProcessGrid& grid,
                                                 const std::string& run_dir, bool append);
+
+// Writes a line at error level to `log`'s file sinks only (not the console), flushed; for
+// messages already on stderr. Holds the sinks: usable from any thread while it lives.
+std::function<void(const std::string&)> file_log_writer(const spdlog::logger& log);
 
 // "step N | loss ... | GFLOP/s[ | val_loss ...]" for a logged step.
 void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops);

@@ -27,6 +27,10 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
   grid.world->barrier();  // the run directory exists before any rank opens a log in it
   if (cfg.log.per_rank_files) std::filesystem::create_directories(run_dir);
   auto log = make_run_logger(cfg, grid, run_dir, /*append=*/resuming);
+  // A watchdog's message goes to the log files too (stderr has it already, and rank 0's console
+  // sink is stdout: it would show twice under mpirun).
+  Watchdog::Registration watchdog_log;
+  if (grid.watchdog) watchdog_log = grid.watchdog->log_to(file_log_writer(*log));
   log->info("switcht5 train: run dir {}, config {}", run_dir, cfg.source_path);
   log->info("resolved config:\n{}", to_yaml(cfg));
 

@@ -281,6 +281,7 @@ PlaneTraffic Trainer::traffic(const std::string& group) const {
 StepMetrics Trainer::train_step(int64_t step) {
   const TrainConfig& tc = cfg_.train;
   const auto t0 = std::chrono::steady_clock::now();
+  if (grid_.watchdog) grid_.watchdog->set_step(step);
   ParamStore& ps = model_->params();
   train_source_->next(local_);
   int64_t tokens = 0;
@@ -368,6 +369,8 @@ StepMetrics Trainer::train_step(int64_t step) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   decode_routing(m, host_stats_.data(), switch_layers_, cfg_.model.num_experts);
+  // What the watchdog reports should a later collective hang: the step's routing is on the host.
+  if (grid_.watchdog) grid_.watchdog->set_completed_step(step, describe_expert_tokens(m));
   m.step_ms = secs * 1e3;
   m.tokens_per_s =
       double(tc.batch_size) * (cfg_.data.inputs_length + cfg_.data.targets_length) / secs;
