@@ -156,6 +156,14 @@ def main():
         r["mfu_measured"] = mfu(r["ms"], peak_measured)
         r["mfu_datasheet"] = mfu(r["ms"], DATASHEET_TFLOPS)
 
+    # `switcht5 plan`'s predicted step time for this run (train/comm_plan.h: compute at 40% of
+    # 989 TFLOP/s on one GPU, nothing to communicate) against the measured one.
+    predicted = (plan.get("predicted") or {}).get("step_seconds")
+    prediction = {}
+    if isinstance(predicted, (int, float)) and isinstance(ours.get("ms_median"), (int, float)):
+        prediction = {"predicted_ms": predicted * 1e3, "measured_ms": ours["ms_median"],
+                      "measured_over_predicted": ours["ms_median"] / (predicted * 1e3)}
+
     torch_v = next((h for h in [gemm, *hf.values()] if h.get("torch")), {})
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -167,6 +175,7 @@ def main():
         "peak_measured_tflops": peak_measured, "peak_measured_how": gemm.get("what"),
         "peak_datasheet_tflops": DATASHEET_TFLOPS,
         "switcht5": ours, "hf": hf, "gemm": gemm, "rows": rows, "memory": memory, "plan": plan,
+        "step_prediction": prediction,
     }
     with open(os.path.join(out, "bench_gpu.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -205,6 +214,11 @@ backward + Adafactor step timed with CUDA events, median of {hf['eager'].get('st
   Switch layer); switcht5 derives it per stack from capacity factor 1.25.
 - Host synchronisations per switcht5 step: {ours.get('host_syncs_per_step', '-')}.
 """
+    if prediction:
+        md += (f"\n## Step time: planned vs measured\n\n`switcht5 plan` predicted "
+               f"{prediction['predicted_ms']:.1f} ms (the step's FLOPs at 40% of 989 TFLOP/s; one "
+               f"GPU, nothing to communicate); measured {prediction['measured_ms']:.1f} ms "
+               f"({prediction['measured_over_predicted']:.2f}x the prediction).\n")
     md += memory_markdown(memory, ours)
     with open(os.path.join(out, "bench_gpu.md"), "w") as f:
         f.write(md)

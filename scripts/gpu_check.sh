@@ -259,9 +259,14 @@ elif m:
            f"({m['peak_minus_plan']:+.2%}){'' if m['pass'] else ': MEMORY CHECK FAIL'}")
 else:
     mem = "no memory check"
+pred = r.get("step_prediction") or {}
+pred_s = f"; plan predicted {f(pred.get('predicted_ms'), '.1f')} ms" if pred else ""
+graphs = next((x for k, x in rows.items() if "CUDA graphs" in k), {})
+graphs_s = f"; graphs {f(graphs.get('ms'), '.1f')} ms" if graphs else ""
 if ours:
-    print(f"b{ours['batch']}: {f(ours['ms'], '.1f')} ms/step, MFU {f(ours.get('mfu_measured'), '.1%')} "
-          f"(989: {f(ours.get('mfu_datasheet'), '.1%')}); HF eager {f(hf.get('ms'), '.1f')} ms; {mem}")
+    print(f"b{ours['batch']}: {f(ours['ms'], '.1f')} ms/step{pred_s}{graphs_s}, MFU "
+          f"{f(ours.get('mfu_measured'), '.1%')} (989: {f(ours.get('mfu_datasheet'), '.1%')}); "
+          f"HF eager {f(hf.get('ms'), '.1f')} ms; {mem}")
 else:
     print("bench_step measured nothing")
 EOF
