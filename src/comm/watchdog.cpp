@@ -20,6 +20,7 @@ const char* comm_call_name(CommCall c) {
     case CommCall::kBroadcast: return "broadcast";
     case CommCall::kBarrier: return "barrier";
     case CommCall::kSplit: return "split";
+    case CommCall::kDeviceWait: return "wait for the GPU's queued kernels and NCCL collectives";
   }
   return "?";
 }

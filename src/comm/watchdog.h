@@ -61,6 +61,9 @@ namespace switcht5 {
 enum class CommCall : uint8_t {
   kAllReduceSum, kAllReduceMax, kReduceScatterSum, kAllGather, kAllToAll, kBroadcast, kBarrier,
   kSplit,
+  // The host waiting for a device backend's queued work, NCCL collectives included (group
+  // "device"): a peer that stopped leaves the GPU waiting in NCCL and the host here.
+  kDeviceWait,
 };
 // kNone: no element count (a barrier, a split, a string broadcast).
 enum class ElementType : uint8_t { kNone, kFloat, kDouble, kInt64 };

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <memory>
 
 #include "backend/backend.h"
@@ -130,6 +131,10 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
   reducer_ = std::move(st.reducer);
   optimizer_ = std::move(st.optimizer);
   step_stats_ = std::move(st.statistics);
+  if (grid.watchdog)
+    for (DataPlane* plane : {expert_plane_.get(), model_plane_.get(), data_plane_.get(),
+                             replica_plane_.get()})
+      if (plane) plane_aborts_.push_back(grid.watchdog->on_abort([plane] { plane->abort(); }));
   device_batches_ = std::move(st.micro_batches);
   rng_step_ = std::move(st.rng_step);
   ce_scale_ = std::move(st.ce_scale);
@@ -322,8 +327,16 @@ StepMetrics Trainer::train_step(int64_t step) {
     ++eager_steps_;
   }
   const int64_t model_stats = model_->statistics_size();
-  // The step's one read-back: losses, router statistics, non-finite check, norm partials.
-  be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
+  // The step's one read-back: losses, router statistics, non-finite check, norm partials. On a
+  // device backend the host waits here for the step's kernels and its NCCL collectives, so the
+  // wait has the collectives' deadline (a stopped peer leaves NCCL waiting, comm/watchdog.h).
+  {
+    std::optional<Watchdog::Watch> wait;
+    if (grid_.watchdog && !be_->host_accessible())
+      wait.emplace(grid_.watchdog.get(), grid_.watchdog->trace("device"), "device", 1,
+                   CollectiveTrace::Entry{CommCall::kDeviceWait, ElementType::kNone, 0});
+    be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
+  }
   const double* host_extra = host_stats_.data() + model_stats;
   const bool local_bad =
       !std::isfinite(host_stats_[kCeSum]) || !std::isfinite(host_extra[kLocalGradSq]);

@@ -183,6 +183,9 @@ class Trainer {
   int consecutive_skips_ = 0;
   int64_t inject_step_ = -1;
   int inject_rank_ = -1;
+  // The watchdog aborts the data planes before it ends the job (NCCL: ncclCommAbort); last, so
+  // that they are removed before the planes go.
+  std::vector<Watchdog::Registration> plane_aborts_;
 };
 
 }  // namespace switcht5
