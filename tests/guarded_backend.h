@@ -207,6 +207,25 @@ class GuardedBackend final : public Backend {
                         int Tk) override {
     run([=, this] { inner_->softmax_backward(host(dscores), host(dprobs), host(probs), rows, Tk); });
   }
+  void attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                         const float* scores, const float* bias,
+                                         const float* key_mask, int B, int H, int Tq, int Tk,
+                                         bool causal, float p, RandomKey key) override {
+    run([=, this] {
+      inner_->attention_softmax_dropout_forward(host(probs), probs_type, host(dropped),
+                                                host(scores), host(bias), host(key_mask), B, H,
+                                                Tq, Tk, causal, p, host(key));
+    });
+  }
+  void attention_softmax_dropout_backward(float* dscores, float* dbias, const float* dprobs,
+                                          const float* probs, int B, int H, int Tq, int Tk,
+                                          float p, RandomKey key, bool round_bf16) override {
+    run([=, this] {
+      inner_->attention_softmax_dropout_backward(host(dscores), host(dbias), host(dprobs),
+                                                 host(probs), B, H, Tq, Tk, p, host(key),
+                                                 round_bf16);
+    });
+  }
   void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H, int Tq,
                            int Tk) override {
     run([=, this] { inner_->relpos_bias_forward(host(bias), host(table), host(buckets), H, Tq, Tk); });

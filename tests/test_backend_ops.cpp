@@ -27,6 +27,8 @@
 //   embedding_forward/backward        Embedding
 //   rmsnorm_forward/backward          Rmsnorm
 //   attention_softmax_forward softmax_backward   AttentionSoftmax
+//   attention_softmax_dropout_forward/backward   AttentionSoftmaxDropout; on the CPU also bitwise
+//                                     the composition: CpuAttention.FusedIsBitwiseTheComposition
 //   relpos_bias_forward/backward      RelposBias
 //   cross_entropy_forward/backward    CrossEntropy
 //   router_forward router_balance_loss router_backward moe_dispatch(_backward)
@@ -932,6 +934,97 @@ TEST_P(BackendVsReference, AttentionSoftmax) {
   }
 }
 
+// The fused attention core: forward (probs fp32 or bf16, dropped) and backward (dscores, the
+// accumulated dbias), fresh and in place (an fp32 probs over the scores, or dropped over them in
+// bf16; dscores over dprobs). Tk = 7, 33, 129 and 1500 are not multiples of 32 (the CUDA row
+// shapes: a warp's registers, the whole block, and past 4096 the streaming path); every row of
+// the last batch is masked (no allowed key), and with causal row 0 of batch 0 is too. Odd
+// variants key the dropout with a step counter in backend memory, as training does.
+TEST_P(BackendVsReference, AttentionSoftmaxDropout) {
+  struct Dims {
+    int B, H, Tq, Tk;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1, 1, 1},
+                                         {1, 3, 7, 7},
+                                         {2, 2, 3, 33},
+                                         {3, 1, 33, 7},
+                                         {2, 2, 12, 12},
+                                         {2, 4, 64, 129},
+                                         {2, 1, 3, 1500},
+                                         {1, 1, 2, 4099}}) {
+    const int64_t n = int64_t(d.B) * d.H * d.Tq * d.Tk, nb = int64_t(d.H) * d.Tq * d.Tk;
+    const auto scores = random_vector(n, 80, -4, 4), bias = random_vector(nb, 81);
+    auto key_mask = random_vector(int64_t(d.B) * d.Tk, 82, 0, 1);
+    for (float& m : key_mask) m = m < 0.3f ? 0.0f : 1.0f;
+    key_mask[0] = 0.0f;
+    if (d.B > 1) std::fill(key_mask.end() - d.Tk, key_mask.end(), 0.0f);
+    const auto dprobs = random_vector(n, 83), dbias0 = random_vector(nb, 84);
+    const uint64_t step_value = 41;
+    for (int variant = 0; variant < 32; ++variant) {
+      const bool use_bias = variant & 1, use_mask = variant & 2, causal = variant & 4;
+      const bool bf16 = variant & 8;
+      const float p = variant & 16 ? 0.3f : 0.0f;
+      const bool keyed = (variant / 3) % 2;  // step key in about half of every combination
+      const DType probs_type = bf16 ? DType::kBF16 : DType::kF32;
+      const int64_t probs_bytes = n * int64_t(dtype_size(probs_type));
+      auto probs_as_float = [&](Backend& be, const void* P) {
+        std::vector<float> out(static_cast<size_t>(n));
+        if (bf16) {
+          std::vector<uint16_t> h(static_cast<size_t>(n));
+          if (n > 0) be.copy_to_host(h.data(), P, size_t(probs_bytes));
+          for (int64_t i = 0; i < n; ++i) out[size_t(i)] = bf16_to_float(h[size_t(i)]);
+        } else {
+          if (n > 0) be.copy_to_host(out.data(), P, size_t(probs_bytes));
+        }
+        return out;
+      };
+      expect_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto S = upload(be, scores), Bi = upload(be, bias), Km = upload(be, key_mask),
+                 Dp = upload(be, dprobs), Db = upload(be, dbias0);
+            DeviceArray<uint64_t> step(be, 1);
+            be.copy_to_device(step.data(), &step_value, sizeof step_value);
+            const RandomKey key = keyed ? RandomKey(900 + variant, step.data()) : RandomKey(900);
+            const float* bias_ptr = use_bias ? Bi.data() : nullptr;
+            const float* mask_ptr = use_mask ? Km.data() : nullptr;
+            DeviceArray<uint8_t> P(be, probs_bytes);
+            const std::vector<uint8_t> nan_bytes(size_t(probs_bytes), 0xFF);  // NaN in both types
+            if (n > 0) be.copy_to_device(P.data(), nan_bytes.data(), size_t(probs_bytes));
+            auto Dr = poisoned<float>(be, n), Ds = poisoned<float>(be, n);
+            be.attention_softmax_dropout_forward(P.data(), probs_type, Dr.data(), S.data(),
+                                                 bias_ptr, mask_ptr, d.B, d.H, d.Tq, d.Tk, causal,
+                                                 p, key);
+            Outputs out = {probs_as_float(be, P.data()), download(be, Dr.data(), n)};
+            // The backward reads the fp32 probs, as the model loads them.
+            auto P32 = upload(be, out[0]);
+            be.attention_softmax_dropout_backward(Ds.data(), Db.data(), Dp.data(), P32.data(),
+                                                  d.B, d.H, d.Tq, d.Tk, p, key, bf16);
+            out.push_back(download(be, Ds.data(), n));
+            out.push_back(download(be, Db.data(), nb));
+            // In place, as the model calls them: fp32 probs over the scores (dropped elsewhere,
+            // none when p == 0), or in bf16 dropped over the scores; dscores over dprobs, no
+            // dbias.
+            if (n > 0) be.copy_to_device(P.data(), nan_bytes.data(), size_t(probs_bytes));
+            poison(be, Dr.data(), n);
+            float* dropped = bf16 ? S.data() : p > 0.0f ? Dr.data() : nullptr;
+            void* probs = bf16 ? static_cast<void*>(P.data()) : static_cast<void*>(S.data());
+            be.attention_softmax_dropout_forward(probs, probs_type, dropped, S.data(), bias_ptr,
+                                                 mask_ptr, d.B, d.H, d.Tq, d.Tk, causal, p, key);
+            out.push_back(probs_as_float(be, probs));
+            if (dropped) out.push_back(download(be, dropped, n));
+            be.attention_softmax_dropout_backward(Dp.data(), nullptr, Dp.data(), P32.data(), d.B,
+                                                  d.H, d.Tq, d.Tk, p, key, bf16);
+            out.push_back(download(be, Dp.data(), n));
+            return out;
+          },
+          elementwise_tolerance(probs_type),
+          fmt::format("attention softmax+dropout {}x{}x{}x{} bias={} mask={} causal={} bf16={} "
+                      "p={} step_key={}",
+                      d.B, d.H, d.Tq, d.Tk, use_bias, use_mask, causal, bf16, p, keyed));
+    }
+  }
+}
+
 TEST_P(BackendVsReference, RelposBias) {
   struct Dims {
     int H, Tq, Tk, num_buckets;
@@ -1439,6 +1532,17 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
   outs.push_back(download(be, probs.data(), na));
   outs.push_back(download(be, ds.data(), na));
   outs.push_back(download(be, dtab.data(), buckets * H));
+  // The fused attention core, bf16 and dropout: probs over the softmax above, dropped over ds,
+  // then the backward into ds with the bias gradient accumulated into the bias.
+  auto pb = poisoned<float>(be, na / 2);  // na bf16 values
+  be.attention_softmax_dropout_forward(pb.data(), DType::kBF16, ds.data(), Y.data(), bias.data(),
+                                       X.data(), B, H, T, T, true, 0.1f, 8);
+  outs.push_back(download(be, pb.data(), na / 2));
+  outs.push_back(download(be, ds.data(), na));
+  be.attention_softmax_dropout_backward(ds.data(), bias.data(), X.data(), probs.data(), B, H, T,
+                                        T, 0.1f, 8, true);
+  outs.push_back(download(be, ds.data(), na));
+  outs.push_back(download(be, bias.data(), int64_t(H) * T * T));
 
   const int G = 4, S = 256, E = 8, C = 40, Dm = 64;  // router
   const int64_t Tt = int64_t(G) * S;
@@ -1476,6 +1580,93 @@ TEST(CpuDropout, BitwiseTheScalarFormula) {
           random16(77, uint64_t(i)) >= dropout_threshold(p) ? x[size_t(i)] / (1.0f - p) : 0.0f;
       ASSERT_EQ(std::bit_cast<uint32_t>(h[size_t(i)]), std::bit_cast<uint32_t>(want))
           << "n=" << n << " i=" << i;
+    }
+  }
+}
+
+// The fused attention ops on the CPU backend are bitwise the sequence of ops the model ran
+// before them (model/attention.cpp at d8bd590), so training numbers do not move:
+//   forward, fp32:  attention_softmax_forward in place; dropout into a second buffer (p > 0)
+//   forward, bf16:  the same in an fp32 buffer, round_to_bf16, cast to bf16 (probs), dropout in
+//                   place (p > 0), round_to_bf16
+//   backward:       dropout in place (p > 0), softmax_backward in place, sum_over_batch into
+//                   dbias, round_to_bf16 (bf16)
+// Shapes large enough to run in parallel, rows not starting at a multiple of four (Tk = 12, the
+// tiny config's, and 65), a step-keyed mask.
+TEST(CpuAttention, FusedIsBitwiseTheComposition) {
+  CpuBackend be;
+  auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = std::bit_cast<uint32_t>(v[i]);
+    return b;
+  };
+  struct Dims {
+    int B, H, Tq, Tk;
+  };
+  for (const Dims& d : std::vector<Dims>{{3, 2, 5, 12}, {16, 4, 12, 12}, {2, 4, 64, 65}}) {
+    const int64_t n = int64_t(d.B) * d.H * d.Tq * d.Tk, nb = int64_t(d.H) * d.Tq * d.Tk;
+    const int64_t rows = int64_t(d.B) * d.H * d.Tq;
+    const auto scores = random_vector(n, 90, -4, 4), bias = random_vector(nb, 91);
+    auto key_mask = random_vector(int64_t(d.B) * d.Tk, 92, 0, 1);
+    for (float& m : key_mask) m = m < 0.3f ? 0.0f : 1.0f;
+    const auto dprobs = random_vector(n, 93), dbias0 = random_vector(nb, 94);
+    auto Bi = upload(be, bias), Km = upload(be, key_mask);
+    DeviceArray<uint64_t> step(be, 1);
+    const uint64_t step_value = 7;
+    be.copy_to_device(step.data(), &step_value, sizeof step_value);
+    const RandomKey key(1234, step.data());
+    for (int variant = 0; variant < 8; ++variant) {
+      const bool causal = variant & 1, bf16 = variant & 2;
+      const float p = variant & 4 ? 0.1f : 0.0f;
+      const std::string what = fmt::format("{}x{}x{}x{} causal={} bf16={} p={}", d.B, d.H, d.Tq,
+                                           d.Tk, causal, bf16, p);
+      // The composition.
+      auto S = upload(be, scores), D = upload(be, scores), Dp = upload(be, dprobs),
+           Db = upload(be, dbias0);
+      DeviceArray<uint16_t> Pb(be, n);
+      be.attention_softmax_forward(S.data(), S.data(), Bi.data(), Km.data(), d.B, d.H, d.Tq,
+                                   d.Tk, causal);
+      const float* p_used = S.data();  // what the context GEMM reads
+      if (bf16) {
+        be.round_to_bf16(S.data(), n);
+        be.cast(Pb.data(), DType::kBF16, S.data(), DType::kF32, n);
+        if (p > 0.0f) be.dropout(S.data(), S.data(), n, p, key);
+        be.round_to_bf16(S.data(), n);
+      } else if (p > 0.0f) {
+        be.dropout(D.data(), S.data(), n, p, key);
+        p_used = D.data();
+      }
+      const auto want_p = download(be, p_used, n);
+      const auto want_pb = download(be, Pb.data(), n);
+      // The backward's fp32 probs: the forward's fp32 softmax, or the bf16 one widened.
+      std::vector<float> probs32 = download(be, S.data(), n);
+      if (bf16)
+        for (int64_t i = 0; i < n; ++i) probs32[size_t(i)] = bf16_to_float(want_pb[size_t(i)]);
+      auto P32 = upload(be, probs32);
+      if (p > 0.0f) be.dropout(Dp.data(), Dp.data(), n, p, key);
+      be.softmax_backward(Dp.data(), Dp.data(), P32.data(), rows, d.Tk);
+      be.sum_over_batch(Db.data(), Dp.data(), d.B, nb);
+      if (bf16) be.round_to_bf16(Dp.data(), n);
+      const auto want_ds = download(be, Dp.data(), n), want_db = download(be, Db.data(), nb);
+
+      // The fused ops, called as the model calls them.
+      auto S2 = upload(be, scores), D2 = poisoned<float>(be, n), Dp2 = upload(be, dprobs),
+           Db2 = upload(be, dbias0);
+      DeviceArray<uint16_t> Pb2(be, n);
+      float* dropped = bf16 ? S2.data() : p > 0.0f ? D2.data() : nullptr;
+      void* probs = bf16 ? static_cast<void*>(Pb2.data()) : static_cast<void*>(S2.data());
+      be.attention_softmax_dropout_forward(probs, bf16 ? DType::kBF16 : DType::kF32, dropped,
+                                           S2.data(), Bi.data(), Km.data(), d.B, d.H, d.Tq, d.Tk,
+                                           causal, p, key);
+      EXPECT_EQ(bits(download(be, dropped ? dropped : S2.data(), n)), bits(want_p)) << what;
+      if (bf16)
+        EXPECT_EQ(download(be, Pb2.data(), n), want_pb) << what;
+      else
+        EXPECT_EQ(bits(download(be, S2.data(), n)), bits(probs32)) << what;
+      be.attention_softmax_dropout_backward(Dp2.data(), Db2.data(), Dp2.data(), P32.data(), d.B,
+                                            d.H, d.Tq, d.Tk, p, key, bf16);
+      EXPECT_EQ(bits(download(be, Dp2.data(), n)), bits(want_ds)) << what;
+      EXPECT_EQ(bits(download(be, Db2.data(), nb)), bits(want_db)) << what;
     }
   }
 }

@@ -186,6 +186,33 @@ class Backend {
   virtual void softmax_backward(float* dscores, const float* dprobs, const float* probs,
                                 int64_t rows, int Tk) = 0;
 
+  // The attention core as the model runs it: bias, masks, softmax and dropout in one pass over
+  // each row, bitwise the composition of the ops above (what the CPU backend's model computed
+  // before this op existed, so training numbers do not move). Shapes as above.
+  //   probs   = attention_softmax_forward(scores, bias, key_mask, causal)
+  //   dropped = dropout(probs, p, key)     (Backend::dropout over the whole [B,H,Tq,Tk] tensor:
+  //                                         element (b,h,i,j) draws random16(s, index of b,h,i,j);
+  //                                         p == 0 copies)
+  // probs_type is fp32 or bf16. bf16 (train.precision: bf16) stores probs as bf16 and drops out
+  // the rounded probs, rounding dropped to bf16 values too (it stays fp32 storage: a GEMM
+  // operand), i.e. the composition
+  //   attention_softmax_forward; round_to_bf16; cast to bf16 (probs); dropout; round_to_bf16.
+  // dropped may be null when p == 0. An fp32 probs, or dropped, may alias scores (not each other).
+  virtual void attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                                 const float* scores, const float* bias,
+                                                 const float* key_mask, int B, int H, int Tq,
+                                                 int Tk, bool causal, float p, RandomKey key) = 0;
+  // Its backward, with the position-bias gradient (probs is the forward's, fp32):
+  //   g       = dropout(dprobs, p, key)               (the forward's mask: same key, same index)
+  //   d       = softmax_backward(g, probs)            per row of Tk
+  //   dbias  += sum_over_batch(d)   when dbias ([H,Tq,Tk]) is not null: in double, b in order
+  //   dscores = round_bf16 ? round_to_bf16(d) : d     (dbias sums the unrounded d)
+  // dscores may alias dprobs.
+  virtual void attention_softmax_dropout_backward(float* dscores, float* dbias,
+                                                  const float* dprobs, const float* probs, int B,
+                                                  int H, int Tq, int Tk, float p, RandomKey key,
+                                                  bool round_bf16) = 0;
+
   // T5 relative position bias, gathered from a [num_buckets, H] table:
   //   bias[h,i,j] = table[buckets[i,j], h]       buckets is [Tq,Tk] (int32), bias [H,Tq,Tk]
   virtual void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H,

@@ -98,6 +98,15 @@ class SizingBackend final : public Backend {
   void softmax_backward(float*, const float*, const float*, int64_t, int) override {
     refuse("softmax_backward");
   }
+  void attention_softmax_dropout_forward(void*, DType, float*, const float*, const float*,
+                                         const float*, int, int, int, int, bool, float,
+                                         RandomKey) override {
+    refuse("attention_softmax_dropout_forward");
+  }
+  void attention_softmax_dropout_backward(float*, float*, const float*, const float*, int, int,
+                                          int, int, float, RandomKey, bool) override {
+    refuse("attention_softmax_dropout_backward");
+  }
   void relpos_bias_forward(float*, const float*, const int32_t*, int, int, int) override {
     refuse("relpos_bias_forward");
   }

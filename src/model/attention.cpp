@@ -45,7 +45,7 @@ int64_t Attention::scratch_floats() const {
 int64_t Attention::forward_scratch_floats() const {
   // q (later ctx_h) [B*Tq,HK] + k, v [B*Tk,HK] + dropout(probs) [B,H,Tq,Tk]
   // (+ bf16: one head-major permute in fp32, [B*T,HK] for the longer of Tq and Tk; the fp32
-  // probs live where dropout(probs) goes)
+  // scores live where dropout(probs) goes)
   return qh_.size() + 2 * kh_.size() + probs_.size() +
          std::max(qh_.staging_floats(), kh_.staging_floats());
 }
@@ -80,19 +80,16 @@ void Attention::forward(float* out, ActivationView xq, ActivationView xkv, const
   vh_.store(be_, vh_.f32_or(permuted));
   // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h), in fp32: in probs_ itself
   // (fp32), else where dropout(probs) goes.
-  float* probs = probs_.f32_or(p_dropped);
+  float* scores = probs_.f32_or(p_dropped);
   activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, qh_.view(), K, int64_t(Tq) * K, kh_.view(),
-                  K, int64_t(Tk) * K, 0.0f, probs, Tk, int64_t(Tq) * Tk, B * H);
-  be_.attention_softmax_forward(probs, probs, bias, key_mask, B, H, Tq, Tk, s_.causal);
-  // bf16: the softmax runs in fp32 on fp32 scores; its output is stored as bf16.
-  store_activation(be_, ps_, probs, probs_.size());
-  probs_.store(be_, probs);
-  const float* p = probs;
-  if (dropout_p > 0.0f) {
-    be_.dropout(p_dropped, probs, probs_.size(), dropout_p, seed);
-    store_activation(be_, ps_, p_dropped, probs_.size());
-    p = p_dropped;
-  }
+                  K, int64_t(Tk) * K, 0.0f, scores, Tk, int64_t(Tq) * Tk, B * H);
+  // probs = softmax(scores + bias) into probs_ (over the scores in fp32; bf16: rounded and
+  // stored as bf16) and p = dropout(probs) in one pass. bf16 always writes p (over the scores,
+  // a copy when dropout_p == 0): the GEMM below reads the fp32 p, as it read the fp32 probs.
+  float* dropped = dropout_p > 0.0f || !probs_.is_f32() ? p_dropped : nullptr;
+  be_.attention_softmax_dropout_forward(probs_.data(), probs_.dtype(), dropped, scores, bias,
+                                        key_mask, B, H, Tq, Tk, s_.causal, dropout_p, seed);
+  const float* p = dropped ? dropped : scores;
   // ctx_h = p v_h [B,H,Tq,K], written over q (free once permuted into qh_), then permuted
   // token-major into ctx_ [B*Tq, HK].
   float* ctx_h = q;
@@ -137,11 +134,10 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   store_activation(be_, ps_, dv_h, nk);
   activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.view(), K,
                   int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
-  if (dropout_p_ > 0.0f) be_.dropout(dprobs, dprobs, probs_.size(), dropout_p_, seed_);
-  // probs = softmax(scores + bias): dscores in place of dprobs.
-  be_.softmax_backward(dprobs, dprobs, probs, int64_t(B) * H * Tq, Tk);
-  if (dbias) be_.sum_over_batch(dbias, dprobs, B, int64_t(H) * Tq * Tk);
-  store_activation(be_, ps_, dprobs, probs_.size());  // dscores feed bf16 GEMMs
+  // p = dropout(probs), probs = softmax(scores + bias): dscores in place of dprobs, the bias
+  // gradient summed over the batch from them, then rounded (bf16: dscores feed bf16 GEMMs).
+  be_.attention_softmax_dropout_backward(dprobs, dbias, dprobs, probs, B, H, Tq, Tk, dropout_p_,
+                                         seed_, ps_.compute_dtype() == DType::kBF16);
   // scores = q_h k_h^T:  dq_h = dscores k_h,  dk_h = dscores^T q_h
   float* dq_h = dctx_h;
   activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.view(), K,

@@ -62,6 +62,72 @@ double blocked_sum(const float* x, int64_t n, double* partial, F f) {
   return total;
 }
 
+// ---- dropout (Backend::dropout's mask, core/rng.h) ------------------------------------------------
+// One 64-bit mix per group of four elements: random16(seed, i) for i = 4g .. 4g+3 are the four
+// 16-bit fields of mix64(seed + g * gamma). A full group is one SSE4.1 vector (x86-64-v2, the
+// build's baseline): the fields widened to 32 bits, compared with the threshold, and the
+// quotient x / keep_scale (a true division, as the scalar formula: bitwise the same result)
+// kept or zeroed. About 3x the scalar loop. The target attribute lets a Debug or sanitizer build
+// (no -march) compile the intrinsics too; its callers carry it as well, so that it can inline.
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;  // splitmix64's increment (core/rng.h)
+
+__attribute__((target("sse4.1")))
+inline void dropout_group(float* out, const float* x, uint64_t bits, __m128 keep, __m128i below) {
+  const __m128i r = _mm_cvtepu16_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bits)));
+  const __m128 kept = _mm_castsi128_ps(_mm_cmpgt_epi32(r, below));  // r > threshold - 1
+  const __m128 q = _mm_div_ps(_mm_loadu_ps(x), keep);
+  _mm_storeu_ps(out, _mm_and_ps(kept, q));  // dropped: +0.0f
+}
+
+// Dropout (p > 0) of x[0, n) as elements [first, first + n) of a larger tensor: out[k] =
+// x[k] / keep_scale if random16(seed, first + k) >= threshold, else +0.0f, bitwise what
+// Backend::dropout gives that tensor's elements. A row of attention probs starts anywhere in a
+// group: its ragged ends are scalar. out may alias x.
+__attribute__((target("sse4.1")))
+void dropout_span(float* out, const float* x, int64_t n, uint64_t first, uint64_t seed,
+                  uint32_t threshold, float keep_scale) {
+  const __m128 keep = _mm_set1_ps(keep_scale);
+  const __m128i below = _mm_set1_epi32(int32_t(threshold) - 1);
+  auto scalar = [&](int64_t k) {
+    out[k] = random16(seed, first + uint64_t(k)) >= threshold ? x[k] / keep_scale : 0.0f;
+  };
+  int64_t k = 0;
+  for (; k < n && ((first + uint64_t(k)) & 3) != 0; ++k) scalar(k);
+  for (; k + 4 <= n; k += 4)
+    dropout_group(out + k, x + k, mix64(seed + ((first + uint64_t(k)) >> 2) * kGolden), keep,
+                  below);
+  for (; k < n; ++k) scalar(k);
+}
+
+// ---- attention rows ---------------------------------------------------------------------------------
+// One row of attention_softmax_forward: p[j] = softmax over allowed j of s[j] + bi[j], allowed:
+// j < jmax and (km null or km[j] != 0). The max in fp32, the normaliser in double, then
+// p[j] = e[j] * float(1/z). p may alias s: each pass reads s[j] before writing p[j].
+inline void softmax_row(float* p, const float* s, const float* bi, const float* km, int jmax,
+                        int Tk) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < jmax; ++j)
+    if (!km || km[j] != 0.0f) mx = std::max(mx, s[j] + (bi ? bi[j] : 0.0f));
+  double z = 0.0;
+  for (int j = 0; j < Tk; ++j) {
+    const bool allowed = j < jmax && (!km || km[j] != 0.0f);
+    const float e = allowed ? std::exp(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
+    p[j] = e;
+    z += e;
+  }
+  const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+  for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
+}
+
+// One row of softmax_backward: ds[j] = p[j] * (dp[j] - float(sum_j double(dp[j]) * p[j])).
+// ds may alias dp.
+inline void softmax_backward_row(float* ds, const float* dp, const float* p, int Tk) {
+  double dot = 0.0;
+  for (int j = 0; j < Tk; ++j) dot += double(dp[j]) * p[j];
+  const float dotf = static_cast<float>(dot);
+  for (int j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dotf);
+}
+
 }  // namespace
 
 // ---- memory -----------------------------------------------------------------------------------
@@ -409,37 +475,106 @@ void CpuBackend::attention_softmax_forward(float* probs, const float* scores, co
     const int i = static_cast<int>(row % Tq);
     const int h = static_cast<int>((row / Tq) % H);
     const int b = static_cast<int>(row / (int64_t(Tq) * H));
-    const float* s = scores + row * Tk;
     const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
     const float* km = key_mask ? key_mask + int64_t(b) * Tk : nullptr;
-    float* p = probs + row * Tk;  // may alias s: each pass reads s[j] before writing p[j]
     const int jmax = causal ? std::min(Tk, i + 1) : Tk;  // allowed keys lie in [0, jmax)
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < jmax; ++j)
-      if (!km || km[j] != 0.0f) mx = std::max(mx, s[j] + (bi ? bi[j] : 0.0f));
-    double z = 0.0;
-    for (int j = 0; j < Tk; ++j) {
-      const bool allowed = j < jmax && (!km || km[j] != 0.0f);
-      const float e = allowed ? std::exp(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
-      p[j] = e;
-      z += e;
-    }
-    const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
-    for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
+    softmax_row(probs + row * Tk, scores + row * Tk, bi, km, jmax, Tk);
   }
 }
 
 void CpuBackend::softmax_backward(float* dscores, const float* dprobs, const float* probs,
                                   int64_t rows, int Tk) {
 #pragma omp parallel for schedule(static) if (rows * Tk >= kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* dp = dprobs + r * Tk;
-    const float* p = probs + r * Tk;
-    double dot = 0.0;
-    for (int j = 0; j < Tk; ++j) dot += double(dp[j]) * p[j];
-    const float dotf = static_cast<float>(dot);
-    float* ds = dscores + r * Tk;  // may alias dp: read dp[j] before writing ds[j]
-    for (int j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dotf);
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_backward_row(dscores + r * Tk, dprobs + r * Tk, probs + r * Tk, Tk);
+}
+
+// One pass per row: the row's softmax is computed where it is kept in fp32 (probs itself, else
+// dropped, else this thread's scratch row), then stored, dropped out and rounded while it is in
+// cache. Each op of the composition in backend.h is the same arithmetic on the same values, so
+// the result is bitwise that composition's on this backend.
+__attribute__((target("sse4.1")))
+void CpuBackend::attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                                   const float* scores, const float* bias,
+                                                   const float* key_mask, int B, int H, int Tq,
+                                                   int Tk, bool causal, float p, RandomKey key) {
+  check_float_type(probs_type, "attention_softmax_dropout_forward probs");
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_softmax_dropout_forward: p={} outside [0, 1)", p);
+  SWT_CHECK(dropped || p == 0.0f, "attention_softmax_dropout_forward: p={} needs `dropped`", p);
+  const bool bf16 = probs_type == DType::kBF16;
+  const uint64_t seed = key.host_seed();
+  const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t rows = int64_t(B) * H * Tq;
+  float* own_rows = bf16 && !dropped ? row_scratch(size_t(omp_get_max_threads()) * Tk) : nullptr;
+#pragma omp parallel for schedule(static) if (rows * Tk >= kParallelMin)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int i = static_cast<int>(row % Tq);
+    const int h = static_cast<int>((row / Tq) % H);
+    const int b = static_cast<int>(row / (int64_t(Tq) * H));
+    const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
+    const float* km = key_mask ? key_mask + int64_t(b) * Tk : nullptr;
+    const int jmax = causal ? std::min(Tk, i + 1) : Tk;
+    float* dr = dropped ? dropped + row * Tk : nullptr;
+    float* pr = !bf16 ? static_cast<float*>(probs) + row * Tk
+                : dr  ? dr
+                      : own_rows + int64_t(omp_get_thread_num()) * Tk;
+    softmax_row(pr, scores + row * Tk, bi, km, jmax, Tk);
+    if (bf16) {
+      uint16_t* pb = static_cast<uint16_t*>(probs) + row * Tk;
+      for (int j = 0; j < Tk; ++j) {
+        pr[j] = switcht5::round_to_bf16(pr[j]);
+        pb[j] = float_to_bf16(pr[j]);  // exact: pr[j] is a bf16 value
+      }
+    }
+    if (!dr) continue;
+    if (p > 0.0f) {
+      dropout_span(dr, pr, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
+      if (bf16)
+        for (int j = 0; j < Tk; ++j) dr[j] = switcht5::round_to_bf16(dr[j]);
+    } else if (dr != pr) {
+      std::memcpy(dr, pr, sizeof(float) * size_t(Tk));
+    }
+  }
+}
+
+// One (h, i) per iteration, its B rows in order, so the bias gradient of (h, i, j) is summed in
+// double over b in order from dbias's value (sum_over_batch's order) while the rows are in cache:
+// the dropout mask is written into dscores (as Backend::dropout would write dprobs), the softmax
+// backward is done in place there, and the row rounded after its sum is taken.
+__attribute__((target("sse4.1")))
+void CpuBackend::attention_softmax_dropout_backward(float* dscores, float* dbias,
+                                                    const float* dprobs, const float* probs, int B,
+                                                    int H, int Tq, int Tk, float p, RandomKey key,
+                                                    bool round_bf16) {
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_softmax_dropout_backward: p={} outside [0, 1)", p);
+  const uint64_t seed = key.host_seed();
+  const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t head_rows = int64_t(H) * Tq;  // (h, i) pairs
+  double* acc_all = dbias ? scratch(size_t(omp_get_max_threads()) * Tk) : nullptr;
+#pragma omp parallel for schedule(static) if (head_rows * B * Tk >= kParallelMin)
+  for (int64_t hi = 0; hi < head_rows; ++hi) {
+    double* acc = acc_all ? acc_all + int64_t(omp_get_thread_num()) * Tk : nullptr;
+    float* db = dbias ? dbias + hi * Tk : nullptr;
+    if (db)
+      for (int j = 0; j < Tk; ++j) acc[j] = db[j];
+    for (int b = 0; b < B; ++b) {
+      const int64_t row = int64_t(b) * head_rows + hi;
+      float* ds = dscores + row * Tk;
+      const float* dp = dprobs + row * Tk;
+      if (p > 0.0f)
+        dropout_span(ds, dp, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
+      else if (ds != dp)
+        std::memcpy(ds, dp, sizeof(float) * size_t(Tk));
+      softmax_backward_row(ds, ds, probs + row * Tk, Tk);
+      if (acc)
+        for (int j = 0; j < Tk; ++j) acc[j] += ds[j];
+      if (round_bf16)
+        for (int j = 0; j < Tk; ++j) ds[j] = switcht5::round_to_bf16(ds[j]);
+    }
+    if (db)
+      for (int j = 0; j < Tk; ++j) db[j] = static_cast<float>(acc[j]);
   }
 }
 
@@ -499,8 +634,7 @@ void CpuBackend::gated_gelu_backward(float* da, float* db, const float* dout, co
 
 // ---- randomness -------------------------------------------------------------------------------
 
-// SSE4.1 is the Release build's baseline (-march=x86-64-v2); the attribute lets a Debug or
-// sanitizer build (no -march) compile the intrinsics too.
+// Full groups of four through dropout_group (see there), the tail scalar.
 __attribute__((target("sse4.1")))
 void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
@@ -511,25 +645,15 @@ void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, RandomK
   }
   const float keep_scale = 1.0f - p;
   const uint32_t threshold = dropout_threshold(p);  // <= 65536
-  // One 64-bit mix per group of four elements: random16(seed, i) for i = 4g .. 4g+3, the four
-  // 16-bit fields of the mix. A full group is one SSE4.1 vector (x86-64-v2, the build's
-  // baseline): the fields widened to 32 bits, compared with the threshold, and the quotient
-  // x / keep_scale (a true division, as the scalar tail: bitwise the same result) kept or
-  // zeroed. About 3x the scalar loop: attention dropout runs over every [B,H,Tq,Tk] score, three
-  // times a step (forward, the mask regenerated in backward, the gradient).
   const int64_t full = n / 4;
   const __m128 keep = _mm_set1_ps(keep_scale);
   const __m128i below = _mm_set1_epi32(int32_t(threshold) - 1);  // r >= threshold iff r > below
 #pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t g = 0; g < full; ++g) {
-    const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * 0x9E3779B97F4A7C15ull);
-    const __m128i r = _mm_cvtepu16_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bits)));
-    const __m128 kept = _mm_castsi128_ps(_mm_cmpgt_epi32(r, below));
-    const __m128 q = _mm_div_ps(_mm_loadu_ps(x + 4 * g), keep);
-    _mm_storeu_ps(out + 4 * g, _mm_and_ps(kept, q));  // dropped: +0.0f
-  }
+  for (int64_t g = 0; g < full; ++g)
+    dropout_group(out + 4 * g, x + 4 * g, mix64(seed + static_cast<uint64_t>(g) * kGolden), keep,
+                  below);
   if (n % 4 != 0) {
-    const uint64_t bits = mix64(seed + static_cast<uint64_t>(full) * 0x9E3779B97F4A7C15ull);
+    const uint64_t bits = mix64(seed + static_cast<uint64_t>(full) * kGolden);
     for (int64_t i = 4 * full; i < n; ++i) {
       const uint32_t r = uint32_t(bits >> (16 * (i - 4 * full))) & 0xFFFFu;
       out[i] = r >= threshold ? x[i] / keep_scale : 0.0f;

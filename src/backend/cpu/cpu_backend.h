@@ -68,6 +68,13 @@ class CpuBackend final : public Backend {
                                  bool causal) override;
   void softmax_backward(float* dscores, const float* dprobs, const float* probs, int64_t rows,
                         int Tk) override;
+  void attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                         const float* scores, const float* bias,
+                                         const float* key_mask, int B, int H, int Tq, int Tk,
+                                         bool causal, float p, RandomKey key) override;
+  void attention_softmax_dropout_backward(float* dscores, float* dbias, const float* dprobs,
+                                          const float* probs, int B, int H, int Tq, int Tk,
+                                          float p, RandomKey key, bool round_bf16) override;
   void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H, int Tq,
                            int Tk) override;
   void relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets, int H,
@@ -123,6 +130,12 @@ class CpuBackend final : public Backend {
     return scratch_.data();
   }
   std::vector<double> scratch_;
+  // Host rows of fp32 (the fused attention forward's per-thread rows), grown like scratch().
+  float* row_scratch(size_t n) {
+    if (row_scratch_.size() < n) row_scratch_.resize(n);
+    return row_scratch_.data();
+  }
+  std::vector<float> row_scratch_;
   std::vector<float> wide_a_, wide_b_, wide_c_;  // gemm_ex's fp32 copies of bf16 operands
   // alloc_bytes' live blocks (address -> rounded bytes) and their sum, for memory_counts().
   std::unordered_map<void*, size_t> live_;

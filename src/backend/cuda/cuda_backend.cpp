@@ -591,6 +591,29 @@ void CudaBackend::softmax_backward(float* dscores, const float* dprobs, const fl
   cuda::softmax_backward(ctx_, dscores, dprobs, probs, rows, Tk);
 }
 
+void CudaBackend::attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                                    const float* scores, const float* bias,
+                                                    const float* key_mask, int B, int H, int Tq,
+                                                    int Tk, bool causal, float p, RandomKey key) {
+  check_float_type(probs_type, "attention_softmax_dropout_forward probs");
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_softmax_dropout_forward: p={} outside [0, 1)", p);
+  SWT_CHECK(dropped || p == 0.0f, "attention_softmax_dropout_forward: p={} needs `dropped`", p);
+  // The mask threshold and the kept values' scale, as dropout() computes them (p == 0: 0 and 1).
+  cuda::attention_softmax_dropout_forward(ctx_, probs, probs_type == DType::kBF16, dropped,
+                                          scores, bias, key_mask, B, H, Tq, Tk, causal,
+                                          dropout_threshold(p), 1.0f - p, key.seed, key.step);
+}
+
+void CudaBackend::attention_softmax_dropout_backward(float* dscores, float* dbias,
+                                                     const float* dprobs, const float* probs,
+                                                     int B, int H, int Tq, int Tk, float p,
+                                                     RandomKey key, bool round_bf16) {
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_softmax_dropout_backward: p={} outside [0, 1)", p);
+  cuda::attention_softmax_dropout_backward(ctx_, dscores, dbias, dprobs, probs, B, H, Tq, Tk,
+                                           round_bf16, dropout_threshold(p), 1.0f - p, key.seed,
+                                           key.step);
+}
+
 void CudaBackend::relpos_bias_forward(float* bias, const float* table, const int32_t* buckets,
                                       int H, int Tq, int Tk) {
   cuda::relpos_bias_forward(ctx_, bias, table, buckets, H, Tq, Tk);

@@ -145,6 +145,13 @@ class CudaBackend final : public Backend {
                                  bool causal) override;
   void softmax_backward(float* dscores, const float* dprobs, const float* probs, int64_t rows,
                         int Tk) override;
+  void attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
+                                         const float* scores, const float* bias,
+                                         const float* key_mask, int B, int H, int Tq, int Tk,
+                                         bool causal, float p, RandomKey key) override;
+  void attention_softmax_dropout_backward(float* dscores, float* dbias, const float* dprobs,
+                                          const float* probs, int B, int H, int Tq, int Tk,
+                                          float p, RandomKey key, bool round_bf16) override;
   void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H, int Tq,
                            int Tk) override;
   void relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets, int H,

@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels: launch shapes, fixed-tree warp/block reductions and
-// scans, workspace carving, and the launcher error path for bad arguments. Self-contained (CUDA
-// runtime + cuda_check.h only); every helper is header-inline.
+// scans, workspace carving, the launcher error path for bad arguments, bf16 bits and the seed of
+// a RandomKey. Self-contained (CUDA runtime, cuda_check.h and core/rng.h only); every helper is
+// header-inline.
 //
 // Determinism: every reduction here is a fixed tree over the thread layout (shfl_down by 16, 8,
 // 4, 2, 1 within a warp, then warp 0 over the warp totals in warp order), so a result depends
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
+#include "core/rng.h"
 
 namespace switcht5::cuda::detail {
 
@@ -188,6 +190,13 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
 }
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) {
   return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
+
+// ---- randomness ---------------------------------------------------------------------------------
+// The seed of a RandomKey (core/rng.h): the step counter is read when the kernel runs, so a
+// recorded launch (CUDA graph) draws the current step's stream.
+__device__ __forceinline__ uint64_t key_seed(uint64_t seed, const uint64_t* step) {
+  return step ? derive_seed(seed, *step) : seed;
 }
 
 }  // namespace switcht5::cuda::detail

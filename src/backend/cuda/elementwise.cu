@@ -26,6 +26,7 @@ using detail::f32_to_bf16_bits;
 using detail::global_thread_index;
 using detail::grid_for;
 using detail::grid_stride;
+using detail::key_seed;
 using detail::kThreads;
 
 namespace {
@@ -360,12 +361,7 @@ __global__ void gated_gelu_backward_kernel(float* da, float* db, const float* do
 // ---- randomness ---------------------------------------------------------------------------------
 
 // One splitmix64 draw per group of four elements, as random16 (core/rng.h) defines the bits.
-// The seed of a RandomKey (core/rng.h): the step counter is read when the kernel runs, so a
-// recorded launch (CUDA graph) draws the current step's stream.
-__device__ __forceinline__ uint64_t key_seed(uint64_t seed, const uint64_t* step) {
-  return step ? derive_seed(seed, *step) : seed;
-}
-
+// The seed is key_seed's (device_util.cuh): the step counter read when the kernel runs.
 __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t threshold,
                                float keep_scale, uint64_t key, const uint64_t* step) {
   const uint64_t seed = key_seed(key, step);

@@ -87,7 +87,7 @@ void accumulate_loss_statistics(const Ctx& c, double* acc, const float* loss, co
 void accumulate_router_statistics(const Ctx& c, double* acc, const float* lb, const float* lse,
                                   const float* counts, int G, int S, int E, int C);
 
-// ---- RMSNorm and attention softmax (norm_attention.cu) -----------------------------------------
+// ---- RMSNorm, attention softmax alone and fused with dropout (norm_attention.cu) ----------------
 void rmsnorm_forward(const Ctx& c, float* out, float* rstd, const float* x, const float* w,
                      int64_t N, int D, float eps);
 void rmsnorm_backward(const Ctx& c, float* dx, float* dw, const float* dout, const float* x,
@@ -96,6 +96,18 @@ void attention_softmax_forward(const Ctx& c, float* probs, const float* scores, 
                                const float* key_mask, int B, int H, int Tq, int Tk, bool causal);
 void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const float* probs,
                       int64_t rows, int Tk);
+// Backend::attention_softmax_dropout_forward / _backward. probs is bf16 when probs_bf16 (fp32
+// otherwise); threshold, keep_scale as for dropout (p == 0: threshold 0, keep_scale 1, which
+// copies); the seed is derive_seed(seed, *step) when step is not null, read when the kernel runs.
+void attention_softmax_dropout_forward(const Ctx& c, void* probs, bool probs_bf16, float* dropped,
+                                       const float* scores, const float* bias,
+                                       const float* key_mask, int B, int H, int Tq, int Tk,
+                                       bool causal, uint32_t threshold, float keep_scale,
+                                       uint64_t seed, const uint64_t* step);
+void attention_softmax_dropout_backward(const Ctx& c, float* dscores, float* dbias,
+                                        const float* dprobs, const float* probs, int B, int H,
+                                        int Tq, int Tk, bool round_bf16, uint32_t threshold,
+                                        float keep_scale, uint64_t seed, const uint64_t* step);
 
 // ---- loss, router, dispatch (loss_router.cu) ----------------------------------------------------
 void cross_entropy_forward(const Ctx& c, float* loss, float* lse, const float* logits,

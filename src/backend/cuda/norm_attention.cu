@@ -1,4 +1,4 @@
-// T5 RMSNorm and the attention softmax on the GPU (launchers declared in kernels.h; the math is
+// T5 RMSNorm and the attention softmax (alone, and fused with dropout) on the GPU (launchers declared in kernels.h; the math is
 // backend.h's, the rounding points are the CPU backend's: cpu/cpu_backend.cpp).
 //
 // Row kernels. A "row group" of kGroup threads owns one row: kGroup = 32 is a warp (8 rows per
@@ -11,8 +11,8 @@
 // order). No atomics; each output element has exactly one writer. The dw column reduction of
 // rmsnorm_backward goes through ctx.workspace in two passes (see there).
 //
-// In place: a thread reads and writes only its own elements of a row (probs over scores,
-// dscores over dprobs), reading each before writing it, so aliasing needs no barrier.
+// In place: a thread reads and writes only its own elements of a row (probs or dropped over
+// scores, dscores over dprobs), reading each before writing it, so aliasing needs no barrier.
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -26,7 +26,10 @@
 
 namespace switcht5::cuda {
 
+using detail::bf16_bits_to_f32;
 using detail::blocks_for;
+using detail::f32_to_bf16_bits;
+using detail::key_seed;
 using detail::MaxOp;
 using detail::SumOp;
 using detail::warp_reduce;
@@ -308,6 +311,206 @@ softmax_backward_kernel(float* dscores, const float* dprobs, const float* __rest
   }
 }
 
+// ---- attention softmax + dropout, fused (forward) -----------------------------------------------
+// attention_softmax_kernel's row, then, element by element while it is in registers:
+//   pj = e_j * inv_z, rounded to a bf16 value when probs is bf16 (probs_bf16), stored to probs;
+//   dropped_j = pj / keep_scale (a true division) if random16(seed, row*Tk + j) >= threshold,
+//   else +0.0f, rounded to a bf16 value when probs is bf16 (Backend::dropout's mask over the
+//   whole tensor). threshold 0 and keep_scale 1 (p == 0) copy pj.
+// The random bits are one splitmix64 mix per element (a lane's elements are kGroup apart, so the
+// four elements a mix serves belong to different lanes): about 20 integer operations, which
+// the kernel hides behind its memory traffic.
+// Aliasing: an fp32 probs or dropped may be scores; every element is read before it is written,
+// by the thread that writes it. Rows longer than the register path (kPer == 0) take a third
+// pass that recomputes e_j from scores rather than keeping it anywhere.
+__device__ __forceinline__ float bf16_value(float x) {  // round_to_bf16
+  return bf16_bits_to_f32(f32_to_bf16_bits(x));
+}
+
+// Backend::dropout of element `index` of the [B,H,Tq,Tk] tensor (threshold = dropout_threshold(p),
+// keep_scale = 1 - p, both from the host).
+__device__ __forceinline__ float dropout_element(float x, uint64_t seed, uint64_t index,
+                                                 uint32_t threshold, float keep_scale) {
+  if (threshold != 0 && random16(seed, index) < threshold) return 0.0f;
+  return __fdiv_rn(x, keep_scale);
+}
+
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+attention_softmax_dropout_kernel(void* probs, bool probs_bf16, float* dropped,
+                                 const float* scores, const float* __restrict__ bias,
+                                 const float* __restrict__ key_mask, int H, int Tq, int Tk,
+                                 bool causal, int64_t rows, uint32_t threshold, float keep_scale,
+                                 uint64_t key, const uint64_t* step) {
+  static_assert(kPer <= 32, "the allowed-mask is one 32-bit word per thread");
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ float red_max[kWarps];
+  __shared__ double red_sum[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  const uint64_t seed = threshold != 0 ? key_seed(key, step) : 0;
+  // pj as stored: rounded (bf16 probs) and written to probs; then dropped_j.
+  auto store = [&](int64_t at, float pj) {
+    if (probs_bf16) {
+      const uint16_t bits = f32_to_bf16_bits(pj);
+      static_cast<uint16_t*>(probs)[at] = bits;
+      pj = bf16_bits_to_f32(bits);
+    } else {
+      static_cast<float*>(probs)[at] = pj;
+    }
+    if (dropped) {
+      const float d = dropout_element(pj, seed, uint64_t(at), threshold, keep_scale);
+      dropped[at] = probs_bf16 ? bf16_value(d) : d;
+    }
+  };
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int i = static_cast<int>(row % Tq);
+    const int h = static_cast<int>((row / Tq) % H);
+    const int64_t b = row / (int64_t(Tq) * H);
+    const float* s = scores + row * Tk;
+    const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
+    const float* km = key_mask ? key_mask + b * Tk : nullptr;
+    const int jmax = causal ? min(Tk, i + 1) : Tk;
+    float mx = -CUDART_INF_F;
+    double z = 0.0;
+    if constexpr (kPer > 0) {
+      float v[kPer];
+      uint32_t allowed = 0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        v[k] = 0.0f;
+        if (j < jmax && (!km || km[j] != 0.0f)) {
+          allowed |= 1u << k;
+          v[k] = s[j] + (bi ? bi[j] : 0.0f);
+          mx = MaxOp{}(mx, v[k]);
+        }
+      }
+      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        v[k] = (allowed >> k) & 1u ? expf(v[k] - mx) : 0.0f;
+        z += double(v[k]);
+      }
+      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
+      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        if (j < Tk) store(row * Tk + j, __fmul_rn(v[k], inv_z));
+      }
+    } else {
+      auto exp_at = [&](int j) {
+        const bool ok = j < jmax && (!km || km[j] != 0.0f);
+        return ok ? expf(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
+      };
+      for (int j = lane; j < jmax; j += kGroup)
+        if (!km || km[j] != 0.0f) mx = MaxOp{}(mx, s[j] + (bi ? bi[j] : 0.0f));
+      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
+      for (int j = lane; j < Tk; j += kGroup) z += double(exp_at(j));
+      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
+      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+      for (int j = lane; j < Tk; j += kGroup) store(row * Tk + j, __fmul_rn(exp_at(j), inv_z));
+    }
+  }
+}
+
+// ---- attention softmax + dropout, fused (backward) ----------------------------------------------
+// One row group per (h, i), its B rows in order b = 0, 1, ...: for row (b,h,i)
+//   g_j  = dropout_element(dprobs_j)   (the forward's mask; threshold 0 copies)
+//   dot  = sum_j double(g_j) * p_j;    d_j = p_j * (g_j - float(dot))   (softmax_backward_kernel)
+//   dbias[h,i,j] = float(double(dbias[h,i,j]) + d_j(b=0) + d_j(b=1) + ...)   (sum_over_batch)
+//   dscores_j = d_j, rounded to a bf16 value when round_bf16 (after the sum takes it).
+// The register path keeps the running sums in double registers; the streaming path (kPer == 0)
+// writes d, then sums and rounds its own elements over b from memory. A thread touches only its
+// own elements, so dscores may alias dprobs.
+template <int kGroup, int kPer>
+__global__ void __launch_bounds__(kBlock)
+attention_softmax_dropout_backward_kernel(float* dscores, float* __restrict__ dbias,
+                                          const float* dprobs, const float* __restrict__ probs,
+                                          int B, int64_t head_rows, int Tk, bool round_bf16,
+                                          uint32_t threshold, float keep_scale, uint64_t key,
+                                          const uint64_t* step) {
+  constexpr int kRowsPerBlock = kBlock / kGroup;
+  __shared__ double red[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  const uint64_t seed = threshold != 0 ? key_seed(key, step) : 0;
+  const int64_t batch_stride = head_rows * Tk;
+  for (int64_t hi = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; hi < head_rows;
+       hi += int64_t(gridDim.x) * kRowsPerBlock) {
+    float* db = dbias ? dbias + hi * Tk : nullptr;
+    if constexpr (kPer > 0) {
+      double acc[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int j = lane + k * kGroup;
+        acc[k] = db && j < Tk ? double(db[j]) : 0.0;
+      }
+      for (int b = 0; b < B; ++b) {
+        const int64_t at = b * batch_stride + hi * Tk;  // element (b,h,i,0)
+        float gv[kPer], pv[kPer];
+        double dot = 0.0;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int j = lane + k * kGroup;
+          const bool in = j < Tk;
+          gv[k] = in ? dropout_element(dprobs[at + j], seed, uint64_t(at + j), threshold,
+                                       keep_scale)
+                     : 0.0f;
+          pv[k] = in ? probs[at + j] : 0.0f;
+          dot += double(gv[k]) * double(pv[k]);
+        }
+        dot = group_reduce<kGroup>(dot, SumOp{}, red);
+        const float dotf = static_cast<float>(dot);
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int j = lane + k * kGroup;
+          if (j >= Tk) continue;
+          const float d = __fmul_rn(pv[k], __fsub_rn(gv[k], dotf));
+          acc[k] += double(d);
+          dscores[at + j] = round_bf16 ? bf16_value(d) : d;
+        }
+      }
+      if (db) {
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int j = lane + k * kGroup;
+          if (j < Tk) db[j] = static_cast<float>(acc[k]);
+        }
+      }
+    } else {
+      const bool round_now = round_bf16 && !db;  // else after the sum has read d
+      for (int b = 0; b < B; ++b) {
+        const int64_t at = b * batch_stride + hi * Tk;
+        double dot = 0.0;
+        for (int j = lane; j < Tk; j += kGroup) {
+          const float g =
+              dropout_element(dprobs[at + j], seed, uint64_t(at + j), threshold, keep_scale);
+          dscores[at + j] = g;
+          dot += double(g) * double(probs[at + j]);
+        }
+        dot = group_reduce<kGroup>(dot, SumOp{}, red);
+        const float dotf = static_cast<float>(dot);
+        for (int j = lane; j < Tk; j += kGroup) {
+          const float d = __fmul_rn(probs[at + j], __fsub_rn(dscores[at + j], dotf));
+          dscores[at + j] = round_now ? bf16_value(d) : d;
+        }
+      }
+      if (db) {
+        for (int j = lane; j < Tk; j += kGroup) {
+          double acc = double(db[j]);
+          for (int b = 0; b < B; ++b) {
+            float* d = dscores + b * batch_stride + hi * Tk + j;
+            acc += double(*d);
+            if (round_bf16) *d = bf16_value(*d);
+          }
+          db[j] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+}
+
 void require_workspace(const Ctx& c, const char* file, int line) {
   if (c.workspace == nullptr || c.workspace_bytes < kWorkspaceBytes)
     cuda_fail(file, line, "Ctx::workspace", "CUDA", 0,
@@ -379,6 +582,40 @@ void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const f
     const int64_t blocks = blocks_for(rows, kBlock / kGroup);
     softmax_backward_kernel<kGroup, kPer>
         <<<unsigned(blocks), kBlock, 0, c.stream>>>(dscores, dprobs, probs, rows, Tk);
+    SWT_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void attention_softmax_dropout_forward(const Ctx& c, void* probs, bool probs_bf16, float* dropped,
+                                       const float* scores, const float* bias,
+                                       const float* key_mask, int B, int H, int Tq, int Tk,
+                                       bool causal, uint32_t threshold, float keep_scale,
+                                       uint64_t seed, const uint64_t* step) {
+  const int64_t rows = int64_t(B) * H * Tq;
+  if (rows <= 0 || Tk <= 0) return;
+  with_row_shape(Tk, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(rows, kBlock / kGroup);
+    attention_softmax_dropout_kernel<kGroup, kPer><<<unsigned(blocks), kBlock, 0, c.stream>>>(
+        probs, probs_bf16, dropped, scores, bias, key_mask, H, Tq, Tk, causal, rows, threshold,
+        keep_scale, seed, step);
+    SWT_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void attention_softmax_dropout_backward(const Ctx& c, float* dscores, float* dbias,
+                                        const float* dprobs, const float* probs, int B, int H,
+                                        int Tq, int Tk, bool round_bf16, uint32_t threshold,
+                                        float keep_scale, uint64_t seed, const uint64_t* step) {
+  const int64_t head_rows = int64_t(H) * Tq;
+  if (B <= 0 || head_rows <= 0 || Tk <= 0) return;
+  with_row_shape(Tk, [&](auto group, auto per) {
+    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
+    const int64_t blocks = blocks_for(head_rows, kBlock / kGroup);
+    attention_softmax_dropout_backward_kernel<kGroup, kPer>
+        <<<unsigned(blocks), kBlock, 0, c.stream>>>(dscores, dbias, dprobs, probs, B, head_rows,
+                                                    Tk, round_bf16, threshold, keep_scale, seed,
+                                                    step);
     SWT_CUDA_CHECK_LAUNCH();
   });
 }

@@ -377,6 +377,39 @@ void ReferenceBackend::softmax_backward(float* dscores, const float* dprobs, con
   }
 }
 
+// The fused attention ops are the compositions backend.h states, op by op.
+void ReferenceBackend::attention_softmax_dropout_forward(void* probs, DType probs_type,
+                                                         float* dropped, const float* scores,
+                                                         const float* bias, const float* key_mask,
+                                                         int B, int H, int Tq, int Tk, bool causal,
+                                                         float p, RandomKey key) {
+  check_float_type(probs_type, "attention_softmax_dropout_forward probs");
+  SWT_CHECK(dropped || p == 0.0f, "attention_softmax_dropout_forward: p={} needs `dropped`", p);
+  const int64_t n = int64_t(B) * H * Tq * Tk;
+  const bool bf16 = probs_type == DType::kBF16;
+  std::vector<float> pr(size_t(std::max<int64_t>(n, 0)));  // dropped and probs may alias scores
+  attention_softmax_forward(pr.data(), scores, bias, key_mask, B, H, Tq, Tk, causal);
+  if (bf16) round_to_bf16(pr.data(), n);
+  if (dropped) {
+    dropout(dropped, pr.data(), n, p, key);
+    if (bf16) round_to_bf16(dropped, n);
+  }
+  cast(probs, probs_type, pr.data(), DType::kF32, n);
+}
+
+void ReferenceBackend::attention_softmax_dropout_backward(float* dscores, float* dbias,
+                                                          const float* dprobs, const float* probs,
+                                                          int B, int H, int Tq, int Tk, float p,
+                                                          RandomKey key, bool round_bf16) {
+  const int64_t n = int64_t(B) * H * Tq * Tk;
+  std::vector<float> d(size_t(std::max<int64_t>(n, 0)));
+  dropout(d.data(), dprobs, n, p, key);
+  softmax_backward(d.data(), d.data(), probs, int64_t(B) * H * Tq, Tk);
+  if (dbias) sum_over_batch(dbias, d.data(), B, int64_t(H) * Tq * Tk);
+  if (round_bf16) round_to_bf16(d.data(), n);
+  copy(dscores, d.data(), sizeof(float) * size_t(std::max<int64_t>(n, 0)));
+}
+
 void ReferenceBackend::relpos_bias_forward(float* bias, const float* table, const int32_t* buckets,
                                            int H, int Tq, int Tk) {
   for (int h = 0; h < H; ++h)
