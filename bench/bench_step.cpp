@@ -35,6 +35,7 @@
 #include "comm/process_grid.h"
 #include "core/check.h"
 #include "core/rng.h"
+#include "train/comm_plan.h"
 #include "train/trainer.h"
 #if SWITCHT5_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -162,10 +163,23 @@ int run(int argc, char** argv) {
   const int64_t alloc0 = g_allocations.load();
   const int64_t syncs0 = trainer.backend().host_syncs();
   const int64_t bytes0 = trainer.model().alltoall_bytes_sent();
+  const std::vector<std::string> groups = {"data", "expert_replica", "expert", "model"};
+  auto payload_floats = [&] {
+    int64_t n = 0;
+    for (const std::string& g : groups)
+      for (int64_t f : trainer.traffic(g).floats) n += f;
+    return n;
+  };
+  const int64_t payload0 = payload_floats();
   for (int s = warmup + 1; s <= warmup + steps; ++s) ms.push_back(trainer.train_step(s).step_ms);
   const int64_t allocs = g_allocations.load() - alloc0;
   const double syncs = double(trainer.backend().host_syncs() - syncs0) / steps;
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
+  // Data-plane payload per step (DataPlane::traffic) and what `switcht5 plan` predicts for it.
+  const double payload = 4.0 * double(payload_floats() - payload0) / steps;
+  const CommPlan cplan = plan_communication(cfg, {}, grid.data_rank);
+  double planned_payload = 0;
+  for (const PlannedCollective& c : cplan.collectives) planned_payload += 4.0 * double(c.floats);
   std::sort(ms.begin(), ms.end());
   const double median = ms[ms.size() / 2];
   int64_t opt_floats = 0;
@@ -235,8 +249,11 @@ int run(int argc, char** argv) {
                a2a_bytes * 1e-6, analytical * 1e-6, a2a_bytes / analytical,
                cfg.model.capacity_factor);
   }
-  if (grid.world_size > 1)
+  if (grid.world_size > 1) {
+    fmt::print("data plane: {:.2f} MB payload per rank per step; `switcht5 plan` predicts {:.2f} MB\n",
+               payload * 1e-6, planned_payload * 1e-6);
     fmt::print("ranks: {} (this report is rank {}'s)\n", grid.describe(), grid.world_rank);
+  }
   if (!json_path.empty()) {
     std::FILE* f = std::fopen(json_path.c_str(), "w");
     SWT_USER_CHECK(f != nullptr, "cannot write {}", json_path);
@@ -249,13 +266,15 @@ int run(int argc, char** argv) {
                "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
                "\"heap_allocs_per_step\": {:.2f}, \"backend_memory\": {}, "
-               "\"device_memory\": {}}}\n",
+               "\"device_memory\": {}, \"world_size\": {}, \"data_plane_bytes_per_step\": {:.0f}, "
+               "\"planned_data_plane_bytes_per_step\": {:.0f}}}\n",
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), tokens / (median * 1e-3), trainer.step_flops(),
                achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
-               syncs, double(allocs) / steps, mem_json, device.json);
+               syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
+               planned_payload);
     std::fclose(f);
   }
   return 0;
