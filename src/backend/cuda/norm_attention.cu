@@ -201,75 +201,6 @@ rmsnorm_dw_finish_kernel(float* __restrict__ dw, const double* __restrict__ part
   dw[col0 + jj] = static_cast<float>(double(dw[col0 + jj]) + total);
 }
 
-// ---- attention softmax forward ------------------------------------------------------------------
-// Row (b,h,i) of [B,H,Tq,Tk]: x_j = scores + bias[h,i,j] (fp32), allowed j: j < jmax (causal:
-// jmax = min(Tk, i+1)) and key_mask[b,j] != 0. mx = max over allowed x_j (fp32);
-// e_j = expf(x_j - mx) for allowed j, else 0; z = sum_j e_j in double; p_j = e_j * float(1/z),
-// all zeros when z == 0 (no allowed key).
-template <int kGroup, int kPer>
-__global__ void __launch_bounds__(kBlock)
-attention_softmax_kernel(float* probs, const float* scores, const float* __restrict__ bias,
-                         const float* __restrict__ key_mask, int H, int Tq, int Tk, bool causal,
-                         int64_t rows) {
-  static_assert(kPer <= 32, "the allowed-mask is one 32-bit word per thread");
-  constexpr int kRowsPerBlock = kBlock / kGroup;
-  __shared__ float red_max[kWarps];
-  __shared__ double red_sum[kWarps];
-  const int lane = threadIdx.x % kGroup;
-  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < rows;
-       row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int i = static_cast<int>(row % Tq);
-    const int h = static_cast<int>((row / Tq) % H);
-    const int64_t b = row / (int64_t(Tq) * H);
-    const float* s = scores + row * Tk;
-    const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
-    const float* km = key_mask ? key_mask + b * Tk : nullptr;
-    float* p = probs + row * Tk;  // may alias s
-    const int jmax = causal ? min(Tk, i + 1) : Tk;
-    float mx = -CUDART_INF_F;
-    double z = 0.0;
-    if constexpr (kPer > 0) {
-      float v[kPer];
-      uint32_t allowed = 0;
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int j = lane + k * kGroup;
-        v[k] = 0.0f;
-        if (j < jmax && (!km || km[j] != 0.0f)) {
-          allowed |= 1u << k;
-          v[k] = s[j] + (bi ? bi[j] : 0.0f);
-          mx = MaxOp{}(mx, v[k]);
-        }
-      }
-      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        v[k] = (allowed >> k) & 1u ? expf(v[k] - mx) : 0.0f;
-        z += double(v[k]);
-      }
-      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
-      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int j = lane + k * kGroup;
-        if (j < Tk) p[j] = v[k] * inv_z;
-      }
-    } else {
-      for (int j = lane; j < jmax; j += kGroup)
-        if (!km || km[j] != 0.0f) mx = MaxOp{}(mx, s[j] + (bi ? bi[j] : 0.0f));
-      mx = group_reduce<kGroup>(mx, MaxOp{}, red_max);
-      for (int j = lane; j < Tk; j += kGroup) {
-        const bool ok = j < jmax && (!km || km[j] != 0.0f);
-        const float e = ok ? expf(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
-        p[j] = e;  // this thread's own element: s[j] was read just above
-        z += double(e);
-      }
-      z = group_reduce<kGroup>(z, SumOp{}, red_sum);
-      const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
-      for (int j = lane; j < Tk; j += kGroup) p[j] *= inv_z;
-    }
-  }
-}
 
 // ---- softmax backward ---------------------------------------------------------------------------
 // dot = sum_j double(dp_j) * p_j (double); ds_j = p_j * (dp_j - float(dot)) in fp32.
@@ -312,7 +243,11 @@ softmax_backward_kernel(float* dscores, const float* dprobs, const float* __rest
 }
 
 // ---- attention softmax + dropout, fused (forward) -----------------------------------------------
-// attention_softmax_kernel's row, then, element by element while it is in registers:
+// Row (b,h,i) of [B,H,Tq,Tk]: x_j = scores + bias[h,i,j] (fp32), allowed j: j < jmax (causal:
+// jmax = min(Tk, i+1)) and key_mask[b,j] != 0. mx = max over allowed x_j (fp32);
+// e_j = expf(x_j - mx) for allowed j, else 0; z = sum_j e_j in double; inv_z = float(1/z), 0
+// when z == 0 (no allowed key: the row is all zeros). Then, element by element while it is in
+// registers:
 //   pj = e_j * inv_z, rounded to a bf16 value when probs is bf16 (probs_bf16), stored to probs;
 //   dropped_j = pj / keep_scale (a true division) if random16(seed, row*Tk + j) >= threshold,
 //   else +0.0f, rounded to a bf16 value when probs is bf16 (Backend::dropout's mask over the
@@ -565,13 +500,10 @@ void attention_softmax_forward(const Ctx& c, float* probs, const float* scores, 
                                const float* key_mask, int B, int H, int Tq, int Tk, bool causal) {
   const int64_t rows = int64_t(B) * H * Tq;
   if (rows <= 0 || Tk <= 0) return;
-  with_row_shape(Tk, [&](auto group, auto per) {
-    constexpr int kGroup = decltype(group)::value, kPer = decltype(per)::value;
-    const int64_t blocks = blocks_for(rows, kBlock / kGroup);
-    attention_softmax_kernel<kGroup, kPer><<<unsigned(blocks), kBlock, 0, c.stream>>>(
-        probs, scores, bias, key_mask, H, Tq, Tk, causal, rows);
-    SWT_CUDA_CHECK_LAUNCH();
-  });
+  // The fused kernel without dropout, fp32 probs: one kernel for both ops.
+  attention_softmax_dropout_forward(c, probs, /*probs_bf16=*/false, /*dropped=*/nullptr, scores,
+                                    bias, key_mask, B, H, Tq, Tk, causal, /*threshold=*/0,
+                                    /*keep_scale=*/1.0f, /*seed=*/0, /*step=*/nullptr);
 }
 
 void softmax_backward(const Ctx& c, float* dscores, const float* dprobs, const float* probs,
