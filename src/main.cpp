@@ -37,9 +37,10 @@ constexpr const char* kUsage =
     "  train --config FILE [--run-dir DIR] [--resume auto|CKPT|CKPT_DIR] [--set section.key=value ...]\n"
     "        train a model; DIR (default: log.run_dir, else runs/<config name>) receives\n"
     "        config.yaml, train.log, metrics.jsonl and checkpoints/ (checkpoint.dir)\n"
-    "  eval  --checkpoint CKPT [--config FILE] [--set ...] [--dump-batch OUT.h5]\n"
+    "  eval  --checkpoint CKPT [--config FILE] [--set ...] [--dump-batch OUT.h5 [--force]]\n"
     "        validation loss of a checkpoint as one JSON line, on any layout (the config\n"
-    "        defaults to the checkpoint's own, with one data-parallel rank per process)\n"
+    "        defaults to the checkpoint's own, with one data-parallel rank per process);\n"
+    "        --dump-batch never overwrites an existing file unless --force\n"
     "  inspect CKPT   (CKPT: a checkpoint file, a checkpoint directory or its latest file)\n"
     "        datasets, shapes, dtypes, step, layout, config and checksum status of a checkpoint\n"
     "  inspect --hf-names CKPT | --config FILE [--set ...]\n"
@@ -67,6 +68,7 @@ struct Args {
   std::string resume;
   std::string checkpoint;
   std::string dump_batch;
+  bool force = false;             // eval --force: --dump-batch may overwrite
   bool hf_names = false;
   bool json = false;              // plan --json
   double device_memory_gb = 0.0;  // plan --device-memory-gb (0: the default device)
@@ -102,6 +104,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--resume") a.resume = value();
     else if (flag == "--checkpoint") a.checkpoint = value();
     else if (flag == "--dump-batch") a.dump_batch = value();
+    else if (flag == "--force" && a.command == "eval") a.force = true;
     else if (flag == "--hf-names" && a.command == "inspect") a.hf_names = true;
     else if (flag == "--json" && a.command == "plan") a.json = true;
     else if (flag == "--device-memory-gb" && a.command == "plan")
@@ -373,6 +376,11 @@ void dump_batch(Trainer& t, const std::string& path) {
 
 int cmd_eval(const Args& a) {
   SWT_USER_CHECK(!a.checkpoint.empty(), "eval: --checkpoint CKPT is required");
+  // Before any work: a dump never replaces a file (the checkpoint under evaluation included)
+  // unless asked to.
+  std::error_code ec;
+  SWT_USER_CHECK(a.dump_batch.empty() || a.force || !std::filesystem::exists(a.dump_batch, ec),
+                 "--dump-batch {}: the file exists; pass --force to overwrite it", a.dump_batch);
   std::unique_ptr<Communicator> world = mpi_world();
   const std::string checkpoint = resolve_resume(a.checkpoint, "");  // a file, directory or latest
   SWT_USER_CHECK(!checkpoint.empty(), "eval: --checkpoint {}: no checkpoint there", a.checkpoint);

@@ -5,9 +5,13 @@
 #include <iterator>
 #include <string>
 
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
+#include "core/check.h"
 #include "test_util.h"
+#include "train/run_lock.h"
 
 namespace {
 
@@ -99,6 +103,59 @@ TEST(Cli, CudaBackendUnavailableIsOneClearLine) {
 #endif
   for (const std::string& p : parts) EXPECT_NE(r.output.find(p), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("| loss"), std::string::npos) << "training must not start: " << r.output;
+}
+
+// One run per directory (train/run_lock.h): while a trainer holds a run directory, a second
+// `switcht5 train` on it stops with one line naming the holder, exit 2, and writes nothing
+// there; once the holder is gone the directory is free again.
+TEST(Cli, SecondTrainerOnARunDirectoryStops) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / "switcht5_cli_locked_run";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string log_text = "the first run's log\n";
+  std::ofstream(dir / "train.log") << log_text;
+  {
+    switcht5::RunDirLock held(dir.string());  // as the first trainer's rank 0 holds it
+    EXPECT_THROW(switcht5::RunDirLock again(dir.string()), switcht5::UserError);
+    Result r = run("train --config " + kTiny + " --run-dir " + dir.string() +
+                   " --set train.steps=2");
+    EXPECT_EQ(r.code, 2) << r.output;
+    for (const std::string& p :
+         {std::string("is in use by another switcht5 train"), "pid " + std::to_string(getpid()),
+          dir.string()})
+      EXPECT_NE(r.output.find(p), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("| loss"), std::string::npos) << "training must not start";
+    std::ifstream f(dir / "train.log");
+    EXPECT_EQ(std::string(std::istreambuf_iterator<char>(f), {}), log_text);
+    EXPECT_FALSE(std::filesystem::exists(dir / "config.yaml"));
+    EXPECT_FALSE(std::filesystem::exists(dir / "metrics.jsonl"));
+  }
+  Result r = run("train --config " + kTiny + " --run-dir " + dir.string() +
+                 " --set train.steps=2");
+  EXPECT_EQ(r.code, 0) << r.output;
+}
+
+// eval --dump-batch never overwrites a file (here the checkpoint itself) without --force.
+TEST(Cli, DumpBatchRefusesToOverwrite) {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / "switcht5_cli_dump_run").string();
+  std::filesystem::remove_all(dir);
+  Result t = run("train --config " + kTiny + " --run-dir " + dir + " --set train.steps=1");
+  ASSERT_EQ(t.code, 0) << t.output;
+  const std::string ckpt = dir + "/checkpoints/ckpt-00000001.h5";
+  ASSERT_TRUE(std::filesystem::exists(ckpt));
+  const auto size = std::filesystem::file_size(ckpt);
+  Result r = run("eval --checkpoint " + ckpt + " --dump-batch " + ckpt);
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--dump-batch " + ckpt + ": the file exists; pass --force"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(std::filesystem::file_size(ckpt), size);
+  const std::string out = dir + "/dump.h5";
+  EXPECT_EQ(run("eval --checkpoint " + ckpt + " --dump-batch " + out).code, 0);
+  EXPECT_EQ(run("eval --checkpoint " + ckpt + " --dump-batch " + out).code, 2);
+  EXPECT_EQ(run("eval --checkpoint " + ckpt + " --dump-batch " + out + " --force").code, 0);
 }
 
 TEST(Cli, EvalAndInspectBadInput) {

@@ -2,10 +2,13 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <string>
 
 #include "checkpoint/checkpoint.h"
 #include "comm/communicator.h"
 #include "core/check.h"
+#include "train/run_lock.h"
 #include "train/run_log.h"
 #include "train/stop_signals.h"
 #include "train/trainer.h"
@@ -23,8 +26,24 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     grid.world->broadcast(resume_path, 0);
   }
   const bool resuming = !resume_path.empty();
-  if (grid.is_root()) std::filesystem::create_directories(run_dir);
-  grid.world->barrier();  // the run directory exists before any rank opens a log in it
+  // Rank 0 creates the run directory and locks it before anything is written there (one run
+  // per directory, train/run_lock.h); every rank learns whether it could, and a second trainer
+  // on the same directory stops on every rank with rank 0's message, having written nothing.
+  std::unique_ptr<RunDirLock> lock;
+  std::string lock_error;
+  if (grid.is_root()) {
+    try {
+      std::filesystem::create_directories(run_dir);
+      lock = std::make_unique<RunDirLock>(run_dir);
+    } catch (const UserError& e) {
+      lock_error = e.what();
+    } catch (const std::filesystem::filesystem_error& e) {
+      lock_error = fmt::format("{}: cannot create the run directory: {}", run_dir,
+                               e.code().message());
+    }
+  }
+  grid.world->broadcast(lock_error, 0);
+  if (!lock_error.empty()) throw UserError(lock_error);
   if (cfg.log.per_rank_files) std::filesystem::create_directories(run_dir);
   auto log = make_run_logger(cfg, grid, run_dir, /*append=*/resuming);
   // A watchdog's message goes to the log files too (stderr has it already, and rank 0's console

@@ -74,7 +74,7 @@ def train(run_dir, overrides):
 
 def eval_dump(ckpt, out, overrides=()):
     """`switcht5 eval --dump-batch`: the batch as torch tensors, our logits and loss."""
-    cmd = [switcht5(), "eval", "--checkpoint", ckpt, "--dump-batch", out]
+    cmd = [switcht5(), "eval", "--checkpoint", ckpt, "--dump-batch", out, "--force"]
     for o in overrides:
         cmd += ["--set", o]
     stdout, _ = run(cmd)
