@@ -407,10 +407,11 @@ int cmd_eval(const Args& a) {
   const double loss = t.evaluate();
   if (!a.dump_batch.empty()) dump_batch(t, a.dump_batch);
   if (grid.is_root())
-    fmt::print("{{\"checkpoint\": \"{}\", \"step\": {}, \"val_loss\": {:.9g}, "
+    fmt::print("{{\"checkpoint\": {}, \"step\": {}, \"val_loss\": {}, "
                "\"eval_batches\": {}, \"batch_size\": {}, \"layout\": \"data {} x model {}, "
                "expert {}\"}}\n",
-               checkpoint, lr.step, loss, cfg.train.eval_batches, cfg.train.batch_size,
+               json_string(checkpoint), lr.step, json_number(loss), cfg.train.eval_batches,
+               cfg.train.batch_size,
                grid.data, grid.model, grid.expert);
   return 0;
 }

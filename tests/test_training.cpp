@@ -3,6 +3,7 @@
 // its start). Uses configs/tiny-synthetic.yaml as a user would.
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -10,6 +11,7 @@
 #include "comm/communicator.h"
 #include "comm/process_grid.h"
 #include "config/config.h"
+#include "train/metrics.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
@@ -21,6 +23,15 @@ std::string temp_dir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() / ("switcht5_test_" + name);
   std::filesystem::remove_all(dir);
   return dir.string();
+}
+
+// JSON output (metrics.jsonl, eval's line, plan --json) writes non-finite numbers as null.
+TEST(Training, JsonNumbersAreNullWhenNotFinite) {
+  EXPECT_EQ(json_number(std::numeric_limits<double>::quiet_NaN()), "null");
+  EXPECT_EQ(json_number(std::numeric_limits<double>::infinity()), "null");
+  EXPECT_EQ(json_number(-std::numeric_limits<double>::infinity()), "null");
+  EXPECT_EQ(json_number(1.5), "1.5");
+  EXPECT_EQ(json_number(2.0 / 3.0, "{:.3g}"), "0.667");
 }
 
 TEST(Training, SameSeedGivesBitwiseSameLossCurve) {

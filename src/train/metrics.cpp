@@ -54,13 +54,11 @@ std::string describe_expert_tokens(const StepMetrics& m) {
   return out;
 }
 
-namespace {
-
-// JSON has no NaN or Infinity: a non-finite number (a skipped step's loss or gradient norm) is
-// written as null.
-std::string json_number(double v, const char* format = "{:.9g}") {
+std::string json_number(double v, const char* format) {
   return std::isfinite(v) ? fmt::format(fmt::runtime(format), v) : std::string("null");
 }
+
+namespace {
 
 }  // namespace
 

@@ -53,4 +53,8 @@ std::string metrics_json(const StepMetrics& m);
 // `text` as a JSON string literal (quotes, backslashes and control characters escaped).
 std::string json_string(const std::string& text);
 
+// A number for JSON output: JSON has no NaN or Infinity, so a non-finite value (a skipped
+// step's loss, the validation loss of a model gone bad) is written as null.
+std::string json_number(double v, const char* format = "{:.9g}");
+
 }  // namespace switcht5
