@@ -417,10 +417,12 @@ int cmd_eval(const Args& a) {
 }
 
 int run(int argc, char** argv) {
-  if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
+  // --help (or -h) anywhere, e.g. `switcht5 train --help`: the usage, exit 0, nothing run.
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
   Args a = parse_args(argc, argv);
   SWT_USER_CHECK(a.command == "train" || a.command == "plan" || a.command == "eval" ||
                      a.command == "inspect",

@@ -158,6 +158,16 @@ TEST(Cli, DumpBatchRefusesToOverwrite) {
   EXPECT_EQ(run("eval --checkpoint " + ckpt + " --dump-batch " + out + " --force").code, 0);
 }
 
+// --help after a command prints the usage and exits 0 (it was an unknown option, exit 2).
+TEST(Cli, HelpOnASubcommand) {
+  for (const char* args : {"--help", "train --help", "plan -h", "eval --checkpoint x --help",
+                           "inspect --help"}) {
+    Result r = run(args);
+    EXPECT_EQ(r.code, 0) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("usage"), std::string::npos) << args << "\n" << r.output;
+  }
+}
+
 TEST(Cli, EvalAndInspectBadInput) {
   const std::string not_ckpt = write_config("not_a_checkpoint", "model:\n  d_model: 8\n");
   for (const auto& [args, parts] : std::vector<std::pair<std::string, std::vector<std::string>>>{
