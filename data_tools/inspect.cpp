@@ -49,7 +49,7 @@ std::string preview(const std::string& text, size_t max_bytes) {
 
 }  // namespace
 
-void inspect_shard(const InspectOptions& opts, std::FILE* out) {
+bool inspect_shard(const InspectOptions& opts, std::FILE* out) {
   SWT_USER_CHECK(!opts.shard.empty(), "inspect: SHARD is required");
   SWT_USER_CHECK(opts.docs >= 0, "inspect: --docs must be >= 0, got {}", opts.docs);
   const ShardReader r(opts.shard, /*verify_checksum=*/false);
@@ -98,6 +98,7 @@ void inspect_shard(const InspectOptions& opts, std::FILE* out) {
       else fmt::print(out, "  text: (not decoded: ids outside the model's vocabulary)\n");
     }
   }
+  return crc == h.checksum;
 }
 
 }  // namespace switcht5::data_tools

@@ -13,8 +13,9 @@ struct InspectOptions {
   std::string spm_model;   // optional: decode the printed documents
 };
 
-// Prints the report on `out`. A shard whose checksum does not match is reported as BAD (and its
-// documents still shown); any other format error is a UserError.
-void inspect_shard(const InspectOptions& opts, std::FILE* out);
+// Prints the report on `out` and returns whether the checksum matches. A shard whose checksum
+// does not match is reported as BAD (its documents still shown, to help find the damage); any
+// other format error is a UserError.
+bool inspect_shard(const InspectOptions& opts, std::FILE* out);
 
 }  // namespace switcht5::data_tools

@@ -177,13 +177,14 @@ TEST(DataCli, TokenizeGlobAnyThreadCountAndInspect) {
     EXPECT_TRUE(contains(i.output, s)) << s << "\n" << i.output;
   EXPECT_FALSE(contains(i.output, "doc 2: ")) << i.output;
 
-  // A flipped token byte: inspect says BAD, the reader refuses it.
+  // A flipped token byte: inspect says BAD and fails (exit 2), the reader refuses it.
   auto bytes = read_bytes(dir / "t1/c4-sample.02.shard");
   bytes[bytes.size() - 4] ^= 0x01;
   std::ofstream(dir / "t1/c4-sample.02.shard", std::ios::binary).write(bytes.data(), std::streamsize(bytes.size()));
   const Result bad = run("inspect " + q(dir / "t1/c4-sample.02.shard"));
-  EXPECT_EQ(bad.code, 0) << bad.output;
+  EXPECT_EQ(bad.code, 2) << bad.output;
   EXPECT_TRUE(contains(bad.output, "checksum: BAD")) << bad.output;
+  EXPECT_TRUE(contains(bad.output, "checksum mismatch: the shard is damaged")) << bad.output;
   const Result not_shard = run("inspect " + q(shared_data_dir() + "/c4/olmo/c4-sample.01.json.gz"));
   EXPECT_EQ(not_shard.code, 2) << not_shard.output;
   EXPECT_TRUE(contains(not_shard.output, "bad magic (not a switcht5 token shard)")) << not_shard.output;
