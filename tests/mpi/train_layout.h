@@ -2,6 +2,7 @@
 // layouts (tests/mpi/test_parallel_equivalence.cpp, gpu_test_train_data_planes.cpp).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <string>
@@ -12,6 +13,8 @@
 #include "comm/process_grid.h"
 #include "config/config.h"
 #include "train/trainer.h"
+
+#include <gtest/gtest.h>
 
 namespace switcht5::testing {
 
@@ -64,6 +67,34 @@ inline TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicato
     }
   }
   return r;
+}
+
+// `run` trained like `ref` (one process): every step's loss and gradient norm within 1e-5
+// relative, and every parameter tensor within 1e-5 of its largest entry. The reference must
+// have trained (its loss fell by more than 0.5), so equality is not trivially true.
+inline void expect_same_training(const TrainedRun& run, const TrainedRun& ref) {
+  auto max_abs = [](const std::vector<float>& v) {
+    double m = 0;
+    for (float x : v) m = std::max(m, double(std::fabs(x)));
+    return m;
+  };
+  ASSERT_EQ(run.losses.size(), ref.losses.size());
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    EXPECT_LE(std::fabs(run.losses[s] - ref.losses[s]), 1e-5 * std::fabs(ref.losses[s]))
+        << "step " << s + 1 << ": " << run.losses[s] << " vs " << ref.losses[s];
+    EXPECT_LE(std::fabs(run.grad_norms[s] - ref.grad_norms[s]), 1e-5 * ref.grad_norms[s])
+        << "step " << s + 1;
+  }
+  EXPECT_GT(ref.losses.front() - ref.losses.back(), 0.5);
+  ASSERT_EQ(run.params.size(), ref.params.size());
+  for (const auto& [name, want] : ref.params) {
+    const std::vector<float>& got = run.params.at(name);
+    ASSERT_EQ(got.size(), want.size()) << name;
+    double diff = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      diff = std::max(diff, double(std::fabs(got[i] - want[i])));
+    EXPECT_LE(diff, 1e-5 * max_abs(want)) << name;
+  }
 }
 
 }  // namespace switcht5::testing
