@@ -62,6 +62,28 @@ void log_nccl_once() {
   });
 }
 
+// One NCCL call per non-empty block of `data`, in one group: issue(block, count, r) for block r
+// (counts as in DataPlane, block r owned by rank r). The unequal blocks of ZeRO-1 (mostly 0)
+// take this path in reduce_scatter_sum (ncclReduce to the owner) and all_gather
+// (ncclBroadcast from it).
+template <class Issue>
+void per_block_group(float* data, std::span<const int64_t> counts, ncclComm_t comm,
+                     const char* what, Issue issue) {
+  SWT_NCCL_CHECK(ncclGroupStart(), comm);
+  int64_t start = 0;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    if (counts[r] > 0) {
+      const ncclResult_t res = issue(data + start, counts[r], int(r));
+      if (res != ncclSuccess) {
+        ncclGroupEnd();
+        nccl_fail(__FILE__, __LINE__, what, res, comm);
+      }
+    }
+    start += counts[r];
+  }
+  SWT_NCCL_CHECK(ncclGroupEnd(), comm);
+}
+
 }  // namespace
 
 NcclDataPlane::NcclDataPlane(const Communicator& group, CudaBackend& be)
@@ -145,21 +167,11 @@ void NcclDataPlane::reduce_scatter_sum(float* data, std::span<const int64_t> cou
                                      comm, comm_stream_),
                    comm);
   } else {
-    SWT_NCCL_CHECK(ncclGroupStart(), comm);
-    int64_t start = 0;
-    for (int r = 0; r < size_; ++r) {
-      const int64_t c = counts[size_t(r)];
-      if (c > 0) {
-        const ncclResult_t res = ncclReduce(data + start, data + start, floats(c), ncclFloat32,
-                                            ncclSum, r, comm, comm_stream_);
-        if (res != ncclSuccess) {
-          ncclGroupEnd();
-          nccl_fail(__FILE__, __LINE__, "ncclReduce(block, ...)", res, comm);
-        }
-      }
-      start += c;
-    }
-    SWT_NCCL_CHECK(ncclGroupEnd(), comm);
+    per_block_group(data, counts, comm, "ncclReduce(block, ...)",
+                    [&](float* block, int64_t c, int owner) {
+                      return ncclReduce(block, block, floats(c), ncclFloat32, ncclSum, owner, comm,
+                                        comm_stream_);
+                    });
   }
   end_call();
 }
@@ -176,21 +188,11 @@ void NcclDataPlane::all_gather(float* data, std::span<const int64_t> counts) {
                                  comm_stream_),
                    comm);
   } else {
-    SWT_NCCL_CHECK(ncclGroupStart(), comm);
-    int64_t start = 0;
-    for (int r = 0; r < size_; ++r) {
-      const int64_t c = counts[size_t(r)];
-      if (c > 0) {
-        const ncclResult_t res = ncclBroadcast(data + start, data + start, floats(c),
-                                               ncclFloat32, r, comm, comm_stream_);
-        if (res != ncclSuccess) {
-          ncclGroupEnd();
-          nccl_fail(__FILE__, __LINE__, "ncclBroadcast(block, ...)", res, comm);
-        }
-      }
-      start += c;
-    }
-    SWT_NCCL_CHECK(ncclGroupEnd(), comm);
+    per_block_group(data, counts, comm, "ncclBroadcast(block, ...)",
+                    [&](float* block, int64_t c, int owner) {
+                      return ncclBroadcast(block, block, floats(c), ncclFloat32, owner, comm,
+                                           comm_stream_);
+                    });
   }
   end_call();
 }
