@@ -168,6 +168,26 @@ TEST(Cli, HelpOnASubcommand) {
   }
 }
 
+// plan's machine and layout flags: a bad value is one line naming the flag, exit 2.
+TEST(Cli, PlanFlagsBadValues) {
+  for (const auto& [args, part] : std::vector<std::pair<std::string, std::string>>{
+           {"--world-size 0", "--world-size \"0\": expected a whole number of ranks >= 1"},
+           {"--world-size 2.5", "--world-size \"2.5\""},
+           {"--world-size 3 --set parallel.model=2",
+            "--world-size 3: expected a multiple of parallel.model = 2"},
+           {"--gpus-per-node eight", "--gpus-per-node \"eight\""},
+           {"--network-gbs -1", "--network-gbs \"-1\": expected GB/s > 0"},
+           {"--mfu 1.5", "--mfu"}}) {
+    Result r = run("plan --config " + kTiny + " " + args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(part), std::string::npos) << args << "\n" << r.output;
+  }
+  Result ok = run("plan --config " + kTiny + " --world-size 4 --set parallel.expert=2");
+  EXPECT_EQ(ok.code, 0) << ok.output;
+  EXPECT_NE(ok.output.find("communication per rank and step (4 ranks"), std::string::npos)
+      << ok.output;
+}
+
 TEST(Cli, EvalAndInspectBadInput) {
   const std::string not_ckpt = write_config("not_a_checkpoint", "model:\n  d_model: 8\n");
   for (const auto& [args, parts] : std::vector<std::pair<std::string, std::vector<std::string>>>{
