@@ -81,6 +81,11 @@ class Backend {
     int64_t transient_peak = 0;  // the most transient bytes ever live at once
   };
   virtual MemoryCounts memory_counts() const { return {}; }
+  // The bytes this backend can give one run before an allocation fails, known without
+  // allocating: the CUDA arena (reserved, or the size it will reserve: cuda_memory.h). 0 for
+  // backends in host memory, which the trainer checks against the host's available memory
+  // (train/memory_plan.h, require_memory_fits).
+  virtual int64_t memory_capacity() const { return 0; }
 
   // ---- GEMM ---------------------------------------------------------------------------------
   // For each b in [0, batch):

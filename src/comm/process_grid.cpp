@@ -1,6 +1,8 @@
 #include "comm/process_grid.h"
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 #include "comm/mpi_communicator.h"
@@ -27,11 +29,18 @@ ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, i
                  expert, data);
 
   ProcessGrid g;
-  if (world_size > 1) {
-    g.watchdog = std::make_unique<Watchdog>(collective_timeout_s, world->rank(),
-                                            [](int code) { abort_all_ranks(code); });
-    world->attach_watchdog(*g.watchdog, "world");
-  }
+  // One process has a watchdog too: a checkpoint write to a stalled filesystem or a data loader
+  // that never delivers hangs it as surely as a peer would. It ends one process with _Exit: the
+  // main thread is stuck inside that operation (HDF5, a read), and exit()'s handlers would run
+  // beside it (HDF5's own atexit handler included).
+  g.watchdog = std::make_unique<Watchdog>(collective_timeout_s, world->rank(),
+                                          [world_size](int code) {
+                                            if (world_size > 1) abort_all_ranks(code);
+                                            std::fflush(stdout);
+                                            std::fflush(stderr);
+                                            std::_Exit(code);
+                                          });
+  world->attach_watchdog(*g.watchdog, "world");
   g.world_rank = world->rank();
   g.world_size = world_size;
   g.data = data;
@@ -46,12 +55,10 @@ ProcessGrid ProcessGrid::create(std::unique_ptr<Communicator> world, int data, i
   g.model_group = world->split(g.data_rank, g.model_rank);
   g.expert_group = world->split(expert_group_index * model + g.model_rank, g.expert_rank);
   g.expert_replica_group = world->split(g.expert_rank * model + g.model_rank, expert_group_index);
-  if (g.watchdog) {
-    g.data_group->attach_watchdog(*g.watchdog, "data");
-    g.model_group->attach_watchdog(*g.watchdog, "model");
-    g.expert_group->attach_watchdog(*g.watchdog, "expert");
-    g.expert_replica_group->attach_watchdog(*g.watchdog, "expert-replica");
-  }
+  g.data_group->attach_watchdog(*g.watchdog, "data");
+  g.model_group->attach_watchdog(*g.watchdog, "model");
+  g.expert_group->attach_watchdog(*g.watchdog, "expert");
+  g.expert_replica_group->attach_watchdog(*g.watchdog, "expert-replica");
   const std::unique_ptr<Communicator> node = world->split_by_node();
   g.local_rank = node->rank();
   g.local_size = node->size();

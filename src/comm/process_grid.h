@@ -16,9 +16,10 @@
 //   expert_group    {0,2} {4,6} {1,3} {5,7}         d / expert and model rank equal, by d % expert
 //   replica_group   {0,4} {2,6} {1,5} {3,7}         d % expert and model rank equal, by d / expert
 //
-// With more than one process the grid owns a Watchdog (comm/watchdog.h) and attaches it to
-// every group, labelled "world", "data", "model", "expert" and "expert-replica": a collective
-// that does not complete within collective_timeout_s (parallel.timeout_s) ends the job.
+// The grid owns a Watchdog (comm/watchdog.h) and attaches it to every group, labelled "world",
+// "data", "model", "expert" and "expert-replica": a collective that does not complete within
+// collective_timeout_s (parallel.timeout_s) ends the job. The trainer also watches its
+// checkpoint I/O and its waits for the data loader with it, one process included.
 #pragma once
 #include <memory>
 #include <string>

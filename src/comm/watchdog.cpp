@@ -21,6 +21,9 @@ const char* comm_call_name(CommCall c) {
     case CommCall::kBarrier: return "barrier";
     case CommCall::kSplit: return "split";
     case CommCall::kDeviceWait: return "wait for the GPU's queued kernels and NCCL collectives";
+    case CommCall::kCheckpointSave: return "checkpoint save";
+    case CommCall::kCheckpointLoad: return "checkpoint load";
+    case CommCall::kDataWait: return "wait for the data loader";
   }
   return "?";
 }
@@ -98,6 +101,7 @@ Watchdog::Watch::Watch(Watchdog* w, CollectiveTrace* trace, const char* group, i
                        CollectiveTrace::Entry e)
     : w_(w) {
   if (trace) trace->record(e);
+  if (w_ && w_->operations_ > 0) w_ = nullptr;  // inside an operation: its deadline applies
   if (!w_) return;
   constexpr auto relaxed = std::memory_order_relaxed;
   w_->collective_.store(int(e.collective), relaxed);
@@ -106,12 +110,36 @@ Watchdog::Watch::Watch(Watchdog* w, CollectiveTrace* trace, const char* group, i
   w_->call_.store(trace ? trace->calls() : 0, relaxed);
   w_->group_.store(group, relaxed);
   w_->group_size_.store(group_size, relaxed);
+  w_->deadline_ns_.store(w_->timeout_ns_, relaxed);
+  w_->generation_.fetch_add(1, std::memory_order_release);
+  w_->start_ns_.store(now_ns(), std::memory_order_release);
+}
+
+Watchdog::Watch::Watch(Watchdog* w, CommCall op, const std::string& detail, double deadline_s)
+    : w_(w), operation_(true) {
+  if (w_ && w_->operations_ > 0) w_ = nullptr;  // inside another: the outer one is watched
+  if (!w_) return;
+  ++w_->operations_;
+  {
+    std::lock_guard lock(w_->mutex_);
+    w_->detail_ = detail;
+  }
+  constexpr auto relaxed = std::memory_order_relaxed;
+  w_->collective_.store(int(op), relaxed);
+  w_->type_.store(int(ElementType::kNone), relaxed);
+  w_->count_.store(0, relaxed);
+  w_->call_.store(0, relaxed);
+  w_->group_.store(nullptr, relaxed);
+  w_->group_size_.store(0, relaxed);  // 0: an operation of this rank, not a collective
+  w_->deadline_ns_.store(deadline_s > 0 ? int64_t(deadline_s * 1e9) : w_->timeout_ns_, relaxed);
   w_->generation_.fetch_add(1, std::memory_order_release);
   w_->start_ns_.store(now_ns(), std::memory_order_release);
 }
 
 Watchdog::Watch::~Watch() {
-  if (w_) w_->start_ns_.store(0, std::memory_order_release);
+  if (!w_) return;
+  w_->start_ns_.store(0, std::memory_order_release);
+  if (operation_) --w_->operations_;
 }
 
 CollectiveTrace* Watchdog::trace(const std::string& group) { return &traces_[group]; }
@@ -167,15 +195,24 @@ std::string Watchdog::describe_in_flight() const {
   const int group_size = group_size_.load(relaxed);
   const char* group = group_.load(relaxed);
   const int64_t step = step_.load(relaxed);
-  const std::string elements =
-      type == ElementType::kNone ? "" : fmt::format(", {} {}", count, element_type_name(type));
-  std::string m = fmt::format(
-      "watchdog: {}: {} over the {} group ({} ranks{}; call {} on this group) did not complete "
-      "in {:g} s; ending the job (exit code {}). ",
-      step > 0 ? fmt::format("step {}", step) : std::string("before the first step"),
-      comm_call_name(collective), group ? group : "?", group_size, elements, call, timeout_s_,
-      kExitCode);
+  const double deadline_s = double(deadline_ns_.load(relaxed)) * 1e-9;
+  const std::string when =
+      step > 0 ? fmt::format("step {}", step) : std::string("before the first step");
   std::lock_guard lock(mutex_);
+  std::string m;
+  if (group_size == 0) {
+    m = fmt::format("watchdog: {}: {} ({}) did not complete in {:g} s; ending the job (exit code "
+                    "{}). ",
+                    when, comm_call_name(collective), detail_, deadline_s, kExitCode);
+  } else {
+    const std::string elements =
+        type == ElementType::kNone ? "" : fmt::format(", {} {}", count, element_type_name(type));
+    m = fmt::format(
+        "watchdog: {}: {} over the {} group ({} ranks{}; call {} on this group) did not complete "
+        "in {:g} s; ending the job (exit code {}). ",
+        when, comm_call_name(collective), group ? group : "?", group_size, elements, call,
+        deadline_s, kExitCode);
+  }
   if (completed_step_ > 0)
     m += fmt::format("Per-expert tokens (top-1 choices) of the last completed step, {}: {}",
                      completed_step_, expert_tokens_.empty() ? "no Switch layers" : expert_tokens_);
@@ -197,7 +234,7 @@ void Watchdog::check(int64_t extra_ns) {
   const int64_t now = now_ns();
   tick(now);
   const int64_t start = start_ns_.load(std::memory_order_acquire);
-  if (start == 0 || now - start <= timeout_ns_ + extra_ns) return;
+  if (start == 0 || now - start <= deadline_ns_.load(std::memory_order_relaxed) + extra_ns) return;
   const uint64_t generation = generation_.load(std::memory_order_acquire);
   std::string message = describe_in_flight();
   // Read it again: the collective may have completed (and another begun) meanwhile; then it was

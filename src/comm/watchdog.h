@@ -64,6 +64,11 @@ enum class CommCall : uint8_t {
   // The host waiting for a device backend's queued work, NCCL collectives included (group
   // "device"): a peer that stopped leaves the GPU waiting in NCCL and the host here.
   kDeviceWait,
+  // Operations of one rank that are not collectives of ours but can hang the job all the same
+  // (a stalled filesystem, a stuck reader): watched with Watch's second constructor.
+  kCheckpointSave,  // writing a checkpoint (collective inside parallel HDF5's MPI-IO)
+  kCheckpointLoad,  // reading one (resume, eval)
+  kDataWait,        // the main thread waiting for the data loader's next batch
 };
 // kNone: no element count (a barrier, a split, a string broadcast).
 enum class ElementType : uint8_t { kNone, kFloat, kDouble, kInt64 };
@@ -118,12 +123,19 @@ class Watchdog {
    public:
     Watch(Watchdog* w, CollectiveTrace* trace, const char* group, int group_size,
           CollectiveTrace::Entry e);
+    // An operation of this rank (kCheckpointSave, kCheckpointLoad, kDataWait): not traced;
+    // `detail` (a file name, "training batch") is named in the message; deadline_s > 0 replaces
+    // timeout_s for it (a checkpoint's size sets how long writing it may take). w may be null.
+    // While it lives, Watches begun inside it (the collectives of a checkpoint save) are only
+    // traced: the operation's deadline covers them, and its message names it.
+    Watch(Watchdog* w, CommCall op, const std::string& detail, double deadline_s = 0.0);
     ~Watch();
     Watch(const Watch&) = delete;
     Watch& operator=(const Watch&) = delete;
 
    private:
     Watchdog* w_;
+    bool operation_ = false;  // the second constructor's
   };
 
   // The trace of group label `group`, made on first use; its address is stable.
@@ -184,16 +196,19 @@ class Watchdog {
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> collective_{0}, type_{0}, group_size_{0};
   std::atomic<int64_t> count_{0}, call_{0};
+  std::atomic<int64_t> deadline_ns_{0};  // of the collective or operation in flight
   std::atomic<const char*> group_{nullptr};
   std::atomic<int64_t> step_{0};
   std::atomic<int64_t> last_tick_ns_;
   std::atomic<bool> fired_{false};
+  int operations_ = 0;  // operation Watches alive (main thread only)
 
   std::map<std::string, CollectiveTrace> traces_;  // main thread only
 
   mutable std::mutex mutex_;  // guards what follows
   int64_t completed_step_ = 0;
   std::string expert_tokens_;
+  std::string detail_;  // of the operation in flight (group_size_ 0), else unused
   int next_id_ = 1;
   std::map<int, std::function<void(const std::string&)>> log_writers_;
   std::map<int, std::function<void()>> abort_hooks_;

@@ -1,7 +1,9 @@
 #include "train/memory_plan.h"
 
 #include <algorithm>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <span>
 #include <string>
 
@@ -155,6 +157,87 @@ MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes) {
     p.fits = p.total <= p.arena_limit;
   }
   return p;
+}
+
+
+int64_t checkpoint_file_bytes(const RunConfig& cfg) {
+  ParamStore ps;
+  register_model_params(ps, cfg.model);
+  int64_t floats = 0;
+  for (const ParamInfo& p : ps.infos())
+    floats += p.numel + optimizer_state_numel(cfg.train.optimizer, p, /*model_parallel=*/1);
+  return 4 * floats;
+}
+
+namespace {
+
+// The first number on the line of `file` that starts with `key` (e.g. "MemAvailable:"), or -1.
+int64_t read_number_after(const std::string& file, const std::string& key) {
+  std::ifstream f(file);
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind(key, 0) == 0) {
+      std::istringstream rest(line.substr(key.size()));
+      int64_t v = -1;
+      return rest >> v ? v : -1;
+    }
+  return -1;
+}
+
+// A cgroup v2 file holding one number ("max" or unreadable: -1).
+int64_t read_cgroup_number(const std::string& path) {
+  std::ifstream f(path);
+  std::string word;
+  if (!(f >> word) || word == "max") return -1;
+  try {
+    return std::stoll(word);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+}  // namespace
+
+int64_t host_memory_available() {
+  const int64_t kib = read_number_after("/proc/meminfo", "MemAvailable:");
+  int64_t available = kib >= 0 ? kib * 1024 : -1;
+  // cgroup v2: /proc/self/cgroup reads "0::/path"; the limit and usage are under
+  // /sys/fs/cgroup/path.
+  std::ifstream cg("/proc/self/cgroup");
+  for (std::string line; std::getline(cg, line);)
+    if (line.rfind("0::", 0) == 0) {
+      const std::string dir = "/sys/fs/cgroup" + line.substr(3);
+      const int64_t limit = read_cgroup_number(dir + "/memory.max");
+      const int64_t used = read_cgroup_number(dir + "/memory.current");
+      if (limit > 0 && used >= 0) {
+        const int64_t left = std::max<int64_t>(0, limit - used);
+        available = available < 0 ? left : std::min(available, left);
+      }
+    }
+  return available;
+}
+
+MemoryPlan require_memory_fits(const RunConfig& cfg, int64_t capacity, int ranks_on_node) {
+  const MemoryPlan mp = plan_memory(cfg, double(capacity));
+  const double gb = 1e-9;
+  if (capacity > 0) {
+    SWT_USER_CHECK(mp.total <= capacity,
+                   "train.backend {}: one rank needs {:.2f} GB of device memory (switcht5 plan) "
+                   "but the device gives this run {:.2f} GB; lower train.batch_size, raise "
+                   "train.grad_accum_steps or spread the model over more ranks (parallel.expert, "
+                   "parallel.model, parallel.zero1)",
+                   cfg.train.backend, double(mp.total) * gb, double(capacity) * gb);
+    return mp;
+  }
+  const int64_t available = host_memory_available();
+  const int64_t need = mp.total * std::max(1, ranks_on_node);
+  SWT_USER_CHECK(available < 0 || need <= available,
+                 "train.backend {}: {} rank{} on this node need{} {:.2f} GB of host memory ({:.2f} "
+                 "GB each, switcht5 plan) but {:.2f} GB is available (MemAvailable, or the "
+                 "cgroup's limit); lower train.batch_size, raise train.grad_accum_steps or spread "
+                 "the model over more ranks (parallel.expert, parallel.model, parallel.zero1)",
+                 cfg.train.backend, ranks_on_node, ranks_on_node == 1 ? "" : "s",
+                 ranks_on_node == 1 ? "s" : "", double(need) * gb, double(mp.total) * gb, double(available) * gb);
+  return mp;
 }
 
 }  // namespace switcht5

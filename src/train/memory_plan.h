@@ -70,4 +70,21 @@ struct PlannedReduction {
 };
 PlannedReduction plan_reduction(const RunConfig& cfg, int data_rank = 0);
 
+
+// Bytes of one checkpoint file of cfg's model (checkpoint/checkpoint.h: every parameter and the
+// optimizer's state, fp32, whole logical tensors; attributes not counted): the free space a
+// save needs beside the checkpoints already kept.
+int64_t checkpoint_file_bytes(const RunConfig& cfg);
+
+// Memory the host can still give this process's node, in bytes: MemAvailable (/proc/meminfo),
+// lowered to the cgroup's limit less its usage where one applies (a SLURM job's cgroup); -1
+// when neither can be read.
+int64_t host_memory_available();
+
+// The memory preflight of `switcht5 train`, before anything is allocated: UserError (exit 2)
+// with the numbers when plan_memory's total for one rank does not fit in `capacity` bytes (a
+// device backend's Backend::memory_capacity()), or, for a backend in host memory (capacity 0),
+// when ranks_on_node ranks' totals exceed the host's available memory. Returns the plan.
+MemoryPlan require_memory_fits(const RunConfig& cfg, int64_t capacity, int ranks_on_node);
+
 }  // namespace switcht5

@@ -17,6 +17,7 @@
 #include "model/flops.h"
 #include "model/model.h"
 #include "train/grad_clip.h"
+#include "train/memory_plan.h"
 
 namespace switcht5 {
 
@@ -109,6 +110,9 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
                 micro_ == micro_batch_size(cfg),
             "batch {} does not split over {} data ranks x {} micro-batches",
             cfg.train.batch_size, grid.data, cfg.train.grad_accum_steps);
+  // Memory preflight, before the model allocates anything: a run that cannot fit stops here with
+  // the numbers instead of failing (or swapping) at its first step.
+  if (use == TrainerUse::kTrain) require_memory_fits(cfg, be_->memory_capacity(), grid.local_size);
   const int Ti = cfg.data.inputs_length, Tt = cfg.data.targets_length;
   // Every rank makes the planes in this order (with NCCL: one communicator each, collective
   // over its group).
@@ -163,6 +167,7 @@ Trainer::Trainer(const RunConfig& cfg, ProcessGrid& grid, TrainerUse use,
                    "SWITCHT5_INJECT_NAN=\"{}\": expected STEP:RANK", env);
     inject_nan(s, r);
   }
+  stall_ = StallHook::from_env();
 }
 
 Trainer::~Trainer() = default;
@@ -194,7 +199,10 @@ double Trainer::evaluate() {
   be_->zero_bytes(step_stats_.data(), step_stats_.bytes());
   val_source_->rewind();
   for (int e = 0; e < tc.eval_batches; ++e) {
-    val_source_->next(local_);
+    {
+      Watchdog::Watch wait(grid_.watchdog.get(), CommCall::kDataWait, "validation batch");
+      val_source_->next(local_);
+    }
     for (int m = 0; m < tc.grad_accum_steps; ++m) {
       local_.slice_rows(m * micro_, micro_, eval_batch_);
       model_->forward_accumulate(eval_batch_, /*training=*/false, 0, 0, step_stats_.data());
@@ -288,7 +296,13 @@ StepMetrics Trainer::train_step(int64_t step) {
   const auto t0 = std::chrono::steady_clock::now();
   if (grid_.watchdog) grid_.watchdog->set_step(step);
   ParamStore& ps = model_->params();
-  train_source_->next(local_);
+  {
+    // A loader that never delivers (a stalled filesystem under the prefetch thread) would hang
+    // the job: the wait has the watchdog's deadline.
+    Watchdog::Watch wait(grid_.watchdog.get(), CommCall::kDataWait, "training batch");
+    stall_.at("data", step, grid_.world_rank);
+    train_source_->next(local_);
+  }
   int64_t tokens = 0;
   for (int m = 0; m < tc.grad_accum_steps; ++m) {
     local_.slice_rows(m * micro_, micro_, batches_[m]);

@@ -32,6 +32,7 @@
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
+#include "train/stall_hook.h"
 #include "train/train_loop.h"
 
 namespace switcht5 {
@@ -134,6 +135,8 @@ class Trainer {
   // Test hook: the gradients of rank `rank` get a NaN at step `step` (also set by the
   // environment variable SWITCHT5_INJECT_NAN=STEP:RANK).
   void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
+  // Test hook SWITCHT5_STALL (train/stall_hook.h), read when the trainer is built.
+  const StallHook& stall_hook() const { return stall_; }
 
  private:
   // Adds the sums of squares of the summed gradients this rank holds (its ZeRO-1 shard of the
@@ -183,6 +186,7 @@ class Trainer {
   int consecutive_skips_ = 0;
   int64_t inject_step_ = -1;
   int inject_rank_ = -1;
+  StallHook stall_;
   // The watchdog aborts the data planes before it ends the job (NCCL: ncclCommAbort); last, so
   // that they are removed before the planes go.
   std::vector<Watchdog::Registration> plane_aborts_;

@@ -212,6 +212,13 @@ void* CudaBackend::arena_alloc(size_t bytes, bool transient) {
   return p;
 }
 
+int64_t CudaBackend::memory_capacity() const {
+  if (pool_) return int64_t(arena_.capacity());
+  size_t free_bytes = 0, total_bytes = 0;
+  SWT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return int64_t(cuda::arena_bytes(free_bytes, memory_fraction_));  // what reserve_arena takes
+}
+
 Backend::MemoryCounts CudaBackend::memory_counts() const {
   return {.counted = true, .block_bytes = int64_t(DeviceArena::kAlignment),
           .in_use = int64_t(arena_.bytes_in_use()), .live_blocks = int64_t(arena_.live_blocks()),

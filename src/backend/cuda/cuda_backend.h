@@ -79,6 +79,7 @@ class CudaBackend final : public Backend {
   // (Scratch below), so held_peak is what `switcht5 plan` counts and peak exceeds it by at most
   // transient_peak.
   MemoryCounts memory_counts() const override;
+  int64_t memory_capacity() const override;
   // What cudaMemGetInfo says of this backend's device now (every process's use, the CUDA
   // context, cuBLASLt's handle and this arena included): bench_step reports it.
   struct DeviceMemory {
