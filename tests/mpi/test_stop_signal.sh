@@ -5,7 +5,9 @@
 #     (mpirun passes on the ranks' status); `latest` names the checkpoint of the last logged
 #     step S, which `inspect` verifies; `--resume auto` logs S+1, S+2, S+3 next;
 #  2. SIGTERM to rank 1 alone (2 ranks): rank 0 stops at the same step, exit 143, and the same;
-#  3. SIGTERM to a single process: exit 143, and the same.
+#  3. SIGTERM to a single process: exit 143, and the same;
+#  4. SIGINT (Ctrl-C) to a single process: the same as SIGTERM, exit 130 (a second SIGINT ends
+#     a run at once: tests/mpi/test_stall.sh).
 # The signal is sent once metrics.jsonl has a line (the handlers are installed by then).
 #   tests/mpi/test_stop_signal.sh MPIRUN_SH SWITCHT5_BINARY SOURCE_DIR
 set -uo pipefail
@@ -66,4 +68,5 @@ stop_case() {
 stop_case usr1-mpirun 2 USR1 mpirun 138
 stop_case term-rank1 2 TERM rank1 143
 stop_case term-process 1 TERM process 143
+stop_case int-process 1 INT process 130
 exit $fail
