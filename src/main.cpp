@@ -142,6 +142,7 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
   // What one rank allocates in backend memory, counted by building the run's step state on a
   // sizing backend (train/memory_plan.h).
   const MemoryPlan mp = plan_memory(cfg, args.device_memory_gb * 1e9);
+  const int64_t host_available = host_memory_available();
   const CommPlan cp = plan_communication(cfg, args.links);
   const ParallelConfig& pc = cfg.parallel;
   const LinkModel& lk = args.links;
@@ -177,6 +178,10 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
       field("device_memory_bytes", std::to_string(mp.device_memory));
       field("arena_limit_bytes", std::to_string(mp.arena_limit));
       field("fits", mp.fits ? "true" : "false");
+    } else if (host_available >= 0) {
+      // A backend in host memory: how many ranks of this size this machine holds now.
+      field("host_memory_available_bytes", std::to_string(host_available));
+      field("ranks_fitting_host", std::to_string(host_available / std::max<int64_t>(1, mp.total)));
     }
     // Communication per rank and step (train/comm_plan.h).
     std::string colls = "[";
@@ -270,6 +275,12 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
                double(mp.device_memory) * 1e-9, kCudaMemoryFractionEnv,
                cuda::kDefaultMemoryFraction, double(mp.arena_limit) * 1e-9,
                mp.fits ? "fits" : "DOES NOT FIT", 100.0 * double(mp.total) / double(mp.arena_limit));
+  else if (host_available >= 0)
+    fmt::print("host memory available on this machine: {:.1f} GB (MemAvailable, or the cgroup's "
+               "limit): {} rank{} of this size fit{}\n",
+               double(host_available) * 1e-9, host_available / std::max<int64_t>(1, mp.total),
+               host_available / std::max<int64_t>(1, mp.total) == 1 ? "" : "s",
+               host_available < mp.total ? " (DOES NOT FIT: train refuses it here)" : "");
 
   // Communication of one rank per optimizer step (train/comm_plan.h has the model).
   const int world = pc.data * pc.model;
@@ -477,6 +488,9 @@ int run(int argc, char** argv) {
     options.resume = a.resume;
     const TrainResult r = train(cfg, grid, dir, options);
     if (r.stop_signal) return 128 + r.stop_signal;
+  } catch (const AgreedUserError& e) {
+    if (grid.is_root()) std::fprintf(stderr, "switcht5: error: %s\n", e.what());
+    return 2;  // every rank, normally: they all raised it
   } catch (const UserError& e) {
     return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
   } catch (const std::exception& e) {

@@ -20,6 +20,13 @@ struct UserError : Error {
   using Error::Error;
 };
 
+// A UserError that every rank raises together, having agreed on it through a collective (the
+// run directory is locked, a location is not writable): rank 0 alone reports it, and every
+// rank exits 2 on its own, with no abort of the job.
+struct AgreedUserError : UserError {
+  using UserError::UserError;
+};
+
 [[noreturn]] void throw_check_failure(const char* file, int line, const char* cond, const std::string& msg);
 
 }  // namespace switcht5
