@@ -358,9 +358,15 @@ def read_checkpoint(path, switcht5):
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def export(ckpt, out_dir, switcht5):
+def export(ckpt, out_dir, switcht5, force=False):
     from safetensors.numpy import save_file
 
+    # Before any work: an export never replaces a model directory's files unless asked to.
+    if not force:
+        for name in ("model.safetensors", "config.json"):
+            if os.path.lexists(os.path.join(out_dir, name)):
+                raise UserError(f"{os.path.join(out_dir, name)}: the file exists; pass --force to "
+                                "overwrite it")
     m, data, step, params, names = read_checkpoint(ckpt, switcht5)
     cfg = hf_config(m, data, step, ckpt)
     tensors = {k: np.ascontiguousarray(v) for k, v in hf_tensors(params, names, m).items()}
@@ -388,11 +394,13 @@ def main(argv=None):
         "SwitchTransformersForConditionalGeneration. See the docstring for what HF cannot express.")
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint file (.h5)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite OUT_DIR's config.json and model.safetensors if they exist")
     parser.add_argument("--switcht5", metavar="BIN", help="the switcht5 binary, for the parameter "
                         "name table (default: $SWITCHT5, else build/switcht5, else PATH)")
     args = parser.parse_args(argv)
     try:
-        cfg = export(args.ckpt, args.out_dir, find_switcht5(args.switcht5))
+        cfg = export(args.ckpt, args.out_dir, find_switcht5(args.switcht5), args.force)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

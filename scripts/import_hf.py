@@ -279,7 +279,10 @@ def name_table(switcht5, config_text):
         os.remove(path)
 
 
-def import_hf(hf_dir, ckpt, inputs_length=None, targets_length=None, switcht5=None):
+def import_hf(hf_dir, ckpt, inputs_length=None, targets_length=None, switcht5=None, force=False):
+    # Before any work: an import never replaces a file (a training checkpoint) unless asked to.
+    if not force and os.path.lexists(ckpt):
+        raise UserError(f"{ckpt}: the file exists; pass --force to overwrite it")
     config_path = os.path.join(hf_dir, "config.json")
     try:
         with open(config_path) as fh:
@@ -305,6 +308,7 @@ def main(argv=None):
         "as a params-only SwitchT5 checkpoint.")
     parser.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and model.safetensors")
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint file to write (.h5)")
+    parser.add_argument("--force", action="store_true", help="overwrite CKPT if it exists")
     parser.add_argument("--inputs-length", type=int, metavar="N",
                         help="data.inputs_length of the stored config (default: exported value, else 512)")
     parser.add_argument("--targets-length", type=int, metavar="N",
@@ -316,7 +320,8 @@ def main(argv=None):
         if value is not None and value < 2:
             parser.error(f"{flag}: got {value}, expected an integer >= 2")
     try:
-        m = import_hf(args.hf_dir, args.ckpt, args.inputs_length, args.targets_length, args.switcht5)
+        m = import_hf(args.hf_dir, args.ckpt, args.inputs_length, args.targets_length, args.switcht5,
+                      args.force)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -203,6 +203,26 @@ class Parity(unittest.TestCase):
         self.check_refused([gated, self.path("hf"), "--switcht5", "/nonexistent/switcht5"],
                            "--switcht5 /nonexistent/switcht5", "not an executable file")
 
+    def test_outputs_never_overwritten_without_force(self):
+        """export_hf.py and import_hf.py refuse to replace an existing file (one line, exit 2,
+        the file unchanged) unless --force."""
+        ckpt = train(self.path("run"), [])
+        run(script("export_hf.py") + [ckpt, self.path("hf")])
+        weights = os.path.join(self.path("hf"), "model.safetensors")
+        with open(weights, "rb") as fh:
+            before = fh.read()
+        self.check_refused([ckpt, self.path("hf")], weights, "the file exists; pass --force")
+        with open(weights, "rb") as fh:
+            self.assertEqual(fh.read(), before)
+        run(script("export_hf.py") + [ckpt, self.path("hf"), "--force"])
+        imported = self.path("imported.h5")
+        lengths = ["--inputs-length", "12", "--targets-length", "12"]
+        run(script("import_hf.py") + [self.path("hf"), imported] + lengths)
+        _, stderr = run(script("import_hf.py") + [self.path("hf"), imported] + lengths, expect_rc=2)
+        self.assertEqual(stderr.strip().splitlines(),
+                         [f"import_hf.py: error: {imported}: the file exists; pass --force to overwrite it"])
+        run(script("import_hf.py") + [self.path("hf"), imported, "--force"] + lengths)
+
     # ---- import: HF -> our checkpoint ---------------------------------------------------------
 
     def random_hf_model(self, kind, tied):
