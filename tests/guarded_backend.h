@@ -115,6 +115,10 @@ class GuardedBackend final : public Backend {
                                     const float* counts, int G, int S, int E, int C) override {
     run([=, this] { inner_->accumulate_router_statistics(host(acc), host(lb), host(lse), host(counts), G, S, E, C); });
   }
+  void accumulate_router_confidence(double* acc, const float* probs, const float* logits,
+                                    const float* lse, int64_t T, int E) override {
+    run([=, this] { inner_->accumulate_router_confidence(host(acc), host(probs), host(logits), host(lse), T, E); });
+  }
   int64_t host_syncs() const override { return inner_->host_syncs(); }
   void synchronize() override {
     not_recording("synchronize");

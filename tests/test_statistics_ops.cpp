@@ -145,6 +145,55 @@ TEST_P(StatisticsOps, RouterStatistics) {
   }
 }
 
+// Router confidence against the definitions computed here: entropy as -sum p log p (the op uses
+// the identity lse - sum p * logit), the largest and second largest probability. Probabilities
+// are the softmax of random logits (some rows with ties and a dominant expert), E = 1 included.
+TEST_P(StatisticsOps, RouterConfidence) {
+  struct Case { int64_t T; int E; };
+  for (const Case& k : {Case{1, 1}, Case{7, 2}, Case{300, 4}, Case{1000, 8}, Case{33, 128}}) {
+    auto logits = random_vector(k.T * k.E, 41 + k.T, -3.0f, 3.0f);
+    if (k.E > 1) {
+      logits[1] = logits[0];                 // a tie for token 0
+      logits[size_t(k.E)] = 40.0f;           // token 1 (when T > 1): one expert takes all
+    }
+    std::vector<float> probs(logits.size()), lse(size_t(k.T));
+    double entropy = 0, top1 = 0, margin = 0;
+    for (int64_t t = 0; t < k.T; ++t) {
+      const float* z = logits.data() + t * k.E;
+      const double m = *std::max_element(z, z + k.E);
+      double s = 0;
+      for (int e = 0; e < k.E; ++e) s += std::exp(double(z[e]) - m);
+      lse[size_t(t)] = float(m + std::log(s));
+      std::vector<double> p(size_t(k.E));
+      for (int e = 0; e < k.E; ++e) {
+        probs[size_t(t * k.E + e)] = float(std::exp(double(z[e]) - lse[size_t(t)]));
+        p[size_t(e)] = probs[size_t(t * k.E + e)];
+        if (p[size_t(e)] > 0) entropy -= p[size_t(e)] * std::log(p[size_t(e)]);
+      }
+      std::sort(p.rbegin(), p.rend());
+      top1 += p[0];
+      margin += p[0] - (k.E > 1 ? p[1] : 0.0);
+    }
+    auto dprobs = upload(*be_, probs);
+    auto dlogits = upload(*be_, logits);
+    auto dlse = upload(*be_, lse);
+    const std::vector<double> start = {0.25, 1.5, -2.0, 7.0};  // 3 entries and a guard
+    auto acc = accumulator(*be_, start);
+    be_->accumulate_router_confidence(acc.data(), dprobs.data(), dlogits.data(), dlse.data(), k.T,
+                                      k.E);
+    const auto h = read(*be_, acc);
+    const std::string at = "T=" + std::to_string(k.T) + " E=" + std::to_string(k.E);
+    // float probabilities and lse: the identity holds to float rounding, not double's.
+    EXPECT_NEAR(h[0], start[0] + entropy / double(k.T), 1e-5) << "entropy " << at;
+    EXPECT_NEAR(h[1], start[1] + top1 / double(k.T), 1e-6) << "top-1 " << at;
+    EXPECT_NEAR(h[2], start[2] + margin / double(k.T), 1e-6) << "margin " << at;
+    EXPECT_EQ(h[3], start[3]) << "wrote past 3 entries " << at;
+    if (k.E == 1) {
+      EXPECT_NEAR(h[0] - start[0], 0.0, 1e-6) << "one expert: no uncertainty";
+    }
+  }
+}
+
 std::vector<std::string> all_backends() {
   std::vector<std::string> names = {"reference"};
   for (const std::string& b : testing::backends_under_test()) names.push_back(b);

@@ -1,6 +1,7 @@
 // End-to-end training on one process: the same seed gives bitwise the same loss curve, a
 // different seed a different one, and the synthetic task is learned (the loss falls far below
 // its start). Uses configs/tiny-synthetic.yaml as a user would.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -12,6 +13,7 @@
 #include "comm/process_grid.h"
 #include "config/config.h"
 #include "train/metrics.h"
+#include "train/telemetry.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
@@ -74,6 +76,98 @@ TEST(Training, OneHostSynchronisationPerStep) {
     const int64_t before = trainer.backend().host_syncs();
     trainer.evaluate();
     EXPECT_EQ(trainer.backend().host_syncs() - before, 1) << accum << " evaluate";
+  }
+}
+
+// Telemetry: at a logged step every Switch layer reports the L2 norm of each expert's gradient
+// (before clipping), equal to the norm of that expert's slices of the gradient buffer.
+TEST(Training, ExpertGradientNormsAreEachExpertsGradient) {
+  RunConfig cfg = load_config(kTiny, {"train.steps=2", "train.max_grad_norm=0"});
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+  Trainer trainer(cfg, grid);
+  EXPECT_TRUE(trainer.train_step(1).routing.at(0).expert_grad_norm.empty()) << "only when asked";
+  const StepMetrics m = trainer.train_step(2, /*expert_norms=*/true);
+  ASSERT_FALSE(m.skipped);
+  ParamStore& ps = trainer.model().params();
+  std::vector<float> grads(size_t(ps.total_numel()));
+  trainer.backend().copy_to_host(grads.data(), ps.grads(), sizeof(float) * grads.size());
+  const int E = cfg.model.num_experts;
+  for (const LayerRouting& r : m.routing) {
+    std::vector<double> sq(size_t(E), 0.0);
+    int tensors = 0;
+    for (const ParamInfo& p : ps.infos()) {
+      if (p.kind != ParamKind::kStacked || p.name.rfind(r.layer + ".", 0) != 0) continue;
+      ++tensors;
+      const int64_t per = p.numel / E;
+      for (int64_t i = 0; i < p.numel; ++i)
+        sq[size_t(i / per)] += double(grads[size_t(p.offset + i)]) * grads[size_t(p.offset + i)];
+    }
+    EXPECT_EQ(tensors, 2) << r.layer << ": wi and wo";
+    ASSERT_EQ(r.expert_grad_norm.size(), size_t(E)) << r.layer;
+    for (int e = 0; e < E; ++e) {
+      EXPECT_NEAR(r.expert_grad_norm[size_t(e)], std::sqrt(sq[size_t(e)]), 1e-9 + 1e-9 * std::sqrt(sq[size_t(e)]))
+          << r.layer << " expert " << e;
+    }
+    EXPECT_GT(std::sqrt(sq[0] + sq[1] + sq[2] + sq[3]), 0.0) << r.layer;
+    // The other telemetry of the step: probabilities of 4 experts.
+    EXPECT_GT(r.entropy, 0.0);
+    EXPECT_LE(r.entropy, std::log(double(E)) + 1e-6);
+    EXPECT_GE(r.top1_prob, 1.0 / E - 1e-6);
+    EXPECT_GE(r.top1_margin, 0.0);
+    EXPECT_GE(r.load_cv, 0.0);
+  }
+}
+
+// The routing monitor: dead experts over the interval since the previous log (not the logged
+// step alone), and one collapse warning naming the layer when a layer enters collapse, one when
+// it recovers.
+TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
+  auto step = [](int64_t s, std::vector<int64_t> tokens) {
+    StepMetrics m;
+    m.step = s;
+    LayerRouting r;
+    r.layer = "decoder.block.1";
+    int64_t total = 0;
+    for (int64_t t : tokens) total += t;
+    for (int64_t t : tokens) r.expert_fraction.push_back(double(t) / double(total));
+    r.expert_tokens = std::move(tokens);
+    m.routing.push_back(r);
+    return m;
+  };
+  RoutingMonitor monitor(/*collapse_share=*/0.8, /*collapse_logs=*/2);
+  // Interval 1: expert 3 gets a token at step 1 only; the logged step 2 alone would call it dead.
+  StepMetrics m = step(1, {5, 5, 5, 1});
+  monitor.add_step(m);
+  m = step(2, {5, 5, 6, 0});
+  monitor.add_step(m);
+  EXPECT_TRUE(monitor.at_log(m).empty());
+  EXPECT_EQ(m.routing[0].dead_experts, 0);
+  // Interval 2: expert 3 gets nothing: dead, and that is a collapse at once.
+  m = step(3, {9, 2, 5, 0});
+  monitor.add_step(m);
+  std::vector<std::string> w = monitor.at_log(m);
+  EXPECT_EQ(m.routing[0].dead_experts, 1);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("routing collapse in decoder.block.1 at step 3"), std::string::npos) << w[0];
+  EXPECT_NE(w[0].find("1 of 4 experts got none"), std::string::npos) << w[0];
+  // Recovers: balanced again.
+  m = step(4, {4, 4, 4, 4});
+  monitor.add_step(m);
+  w = monitor.at_log(m);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("routing in decoder.block.1 recovered at step 4"), std::string::npos) << w[0];
+  // One expert over 80% at one log: not yet; at the second in a row: one warning; a third: no
+  // repeat.
+  for (int64_t s = 5; s <= 7; ++s) {
+    m = step(s, {17, 1, 1, 1});
+    monitor.add_step(m);
+    w = monitor.at_log(m);
+    EXPECT_EQ(w.size(), s == 6 ? 1u : 0u) << "step " << s;
+    if (s == 6) {
+      EXPECT_NE(w[0].find("expert 0 takes 85% of the tokens (over 80% at 2 logged steps in a row)"),
+                std::string::npos)
+          << w[0];
+    }
   }
 }
 

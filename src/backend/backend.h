@@ -149,6 +149,14 @@ class Backend {
   //   acc[5 + e] += sum_g counts[g,e]        tokens whose top-1 is e (counts is [G,E])
   virtual void accumulate_router_statistics(double* acc, const float* lb, const float* lse,
                                             const float* counts, int G, int S, int E, int C) = 0;
+  // How sure one router call is, over its T tokens (probs, logits [T,E], lse [T] of the same
+  // call; p1 >= p2 the two largest probabilities of token t, p2 = 0 when E = 1):
+  //   acc[0] += (1/T) sum_t H_t,   H_t = -sum_e p_e log p_e = lse_t - sum_e p_e logit_e  (nats)
+  //   acc[1] += (1/T) sum_t p1_t                      mean top-1 probability
+  //   acc[2] += (1/T) sum_t (p1_t - p2_t)             mean top-1 / top-2 margin
+  // (RouterStatsSlot in model/router.h: the entries after the per-expert counts.)
+  virtual void accumulate_router_confidence(double* acc, const float* probs, const float* logits,
+                                            const float* lse, int64_t T, int E) = 0;
 
   // Host synchronisations so far: calls that wait for the backend and hand data to the host
   // (copy_to_host, sum, sum_squares, count_nonfinite). The benchmark reports them per step.

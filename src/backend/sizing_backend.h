@@ -77,6 +77,10 @@ class SizingBackend final : public Backend {
                                     int, int) override {
     refuse("accumulate_router_statistics");
   }
+  void accumulate_router_confidence(double*, const float*, const float*, const float*, int64_t,
+                                    int) override {
+    refuse("accumulate_router_confidence");
+  }
   void permute_0213(float*, const float*, int, int, int, int) override { refuse("permute_0213"); }
   void embedding_forward(float*, const int32_t*, const float*, int64_t, int) override {
     refuse("embedding_forward");

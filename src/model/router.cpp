@@ -78,6 +78,10 @@ RouterStats decode_router_stats(const double* acc, int num_experts) {
   st.expert_fraction.resize(num_experts);
   for (int e = 0; e < num_experts; ++e)
     st.expert_fraction[e] = acc[kRouterTokens] > 0 ? acc[kRouterStatsFixed + e] / acc[kRouterTokens] : 0.0;
+  const double* confidence = acc + router_confidence_slot(num_experts);
+  st.entropy = confidence[kRouterEntropySum];
+  st.top1_prob = confidence[kRouterTop1Sum];
+  st.top1_margin = confidence[kRouterMarginSum];
   return st;
 }
 
@@ -85,6 +89,8 @@ void Router::accumulate_statistics(double* acc) {
   const int T = s_.T, S = s_.S, E = s_.E, G = T / S;
   be_.router_balance_loss(balance_.data(), probs_.data(), counts_.data(), G, S, E);
   be_.accumulate_router_statistics(acc, balance_.data(), lse_.data(), counts_.data(), G, S, E, C_);
+  be_.accumulate_router_confidence(acc + router_confidence_slot(E), probs_.data(), logits_.data(),
+                                   lse_.data(), T, E);
 }
 
 const RouterStats& Router::statistics() {

@@ -41,7 +41,9 @@ namespace switcht5 {
 int expert_capacity(const ModelConfig& model, int tokens_per_group, bool training);
 
 // The router statistics a forward call adds to a statistics array in backend memory
-// (Backend::accumulate_router_statistics): kRouterStatsFixed doubles, then one per expert.
+// (Backend::accumulate_router_statistics): kRouterStatsFixed doubles, then one per expert, then
+// (Backend::accumulate_router_confidence, at router_confidence_slot(E)) RouterConfidenceSlot.
+// Every router call counts all of its tokens, padding included, as the losses do.
 enum RouterStatsSlot : int {
   kRouterBalanceSum = 0,  // sum over calls of the call's load-balancing loss lb
   kRouterZSum = 1,        // sum over calls of the call's router z-loss
@@ -50,7 +52,16 @@ enum RouterStatsSlot : int {
   kRouterDropped = 4,     // tokens past capacity
   kRouterStatsFixed = 5,  // then [E]: tokens whose top-1 is each expert
 };
-inline int64_t router_stats_size(int num_experts) { return kRouterStatsFixed + num_experts; }
+enum RouterConfidenceSlot : int {
+  kRouterEntropySum = 0,  // sum over calls of the call's mean router entropy (nats)
+  kRouterTop1Sum = 1,     // ... of its mean top-1 probability
+  kRouterMarginSum = 2,   // ... of its mean top-1 minus top-2 probability
+  kRouterConfidenceSlots = 3,
+};
+inline int64_t router_confidence_slot(int num_experts) { return kRouterStatsFixed + num_experts; }
+inline int64_t router_stats_size(int num_experts) {
+  return router_confidence_slot(num_experts) + kRouterConfidenceSlots;
+}
 
 // Host-side routing statistics (of one forward call, or summed over several: then balance_loss
 // and z_loss are sums over the calls).
@@ -60,6 +71,9 @@ struct RouterStats {
   int64_t tokens = 0;
   int64_t dropped = 0;           // tokens past capacity
   std::vector<double> expert_fraction;  // [E] fraction of tokens whose top-1 is e
+  double entropy = 0.0;          // mean router entropy (nats), top-1 probability and top-1 /
+  double top1_prob = 0.0;        // top-2 margin over tokens (sums over calls, as the losses)
+  double top1_margin = 0.0;
 };
 
 // RouterStats from a host copy of an accumulated statistics array (RouterStatsSlot).

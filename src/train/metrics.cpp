@@ -27,6 +27,14 @@ void decode_routing(StepMetrics& m, const double* model_stats,
       r.expert_fraction.push_back(tokens > 0 ? a[kRouterStatsFixed + e] / tokens : 0.0);
       r.expert_tokens.push_back(std::llround(a[kRouterStatsFixed + e]));
     }
+    const double* confidence = a + router_confidence_slot(num_experts);
+    r.entropy = confidence[kRouterEntropySum] / calls;
+    r.top1_prob = confidence[kRouterTop1Sum] / calls;
+    r.top1_margin = confidence[kRouterMarginSum] / calls;
+    // Coefficient of variation of the load: the mean fraction is 1/E (every token has a top-1).
+    double var = 0.0;
+    for (double f : r.expert_fraction) var += (f - 1.0 / num_experts) * (f - 1.0 / num_experts);
+    r.load_cv = tokens > 0 ? std::sqrt(var / num_experts) * num_experts : 0.0;
     m.aux_loss += r.aux_loss / double(layers.size());
     m.z_loss += r.z_loss / double(layers.size());
     routed += tokens;
@@ -92,10 +100,21 @@ std::string metrics_json(const StepMetrics& m) {
       for (size_t e = 0; e < r.expert_fraction.size(); ++e)
         fractions += (e ? ", " : "") + json_number(r.expert_fraction[e], "{:.6g}");
       s += fmt::format("{}{{\"layer\": {}, \"aux_loss\": {}, \"z_loss\": {}, "
-                       "\"dropped_fraction\": {}, \"expert_fraction\": [{}]}}",
+                       "\"dropped_fraction\": {}, \"expert_fraction\": [{}], \"entropy\": {}, "
+                       "\"top1_prob\": {}, \"top1_margin\": {}, \"load_cv\": {}",
                        i ? ", " : "", json_string(r.layer), json_number(r.aux_loss, "{:.6g}"),
                        json_number(r.z_loss, "{:.6g}"), json_number(r.dropped_fraction, "{:.6g}"),
-                       fractions);
+                       fractions, json_number(r.entropy, "{:.6g}"),
+                       json_number(r.top1_prob, "{:.6g}"), json_number(r.top1_margin, "{:.6g}"),
+                       json_number(r.load_cv, "{:.6g}"));
+      if (r.dead_experts >= 0) s += fmt::format(", \"dead_experts\": {}", r.dead_experts);
+      if (!r.expert_grad_norm.empty()) {
+        std::string norms;
+        for (size_t e = 0; e < r.expert_grad_norm.size(); ++e)
+          norms += (e ? ", " : "") + json_number(r.expert_grad_norm[e], "{:.6g}");
+        s += ", \"expert_grad_norm\": [" + norms + "]";
+      }
+      s += "}";
     }
     s += "]";
   }

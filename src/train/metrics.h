@@ -16,6 +16,18 @@ struct LayerRouting {
   double dropped_fraction = 0.0;
   std::vector<double> expert_fraction;   // fraction of tokens whose top-1 is each expert
   std::vector<int64_t> expert_tokens;    // the tokens whose top-1 is each expert
+  // Telemetry (issue 14): how sure the router is, mean over the step's tokens (padding
+  // included); log(E) entropy and 1/E top-1 probability mean it cannot tell the experts apart.
+  double entropy = 0.0;                  // nats
+  double top1_prob = 0.0;
+  double top1_margin = 0.0;              // top-1 minus top-2 probability
+  double load_cv = 0.0;                  // std / mean of expert_fraction over the experts (0:
+                                         // balanced; sqrt(E - 1): all tokens on one expert)
+  // Set by the training loop at logged steps:
+  int dead_experts = -1;                 // experts no token chose since the previous log (-1:
+                                         // not computed)
+  std::vector<double> expert_grad_norm;  // L2 norm of each expert's gradient (empty: not
+                                         // computed), before clipping
 };
 
 struct StepMetrics {

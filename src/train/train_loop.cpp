@@ -17,11 +17,17 @@
 #include "train/run_lock.h"
 #include "train/run_log.h"
 #include "train/stop_signals.h"
+#include "train/telemetry.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
 
 namespace {
+
+// The routing collapse watch (train/telemetry.h): one expert over this share of a layer's
+// tokens at this many logged steps in a row.
+constexpr double kCollapseShare = 0.8;
+constexpr int kCollapseLogs = 3;
 
 // The first error (in world order) of the ranks' `local` errors ("" for none), on every rank.
 // Collective over `world`.
@@ -195,20 +201,23 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
     result.checkpoints.push_back(s.path);
   };
+  RoutingMonitor routing(kCollapseShare, kCollapseLogs);
   StopSignals signals(/*announce=*/grid.is_root());
   int64_t saved_step = -1;
   for (int64_t step = result.start_step + 1; step <= tc.steps; ++step) {
-    StepMetrics m = trainer.train_step(step);
+    const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
+    const bool planned_log = step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval;
+    // Per-expert gradient norms cost a read-back: logged steps only.
+    StepMetrics m = trainer.train_step(step, /*expert_norms=*/planned_log);
     result.final_loss = m.loss;
     result.last_step = step;
     if (m.skipped)
       log->warn("step {}: non-finite loss or gradient, update skipped on every rank; first "
                 "non-finite: {}",
                 step, m.nonfinite);
-    const bool do_eval = tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps);
-    const bool do_log =
-        step % cfg.log.every == 0 || step == 1 || step == tc.steps || do_eval || m.skipped;
-    if (do_log) {
+    routing.add_step(m);
+    if (planned_log || m.skipped) {
+      for (const std::string& w : routing.at_log(m)) log->warn("{}", w);
       if (do_eval && trainer.has_validation()) {
         m.has_val = true;
         m.val_loss = trainer.evaluate();

@@ -280,6 +280,37 @@ void Trainer::issue_forward_backward(int64_t step, const LossWeights& w, RandomK
   accumulate_grad_norm_squares(extra);
 }
 
+std::vector<std::vector<double>> Trainer::expert_grad_norms() {
+  const int E = cfg_.model.num_experts;
+  const int64_t layers = int64_t(switch_layers_.size());
+  std::vector<double> sq(size_t(layers * E), 0.0);
+  if (layers == 0) return {};
+  DeviceArray<double> acc(*be_, layers * E);
+  be_->zero_bytes(acc.data(), acc.bytes());
+  ParamStore& ps = model_->params();
+  for (const ParamInfo& p : ps.infos()) {
+    if (p.kind != ParamKind::kStacked) continue;
+    // A block not split over the model group is the same on every model rank: counted once.
+    if (p.model_split_dim < 0 && grid_.model_rank != 0) continue;
+    int64_t l = 0;
+    while (l < layers && p.name.rfind(switch_layers_[size_t(l)] + ".", 0) != 0) ++l;
+    SWT_CHECK(l < layers, "stacked parameter {} belongs to no Switch layer", p.name);
+    const int64_t first = p.slice_start.empty() ? 0 : p.slice_start[0];
+    const int64_t per_expert = p.numel / p.shape[0];
+    for (int64_t j = 0; j < p.shape[0]; ++j)
+      be_->accumulate_sum_squares(acc.data() + l * E + first + j,
+                                  ps.grads() + p.offset + j * per_expert, per_expert);
+  }
+  be_->copy_to_host(sq.data(), acc.data(), acc.bytes());
+  // Each expert-group rank holds its own experts, each model rank its split of them.
+  grid_.expert_group->all_reduce_sum(sq.data(), int64_t(sq.size()));
+  grid_.model_group->all_reduce_sum(sq.data(), int64_t(sq.size()));
+  std::vector<std::vector<double>> norms(static_cast<size_t>(layers));
+  for (int64_t l = 0; l < layers; ++l)
+    for (int e = 0; e < E; ++e) norms[size_t(l)].push_back(std::sqrt(sq[size_t(l * E + e)]));
+  return norms;
+}
+
 PlaneTraffic Trainer::traffic(const std::string& group) const {
   const DataPlane* plane = group == "data"             ? data_plane_.get()
                            : group == "expert_replica" ? replica_plane_.get()
@@ -291,7 +322,7 @@ PlaneTraffic Trainer::traffic(const std::string& group) const {
   return plane ? plane->traffic() : PlaneTraffic{};
 }
 
-StepMetrics Trainer::train_step(int64_t step) {
+StepMetrics Trainer::train_step(int64_t step, bool expert_norms) {
   const TrainConfig& tc = cfg_.train;
   const auto t0 = std::chrono::steady_clock::now();
   if (grid_.watchdog) grid_.watchdog->set_step(step);
@@ -387,6 +418,7 @@ StepMetrics Trainer::train_step(int64_t step) {
               consecutive_skips_, tc.max_skipped_steps, step, m.nonfinite);
   } else {
     consecutive_skips_ = 0;
+    if (expert_norms) expert_norms_ = expert_grad_norms();  // before clipping scales them
     clip_grad_norm_scaled(*be_, ps, grad_norm, tc.max_grad_norm);
     optimizer_->step(*be_, ps, float(m.lr));  // masters and their bf16 compute copies
     reducer_->all_gather_parameters();  // ZeRO-1: every shard's new values to every data rank
@@ -396,6 +428,9 @@ StepMetrics Trainer::train_step(int64_t step) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   decode_routing(m, host_stats_.data(), switch_layers_, cfg_.model.num_experts);
+  if (expert_norms && !m.skipped)
+    for (size_t l = 0; l < m.routing.size(); ++l)
+      m.routing[l].expert_grad_norm = std::move(expert_norms_[l]);
   // What the watchdog reports should a later collective hang: the step's routing is on the host.
   if (grid_.watchdog) grid_.watchdog->set_completed_step(step, describe_expert_tokens(m));
   m.step_ms = secs * 1e3;

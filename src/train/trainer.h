@@ -90,8 +90,10 @@ class Trainer {
 
   // Runs optimizer step `step` (1-based) on the next global batch of the training source. A
   // non-finite loss or gradient on any rank skips the update on every rank (metrics.skipped);
-  // more than train.max_skipped_steps consecutive skips throw Error.
-  StepMetrics train_step(int64_t step);
+  // more than train.max_skipped_steps consecutive skips throw Error. `expert_norms` (the same on
+  // every rank; the loop asks at logged steps) also fills each Switch layer's
+  // expert_grad_norm, unless the step was skipped.
+  StepMetrics train_step(int64_t step, bool expert_norms = false);
   // Mean cross-entropy over the first train.eval_batches global validation batches (eval
   // mode); NaN when the config has no validation data.
   double evaluate();
@@ -150,6 +152,10 @@ class Trainer {
   // become final), and the gradient-norm partial sums.
   void issue_forward_backward(int64_t step, const LossWeights& w, RandomKey seed);
   std::string first_nonfinite();
+  // Per Switch layer (switch_layers_ order), the L2 norm of each expert's summed gradient over
+  // all of its stacked tensors, whole model (gathered over the expert and model groups).
+  // Collective over those groups.
+  std::vector<std::vector<double>> expert_grad_norms();
 
   RunConfig cfg_;
   ProcessGrid& grid_;
@@ -187,6 +193,7 @@ class Trainer {
   int64_t inject_step_ = -1;
   int inject_rank_ = -1;
   StallHook stall_;
+  std::vector<std::vector<double>> expert_norms_;  // train_step's, until decoded into metrics
   // The watchdog aborts the data planes before it ends the job (NCCL: ncclCommAbort); last, so
   // that they are removed before the planes go.
   std::vector<Watchdog::Registration> plane_aborts_;

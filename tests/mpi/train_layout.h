@@ -20,6 +20,9 @@ namespace switcht5::testing {
 
 struct TrainedRun {
   std::vector<double> losses, grad_norms;
+  // Per step, per Switch layer: each expert's gradient norm, then the router's mean entropy,
+  // top-1 probability and margin (telemetry, gathered over ranks).
+  std::vector<std::vector<double>> expert_norms, confidence;
   std::map<std::string, std::vector<float>> params;  // full logical tensors
 };
 
@@ -47,9 +50,16 @@ inline TrainedRun train_layout(const RunConfig& cfg, std::unique_ptr<Communicato
   Trainer trainer(cfg, grid);
   TrainedRun r;
   for (int64_t s = 1; s <= cfg.train.steps; ++s) {
-    StepMetrics m = trainer.train_step(s);
+    StepMetrics m = trainer.train_step(s, /*expert_norms=*/true);
     r.losses.push_back(m.loss);
     r.grad_norms.push_back(m.grad_norm);
+    std::vector<double> norms, confidence;
+    for (const LayerRouting& l : m.routing) {
+      norms.insert(norms.end(), l.expert_grad_norm.begin(), l.expert_grad_norm.end());
+      confidence.insert(confidence.end(), {l.entropy, l.top1_prob, l.top1_margin});
+    }
+    r.expert_norms.push_back(std::move(norms));
+    r.confidence.push_back(std::move(confidence));
   }
   Backend& be = trainer.backend();
   ParamStore& ps = trainer.model().params();
@@ -84,6 +94,17 @@ inline void expect_same_training(const TrainedRun& run, const TrainedRun& ref) {
         << "step " << s + 1 << ": " << run.losses[s] << " vs " << ref.losses[s];
     EXPECT_LE(std::fabs(run.grad_norms[s] - ref.grad_norms[s]), 1e-5 * ref.grad_norms[s])
         << "step " << s + 1;
+    // Telemetry: every expert's gradient norm and the router's confidence, whole model.
+    ASSERT_EQ(run.expert_norms[s].size(), ref.expert_norms[s].size()) << "step " << s + 1;
+    ASSERT_FALSE(ref.expert_norms[s].empty());
+    for (size_t i = 0; i < ref.expert_norms[s].size(); ++i)
+      EXPECT_LE(std::fabs(run.expert_norms[s][i] - ref.expert_norms[s][i]),
+                1e-5 * ref.grad_norms[s])
+          << "step " << s + 1 << " expert norm " << i;
+    ASSERT_EQ(run.confidence[s].size(), ref.confidence[s].size());
+    for (size_t i = 0; i < ref.confidence[s].size(); ++i)
+      EXPECT_NEAR(run.confidence[s][i], ref.confidence[s][i], 1e-6)
+          << "step " << s + 1 << " router confidence " << i;
   }
   EXPECT_GT(ref.losses.front() - ref.losses.back(), 0.5);
   ASSERT_EQ(run.params.size(), ref.params.size());

@@ -360,6 +360,45 @@ void CpuBackend::accumulate_loss_statistics(double* acc, const float* loss, cons
   acc[2] += valid;
 }
 
+void CpuBackend::accumulate_router_confidence(double* acc, const float* probs,
+                                              const float* logits, const float* lse, int64_t T,
+                                              int E) {
+  if (T <= 0) return;
+  // Blocks of kTokens tokens, each summed in token order, then the blocks in order: the same
+  // result for any thread count (the reference's one serial sum differs by double rounding).
+  constexpr int64_t kTokens = 256;
+  const int64_t blocks = (T + kTokens - 1) / kTokens;
+  double* partial = scratch(size_t(3 * blocks));
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    double entropy = 0.0, top1 = 0.0, margin = 0.0;
+    for (int64_t t = b * kTokens; t < std::min(T, (b + 1) * kTokens); ++t) {
+      const float* p = probs + t * E;
+      const float* z = logits + t * E;
+      double expected_logit = 0.0, p1 = -1.0, p2 = 0.0;
+      for (int e = 0; e < E; ++e) {
+        expected_logit += double(p[e]) * z[e];
+        if (p[e] > p1) {
+          p2 = std::max(p1, 0.0);
+          p1 = p[e];
+        } else if (p[e] > p2) {
+          p2 = p[e];
+        }
+      }
+      entropy += double(lse[t]) - expected_logit;
+      top1 += p1;
+      margin += p1 - p2;
+    }
+    partial[3 * b] = entropy;
+    partial[3 * b + 1] = top1;
+    partial[3 * b + 2] = margin;
+  }
+  double total[3] = {0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int k = 0; k < 3; ++k) total[k] += partial[3 * b + k];
+  for (int k = 0; k < 3; ++k) acc[k] += total[k] / double(T);
+}
+
 void CpuBackend::accumulate_router_statistics(double* acc, const float* lb, const float* lse,
                                               const float* counts, int G, int S, int E, int C) {
   const int64_t T = int64_t(G) * S;

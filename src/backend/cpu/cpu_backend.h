@@ -50,6 +50,8 @@ class CpuBackend final : public Backend {
                                   const int32_t* labels, int64_t N) override;
   void accumulate_router_statistics(double* acc, const float* lb, const float* lse,
                                     const float* counts, int G, int S, int E, int C) override;
+  void accumulate_router_confidence(double* acc, const float* probs, const float* logits,
+                                    const float* lse, int64_t T, int E) override;
 
   void permute_0213(float* out, const float* in, int A, int B, int C, int D) override;
 

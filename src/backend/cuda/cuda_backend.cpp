@@ -561,6 +561,12 @@ void CudaBackend::accumulate_router_statistics(double* acc, const float* lb, con
   cuda::accumulate_router_statistics(ctx_, acc, lb, lse, counts, G, S, E, C);
 }
 
+void CudaBackend::accumulate_router_confidence(double* acc, const float* probs,
+                                               const float* logits, const float* lse, int64_t T,
+                                               int E) {
+  cuda::accumulate_router_confidence(ctx_, acc, probs, logits, lse, T, E);
+}
+
 // ---- layout, embedding, norm, attention, activations --------------------------------------------
 
 void CudaBackend::permute_0213(float* out, const float* in, int A, int B, int C, int D) {

@@ -86,6 +86,8 @@ void accumulate_loss_statistics(const Ctx& c, double* acc, const float* loss, co
                                 const int32_t* labels, int64_t N);
 void accumulate_router_statistics(const Ctx& c, double* acc, const float* lb, const float* lse,
                                   const float* counts, int G, int S, int E, int C);
+void accumulate_router_confidence(const Ctx& c, double* acc, const float* probs,
+                                  const float* logits, const float* lse, int64_t T, int E);
 
 // ---- RMSNorm, attention softmax alone and fused with dropout (norm_attention.cu) ----------------
 void rmsnorm_forward(const Ctx& c, float* out, float* rstd, const float* x, const float* w,

@@ -68,6 +68,34 @@ struct LossTerm {
   }
 };
 
+// Router confidence of token t, each already divided by T (Backend::accumulate_router_confidence):
+// entropy lse - sum_e p_e logit_e, top-1 probability, top-1 minus top-2 probability.
+struct ConfidenceTerm {
+  const float* probs;
+  const float* logits;
+  const float* lse;
+  int E;
+  double inv_T;
+  __device__ void operator()(int64_t t, double* v) const {
+    const float* p = probs + t * E;
+    const float* z = logits + t * E;
+    double expected_logit = 0.0, p1 = -1.0, p2 = 0.0;
+    for (int e = 0; e < E; ++e) {
+      const double pe = p[e];
+      expected_logit += pe * double(z[e]);
+      if (pe > p1) {
+        p2 = p1 > 0.0 ? p1 : 0.0;
+        p1 = pe;
+      } else if (pe > p2) {
+        p2 = pe;
+      }
+    }
+    v[0] = (double(lse[t]) - expected_logit) * inv_T;
+    v[1] = p1 * inv_T;
+    v[2] = (p1 - p2) * inv_T;
+  }
+};
+
 template <class T, int K, class Term>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_pass1_kernel(T* partial, Term term, int64_t n) {
@@ -205,6 +233,13 @@ void accumulate_router_statistics(const Ctx& c, double* acc, const float* lb, co
   router_statistics_kernel<<<1, kReduceThreads, 0, s>>>(acc, z_partial, blocks, lb, counts, G, E,
                                                         C, T);
   SWT_CUDA_CHECK_LAUNCH();
+}
+
+void accumulate_router_confidence(const Ctx& c, double* acc, const float* probs,
+                                  const float* logits, const float* lse, int64_t T, int E) {
+  if (T <= 0 || E <= 0) return;
+  reduce_two_pass<double, 3>(c, "accumulate_router_confidence", acc,
+                             ConfidenceTerm{probs, logits, lse, E, 1.0 / double(T)}, T, true);
 }
 
 }  // namespace switcht5::cuda

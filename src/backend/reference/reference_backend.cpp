@@ -258,6 +258,33 @@ void ReferenceBackend::accumulate_router_statistics(double* acc, const float* lb
   acc[4] += dropped;
 }
 
+void ReferenceBackend::accumulate_router_confidence(double* acc, const float* probs,
+                                                    const float* logits, const float* lse,
+                                                    int64_t T, int E) {
+  double entropy = 0.0, top1 = 0.0, margin = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* p = probs + t * E;
+    const float* z = logits + t * E;
+    double expected_logit = 0.0, p1 = -1.0, p2 = 0.0;
+    for (int e = 0; e < E; ++e) {
+      expected_logit += double(p[e]) * z[e];
+      if (p[e] > p1) {
+        p2 = std::max(p1, 0.0);
+        p1 = p[e];
+      } else if (p[e] > p2) {
+        p2 = p[e];
+      }
+    }
+    entropy += double(lse[t]) - expected_logit;
+    top1 += p1;
+    margin += p1 - p2;
+  }
+  if (T <= 0) return;
+  acc[0] += entropy / double(T);
+  acc[1] += top1 / double(T);
+  acc[2] += margin / double(T);
+}
+
 // ---- layout -----------------------------------------------------------------------------------
 
 void ReferenceBackend::permute_0213(float* out, const float* in, int A, int B, int C, int D) {

@@ -1,0 +1,56 @@
+#include "train/telemetry.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+namespace switcht5 {
+
+RoutingMonitor::RoutingMonitor(double collapse_share, int collapse_logs)
+    : share_(collapse_share), logs_(std::max(1, collapse_logs)) {}
+
+void RoutingMonitor::add_step(const StepMetrics& m) {
+  if (interval_.size() != m.routing.size()) {
+    interval_.assign(m.routing.size(), {});
+    over_share_.assign(m.routing.size(), 0);
+    collapsed_.assign(m.routing.size(), false);
+  }
+  for (size_t l = 0; l < m.routing.size(); ++l) {
+    const std::vector<int64_t>& t = m.routing[l].expert_tokens;
+    if (interval_[l].size() != t.size()) interval_[l].assign(t.size(), 0);
+    for (size_t e = 0; e < t.size(); ++e) interval_[l][e] += t[e];
+  }
+}
+
+std::vector<std::string> RoutingMonitor::at_log(StepMetrics& m) {
+  std::vector<std::string> warnings;
+  for (size_t l = 0; l < m.routing.size() && l < interval_.size(); ++l) {
+    LayerRouting& r = m.routing[l];
+    r.dead_experts = int(std::count(interval_[l].begin(), interval_[l].end(), int64_t{0}));
+    std::fill(interval_[l].begin(), interval_[l].end(), int64_t{0});
+    if (share_ <= 0 || r.expert_fraction.empty()) continue;
+    const auto busiest = std::max_element(r.expert_fraction.begin(), r.expert_fraction.end());
+    over_share_[l] = *busiest > share_ ? over_share_[l] + 1 : 0;
+    const bool collapsed = over_share_[l] >= logs_ || r.dead_experts > 0;
+    if (collapsed && !collapsed_[l])
+      warnings.push_back(fmt::format(
+          "routing collapse in {} at step {}: expert {} takes {:.0f}% of the tokens{}, {} of {} "
+          "experts got none since the last log, {:.0f}% dropped (router entropy {:.3f} nats, "
+          "top-1 probability {:.3f}); check router_aux_loss_coef, the learning rate and "
+          "capacity_factor",
+          r.layer, m.step, busiest - r.expert_fraction.begin(), 100 * *busiest,
+          over_share_[l] >= logs_ ? fmt::format(" (over {:.0f}% at {} logged steps in a row)",
+                                                100 * share_, over_share_[l])
+                                  : std::string(),
+          r.dead_experts, r.expert_fraction.size(), 100 * r.dropped_fraction, r.entropy,
+          r.top1_prob));
+    if (!collapsed && collapsed_[l])
+      warnings.push_back(fmt::format("routing in {} recovered at step {}: busiest expert {:.0f}%, "
+                                     "no dead experts",
+                                     r.layer, m.step, 100 * *busiest));
+    collapsed_[l] = collapsed;
+  }
+  return warnings;
+}
+
+}  // namespace switcht5
