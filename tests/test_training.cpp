@@ -13,6 +13,7 @@
 #include "comm/process_grid.h"
 #include "config/config.h"
 #include "train/metrics.h"
+#include "train/progress.h"
 #include "train/telemetry.h"
 #include "train/trainer.h"
 
@@ -169,6 +170,29 @@ TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
           << w[0];
     }
   }
+}
+
+// The progress facts of a log line: step of total, elapsed and ETA as clock durations, MFU
+// only when the peak is known.
+TEST(Training, ProgressSuffix) {
+  EXPECT_EQ(clock_duration(0), "0:00");
+  EXPECT_EQ(clock_duration(59.6), "1:00");
+  EXPECT_EQ(clock_duration(727), "12:07");
+  EXPECT_EQ(clock_duration(3 * 3600 + 2 * 60 + 17), "3:02:17");
+  EXPECT_EQ(clock_duration(std::numeric_limits<double>::quiet_NaN()), "0:00");
+  StepMetrics m;
+  m.step_ms = 100.0;
+  Progress unknown(/*live=*/false, /*start_step=*/10, /*total_steps=*/1000, 1e9, 0.0);
+  m.step = 11;
+  unknown.update(m);
+  const std::string s = unknown.suffix(11);
+  EXPECT_EQ(s.rfind(" | 11/1000 | 0:00 elapsed, ETA ", 0), 0u) << s;
+  EXPECT_EQ(s.find("MFU"), std::string::npos) << s;
+  // 1e9 FLOP in 0.1 s against a 2e10 FLOP/s peak: 50%.
+  Progress known(false, 0, 100, 1e9, 2e10);
+  m.step = 1;
+  known.update(m);
+  EXPECT_NE(known.suffix(1).find(" | MFU 50%"), std::string::npos) << known.suffix(1);
 }
 
 TEST(Training, SyntheticTaskIsLearned) {

@@ -86,6 +86,9 @@ class Backend {
   // backends in host memory, which the trainer checks against the host's available memory
   // (train/memory_plan.h, require_memory_fits).
   virtual int64_t memory_capacity() const { return 0; }
+  // The device's peak matmul FLOP/s for operands of `dtype` (dense, no sparsity), for the MFU
+  // the progress line shows; 0 when unknown (CPUs: it depends on the kernel chosen and clocks).
+  virtual double peak_flops(DType dtype) const { return 0.0; }
 
   // ---- GEMM ---------------------------------------------------------------------------------
   // For each b in [0, batch):

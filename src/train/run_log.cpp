@@ -65,12 +65,13 @@ std::function<void(const std::string&)> file_log_writer(const spdlog::logger& lo
   };
 }
 
-void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops) {
+void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops,
+              const std::string& suffix) {
   log.info("step {:>6} | loss {:.4f} | aux {:.4f} | z {:.4f} | lr {:.3e} | gnorm {:.3f} | "
-           "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}",
+           "drop {:.3f} | {:.1f} ms | {:.0f} tok/s | {:.1f} GFLOP/s{}{}",
            m.step, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.dropped_fraction,
            m.step_ms, m.tokens_per_s, step_flops / m.step_ms * 1e-6,
-           m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "");
+           m.has_val ? fmt::format(" | val_loss {:.4f}", m.val_loss) : "", suffix);
 }
 
 MetricsFile::MetricsFile(const ProcessGrid& grid, const std::string& run_dir, bool append) {

@@ -25,8 +25,10 @@ std::shared_ptr<spdlog::logger> make_run_logger(const RunConfig& cfg, const Proc
 // messages already on stderr. Holds the sinks: usable from any thread while it lives.
 std::function<void(const std::string&)> file_log_writer(const spdlog::logger& log);
 
-// "step N | loss ... | GFLOP/s[ | val_loss ...]" for a logged step.
-void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops);
+// "step N | loss ... | GFLOP/s[ | val_loss ...]<suffix>" for a logged step (suffix: the
+// progress, train/progress.h).
+void log_step(spdlog::logger& log, const StepMetrics& m, double step_flops,
+              const std::string& suffix = "");
 
 // run_dir/metrics.jsonl, one metrics_json() line per logged step, flushed at once; written by
 // rank 0 only (other ranks hold a closed file and write nothing).

@@ -17,6 +17,7 @@
 #include "train/run_lock.h"
 #include "train/run_log.h"
 #include "train/stop_signals.h"
+#include "train/progress.h"
 #include "train/telemetry.h"
 #include "train/trainer.h"
 
@@ -189,7 +190,13 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     f << to_yaml(cfg);
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
+  RoutingMonitor routing(kCollapseShare, kCollapseLogs);
+  const double peak = trainer.backend().peak_flops(tc.precision == "bf16" ? DType::kBF16
+                                                                          : DType::kF32) *
+                      grid.world_size;
+  Progress progress(live_console(grid), result.start_step, tc.steps, trainer.step_flops(), peak);
   auto save = [&](int64_t step, const char* why) {
+    progress.clear();
     SaveResult s;
     {
       Watchdog::Watch watch(grid.watchdog.get(), CommCall::kCheckpointSave,
@@ -201,7 +208,6 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
     result.checkpoints.push_back(s.path);
   };
-  RoutingMonitor routing(kCollapseShare, kCollapseLogs);
   StopSignals signals(/*announce=*/grid.is_root());
   int64_t saved_step = -1;
   for (int64_t step = result.start_step + 1; step <= tc.steps; ++step) {
@@ -211,6 +217,8 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     StepMetrics m = trainer.train_step(step, /*expert_norms=*/planned_log);
     result.final_loss = m.loss;
     result.last_step = step;
+    progress.update(m);
+    if (m.skipped || planned_log) progress.clear();
     if (m.skipped)
       log->warn("step {}: non-finite loss or gradient, update skipped on every rank; first "
                 "non-finite: {}",
@@ -222,7 +230,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
         m.has_val = true;
         m.val_loss = trainer.evaluate();
       }
-      log_step(*log, m, trainer.step_flops());
+      log_step(*log, m, trainer.step_flops(), progress.suffix(step));
       metrics.write(m);
       result.logged.push_back(std::move(m));
     }
@@ -232,6 +240,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     }
     // A signal during the last step changes nothing: the end-of-training save follows.
     if (const int sig = step < tc.steps ? StopSignals::agreed(*grid.world) : 0) {
+      progress.clear();
       log->warn("received {}: saving a checkpoint after step {} and stopping",
                 stop_signal_name(sig), step);
       if (saved_step != step) save(step, "stop signal");

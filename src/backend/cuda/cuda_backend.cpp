@@ -212,6 +212,19 @@ void* CudaBackend::arena_alloc(size_t bytes, bool transient) {
   return p;
 }
 
+double CudaBackend::peak_flops(DType dtype) const {
+  int major = 0, sms = 0, khz = 0;
+  SWT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+  SWT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
+  SWT_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device_));
+  // Hopper (sm_90) only, dense, per SM per clock: bf16 tensor cores 4096 FLOP (H100 SXM: 132
+  // SMs x 1.83 GHz x 4096 = 989 TFLOP/s); fp32 GEMMs run CUBLAS_COMPUTE_32F on the CUDA cores,
+  // 128 FMA = 256 FLOP (67 TFLOP/s). Other architectures: unknown (no MFU shown).
+  if (major != 9) return 0.0;
+  const double per_sm_clock = dtype == DType::kBF16 ? 4096.0 : 256.0;
+  return per_sm_clock * double(sms) * double(khz) * 1e3;
+}
+
 int64_t CudaBackend::memory_capacity() const {
   if (pool_) return int64_t(arena_.capacity());
   size_t free_bytes = 0, total_bytes = 0;

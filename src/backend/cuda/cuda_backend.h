@@ -80,6 +80,7 @@ class CudaBackend final : public Backend {
   // transient_peak.
   MemoryCounts memory_counts() const override;
   int64_t memory_capacity() const override;
+  double peak_flops(DType dtype) const override;
   // What cudaMemGetInfo says of this backend's device now (every process's use, the CUDA
   // context, cuBLASLt's handle and this arena included): bench_step reports it.
   struct DeviceMemory {
