@@ -143,6 +143,7 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
   // sizing backend (train/memory_plan.h).
   const MemoryPlan mp = plan_memory(cfg, args.device_memory_gb * 1e9);
   const int64_t host_available = host_memory_available();
+  const int64_t process = std::max<int64_t>(0, process_peak_resident());
   const CommPlan cp = plan_communication(cfg, args.links);
   const ParallelConfig& pc = cfg.parallel;
   const LinkModel& lk = args.links;
@@ -178,10 +179,16 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
       field("device_memory_bytes", std::to_string(mp.device_memory));
       field("arena_limit_bytes", std::to_string(mp.arena_limit));
       field("fits", mp.fits ? "true" : "false");
-    } else if (host_available >= 0) {
-      // A backend in host memory: how many ranks of this size this machine holds now.
-      field("host_memory_available_bytes", std::to_string(host_available));
-      field("ranks_fitting_host", std::to_string(host_available / std::max<int64_t>(1, mp.total)));
+    } else {
+      // A backend in host memory: a rank's whole resident memory is the plan's total plus the
+      // program's own (measured in this process), and how many such ranks this machine holds.
+      field("process_bytes", std::to_string(process));
+      field("host_total_bytes", std::to_string(mp.total + process));
+      if (host_available >= 0) {
+        field("host_memory_available_bytes", std::to_string(host_available));
+        field("ranks_fitting_host",
+              std::to_string(host_available / std::max<int64_t>(1, mp.total + process)));
+      }
     }
     // Communication per rank and step (train/comm_plan.h).
     std::string colls = "[";
@@ -275,12 +282,18 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
                double(mp.device_memory) * 1e-9, kCudaMemoryFractionEnv,
                cuda::kDefaultMemoryFraction, double(mp.arena_limit) * 1e-9,
                mp.fits ? "fits" : "DOES NOT FIT", 100.0 * double(mp.total) / double(mp.arena_limit));
-  else if (host_available >= 0)
-    fmt::print("host memory available on this machine: {:.1f} GB (MemAvailable, or the cgroup's "
-               "limit): {} rank{} of this size fit{}\n",
-               double(host_available) * 1e-9, host_available / std::max<int64_t>(1, mp.total),
-               host_available / std::max<int64_t>(1, mp.total) == 1 ? "" : "s",
-               host_available < mp.total ? " (DOES NOT FIT: train refuses it here)" : "");
+  else {
+    const int64_t rank_bytes = mp.total + process;
+    fmt::print("host memory per rank: {:.1f} MB with the program's own {:.1f} MB (code, libraries, "
+               "measured here)\n",
+               double(rank_bytes) * 1e-6, double(process) * 1e-6);
+    if (host_available >= 0)
+      fmt::print("host memory available on this machine: {:.1f} GB (MemAvailable, or the "
+                 "cgroup's limit): {} rank{} of this size fit{}\n",
+                 double(host_available) * 1e-9, host_available / rank_bytes,
+                 host_available / rank_bytes == 1 ? "" : "s",
+                 host_available < mp.total ? " (DOES NOT FIT: train refuses it here)" : "");
+  }
 
   // Communication of one rank per optimizer step (train/comm_plan.h has the model).
   const int world = pc.data * pc.model;

@@ -216,6 +216,11 @@ int64_t host_memory_available() {
   return available;
 }
 
+int64_t process_peak_resident() {
+  const int64_t kib = read_number_after("/proc/self/status", "VmHWM:");
+  return kib >= 0 ? kib * 1024 : -1;
+}
+
 MemoryPlan require_memory_fits(const RunConfig& cfg, int64_t capacity, int ranks_on_node) {
   const MemoryPlan mp = plan_memory(cfg, double(capacity));
   const double gb = 1e-9;

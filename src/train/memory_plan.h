@@ -81,6 +81,11 @@ int64_t checkpoint_file_bytes(const RunConfig& cfg);
 // when neither can be read.
 int64_t host_memory_available();
 
+// This process's peak resident memory in bytes (VmHWM, /proc/self/status), or -1. Read by
+// `plan` after planning (which allocates nothing): the program's own footprint (code, libraries,
+// their static data), which a training process has besides what the plan counts.
+int64_t process_peak_resident();
+
 // The memory preflight of `switcht5 train`, before anything is allocated: UserError (exit 2)
 // with the numbers when plan_memory's total for one rank does not fit in `capacity` bytes (a
 // device backend's Backend::memory_capacity()), or, for a backend in host memory (capacity 0),

@@ -6,6 +6,10 @@
 
 namespace switcht5 {
 
+namespace {
+constexpr int64_t kMinTokensPerExpert = 16;
+}  // namespace
+
 RoutingMonitor::RoutingMonitor(double collapse_share, int collapse_logs)
     : share_(collapse_share), logs_(std::max(1, collapse_logs)) {}
 
@@ -27,11 +31,18 @@ std::vector<std::string> RoutingMonitor::at_log(StepMetrics& m) {
   for (size_t l = 0; l < m.routing.size() && l < interval_.size(); ++l) {
     LayerRouting& r = m.routing[l];
     r.dead_experts = int(std::count(interval_[l].begin(), interval_[l].end(), int64_t{0}));
+    int64_t routed = 0;
+    for (int64_t t : interval_[l]) routed += t;
     std::fill(interval_[l].begin(), interval_[l].end(), int64_t{0});
+    // An expert with no token is alarming only when every expert could expect many: below
+    // kMinTokensPerExpert per expert (a few steps of a small batch over many experts) a uniform
+    // router leaves some without one by chance (at 16 expected, 1 in 9 million).
+    const bool dead = r.dead_experts > 0 &&
+                      routed >= kMinTokensPerExpert * int64_t(interval_[l].size());
     if (share_ <= 0 || r.expert_fraction.empty()) continue;
     const auto busiest = std::max_element(r.expert_fraction.begin(), r.expert_fraction.end());
     over_share_[l] = *busiest > share_ ? over_share_[l] + 1 : 0;
-    const bool collapsed = over_share_[l] >= logs_ || r.dead_experts > 0;
+    const bool collapsed = over_share_[l] >= logs_ || dead;
     if (collapsed && !collapsed_[l])
       warnings.push_back(fmt::format(
           "routing collapse in {} at step {}: expert {} takes {:.0f}% of the tokens{}, {} of {} "

@@ -1,7 +1,8 @@
 // Routing telemetry across steps (issue 14): what one step's statistics cannot say. Per Switch
 // layer, the experts no token chose since the previous logged step (dead experts), and the
 // collapse watch: a layer whose busiest expert takes more than `collapse_share` of its tokens at
-// `collapse_logs` consecutive logged steps, or that has dead experts, gets one warning line when
+// `collapse_logs` consecutive logged steps, or that has dead experts (when the interval routed at
+// least 16 tokens per expert: fewer leave experts empty by chance), gets one warning line when
 // it enters that state (and one when it leaves it), naming the layer. Routing collapse is the
 // failure MoE users fear most; the line says which layer and how bad, when it starts.
 #pragma once

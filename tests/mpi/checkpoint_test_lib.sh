@@ -71,6 +71,17 @@ EOF
 rel_close() { awk -v x="$1" -v y="$2" -v t="$3" 'BEGIN { d = x - y; m = (x < 0 ? -x : x); n = (y < 0 ? -y : y);
   if (n > m) m = n; exit !(x != "" && y != "" && (d < 0 ? -d : d) <= t * m) }'; }
 
+# peak_rss OUT_FILE CMD...: runs CMD (stdout and stderr to OUT_FILE) and prints its peak resident
+# set in kB (getrusage of the children: /usr/bin/time is not in a fresh Debian); returns its status.
+peak_rss() {
+  python3 -c '
+import resource, subprocess, sys
+with open(sys.argv[1], "w") as out:
+    status = subprocess.run(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(status)' "$@"
+}
+
 # The checkpoint RUN_DIR/checkpoints/latest names (empty when there is no `latest`).
 latest_of() { [[ -f "$1/checkpoints/latest" ]] && echo "$1/checkpoints/$(head -n1 "$1/checkpoints/latest")"; }
 
