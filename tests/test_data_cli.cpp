@@ -123,14 +123,17 @@ TEST(DataCli, MissingModelAndUnreadableInput) {
   Result r = run("tokenize --spm " + q(dir / "none.model") + " --input " + q(dir / "a.jsonl") +
                  " --output " + q(dir / "out"));
   EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_TRUE(contains(r.output, (dir / "none.model").string() + ": SentencePiece model not found"))
+  EXPECT_TRUE(contains(r.output, "SentencePiece model " + (dir / "none.model").string() +
+                                     ": cannot open (No such file or directory)"))
       << r.output;
   // A directory matched by the glob is not an input file.
   fs::create_directories(dir / "d.jsonl");
   r = run("tokenize --spm " + q(dir / "none.model") + " --input " + q(dir / "*.jsonl") + " --output " +
           q(dir / "out"));
   EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_TRUE(contains(r.output, (dir / "d.jsonl").string() + ": not a regular file")) << r.output;
+  EXPECT_TRUE(contains(r.output, "input " + (dir / "d.jsonl").string() +
+                                     ": expected a regular file, got a directory"))
+      << r.output;
   // Two inputs that would write the same shard.
   std::ofstream(dir / "a.json") << "{\"text\":\"hi\"}\n";
   r = run("tokenize --spm " + q(dir / "none.model") + " --input " + q(dir / "a.json") + " " +
