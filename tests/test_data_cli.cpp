@@ -106,6 +106,34 @@ TEST(DataCli, UsageAndBadFlags) {
   EXPECT_TRUE(contains(r.output, "SHARD is required")) << r.output;
 }
 
+// --help (or -h) anywhere, on any subcommand: the usage, exit 0, nothing run.
+TEST(DataCli, HelpOnEverySubcommand) {
+  for (const char* args : {"--help", "-h", "help", "tokenize --help", "spm-train --help",
+                           "inspect --help", "inspect x.shard -h", "tokenize --spm m --help"}) {
+    const Result r = run(args);
+    EXPECT_EQ(r.code, 0) << args << "\n" << r.output;
+    EXPECT_TRUE(contains(r.output, "usage: switcht5-data <command>")) << args << "\n" << r.output;
+  }
+}
+
+// A flag given twice would silently keep one value: exit 2 naming it; --input adds globs.
+TEST(DataCli, FlagGivenTwice) {
+  for (const auto& [args, part] : std::vector<std::pair<std::string, std::string>>{
+           {"tokenize --spm a --spm b", "tokenize: --spm is given twice; give it once"},
+           {"tokenize --output a --output=b", "tokenize: --output is given twice"},
+           {"spm-train --vocab-size 8 --vocab-size 9", "spm-train: --vocab-size is given twice"},
+           {"inspect x.shard --spm a --spm a", "inspect: --spm is given twice"}}) {
+    const Result r = run(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_TRUE(contains(r.output, part)) << args << "\n" << r.output;
+  }
+  TestDir dir;
+  const Result r = run("tokenize --spm " + q(dir / "none.model") + " --input " + q(dir / "a") +
+                       " --input " + q(dir / "b") + " --output " + q(dir / "out"));
+  EXPECT_TRUE(contains(r.output, "--input: no files match \"" + (dir / "a").string()))
+      << "--input repeats: " << r.output;
+}
+
 TEST(DataCli, GlobMatchingNothing) {
   TestDir dir;
   const Result r = run("tokenize --spm x.model --input " + q(dir / "*.json.gz") + " --output " +
