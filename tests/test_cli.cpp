@@ -456,8 +456,10 @@ TEST(Cli, EveryBadInputIsExit2AndOneLine) {
   ASSERT_EQ(::mkfifo((d / "fifoshard/x.shard").c_str(), 0600), 0) << std::strerror(errno);
 
   const std::string s = (d / "").string();  // the directory, with a trailing '/'
-  const std::string train = kBin + " train --run-dir " + s + "run --config ";
-  const std::string on_shards = kBin + " train --run-dir " + s + "run --config " + kTiny + " " +
+  // {run}: a run directory of the case's own, so that a case that trained by mistake cannot
+  // change what the next one meets.
+  const std::string train = kBin + " train --run-dir {run} --config ";
+  const std::string on_shards = kBin + " train --run-dir {run} --config " + kTiny + " " +
                                 kShardFlags + " --set data.train_glob=";
   const std::string data = kDataBin + " ";
   const std::string tok = data + "tokenize --output " + s + "out ";
@@ -511,7 +513,11 @@ TEST(Cli, EveryBadInputIsExit2AndOneLine) {
       {data + "spm-train --input " + s + "doc.jsonl --model-prefix " + s + "m --vocab-size 3", "--vocab-size: must be at least 8, got 3"},
       {data + "detokenize", "unknown command \"detokenize\""},
   };
-  for (const auto& [command, fragment] : cases) {
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::string command = cases[i].first;
+    const std::string& fragment = cases[i].second;
+    if (const size_t at = command.find("{run}"); at != std::string::npos)
+      command.replace(at, 5, s + "run" + std::to_string(i));
     const Result r = run_for_stderr(command);
     EXPECT_EQ(r.code, 2) << command << "\n" << r.output;
     EXPECT_NE(r.output.find(fragment), std::string::npos) << command << "\nwant: " << fragment << "\n" << r.output;
