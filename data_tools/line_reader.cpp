@@ -24,7 +24,8 @@ LineReader::LineReader(const std::string& path) : path_(path), buf_(kChunk) {
   if (gz == nullptr) {
     const int err = errno;
     ::close(fd);
-    SWT_USER_CHECK(false, "input {}: cannot open: {}", path, err ? std::strerror(err) : "out of memory");
+    SWT_USER_CHECK(false, "input {}: cannot open ({})", path,
+                   err ? std::strerror(err) : "out of memory");
   }
   ::gzbuffer(gz, 256 * 1024);
   gz_ = gz;

@@ -184,7 +184,8 @@ int run(int argc, char** argv) {
   const std::string command = argv[1];
   // --help (or -h) anywhere, e.g. `switcht5-data inspect --help`: the usage, exit 0, nothing run.
   bool help = command == "help";
-  for (int i = 1; i < argc; ++i) help |= std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h";
+  for (int i = 1; i < argc; ++i)
+    help |= std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h";
   if (help) {
     std::fputs(kUsage, stdout);
     return 0;

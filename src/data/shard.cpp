@@ -68,7 +68,8 @@ int64_t mtime_ns(const struct stat& st) {
   return int64_t(st.st_mtim.tv_sec) * 1000000000 + int64_t(st.st_mtim.tv_nsec);
 }
 
-constexpr size_t kReadChunkBytes = size_t(1) << 20;  // scan() and check_offsets() read this much at once
+// What scan() and check_offsets() read at once.
+constexpr size_t kReadChunkBytes = size_t(1) << 20;
 
 }  // namespace
 
