@@ -1,12 +1,10 @@
 #include "inspect.h"
 
 #include <algorithm>
-#include <cstring>
 #include <memory>
 #include <vector>
 
 #include <fmt/format.h>
-#include <zlib.h>
 
 #include "core/check.h"
 #include "data/shard.h"
@@ -15,23 +13,6 @@
 namespace switcht5::data_tools {
 
 namespace {
-
-// crc32 of every byte after the header, read with stdio (the reader was opened without
-// verification so that a bad checksum can be shown rather than thrown).
-uint32_t file_checksum(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  SWT_USER_CHECK(f != nullptr, "{}: cannot open: {}", path, std::strerror(errno));
-  std::vector<unsigned char> buf(1 << 20);
-  uLong crc = ::crc32(0, nullptr, 0);
-  bool ok = std::fseek(f, long(kShardHeaderBytes), SEEK_SET) == 0;
-  size_t got;
-  while (ok && (got = std::fread(buf.data(), 1, buf.size(), f)) > 0)
-    crc = ::crc32(crc, buf.data(), static_cast<uInt>(got));
-  ok = ok && !std::ferror(f);
-  std::fclose(f);
-  SWT_USER_CHECK(ok, "{}: read error", path);
-  return static_cast<uint32_t>(crc);
-}
 
 // At most max_bytes of UTF-8 text, cut on a character boundary, with newlines and tabs escaped.
 std::string preview(const std::string& text, size_t max_bytes) {
@@ -49,25 +30,32 @@ std::string preview(const std::string& text, size_t max_bytes) {
 
 }  // namespace
 
-bool inspect_shard(const InspectOptions& opts, std::FILE* out) {
+void inspect_shard(const InspectOptions& opts, std::FILE* out) {
   SWT_USER_CHECK(!opts.shard.empty(), "inspect: SHARD is required");
   SWT_USER_CHECK(opts.docs >= 0, "inspect: --docs must be >= 0, got {}", opts.docs);
-  const ShardReader r(opts.shard, /*verify_checksum=*/false);
+  // The checks of opening a shard for training (ShardReader), in two parts: the structure now
+  // (a failure throws before anything is printed), the contents after the report, so that a
+  // damaged shard is still shown whole.
+  const ShardReader r(opts.shard, /*verify_contents=*/false);
   const ShardHeader& h = r.header();
-  const uint32_t crc = file_checksum(opts.shard);
+  const ShardScan scan = r.scan();
   fmt::print(out, "shard: {}\n", opts.shard);
   fmt::print(out, "format: version {}, {}-byte tokens (uint{}), vocab_size {}\n", h.version,
              h.token_bytes, 8 * h.token_bytes, h.vocab_size);
   fmt::print(out, "documents: {}\ntokens: {}\n", h.num_documents, h.num_tokens);
-  if (crc == h.checksum)
-    fmt::print(out, "checksum: OK (crc32 {:08x})\n", crc);
+  if (scan.checksum == h.checksum)
+    fmt::print(out, "checksum: OK (crc32 {:08x})\n", scan.checksum);
   else
-    fmt::print(out, "checksum: BAD (header {:08x}, data {:08x})\n", h.checksum, crc);
+    fmt::print(out, "checksum: BAD (header {:08x}, data {:08x})\n", h.checksum, scan.checksum);
+  if (h.num_tokens > 0)
+    fmt::print(out, "largest token id: {} ({} vocab_size {})\n", scan.max_token,
+               scan.max_token < h.vocab_size ? "below" : "NOT below", h.vocab_size);
+  const std::vector<uint64_t> offsets = r.read_offsets();
   if (h.num_documents > 0) {
     uint64_t lo = UINT64_MAX, hi = 0;
     for (uint64_t d = 0; d < h.num_documents; ++d) {
-      lo = std::min(lo, r.doc_length(d));
-      hi = std::max(hi, r.doc_length(d));
+      lo = std::min(lo, offsets[d + 1] - offsets[d]);
+      hi = std::max(hi, offsets[d + 1] - offsets[d]);
     }
     fmt::print(out, "document length in tokens (EOS included): min {}, mean {:.1f}, max {}\n", lo,
                double(h.num_tokens) / double(h.num_documents), hi);
@@ -82,9 +70,9 @@ bool inspect_shard(const InspectOptions& opts, std::FILE* out) {
   const uint64_t show = std::min<uint64_t>(uint64_t(opts.docs), h.num_documents);
   constexpr uint64_t kIdsShown = 32;
   for (uint64_t d = 0; d < show; ++d) {
-    const uint64_t len = r.doc_length(d);
+    const uint64_t len = offsets[d + 1] - offsets[d];
     std::vector<int32_t> ids(len);
-    r.copy_tokens(r.doc_begin(d), len, ids.data());
+    r.copy_tokens(offsets[d], len, ids.data());
     std::string list;
     for (uint64_t i = 0; i < std::min(len, kIdsShown); ++i)
       list += fmt::format("{}{}", i ? ", " : "", ids[i]);
@@ -98,7 +86,8 @@ bool inspect_shard(const InspectOptions& opts, std::FILE* out) {
       else fmt::print(out, "  text: (not decoded: ids outside the model's vocabulary)\n");
     }
   }
-  return crc == h.checksum;
+  std::fflush(out);
+  r.check_scan(scan);
 }
 
 }  // namespace switcht5::data_tools

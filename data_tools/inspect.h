@@ -13,9 +13,10 @@ struct InspectOptions {
   std::string spm_model;   // optional: decode the printed documents
 };
 
-// Prints the report on `out` and returns whether the checksum matches. A shard whose checksum
-// does not match is reported as BAD (its documents still shown, to help find the damage); any
-// other format error is a UserError.
-bool inspect_shard(const InspectOptions& opts, std::FILE* out);
+// Prints the report on `out`, then fails as opening the shard for training fails (ShardReader:
+// the same checks, the same UserError): a shard the loader refuses fails here too. A structural
+// error (bad magic, wrong size, bad offsets) throws before the report; a checksum mismatch or a
+// token id outside the vocabulary after it, so the damage can be looked at.
+void inspect_shard(const InspectOptions& opts, std::FILE* out);
 
 }  // namespace switcht5::data_tools

@@ -1,11 +1,14 @@
 #include "line_reader.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstring>
 
 #include <zlib.h>
 
 #include "core/check.h"
+#include "core/input_file.h"
 
 namespace switcht5::data_tools {
 
@@ -14,10 +17,16 @@ constexpr size_t kChunk = 1 << 20;  // decompressed bytes per gzread
 }
 
 LineReader::LineReader(const std::string& path) : path_(path), buf_(kChunk) {
+  // Only a regular file: a FIFO or a device in a glob's matches fails here instead of blocking.
+  const int fd = open_regular_file(path, "input");
   errno = 0;
-  gzFile gz = ::gzopen(path.c_str(), "rb");
-  SWT_USER_CHECK(gz != nullptr, "{}: cannot open: {}", path,
-                 errno ? std::strerror(errno) : "out of memory");
+  gzFile gz = ::gzdopen(fd, "rb");  // owns fd from here: gzclose_r closes it
+  if (gz == nullptr) {
+    const int err = errno;
+    ::close(fd);
+    SWT_USER_CHECK(false, "input {}: cannot open ({})", path,
+                   err ? std::strerror(err) : "out of memory");
+  }
   ::gzbuffer(gz, 256 * 1024);
   gz_ = gz;
 }
@@ -45,7 +54,9 @@ bool LineReader::refill() {
   int err = Z_OK;
   std::string msg = ::gzerror(gz, &err);
   if (got < 0 || (err != Z_OK && err != Z_STREAM_END)) {
-    if (msg.rfind(path_ + ": ", 0) == 0) msg.erase(0, path_.size() + 2);  // zlib prefixes the path
+    // zlib prefixes its name for the file, "<fd:3>" for one opened by gzdopen; ours is the path.
+    if (msg.rfind("<fd:", 0) == 0 && msg.find(">: ") != std::string::npos)
+      msg.erase(0, msg.find(">: ") + 3);
     if (err == Z_ERRNO)
       SWT_USER_CHECK(false, "{}: read error: {}", path_, std::strerror(errno));
     if (err == Z_BUF_ERROR)

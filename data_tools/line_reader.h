@@ -11,7 +11,7 @@ namespace switcht5::data_tools {
 
 class LineReader {
  public:
-  // Opens path; a missing or unreadable file is a UserError.
+  // Opens path; a missing or unreadable file, or anything but a regular file, is a UserError.
   explicit LineReader(const std::string& path);
   ~LineReader();
   LineReader(const LineReader&) = delete;

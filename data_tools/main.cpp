@@ -2,10 +2,14 @@
 //   switcht5-data tokenize  --spm MODEL --input GLOB... --output DIR [--threads N] ...
 //   switcht5-data spm-train --input GLOB... --model-prefix PREFIX [--vocab-size N] ...
 //   switcht5-data inspect   SHARD [--docs N] [--spm MODEL]
-// Exit codes: 0 success, 2 bad user input (flags, missing or malformed files), 1 other failures.
+// Exit codes: 0 success, 2 anything the user can fix (flags, missing or malformed files, storage,
+// memory), 1 an internal error.
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <new>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -83,6 +87,9 @@ class ArgWalker {
         flag_ = arg_.substr(0, eq);
         inline_value_ = arg_.substr(eq + 1);
       }
+      // A second value would silently replace the first; --input adds globs by design.
+      SWT_USER_CHECK(flag_ == "--input" || given_.insert(flag_).second,
+                     "{}: {} is given twice; give it once", command_, flag_);
     }
     return true;
   }
@@ -104,8 +111,8 @@ class ArgWalker {
     SWT_USER_CHECK(!inline_value_, "{}: {} takes no value", command_, flag_);
   }
   [[noreturn]] void unknown() {
-    throw UserError(fmt::format("{}: unknown {} \"{}\"\n{}", command_,
-                                is_option() ? "option" : "argument", arg_, kUsage));
+    throw UserError(fmt::format("{}: unknown {} \"{}\" (see switcht5-data --help)", command_,
+                                is_option() ? "option" : "argument", arg_));
   }
 
  private:
@@ -114,6 +121,7 @@ class ArgWalker {
   size_t i_ = 0;
   std::string arg_, flag_;
   std::optional<std::string> inline_value_;
+  std::set<std::string> given_;  // options seen
 };
 
 int cmd_tokenize(int argc, char** argv) {
@@ -164,27 +172,31 @@ int cmd_inspect(int argc, char** argv) {
     else if (!a.is_option() && o.shard.empty()) o.shard = f;
     else a.unknown();
   }
-  SWT_USER_CHECK(!o.shard.empty(), "inspect: SHARD is required\n{}", kUsage);
-  // A damaged shard is reported whole, then fails like any bad input (one line, exit 2), so
-  // scripts that check a shard with inspect see it.
-  const bool ok = inspect_shard(o, stdout);
-  std::fflush(stdout);
-  SWT_USER_CHECK(ok, "{}: checksum mismatch: the shard is damaged (re-run tokenize)", o.shard);
+  SWT_USER_CHECK(!o.shard.empty(), "inspect: SHARD is required (see switcht5-data --help)");
+  // A damaged shard is reported whole, then fails like any bad input (one line, exit 2), with
+  // the reason training gives, so scripts that check a shard with inspect see it.
+  inspect_shard(o, stdout);
   return 0;
 }
 
 int run(int argc, char** argv) {
-  SWT_USER_CHECK(argc >= 2, "missing command\n{}", kUsage);
+  SWT_USER_CHECK(argc >= 2, "missing command (see switcht5-data --help)");
   const std::string command = argv[1];
-  if (command == "--help" || command == "-h" || command == "help") {
+  // --help (or -h) anywhere, e.g. `switcht5-data inspect --help`: the usage, exit 0, nothing run.
+  bool help = command == "help";
+  for (int i = 1; i < argc; ++i)
+    help |= std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h";
+  if (help) {
     std::fputs(kUsage, stdout);
     return 0;
   }
   if (command == "tokenize") return cmd_tokenize(argc, argv);
   if (command == "spm-train") return cmd_spm_train(argc, argv);
   if (command == "inspect") return cmd_inspect(argc, argv);
-  SWT_USER_CHECK(false, "unknown command \"{}\" (expected tokenize, spm-train or inspect)\n{}",
-                 command, kUsage);
+  SWT_USER_CHECK(false,
+                 "unknown command \"{}\" (expected tokenize, spm-train or inspect; see "
+                 "switcht5-data --help)",
+                 command);
   return 2;
 }
 
@@ -193,13 +205,20 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
-  } catch (const switcht5::UserError& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "switcht5-data: error: %s\n", e.what());
-    return 2;
   } catch (const std::exception& e) {
+    // The exit-code contract of switcht5 (src/main.cpp, fail_with): 2 for what the user can
+    // fix, the filesystem refusing a path and memory included; 1 for internal errors.
     std::fflush(stdout);
-    std::fprintf(stderr, "switcht5-data: error: %s\n", e.what());
-    return 1;
+    int code = 1;
+    std::string what = e.what();
+    if (dynamic_cast<const switcht5::UserError*>(&e) ||
+        dynamic_cast<const std::filesystem::filesystem_error*>(&e))
+      code = 2;
+    if (dynamic_cast<const std::bad_alloc*>(&e)) {
+      code = 2;
+      what = "out of host memory (an allocation failed)";
+    }
+    std::fprintf(stderr, "switcht5-data: error: %s\n", what.c_str());
+    return code;
   }
 }

@@ -17,6 +17,7 @@
 #include <sentencepiece_processor.h>
 
 #include "core/check.h"
+#include "core/input_file.h"
 #include "data/shard.h"
 #include "json_line.h"
 #include "line_reader.h"
@@ -30,10 +31,11 @@ namespace switcht5::data_tools {
 
 Tokenizer::Tokenizer(const std::string& model_path)
     : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
-  std::error_code ec;
-  SWT_USER_CHECK(fs::is_regular_file(model_path, ec), "{}: SentencePiece model not found",
-                 model_path);
-  const auto status = sp_->Load(model_path);
+  // Read here, not by SentencePiece from the path: only a regular file of a bounded size (T5's
+  // model is 0.8 MB), so a FIFO or a device given as --spm fails at once instead of blocking.
+  const std::string model =
+      read_regular_file(model_path, "SentencePiece model", kMaxSentencePieceModelBytes);
+  const auto status = sp_->LoadFromSerializedProto(model);
   SWT_USER_CHECK(status.ok(), "{}: cannot load the SentencePiece model: {}", model_path,
                  status.ToString());
   vocab_size_ = sp_->GetPieceSize();
@@ -77,9 +79,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& globs) {
   for (const std::string& g : globs)
     for (std::string& p : expand_glob(g, "--input")) {
       if (!seen.insert(p).second) continue;
-      std::error_code ec;
-      SWT_USER_CHECK(fs::is_regular_file(p, ec), "{}: not a regular file (matched by --input {})",
-                     p, g);
+      require_regular_file(p, "input");
       files.push_back(std::move(p));
     }
   return files;

@@ -19,11 +19,15 @@ class SentencePieceProcessor;
 
 namespace switcht5::data_tools {
 
+// The largest SentencePiece model read (256 MiB; T5's 32,000 pieces take 0.8 MB).
+inline constexpr uint64_t kMaxSentencePieceModelBytes = uint64_t(256) << 20;
+
 // A loaded SentencePiece model that appends EOS. encode() is const and safe to call from
 // several threads at once (SentencePieceProcessor::Encode is const).
 class Tokenizer {
  public:
-  // A missing or unreadable model, or one without an EOS piece, is a UserError.
+  // A missing or unreadable model, anything but a regular file of at most
+  // kMaxSentencePieceModelBytes, or a model without an EOS piece, is a UserError.
   explicit Tokenizer(const std::string& model_path);
   ~Tokenizer();
   int vocab_size() const { return vocab_size_; }

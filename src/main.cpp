@@ -1,11 +1,15 @@
 // switcht5: train, evaluate and inspect Switch Transformers (usage in kUsage below).
-// Exit codes: 0 success, 2 bad user input (config, CLI, data, checkpoint), 1 any other failure,
-// 128 + signal number when SIGTERM / SIGUSR1 stopped training after saving a checkpoint, 3 when
-// a collective missed its deadline (parallel.timeout_s; comm/watchdog.h). Under MPI a failing
-// rank prints its error tagged with the rank and ends every rank of the job.
+// Exit codes: 0 success, 2 anything the user can fix (config, CLI, data, checkpoint, storage,
+// memory; fail_with below), 1 an internal error, 128 + signal number when SIGTERM / SIGUSR1 /
+// SIGINT stopped training after saving a checkpoint (130 also for a second SIGINT, which exits
+// at once), 3 when a collective, a checkpoint read or write or a wait for the data loader
+// missed its deadline (parallel.timeout_s; comm/watchdog.h). Under MPI a failing rank prints its error tagged with
+// the rank and ends every rank of the job.
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <new>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -91,14 +95,20 @@ double positive_number(const std::string& flag, const std::string& v, const char
 
 Args parse_args(int argc, char** argv) {
   Args a;
-  SWT_USER_CHECK(argc >= 2, "missing command\n{}", kUsage);
+  SWT_USER_CHECK(argc >= 2, "missing command (see switcht5 --help)");
   a.command = argv[1];
+  std::set<std::string> given;  // options seen: each but --set is given at most once
   for (int i = 2; i < argc; ++i) {
     const std::string flag = argv[i];
     auto value = [&]() -> std::string {
       SWT_USER_CHECK(i + 1 < argc, "{} needs a value", flag);
       return argv[++i];
     };
+    // A second value would silently replace the first (a pasted command line keeping an old
+    // --run-dir, say); --set repeats by design, one override each.
+    SWT_USER_CHECK(flag.rfind("-", 0) != 0 || flag == "--set" || flag.rfind("--set=", 0) == 0 ||
+                       given.insert(flag).second,
+                   "{} is given twice; give it once", flag);
     if (flag == "--config") a.config = value();
     else if (flag == "--run-dir") a.run_dir = value();
     else if (flag == "--resume") a.resume = value();
@@ -126,7 +136,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--set") a.overrides.push_back(value());
     else if (flag.rfind("--set=", 0) == 0) a.overrides.push_back(flag.substr(6));
     else if (flag.rfind("-", 0) != 0) a.positional.push_back(flag);
-    else SWT_USER_CHECK(false, "unknown option \"{}\" for \"{}\"\n{}", flag, a.command, kUsage);
+    else SWT_USER_CHECK(false, "unknown option \"{}\" for \"{}\" (see switcht5 --help)", flag, a.command);
   }
   return a;
 }
@@ -373,6 +383,21 @@ int fail(const char* what, int code) {
   return code;
 }
 
+// Ends the process on an exception with the one exit-code contract: 2 for anything the user
+// can fix -- a bad input, config or command line (UserError), a path the filesystem refuses
+// (permissions, a full disk: std::filesystem::filesystem_error names the path), more memory
+// than the machine has -- and 1 for an internal error (SWT_CHECK: "file:line: check failed").
+int fail_with(const std::exception& e) {
+  if (dynamic_cast<const UserError*>(&e) ||
+      dynamic_cast<const std::filesystem::filesystem_error*>(&e))
+    return fail(e.what(), 2);
+  if (dynamic_cast<const std::bad_alloc*>(&e))
+    return fail("out of host memory (an allocation failed): the model, batch or data loader "
+                "need more than this machine has",
+                2);
+  return fail(e.what(), 1);
+}
+
 
 // Writes the first micro-batch of validation data, our logits on it and its mean cross-entropy
 // to `path` (the HF parity tests compare them with transformers' outputs).
@@ -450,24 +475,25 @@ int run(int argc, char** argv) {
   Args a = parse_args(argc, argv);
   SWT_USER_CHECK(a.command == "train" || a.command == "plan" || a.command == "eval" ||
                      a.command == "inspect",
-                 "unknown command \"{}\" (expected train, eval, inspect or plan)\n{}", a.command,
-                 kUsage);
+                 "unknown command \"{}\" (expected train, eval, inspect or plan; see switcht5 "
+                 "--help)",
+                 a.command);
   SWT_USER_CHECK(a.positional.empty() || a.command == "inspect",
-                 "{}: unexpected argument \"{}\"\n{}", a.command,
-                 a.positional.empty() ? "" : a.positional[0], kUsage);
+                 "{}: unexpected argument \"{}\" (see switcht5 --help)", a.command,
+                 a.positional.empty() ? "" : a.positional[0]);
   if (a.command == "inspect" && a.hf_names) return cmd_hf_names(a);
   if (a.command == "inspect") {
-    SWT_USER_CHECK(a.positional.size() == 1, "inspect: expected one checkpoint file\n{}", kUsage);
+    SWT_USER_CHECK(a.positional.size() == 1,
+                   "inspect: expected one checkpoint file, got {} (see switcht5 --help)",
+                   a.positional.size());
     const std::string path = resolve_resume(a.positional[0], "");
     SWT_USER_CHECK(!path.empty(), "inspect {}: no checkpoint there", a.positional[0]);
     return inspect_checkpoint(path);
   }
   try {
     if (a.command == "eval") return cmd_eval(a);
-  } catch (const UserError& e) {
-    return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
   } catch (const std::exception& e) {
-    return fail(e.what(), 1);
+    return fail_with(e);  // while the grid still exists: no collective runs in teardown
   }
   SWT_USER_CHECK(!a.config.empty(), "{}: --config FILE is required", a.command);
   std::vector<std::string> first = a.overrides;
@@ -504,10 +530,8 @@ int run(int argc, char** argv) {
   } catch (const AgreedUserError& e) {
     if (grid.is_root()) std::fprintf(stderr, "switcht5: error: %s\n", e.what());
     return 2;  // every rank, normally: they all raised it
-  } catch (const UserError& e) {
-    return fail(e.what(), 2);  // while the grid still exists: no collective runs in teardown
   } catch (const std::exception& e) {
-    return fail(e.what(), 1);
+    return fail_with(e);  // while the grid still exists: no collective runs in teardown
   }
   return 0;
 }
@@ -517,9 +541,7 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
-  } catch (const switcht5::UserError& e) {
-    return fail(e.what(), 2);
   } catch (const std::exception& e) {
-    return fail(e.what(), 1);
+    return fail_with(e);
   }
 }

@@ -1,15 +1,27 @@
 // The switcht5 binary as a user runs it: bad configs and command lines end with exit code 2 and
 // one line naming the file:line, key, value and what is allowed; plan and a short train work.
+// Also switcht5-data where both share a contract: bad inputs of either program, and a shard
+// `switcht5-data inspect` must judge as training does.
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <string>
-
-#include <unistd.h>
+#include <thread>
 
 #include <gtest/gtest.h>
 
 #include "core/check.h"
+#include "core/rng.h"
+#include "data/shard.h"
 #include "test_util.h"
 #include "train/run_lock.h"
 
@@ -73,7 +85,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"bad_set_form", "", "--set foo", {"--set foo", "section.key=value"}},
         BadCase{"set_unknown", "", "--set train.stepz=3", {"train.stepz"}},
         BadCase{"unknown_flag", "", "--frobnicate", {"--frobnicate"}},
-        BadCase{"missing_file", "", "--config /nonexistent/x.yaml", {"/nonexistent/x.yaml"}},
+        // A second --config no longer replaces the first (a missing config file is in
+        // EveryBadInputIsExit2AndOneLine).
+        BadCase{"config_twice", "", "--config /nonexistent/x.yaml", {"--config is given twice"}},
         BadCase{"bad_backend", "", "--set train.backend=tpu", {"train.backend", "tpu"}},
         BadCase{"bad_precision", "train:\n  precision: fp16\n", "",
                 {"switcht5_cli_bad_precision.yaml:2", "train.precision", "fp16", "bf16"}},
@@ -344,6 +358,257 @@ TEST(Cli, ColoursOnlyOnATerminal) {
     EXPECT_EQ(coloured, env == "TERM=xterm") << env << "\n" << r.output;
     EXPECT_EQ(read_file(dir / "train.log").find('\x1b'), std::string::npos) << env;
   }
+}
+
+// ---- inputs as a user gives them: one exit-code contract, one line, no hang --------------
+
+namespace fs = std::filesystem;
+const std::string kDataBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5-data";
+
+// Token shards for tiny-synthetic.yaml's model (vocab_size 128): SentencePiece-like ids below
+// `vocab`, with data.extra_ids = 20 sentinels above them (100 + 20 - 1 < 128).
+constexpr uint64_t kShardVocab = 100;
+const std::string kShardFlags = "--set data.source=shards --set data.extra_ids=20 --set train.eval_every=0";
+
+// Writes a shard of `docs` random documents of 1..40 tokens, each ending with EOS = 1.
+void write_shard(const fs::path& path, uint64_t vocab = kShardVocab, int docs = 200,
+                 uint64_t seed = 1) {
+  fs::create_directories(path.parent_path());
+  switcht5::CounterRng rng(seed);
+  switcht5::ShardWriter w(path.string(), vocab);
+  for (int d = 0; d < docs; ++d) {
+    std::vector<int32_t> doc(1 + rng.next_below(40));
+    for (auto& t : doc) t = 3 + int32_t(rng.next_below(vocab - 3));
+    doc.back() = 1;
+    w.add_document(doc);
+  }
+  w.finish();
+}
+
+std::vector<char> read_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+}
+
+void write_bytes(const fs::path& p, const std::vector<char>& b) {
+  fs::create_directories(p.parent_path());
+  std::ofstream(p, std::ios::binary | std::ios::trunc).write(b.data(), std::streamsize(b.size()));
+}
+
+// A copy of `good` at `path` with `damage` applied to its bytes; with `fix_checksum` the header's
+// crc32 is made to match again, so that a later check is the one that fails.
+void write_damaged(const fs::path& good, const fs::path& path,
+                   const std::function<void(std::vector<char>&)>& damage, bool fix_checksum = false) {
+  std::vector<char> b = read_bytes(good);
+  damage(b);
+  if (fix_checksum) {
+    const auto* data = reinterpret_cast<const Bytef*>(b.data()) + switcht5::kShardHeaderBytes;
+    const uint64_t crc = ::crc32(::crc32(0, nullptr, 0), data,
+                                 static_cast<uInt>(b.size() - switcht5::kShardHeaderBytes));
+    std::memcpy(b.data() + 40, &crc, 8);
+  }
+  write_bytes(path, b);
+}
+
+// Runs `command` (a shell command line) under `timeout 10`, so that a regression to a hang
+// fails instead of hanging the suite; keeps stderr only (stdout is dropped).
+Result run_for_stderr(const std::string& command) {
+  return switcht5::testing::run_command("( timeout 10 " + command + " 2>&1 >/dev/null )");
+}
+
+// The message after "<program>: error: " on the last line of `err`, or "" if none.
+std::string error_message(const std::string& err) {
+  const size_t at = err.rfind(": error: ");
+  if (at == std::string::npos) return "";
+  const size_t end = err.find('\n', at);
+  return err.substr(at + 9, end == std::string::npos ? std::string::npos : end - at - 9);
+}
+
+// Every way a user can hand either program a bad input: exit code 2 (never 1, never a hang:
+// `timeout` answers 124), exactly one line on stderr naming what is wrong, and no internal
+// check text ("check failed", "file.cpp:line").
+TEST(Cli, EveryBadInputIsExit2AndOneLine) {
+  const fs::path d = fs::temp_directory_path() / "switcht5_cli_inputs";
+  fs::remove_all(d);
+  fs::create_directories(d / "dir.yaml");
+  ASSERT_EQ(::mkfifo((d / "fifo").c_str(), 0600), 0) << std::strerror(errno);
+  fs::create_symlink(d / "nowhere.yaml", d / "dangling.yaml");
+  {
+    std::ofstream big(d / "big.yaml");
+    for (int i = 0; i < 110000; ++i) big << "# padding\n";  // 1,100,000 bytes > 1 MiB
+  }
+  std::ofstream(d / "bad_yaml.yaml") << "model: [1, 2\n";
+  std::ofstream(d / "type.yaml") << "model:\n  d_model: abc\n";
+  std::ofstream(d / "range.yaml") << "model:\n  num_heads: 0\n";
+  std::ofstream(d / "unknown.yaml") << "train:\n  stepz: 3\n";
+  std::ofstream(d / "not_a_model.txt") << "hello\n";
+  std::ofstream(d / "doc.jsonl") << "{\"text\": \"hello\"}\n";
+  const fs::path good = d / "good/part.shard";
+  write_shard(good);
+  write_damaged(good, d / "magic/part.shard", [](auto& b) { b[0] = 'X'; });
+  write_damaged(good, d / "truncated/part.shard", [](auto& b) { b.resize(b.size() - 6); });
+  write_damaged(good, d / "checksum/part.shard", [](auto& b) { b[b.size() - 3] ^= 0x01; });
+  write_shard(d / "bigvocab/part.shard", 1000);
+  write_shard(d / "mixed/a.shard", kShardVocab);
+  write_shard(d / "mixed/b.shard", kShardVocab - 10);
+  fs::create_directories(d / "dirshard/x.shard");
+  fs::create_directories(d / "fifoshard");
+  ASSERT_EQ(::mkfifo((d / "fifoshard/x.shard").c_str(), 0600), 0) << std::strerror(errno);
+
+  const std::string s = (d / "").string();  // the directory, with a trailing '/'
+  // {run}: a run directory of the case's own, so that a case that trained by mistake cannot
+  // change what the next one meets.
+  const std::string train = kBin + " train --run-dir {run} --config ";
+  const std::string on_shards = kBin + " train --run-dir {run} --config " + kTiny + " " +
+                                kShardFlags + " --set data.train_glob=";
+  const std::string data = kDataBin + " ";
+  const std::string tok = data + "tokenize --output " + s + "out ";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      // switcht5: the config file
+      {train + s + "none.yaml", "config " + s + "none.yaml: cannot open (No such file or directory)"},
+      {train + s + "dangling.yaml", "a symbolic link to a missing file"},
+      {train + s + "dir.yaml", "config " + s + "dir.yaml: expected a regular file, got a directory"},
+      {train + "/dev/zero", "config /dev/zero: expected a regular file, got a character device"},
+      {train + s + "fifo", "config " + s + "fifo: expected a regular file, got a FIFO"},
+      {train + s + "big.yaml", "big.yaml: 1100000 bytes, more than the 1048576 bytes a config may have"},
+      {train + s + "bad_yaml.yaml", "bad_yaml.yaml:2: invalid YAML"},
+      {train + s + "type.yaml", "type.yaml:2: model.d_model: got \"abc\", expected an integer"},
+      {train + s + "range.yaml", "range.yaml:2: model.num_heads: got 0, expected an integer >= 1"},
+      {train + s + "unknown.yaml", "unknown key \"train.stepz\""},
+      // switcht5: the command line
+      {train + kTiny + " --set foo", "--set foo: expected section.key=value"},
+      {train + kTiny + " --set train.steps=-1", "train.steps: got -1"},
+      {train + kTiny + " --frobnicate", "unknown option \"--frobnicate\" for \"train\""},
+      {train + kTiny + " --config " + kTiny, "--config is given twice; give it once"},
+      {train + kTiny + " --run-dir " + s + "run2", "--run-dir is given twice"},
+      {kBin + " plan --json --config " + kTiny + " --json", "--json is given twice"},
+      {kBin + " train --config", "--config needs a value"},
+      {kBin + " trian --config " + kTiny, "unknown command \"trian\""},
+      {kBin + " eval", "eval: --checkpoint CKPT is required"},
+      {kBin + " plan --config " + kTiny + " --mfu 2", "--mfu \"2\": expected a fraction in (0, 1]"},
+      // switcht5: token shards
+      {on_shards + s + "none/'*.shard'", "data.train_glob: no files match \"" + s + "none/*.shard\""},
+      {on_shards + s + "fifoshard/x.shard", "token shard " + s + "fifoshard/x.shard: expected a regular file, got a FIFO"},
+      {on_shards + s + "dirshard/'*'", "token shard " + s + "dirshard/x.shard: expected a regular file, got a directory"},
+      {on_shards + s + "magic/part.shard", s + "magic/part.shard: bad magic (not a switcht5 token shard)"},
+      {on_shards + s + "truncated/part.shard", s + "truncated/part.shard: truncated file"},
+      {on_shards + s + "checksum/part.shard", s + "checksum/part.shard: checksum mismatch"},
+      {on_shards + s + "bigvocab/part.shard", "model.vocab_size: got 128, expected more than 1019"},
+      {on_shards + s + "mixed/'*.shard'", "b.shard: vocabulary size 90 differs from 100"},
+      // switcht5-data
+      {tok + "--input " + s + "doc.jsonl --spm " + s + "fifo", "SentencePiece model " + s + "fifo: expected a regular file, got a FIFO"},
+      {tok + "--input " + s + "doc.jsonl --spm " + s + "dir.yaml", "got a directory"},
+      {tok + "--input " + s + "doc.jsonl --spm " + s + "none.model", "SentencePiece model " + s + "none.model: cannot open"},
+      {tok + "--input " + s + "doc.jsonl --spm " + s + "not_a_model.txt", "not_a_model.txt: cannot load the SentencePiece model"},
+      {tok + "--spm x.model --input " + s + "fifo", "input " + s + "fifo: expected a regular file, got a FIFO"},
+      {tok + "--spm x.model --input " + s + "'nothing*.json.gz'", "--input: no files match"},
+      {tok + "--spm x.model --input a --threads 2 --threads=3", "tokenize: --threads is given twice"},
+      {tok + "--spm x.model --input a --threads many", "--threads: expected an integer, got \"many\""},
+      {data + "inspect " + s + "fifo", "token shard " + s + "fifo: expected a regular file, got a FIFO"},
+      {data + "inspect /dev/zero", "token shard /dev/zero: expected a regular file, got a character device"},
+      {data + "inspect " + s + "dir.yaml", "got a directory"},
+      {data + "inspect " + s + "none.shard", "token shard " + s + "none.shard: cannot open"},
+      {data + "inspect " + s + "magic/part.shard", "bad magic"},
+      {data + "inspect " + good.string() + " --docs 1 --docs 2", "inspect: --docs is given twice"},
+      {data + "spm-train --input " + s + "doc.jsonl --model-prefix " + s + "m --vocab-size 3", "--vocab-size: must be at least 8, got 3"},
+      {data + "detokenize", "unknown command \"detokenize\""},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::string command = cases[i].first;
+    const std::string& fragment = cases[i].second;
+    if (const size_t at = command.find("{run}"); at != std::string::npos)
+      command.replace(at, 5, s + "run" + std::to_string(i));
+    const Result r = run_for_stderr(command);
+    EXPECT_EQ(r.code, 2) << command << "\n" << r.output;
+    EXPECT_NE(r.output.find(fragment), std::string::npos) << command << "\nwant: " << fragment << "\n" << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << "one line: " << command << "\n" << r.output;
+    EXPECT_EQ(r.output.find("check failed"), std::string::npos) << command << "\n" << r.output;
+    EXPECT_EQ(r.output.find(".cpp:"), std::string::npos) << command << "\n" << r.output;
+  }
+  EXPECT_GE(cases.size(), 25u);
+}
+
+// `switcht5-data inspect` judges a shard as training does: for each damage training refuses,
+// inspect exits 2 with the very message `switcht5 train` gives (one check, in ShardReader).
+TEST(Cli, InspectRefusesWhatTrainingRefusesWithTheSameMessage) {
+  const fs::path d = fs::temp_directory_path() / "switcht5_cli_inspect_verdict";
+  fs::remove_all(d);
+  const fs::path good = d / "good/part.shard";
+  write_shard(good);
+  const auto set_u32 = [](std::vector<char>& b, size_t at, uint32_t v) { std::memcpy(b.data() + at, &v, 4); };
+  const auto set_u64 = [](std::vector<char>& b, size_t at, uint64_t v) { std::memcpy(b.data() + at, &v, 8); };
+  const size_t tokens_at = switcht5::kShardHeaderBytes + 8 * (200 + 1);
+  struct Damage {
+    const char* name;
+    std::function<void(std::vector<char>&)> apply;
+    bool fix_checksum;
+    const char* reason;  // a fragment of the message both must give
+  };
+  const std::vector<Damage> damages = {
+      {"magic", [](auto& b) { b[1] = 'x'; }, false, "bad magic"},
+      {"truncated", [](auto& b) { b.resize(b.size() - 2); }, false, "truncated file"},
+      {"oversized", [](auto& b) { b.push_back(0); }, false, "oversized file"},
+      {"version", [&](auto& b) { set_u32(b, 8, 2); }, false, "unsupported shard version 2"},
+      {"token_bytes", [&](auto& b) { set_u32(b, 12, 4); }, false, "token_bytes 4 does not fit vocab_size 100"},
+      {"offsets", [&](auto& b) { set_u64(b, switcht5::kShardHeaderBytes + 8 * 5, uint64_t(1) << 40); }, true,
+       "corrupt document offsets (not monotonic at document 5"},
+      {"checksum", [&](auto& b) { b[tokens_at] ^= 0x02; }, false, "checksum mismatch"},
+      {"token_id", [&](auto& b) { b[tokens_at] = char(0xff); b[tokens_at + 1] = 0; }, true,
+       "token id 255 is outside the vocabulary (vocab_size 100)"},
+  };
+  for (const Damage& dmg : damages) {
+    const fs::path shard = d / dmg.name / "part.shard";
+    write_damaged(good, shard, dmg.apply, dmg.fix_checksum);
+    const Result t = run_for_stderr(kBin + " train --config " + kTiny + " --run-dir " +
+                                    (d / "run").string() + " " + kShardFlags +
+                                    " --set data.train_glob=" + shard.string());
+    const Result i = run_for_stderr(kDataBin + " inspect " + shard.string());
+    EXPECT_EQ(t.code, 2) << dmg.name << "\n" << t.output;
+    EXPECT_EQ(i.code, 2) << dmg.name << "\n" << i.output;
+    EXPECT_NE(error_message(t.output).find(dmg.reason), std::string::npos) << dmg.name << "\n" << t.output;
+    EXPECT_NE(error_message(t.output).find(shard.string()), std::string::npos) << dmg.name << "\n" << t.output;
+    EXPECT_EQ(error_message(i.output), error_message(t.output)) << dmg.name;
+  }
+  // The undamaged shard passes both.
+  EXPECT_EQ(run_for_stderr(kDataBin + " inspect " + good.string()).code, 0);
+}
+
+// A shard truncated under a running trainer: the run ends with exit code 2 and one line naming
+// the shard. When shards were memory-mapped, the next read of the cut-off part took SIGBUS and
+// the process died without a word (exit 135 from the shell).
+TEST(Cli, ShardTruncatedUnderARunningTrainer) {
+  const fs::path d = fs::temp_directory_path() / "switcht5_cli_truncated_shard";
+  fs::remove_all(d);
+  const fs::path shard = d / "data/part.shard";
+  write_shard(shard, kShardVocab, 2000);
+  const uint64_t size = fs::file_size(shard);
+  const fs::path run_dir = d / "run";
+  // In the background, the exit status written to a file; `timeout` bounds a hang.
+  const std::string command =
+      "( timeout 120 " + kBin + " train --config " + kTiny + " --run-dir " + run_dir.string() +
+      " " + kShardFlags + " --set data.train_glob=" + shard.string() +
+      " --set train.steps=1000000 --set log.every=1 --set checkpoint.every=0 > " +
+      (d / "out.txt").string() + " 2> " + (d / "err.txt").string() + "; echo $? > " +
+      (d / "rc.txt").string() + " ) &";
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  // Wait until it trains (a step in metrics.jsonl), then cut the shard in half.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto waited = [&] { return std::chrono::steady_clock::now() - t0; };
+  while (!(fs::exists(run_dir / "metrics.jsonl") && fs::file_size(run_dir / "metrics.jsonl") > 0) &&
+         !fs::exists(d / "rc.txt") && waited() < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_FALSE(fs::exists(d / "rc.txt")) << "the run ended before the shard was cut:\n"
+                                         << read_file(d / "err.txt");
+  ASSERT_GT(fs::file_size(run_dir / "metrics.jsonl"), 0u) << "no training step in 60 s";
+  fs::resize_file(shard, size / 2);
+  while (!(fs::exists(d / "rc.txt") && fs::file_size(d / "rc.txt") > 0) && waited() < std::chrono::seconds(150))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_TRUE(fs::exists(d / "rc.txt")) << "the run did not end";
+  const std::string err = read_file(d / "err.txt");
+  EXPECT_EQ(std::stoi(read_file(d / "rc.txt")), 2) << err;
+  EXPECT_EQ(err, "switcht5: error: " + shard.string() + ": the token shard changed while in use "
+                 "(truncated to " + std::to_string(size / 2) + " bytes from " +
+                 std::to_string(size) + "); a shard must stay as it is while a run reads it\n");
 }
 
 }  // namespace

@@ -1,9 +1,12 @@
 // Run configuration: defaults, the shipped configs/*.yaml, to_yaml round trips, --set overrides,
 // and one test per kind of bad input, each checking that the message is one line naming where
 // (file:line or the --set argument), the full key, the value and what is allowed.
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
@@ -395,13 +398,46 @@ TEST(ConfigErrors, MissingFile) {
     load_config(kConfigDir + "/missing.yaml", {});
     FAIL() << "expected UserError";
   } catch (const UserError& e) {
-    EXPECT_TRUE(has_parts(e.what(), {"configs/missing.yaml: cannot open config file (No such file or directory)"}));
+    EXPECT_TRUE(has_parts(e.what(), {"config ", "configs/missing.yaml: cannot open (No such file or directory)"}));
   }
   try {
     load_config(kConfigDir, {});
     FAIL() << "expected UserError";
   } catch (const UserError& e) {
-    EXPECT_TRUE(has_parts(e.what(), {"configs: cannot open config file"}));
+    EXPECT_TRUE(has_parts(e.what(), {"configs: expected a regular file, got a directory"}));
+  }
+}
+
+// A config is a regular file of at most kMaxConfigBytes: a FIFO or a device is refused without
+// being read (it would block or never end), a larger file before it is read.
+TEST(ConfigErrors, OnlyARegularFileOfBoundedSize) {
+  const auto dir = std::filesystem::temp_directory_path() / "switcht5_config_files";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const auto fifo = dir / "fifo.yaml";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const auto& [path, part] : std::vector<std::pair<std::string, std::string>>{
+           {fifo.string(), "config " + fifo.string() + ": expected a regular file, got a FIFO"},
+           {"/dev/zero", "config /dev/zero: expected a regular file, got a character device"}}) {
+    try {
+      load_config(path, {});
+      ADD_FAILURE() << "expected UserError for " << path;
+    } catch (const UserError& e) {
+      EXPECT_TRUE(has_parts(e.what(), {part}));
+    }
+  }
+  // Exactly the limit reads; one byte more is refused.
+  std::string text = "model:\n  d_model: 64\n";
+  text += std::string(kMaxConfigBytes - text.size() - 1, '#') + "\n";
+  ASSERT_EQ(text.size(), kMaxConfigBytes);
+  std::ofstream(dir / "limit.yaml", std::ios::binary) << text;
+  EXPECT_EQ(load_config((dir / "limit.yaml").string(), {}).model.d_model, 64);
+  std::ofstream(dir / "over.yaml", std::ios::binary) << text << "\n";
+  try {
+    load_config((dir / "over.yaml").string(), {});
+    ADD_FAILURE() << "expected UserError";
+  } catch (const UserError& e) {
+    EXPECT_TRUE(has_parts(e.what(), {"over.yaml: 1048577 bytes, more than the 1048576 bytes a config may have"}));
   }
 }
 

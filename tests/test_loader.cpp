@@ -233,5 +233,29 @@ TEST(Loader, BadSetupsGiveClearErrors) {
   expect_error(o, "cannot be split");
 }
 
+// A shard truncated under a running loader: the prefetch thread's error reaches next() on the
+// consuming thread as the UserError naming the shard, and the loader shuts down cleanly.
+TEST(Loader, ShardTruncatedWhileLoadingIsAnErrorNamingIt) {
+  for (int prefetch : {0, 2}) {
+    const auto shards = make_corpus("truncated_" + std::to_string(prefetch), 2, 50);
+    auto o = options(shards, 4);
+    o.prefetch = prefetch;
+    DataLoader loader(o);
+    Batch b;
+    loader.next(b);
+    fs::resize_file(shards[1], fs::file_size(shards[1]) / 2);
+    fs::resize_file(shards[0], fs::file_size(shards[0]) / 2);
+    try {
+      // Batches made before the cut may still come; within an epoch every shard is read.
+      for (uint64_t i = 0; i <= loader.pieces_per_epoch(); ++i) loader.next(b);
+      ADD_FAILURE() << "prefetch " << prefetch << ": no error after the shards were cut";
+    } catch (const UserError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("the token shard changed while in use (truncated to"), std::string::npos) << m;
+      EXPECT_TRUE(m.find(shards[0]) == 0 || m.find(shards[1]) == 0) << m;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace switcht5

@@ -1,9 +1,12 @@
 // Token shards (src/data/shard.h): writer -> reader round trips at both token widths, atomic
 // replacement, and one clear error per kind of damage (magic, version, size, checksum, offsets,
-// token width), plus expand_glob.
+// token width), plus expand_glob. Reads are pread()s: a shard changed under an open reader is an
+// error naming it, not a SIGBUS.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -190,7 +193,7 @@ TEST(Shard, UnfinishedWriterKeepsTheOldShard) {
   EXPECT_EQ(dir_entries(dir), std::vector<std::string>{"sample.shard"});
 }
 
-TEST(Shard, MoveKeepsTheMapping) {
+TEST(Shard, MoveKeepsTheOpenFile) {
   const TestDir tmp;
   const fs::path& dir = tmp.path;
   const fs::path p = write_sample(dir);
@@ -329,6 +332,96 @@ TEST(ShardErrors, MissingFile) {
   const fs::path& dir = tmp.path;
   const std::string e = open_error(dir / "nope.shard");
   EXPECT_NE(e.find("nope.shard: cannot open"), std::string::npos) << e;
+}
+
+// Only a regular file is a shard: a FIFO is refused at once (opening it for reading would wait
+// for a writer), a directory and a device too, each named in the message.
+TEST(ShardErrors, NotARegularFile) {
+  const TestDir tmp;
+  const fs::path fifo = tmp.path / "fifo.shard";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_NE(open_error(fifo).find("token shard " + fifo.string() +
+                                  ": expected a regular file, got a FIFO (named pipe)"),
+            std::string::npos)
+      << open_error(fifo);
+  EXPECT_NE(open_error(tmp.path).find("expected a regular file, got a directory"), std::string::npos)
+      << open_error(tmp.path);
+  EXPECT_NE(open_error("/dev/zero").find("got a character device"), std::string::npos)
+      << open_error("/dev/zero");
+}
+
+// A shard changed in place after it was opened: a read of a part cut off fails, and
+// check_unchanged() notices a truncation or a rewrite of the same size, naming the shard (a
+// memory map took SIGBUS on the cut-off part instead). A shard replaced by rename is not a
+// change: the reader keeps the file it opened.
+TEST(ShardErrors, ChangedWhileOpen) {
+  const TestDir tmp;
+  const fs::path p = write_sample(tmp.path);
+  const auto good = read_bytes(p);
+  std::vector<int32_t> got(8);
+  {
+    ShardReader r(p.string());
+    r.copy_tokens(0, 8, got.data());
+    r.check_unchanged();
+    fs::resize_file(p, good.size() - 4);  // the last two tokens are gone
+    try {
+      r.copy_tokens(6, 2, got.data());
+      ADD_FAILURE() << "a read past the cut succeeded";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find(p.string() + ": the token shard changed while in use "
+                                            "(truncated to " + std::to_string(good.size() - 4) +
+                                            " bytes from " + std::to_string(good.size()) + ")"),
+                std::string::npos)
+          << e.what();
+    }
+    r.copy_tokens(0, 2, got.data());  // still readable before the cut, but the file changed:
+    EXPECT_THROW(r.check_unchanged(), UserError);
+  }
+  write_bytes(p, good);
+  {
+    ShardReader r(p.string());
+    auto other = good;
+    other[other.size() - 1] ^= 0x01;
+    // Same size, later modification time (a second apart: any file system keeps that apart).
+    const auto opened = fs::last_write_time(p);
+    write_bytes(p, other);
+    fs::last_write_time(p, opened + std::chrono::seconds(1));
+    try {
+      r.check_unchanged();
+      ADD_FAILURE() << "a rewrite went unnoticed";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find("changed while in use (rewritten since it was opened)"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  write_bytes(p, good);
+  {
+    ShardReader r(p.string());
+    const fs::path next = tmp.path / "next.shard";
+    {
+      ShardWriter w(next.string(), 32000);
+      w.add_document({7, 7, 1});
+      w.finish();
+    }
+    fs::rename(next, p);  // as tokenize replaces a shard
+    r.copy_tokens(0, 8, got.data());
+    r.check_unchanged();
+    EXPECT_EQ(got, (std::vector<int32_t>{5, 6, 7, 1, 1, 31999, 0, 1}));
+  }
+}
+
+// scan() reads what opening with verification checks; check_scan() is that check.
+TEST(Shard, ScanIsTheContentCheck) {
+  const TestDir tmp;
+  const fs::path p = write_sample(tmp.path);
+  ShardReader r(p.string(), /*verify_contents=*/false);
+  const ShardScan s = r.scan();
+  EXPECT_EQ(s.checksum, r.header().checksum);
+  EXPECT_EQ(s.max_token, 31999u);
+  EXPECT_NO_THROW(r.check_scan(s));
+  EXPECT_THROW(r.check_scan(ShardScan{s.checksum ^ 1u, s.max_token}), UserError);
+  EXPECT_THROW(r.check_scan(ShardScan{s.checksum, 32000}), UserError);
 }
 
 TEST(ExpandGlob, SortedMatchesAndNoMatch) {

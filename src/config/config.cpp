@@ -12,16 +12,11 @@
 
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <optional>
-#include <sstream>
 #include <string_view>
 #include <type_traits>
 
@@ -29,6 +24,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "core/check.h"
+#include "core/input_file.h"
 
 namespace switcht5 {
 namespace {
@@ -739,14 +735,9 @@ RunConfig parse_config(const std::string& yaml_text, const std::string& source_n
 }
 
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail(path, "cannot open config file (it is a directory)");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, fmt::format("cannot open config file ({})", std::strerror(errno)));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail(path, fmt::format("cannot read config file ({})", std::strerror(errno)));
-  return parse_config(text.str(), path, overrides);
+  // A regular file of at most kMaxConfigBytes: a FIFO or /dev/zero given as --config would
+  // otherwise block or be read without end. Real configs are a few KB.
+  return parse_config(read_regular_file(path, "config", kMaxConfigBytes), path, overrides);
 }
 
 std::string to_yaml(const RunConfig& config) {

@@ -152,8 +152,13 @@ struct RunConfig {
   bool operator==(const RunConfig&) const = default;
 };
 
-// Reads and validates the YAML file at `path`, then applies `overrides` ("section.key=value"
-// strings from --set, in order; a later one wins). Throws UserError on any bad input.
+// The largest config file read (1 MiB): real ones are a few KB, and a larger file is refused
+// before it is read.
+inline constexpr uint64_t kMaxConfigBytes = uint64_t(1) << 20;
+
+// Reads and validates the YAML file at `path` (a regular file of at most kMaxConfigBytes), then
+// applies `overrides` ("section.key=value" strings from --set, in order; a later one wins).
+// Throws UserError on any bad input.
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
 
 // As load_config, from text; `source_name` stands for the file name in messages.

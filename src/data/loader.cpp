@@ -64,6 +64,7 @@ struct DataLoader::EpochCache {
   struct DocOrder {
     std::vector<uint32_t> docs;          // order position -> document
     std::vector<uint64_t> start;         // order position -> first token within the shard order
+    std::vector<uint64_t> offsets;       // document -> first token in the shard (its offsets table)
   };
   std::map<int, DocOrder> doc_orders;    // shard index -> order (at most kMaxShards kept)
   std::list<int> doc_lru;
@@ -184,8 +185,10 @@ uint64_t DataLoader::locate(uint64_t example, std::vector<Segment>& out) const {
       o.docs.resize(D);
       for (uint64_t d = 0; d < D; ++d) o.docs[d] = uint32_t(d);
     }
+    o.offsets = r.read_offsets();  // one read of the table; the reader keeps none in memory
     o.start.assign(D + 1, 0);
-    for (uint64_t q = 0; q < D; ++q) o.start[q + 1] = o.start[q] + r.doc_length(o.docs[q]);
+    for (uint64_t q = 0; q < D; ++q)
+      o.start[q + 1] = o.start[q] + o.offsets[o.docs[q] + 1] - o.offsets[o.docs[q]];
     c.doc_lru.push_back(shard);
     return c.doc_orders.emplace(shard, std::move(o)).first->second;
   };
@@ -199,14 +202,13 @@ uint64_t DataLoader::locate(uint64_t example, std::vector<Segment>& out) const {
     SWT_CHECK(si < int(shards_.size()), "piece {} runs past the epoch's tokens", piece);
     const int shard = c.shard_order[si];
     const EpochCache::DocOrder& o = doc_order(shard);
-    const ShardReader& r = *shards_[shard];
     uint64_t local = pos - c.shard_start[si];
     size_t q = size_t(std::upper_bound(o.start.begin(), o.start.end(), local) - o.start.begin()) - 1;
     while (left > 0 && q < o.docs.size()) {
       const uint32_t d = o.docs[q];
       const uint64_t off = local - o.start[q];
-      const uint64_t n = std::min(left, r.doc_length(d) - off);
-      if (n > 0) out.push_back({shard, r.doc_begin(d) + off, n});
+      const uint64_t n = std::min(left, o.offsets[d + 1] - o.offsets[d] - off);
+      if (n > 0) out.push_back({shard, o.offsets[d] + off, n});
       left -= n;
       pos += n;
       local += n;
@@ -218,14 +220,15 @@ uint64_t DataLoader::locate(uint64_t example, std::vector<Segment>& out) const {
 }
 
 void DataLoader::make_example(uint64_t example, Batch& out, int row, std::vector<int32_t>& raw,
-                              std::vector<int32_t>& inputs,
-                              std::vector<int32_t>& targets) const {
+                              std::vector<int32_t>& inputs, std::vector<int32_t>& targets,
+                              std::vector<bool>& shards_read) const {
   raw.resize(piece_length_);
   std::vector<Segment>& segments = segments_scratch_;
   const uint64_t piece = locate(example, segments);
   size_t filled = 0;
   for (const Segment& s : segments) {
     shards_[s.shard]->copy_tokens(s.begin, s.length, raw.data() + filled);
+    shards_read[size_t(s.shard)] = true;
     filled += s.length;
   }
   const uint64_t epoch = example / pieces_per_epoch_;
@@ -254,7 +257,13 @@ void DataLoader::produce(uint64_t first_example, Batch& out) const {
   out.resize(local_rows_, options_.inputs_length, options_.targets_length);
   std::vector<int32_t> raw, inputs, targets;
   const uint64_t row0 = first_example + uint64_t(options_.rank) * local_rows_;
-  for (int r = 0; r < local_rows_; ++r) make_example(row0 + r, out, r, raw, inputs, targets);
+  std::vector<bool>& read = shards_read_scratch_;
+  read.assign(shards_.size(), false);
+  for (int r = 0; r < local_rows_; ++r) make_example(row0 + r, out, r, raw, inputs, targets, read);
+  // After the batch's reads: had a shard changed under them (truncated, rewritten), its tokens
+  // might be wrong; the batch is not handed out then, the run ends naming the shard.
+  for (size_t s = 0; s < shards_.size(); ++s)
+    if (read[s]) shards_[s]->check_unchanged();
 }
 
 // ---- consumer and prefetch thread -----------------------------------------------------------------

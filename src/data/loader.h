@@ -90,9 +90,10 @@ class DataLoader {
 
  private:
   struct EpochCache;
-  // Fills row `row` of `out` with global example `example`.
+  // Fills row `row` of `out` with global example `example`, marking the shards it read.
   void make_example(uint64_t example, Batch& out, int row, std::vector<int32_t>& raw,
-                    std::vector<int32_t>& inputs, std::vector<int32_t>& targets) const;
+                    std::vector<int32_t>& inputs, std::vector<int32_t>& targets,
+                    std::vector<bool>& shards_read) const;
   void produce(uint64_t first_example, Batch& out) const;
   uint64_t piece_of(uint64_t epoch, uint64_t position) const;
   // The piece behind global example `example` and its token runs (thread-safe).
@@ -110,6 +111,7 @@ class DataLoader {
   mutable std::unique_ptr<EpochCache> cache_;
   mutable std::mutex cache_mutex_;
   mutable std::vector<Segment> segments_scratch_;  // used by the producing thread only
+  mutable std::vector<bool> shards_read_scratch_;  // likewise: shards read by the batch in production
 
   // Consumer side.
   uint64_t next_example_ = 0;  // first example of the next batch handed out
