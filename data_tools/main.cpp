@@ -29,17 +29,20 @@ constexpr const char* kUsage =
     "usage: switcht5-data <command> [options]\n"
     "commands:\n"
     "  tokenize --spm MODEL --input GLOB [GLOB...] [--input GLOB...] --output DIR\n"
-    "           [--threads N] [--max-bad-lines N] [--batch-lines N] [--quiet]\n"
+    "           [--threads N] [--max-bad-lines N] [--batch-lines N] [--quiet] [--force]\n"
     "      C4-style JSON lines (.json.gz or plain; the \"text\" of each line) -> SentencePiece ids\n"
     "      + EOS -> DIR/<input name>.shard, one shard per input file. --threads N: encoding\n"
     "      threads (output identical for any N; default 1). --max-bad-lines N: malformed lines\n"
     "      skipped before giving up (default 100). --batch-lines N: lines per work item\n"
-    "      (default 64). --quiet: no progress and no per-file lines.\n"
+    "      (default 64). --quiet: no progress and no per-file lines. --force: replace shards\n"
+    "      that exist (otherwise refused before any work).\n"
     "  spm-train --input GLOB [GLOB...] --model-prefix PREFIX [--vocab-size N] [--threads N]\n"
     "           [--max-sentences N] [--character-coverage X] [--max-bad-lines N] [--quiet]\n"
+    "           [--force]\n"
     "      train a SentencePiece unigram model with T5's settings (pad 0, eos 1, unk 2, no bos)\n"
     "      on the text's lines; writes PREFIX.model and PREFIX.vocab. Defaults: vocab 32000,\n"
     "      all sentences (--max-sentences N samples N), character coverage 0.9995 (T5's).\n"
+    "      --force: replace PREFIX.model and PREFIX.vocab if they exist.\n"
     "  inspect SHARD [--docs N] [--spm MODEL]\n"
     "      header, checksum, document lengths and the first N documents (default 3), decoded\n"
     "      with MODEL when given.\n";
@@ -136,6 +139,7 @@ int cmd_tokenize(int argc, char** argv) {
     else if (f == "--max-bad-lines") o.max_bad_lines = parse_int(f, a.value(), 0);
     else if (f == "--batch-lines") o.batch_lines = size_t(parse_int(f, a.value(), 1));
     else if (f == "--quiet") a.no_value(), o.quiet = true;
+    else if (f == "--force") a.no_value(), o.force = true;
     else a.unknown();
   }
   SWT_USER_CHECK(o.threads <= 1024, "--threads: at most 1024, got {}", o.threads);
@@ -156,6 +160,7 @@ int cmd_spm_train(int argc, char** argv) {
     else if (f == "--character-coverage") o.character_coverage = parse_double(f, a.value());
     else if (f == "--max-bad-lines") o.max_bad_lines = parse_int(f, a.value(), 0);
     else if (f == "--quiet") a.no_value(), o.quiet = true;
+    else if (f == "--force") a.no_value(), o.force = true;
     else a.unknown();
   }
   train_spm(o, stderr);

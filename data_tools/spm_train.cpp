@@ -157,6 +157,12 @@ int64_t train_spm(const SpmTrainOptions& opts, std::FILE* log) {
   SWT_USER_CHECK(opts.character_coverage > 0 && opts.character_coverage <= 1,
                  "spm-train: --character-coverage must be in (0, 1], got {}",
                  opts.character_coverage);
+  for (const char* ext : {".model", ".vocab"}) {
+    std::error_code ec;
+    const std::string out = opts.model_prefix + ext;
+    SWT_USER_CHECK(opts.force || !fs::exists(fs::symlink_status(out, ec)),
+                   "{}: the file exists; pass --force to replace it", out);
+  }
   const std::vector<std::string> files = expand_inputs(opts.input_globs);
   const fs::path parent = fs::path(opts.model_prefix).parent_path();
   if (!parent.empty()) {

@@ -18,6 +18,7 @@ struct SpmTrainOptions {
   double character_coverage = 0.9995;  // what T5's spiece.model records
   int64_t max_bad_lines = 100;
   bool quiet = false;                // SentencePiece's own log only for errors
+  bool force = false;                // replace PREFIX.model / PREFIX.vocab if they exist
 };
 
 // The SentencePiece trainer settings used (a flag name -> value map, as spm_train takes them).

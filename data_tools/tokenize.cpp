@@ -265,6 +265,21 @@ TokenizeSummary tokenize_inputs(const TokenizeOptions& opts, std::FILE* out, std
     std::error_code ec;
     s.input_bytes += fs::file_size(f, ec);
   }
+  // Before any work: shards that exist are replaced only when asked (a typo in --output must not
+  // cost the shards of a finished run).
+  if (!opts.force) {
+    std::vector<std::string> existing;
+    for (const std::string& shard : shard_paths) {
+      std::error_code ec;
+      if (fs::exists(fs::symlink_status(shard, ec))) existing.push_back(shard);
+    }
+    SWT_USER_CHECK(existing.empty(),
+                   "{}: the shard exists{}; pass --force to replace {}", existing.empty() ? "" : existing[0],
+                   existing.size() > 1 ? fmt::format(" (and {} more of the {} outputs)",
+                                                     existing.size() - 1, shard_paths.size())
+                                       : "",
+                   existing.size() > 1 ? "them" : "it");
+  }
   const Tokenizer tok(opts.spm_model);
   {
     std::error_code ec;

@@ -73,6 +73,7 @@ struct TokenizeOptions {
   int64_t max_bad_lines = 100;
   bool quiet = false;          // no progress and no per-file lines (warnings and summary stay)
   size_t batch_lines = 64;     // lines per work item (at most; batches also stop at 8 MB)
+  bool force = false;          // replace shards that exist (otherwise: refused before any work)
 };
 
 struct TokenizeSummary {

@@ -44,16 +44,18 @@ cmake --build "$BUILD" -j "$JOBS" --target switcht5 switcht5-data
 if [[ "${SWITCHT5_SKIP_RUN:-0}" != 1 ]]; then
   shared=${SWITCHT5_SHARED_DATA:-../shared/data}
   if [[ -f "$shared/spiece.model" && -d "$shared/c4" ]]; then
-    "$BUILD"/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/train \
+    # --force and --resume auto: running setup.sh again remakes the same shards and continues
+    # (or finds finished) the same run, instead of refusing to touch them.
+    "$BUILD"/switcht5-data tokenize --force --spm "$shared/spiece.model" --output data/c4-sample/train \
       --input "$shared/c4/c4-en-train-00000-first1000.json.gz"
-    "$BUILD"/switcht5-data tokenize --spm "$shared/spiece.model" --output data/c4-sample/val \
+    "$BUILD"/switcht5-data tokenize --force --spm "$shared/spiece.model" --output data/c4-sample/val \
       --input "$shared/c4/olmo/c4-sample.00000-of-00001.json.gz"
     bash scripts/mpirun.sh -np 2 "$BUILD"/switcht5 train --config configs/tiny.yaml \
-      --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
+      --run-dir runs/tiny --resume auto --set parallel.data=2 --set parallel.expert=2
   else
     echo "setup: no sample C4 at $shared (set SWITCHT5_SHARED_DATA); training the synthetic task"
     bash scripts/mpirun.sh -np 2 "$BUILD"/switcht5 train --config configs/tiny-synthetic.yaml \
-      --run-dir runs/tiny --set parallel.data=2 --set parallel.expert=2
+      --run-dir runs/tiny --resume auto --set parallel.data=2 --set parallel.expert=2
   fi
   echo "setup: done; logs and metrics in runs/tiny"
 fi

@@ -288,7 +288,7 @@ TEST(DataCli, TooManyMalformedLinesKeepsTheOldShard) {
 
   std::ofstream(in) << kBadLines;
   r = run("tokenize --spm " + q(spm()) + " --input " + q(in) + " --output " + q(dir / "out") +
-          " --max-bad-lines 2 --threads 2 --batch-lines 1");
+          " --max-bad-lines 2 --threads 2 --batch-lines 1 --force");
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_TRUE(contains(r.output, "switcht5-data: error: too many malformed lines: 3 so far, more than "
                                  "--max-bad-lines 2"))
@@ -321,6 +321,34 @@ TEST(DataCli, EmptyInputGivesAnEmptyShard) {
     EXPECT_EQ(shard.num_documents(), 0u);
     EXPECT_EQ(shard.num_tokens(), 0u);
   }
+}
+
+// Outputs that exist are replaced only with --force: refused before any work, one line, exit 2,
+// the file untouched.
+TEST(DataCli, OutputsAreNeverReplacedWithoutForce) {
+  REQUIRE_SHARED_DATA();
+  TestDir dir;
+  const fs::path in = dir / "doc.jsonl";
+  std::ofstream(in) << "{\"text\":\"a shard that must survive\"}\n";
+  const std::string tok = "tokenize --quiet --spm " + q(spm()) + " --input " + q(in) + " --output " + q(dir / "out");
+  ASSERT_EQ(run(tok).code, 0);
+  const auto shard = read_bytes(dir / "out/doc.shard");
+  std::ofstream(in) << "{\"text\":\"other text\"}\n";
+  Result r = run(tok);
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_EQ(r.output, "switcht5-data: error: " + (dir / "out/doc.shard").string() +
+                          ": the shard exists; pass --force to replace it\n");
+  EXPECT_EQ(read_bytes(dir / "out/doc.shard"), shard);
+  r = run(tok + " --force");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(read_bytes(dir / "out/doc.shard"), shard);
+  // spm-train: PREFIX.model exists.
+  std::ofstream(dir / "m.model") << "not replaced";
+  r = run("spm-train --input " + q(in) + " --model-prefix " + q(dir / "m") + " --vocab-size 8");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_EQ(r.output, "switcht5-data: error: " + (dir / "m.model").string() +
+                          ": the file exists; pass --force to replace it\n");
+  EXPECT_EQ(read_bytes(dir / "m.model"), std::vector<char>({'n', 'o', 't', ' ', 'r', 'e', 'p', 'l', 'a', 'c', 'e', 'd'}));
 }
 
 // A small vocabulary trained on 30 C4 documents with T5's special ids, then used to tokenize.
