@@ -60,7 +60,10 @@ constexpr const char* kUsage =
     "        estimate from link speeds (defaults: 8 GPUs per node, NVLink 370 GB/s, network\n"
     "        50 GB/s per GPU, 989 TFLOP/s at 40% MFU) and the predicted step time and\n"
     "        weak-scaling efficiency; --world-size N plans N ranks (parallel.data = N /\n"
-    "        parallel.model); --json: the same as one JSON object\n";
+    "        parallel.model); --json: the same as one JSON object\n"
+    "  config-reference\n"
+    "        every config key (type, default, allowed values, meaning) as a markdown table, the\n"
+    "        README's config reference\n";
 // Set once the process grid exists; read by the error path in main().
 int g_world_rank = 0;
 int g_world_size = 1;
@@ -474,10 +477,16 @@ int run(int argc, char** argv) {
     }
   Args a = parse_args(argc, argv);
   SWT_USER_CHECK(a.command == "train" || a.command == "plan" || a.command == "eval" ||
-                     a.command == "inspect",
-                 "unknown command \"{}\" (expected train, eval, inspect or plan; see switcht5 "
-                 "--help)",
+                     a.command == "inspect" || a.command == "config-reference",
+                 "unknown command \"{}\" (expected train, eval, inspect, plan or "
+                 "config-reference; see switcht5 --help)",
                  a.command);
+  if (a.command == "config-reference") {
+    SWT_USER_CHECK(a.positional.empty() && a.config.empty() && a.overrides.empty(),
+                   "config-reference takes no arguments (see switcht5 --help)");
+    fmt::print("{}", config_reference_markdown());
+    return 0;
+  }
   SWT_USER_CHECK(a.positional.empty() || a.command == "inspect",
                  "{}: unexpected argument \"{}\" (see switcht5 --help)", a.command,
                  a.positional.empty() ? "" : a.positional[0]);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "config/config.h"
+#include "config/config_docs.h"
 #include "core/check.h"
 #include "model/model.h"
 #include "model/router.h"
@@ -574,6 +576,29 @@ TEST(ConfigErrors, SyntheticVocabAndMinLearningRate) {
                         {"x.yaml:4: ", "data.synthetic_vocab: got 500", "[3, 128]"}));
   EXPECT_TRUE(has_parts(error_of("train:\n  learning_rate: 0.01\n  min_learning_rate: 0.1\n"),
                         {"x.yaml:3: ", "train.min_learning_rate: got 0.1, expected a number in [0, 0.01]"}));
+}
+
+// The README's config reference is the code's: the table between its markers equals
+// config_reference_markdown() (regenerate with build/switcht5 config-reference), every key has a
+// meaning in config/config_docs.h (the generator refuses one without), and every meaning names a
+// key (no line left behind when a key goes).
+TEST(ConfigReference, ReadmeMatchesTheCode) {
+  std::ifstream f(std::string(SWITCHT5_SOURCE_DIR) + "/README.md");
+  ASSERT_TRUE(f.good());
+  const std::string readme((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::string begin = "<!-- config-reference begin -->\n", end = "<!-- config-reference end -->";
+  const size_t b = readme.find(begin), e = readme.find(end);
+  ASSERT_NE(b, std::string::npos);
+  ASSERT_NE(e, std::string::npos);
+  const std::string table = readme.substr(b + begin.size(), e - b - begin.size());
+  EXPECT_EQ(table, config_reference_markdown())
+      << "README.md's config reference is stale: paste the output of build/switcht5 config-reference";
+  const std::string yaml = to_yaml(RunConfig{});
+  size_t keys = 0;
+  for (size_t at = 0; (at = yaml.find("\n  ", at)) != std::string::npos; ++at) ++keys;
+  EXPECT_EQ(std::size(kConfigKeyDocs), keys) << "config_docs.h has a line for a key that is gone";
+  for (const ConfigKeyDoc& d : kConfigKeyDocs)
+    EXPECT_NE(table.find("| `" + std::string(d.key) + "` |"), std::string::npos) << d.key;
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
+#include "config/config_docs.h"
 #include "core/check.h"
 #include "core/input_file.h"
 
@@ -155,6 +156,8 @@ void for_each_field(RunConfig& c, V& v) {
   v("log", "level", l.level, EnumRule{{"trace", "debug", "info", "warn", "error"}});
   v("log", "run_dir", l.run_dir, any_string());
   v("log", "per_rank_files", l.per_rank_files, BoolRule{});
+  v("log", "collapse_share", l.collapse_share, RealRule{0.0, false, 1.0, false});
+  v("log", "collapse_logs", l.collapse_logs, at_least(1));
 }
 
 // section -> its keys, in for_each_field order.
@@ -717,7 +720,54 @@ struct Writer {
   }
 };
 
+// One row of the config reference per key.
+struct ReferenceWriter {
+  std::string out;
+
+  template <class T, class R>
+  void operator()(const char* section, const char* key, T& field, const R& rule) {
+    const std::string full = fmt::format("{}.{}", section, key);
+    std::string_view meaning;
+    for (const ConfigKeyDoc& d : kConfigKeyDocs)
+      if (d.key == full) meaning = d.meaning;
+    SWT_CHECK(!meaning.empty(), "config key {} has no meaning in config/config_docs.h", full);
+    std::string shown = Writer::format_value(field);
+    if (full == "model.num_decoder_layers") shown = "num_layers";
+    out += fmt::format("| `{}` | {} | `{}` | {} | {} |\n", full, type_name(field), shown,
+                       allowed(field, rule), meaning);
+  }
+
+  template <class T>
+  static const char* type_name(const T&) {
+    if constexpr (std::is_same_v<T, bool>) return "bool";
+    else if constexpr (std::is_same_v<T, double>) return "number";
+    else if constexpr (std::is_same_v<T, std::string>) return "string";
+    else return "integer";
+  }
+  template <class T>
+  static std::string allowed(const T&, const IntRule& r) { return describe_int<T>(r, false); }
+  template <class T>
+  static std::string allowed(const T&, const RealRule& r) { return describe_real(r); }
+  template <class T>
+  static std::string allowed(const T&, const BoolRule&) { return "true or false"; }
+  template <class T>
+  static std::string allowed(const T&, const EnumRule& r) {
+    if (r.allowed.empty()) return "any string";
+    std::string s;
+    for (std::string_view a : r.allowed) s += fmt::format("{}`{}`", s.empty() ? "" : ", ", a);
+    return s;
+  }
+};
+
 }  // namespace
+
+std::string config_reference_markdown() {
+  RunConfig defaults;
+  ReferenceWriter w;
+  w.out = "| key | type | default | allowed | meaning |\n| --- | --- | --- | --- | --- |\n";
+  for_each_field(defaults, w);
+  return w.out;
+}
 
 RunConfig parse_config(const std::string& yaml_text, const std::string& source_name,
                        const std::vector<std::string>& overrides) {

@@ -136,6 +136,10 @@ struct LogConfig {
   std::string level = "info";   // "trace", "debug", "info", "warn" or "error"
   std::string run_dir = "";     // "": chosen by the trainer
   bool per_rank_files = false;  // every rank also logs to <run_dir>/rank-<r>.log
+  // Routing collapse warning (train/telemetry.h): one expert over collapse_share of a Switch
+  // layer's tokens at collapse_logs logged steps in a row (0: off), or dead experts.
+  double collapse_share = 0.8;
+  int collapse_logs = 3;
 
   bool operator==(const LogConfig&) const = default;
 };
@@ -168,5 +172,11 @@ RunConfig parse_config(const std::string& yaml_text, const std::string& source_n
 // The full resolved config, every key of every section, as YAML that parse_config reads back to
 // an equal RunConfig (given the same source name).
 std::string to_yaml(const RunConfig& config);
+
+// The README's config reference: a markdown table of every key (section.key, type, default,
+// allowed values, meaning) from the key table and its rules (config.cpp) and the meanings in
+// config/config_docs.h. `switcht5 config-reference` prints it; tests/test_config.cpp compares it
+// with the README.
+std::string config_reference_markdown();
 
 }  // namespace switcht5

@@ -25,11 +25,6 @@ namespace switcht5 {
 
 namespace {
 
-// The routing collapse watch (train/telemetry.h): one expert over this share of a layer's
-// tokens at this many logged steps in a row.
-constexpr double kCollapseShare = 0.8;
-constexpr int kCollapseLogs = 3;
-
 // The first error (in world order) of the ranks' `local` errors ("" for none), on every rank.
 // Collective over `world`.
 std::string first_error(Communicator& world, const std::string& local) {
@@ -190,7 +185,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     f << to_yaml(cfg);
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
-  RoutingMonitor routing(kCollapseShare, kCollapseLogs);
+  RoutingMonitor routing(cfg.log.collapse_share, cfg.log.collapse_logs);
   const double peak = trainer.backend().peak_flops(tc.precision == "bf16" ? DType::kBF16
                                                                           : DType::kF32) *
                       grid.world_size;
