@@ -17,6 +17,7 @@
 #include "train/run_lock.h"
 #include "train/run_log.h"
 #include "train/stop_signals.h"
+#include "train/tensorboard.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
@@ -183,6 +184,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     f << to_yaml(cfg);
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
+  TensorBoardWriter tensorboard(grid, run_dir, /*first_step=*/result.start_step + 1);
   auto save = [&](int64_t step, const char* why) {
     SaveResult s;
     {
@@ -215,6 +217,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       }
       log_step(*log, m, trainer.step_flops());
       metrics.write(m);
+      tensorboard.write(m);
       result.logged.push_back(std::move(m));
     }
     if (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) {
