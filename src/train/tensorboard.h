@@ -61,8 +61,9 @@ std::vector<Scalar> step_scalars(const StepMetrics& m);
 // a NaN or an infinity as a point off the chart that breaks its y-axis range; train/skipped marks
 // such a step instead.
 //
-// Each write() is one write(2) of a whole record set, so TensorBoard (which polls the file)
-// sees whole steps. A failed open or write throws UserError naming the file and the OS reason.
+// Unbuffered: write() hands a step's whole record to write(2) at once, so TensorBoard (which
+// polls the file) sees each step as it is logged. A failed open or write throws UserError
+// naming the file and the OS reason (a record cut short by it is skipped by TensorBoard).
 class TensorBoardWriter {
  public:
   TensorBoardWriter(const ProcessGrid& grid, const std::string& run_dir, int64_t first_step);
