@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python environment of the HuggingFace tools (scripts/export_hf.py, scripts/import_hf.py)
-# and of the parity test (tests/hf): a venv at build/pyenv (or $1) on top of Debian's own
+# and of the parity test (tests/hf), of scripts/plot_run.py and of the tests that read a run's
+# TensorBoard files and plots (tests/py): a venv at build/pyenv (or $1) on top of Debian's own
 # PyTorch, so no CUDA wheels are downloaded. Callers run build/pyenv/bin/python; nothing is
 # exported.
 #   apt (root or sudo): python3-torch 1.13.1 (CPU), python3-h5py, python3-numpy, python3-yaml,
@@ -11,6 +12,12 @@
 # torch.distributed.tensor, i.e. torch >= 2.0); its Switch router is right in eval mode
 # (4.36 and older apply router jitter in eval too; 4.44 mis-indexes which experts received
 # tokens and can leave a used expert out, fixed in 4.46).
+# tensorboard 2.21.0 and matplotlib 3.10.9 with every dependency pinned (--no-deps installs
+# nothing else): matplotlib 3.10 is the newest that pip resolves against Debian's numpy 1.24;
+# python-dateutil 2.9 because 4.0 also wants tzdata; typing-extensions 4.16 because grpcio wants
+# >= 4.12 (Debian's is 4.4; torch is content with either). grpcio, werkzeug, markdown and
+# tensorboard-data-server are there only so that build/pyenv/bin/tensorboard --logdir serves:
+# reading event files needs tensorboard, protobuf and absl-py alone.
 # Idempotent: when the venv's marker file already lists these pins and the apt packages are
 # installed, it returns at once and prints nothing.
 set -euo pipefail
@@ -28,6 +35,24 @@ PINS=(
   filelock==4.2.11
   fsspec==2026.9.0
   packaging==26.3
+  tensorboard==2.21.0
+  protobuf==7.36.2
+  absl-py==2.5.1
+  grpcio==1.85.3
+  typing-extensions==4.16.0
+  werkzeug==3.1.9
+  markupsafe==3.0.4
+  markdown==3.11.3
+  tensorboard-data-server==0.7.2
+  matplotlib==3.10.9
+  contourpy==1.3.2
+  cycler==0.12.1
+  fonttools==4.68.0
+  kiwisolver==1.5.1
+  pillow==13.0.0
+  pyparsing==3.3.3
+  python-dateutil==2.9.0.post0
+  six==1.17.0
 )
 MARKER="$VENV/.switcht5-pins"
 expected="$(printf '%s\n' "${APT_PACKAGES[@]}" "${PINS[@]}")"
@@ -69,7 +94,11 @@ echo "python_env: installing ${PINS[*]}"
 "$VENV/bin/python" - <<'EOF'
 import h5py, numpy, safetensors, torch, transformers, yaml
 from transformers import SwitchTransformersForConditionalGeneration, T5ForConditionalGeneration
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot
 EOF
 printf '%s\n' "$expected" > "$MARKER.tmp"
 mv "$MARKER.tmp" "$MARKER"
-echo "python_env: ready: $VENV/bin/python (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), transformers 4.49.0)"
+echo "python_env: ready: $VENV/bin/python (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), transformers 4.49.0, tensorboard 2.21.0, matplotlib 3.10.9)"

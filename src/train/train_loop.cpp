@@ -19,6 +19,7 @@
 #include "train/stop_signals.h"
 #include "train/progress.h"
 #include "train/telemetry.h"
+#include "train/tensorboard.h"
 #include "train/trainer.h"
 
 namespace switcht5 {
@@ -185,6 +186,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     f << to_yaml(cfg);
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
+  TensorBoardWriter tensorboard(grid, run_dir, /*first_step=*/result.start_step + 1);
   RoutingMonitor routing(cfg.log.collapse_share, cfg.log.collapse_logs);
   const double peak = trainer.backend().peak_flops(tc.precision == "bf16" ? DType::kBF16
                                                                           : DType::kF32) *
@@ -227,6 +229,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       }
       log_step(*log, m, trainer.step_flops(), progress.suffix(step));
       metrics.write(m);
+      tensorboard.write(m);
       result.logged.push_back(std::move(m));
     }
     if (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) {
