@@ -340,6 +340,29 @@ TEST(Cli, ShortTrainWritesTheRunDirectory) {
   EXPECT_EQ(read_file(dir / "train.log").find('\x1b'), std::string::npos);
 }
 
+// Progress: every log line carries step/total, elapsed and ETA; on a terminal (one process, no
+// SLURM) a bar is redrawn in place with carriage returns; piped output has no carriage return.
+TEST(Cli, ProgressBarOnlyOnATerminal) {
+  if (switcht5::testing::run_command("script --version").code != 0)
+    GTEST_SKIP() << "util-linux 'script' is not available to provide a pseudo-terminal";
+  const auto dir = std::filesystem::temp_directory_path() / "switcht5_cli_progress";
+  std::filesystem::remove_all(dir);
+  const std::string train = kBin + " train --config " + kTiny + " --run-dir " + dir.string() +
+                            " --set train.steps=40 --set log.every=20";
+  Result r = switcht5::testing::run_command("env -u SLURM_JOB_ID TERM=xterm script -qec '" + train +
+                                            "' /dev/null");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("\r[####################] 40/40 100% | loss "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" | 20/40 | 0:0"), std::string::npos) << r.output;
+  std::filesystem::remove_all(dir);
+  r = run("train --config " + kTiny + " --run-dir " + dir.string() +
+          " --set train.steps=40 --set log.every=20");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.find('\r'), std::string::npos) << "a bar in piped output";
+  EXPECT_NE(r.output.find(" | 40/40 | 0:0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("elapsed, ETA 0:00"), std::string::npos) << r.output;
+}
+
 // On a terminal the console colours the level names (so the check above can fail), while
 // train.log stays plain; NO_COLOR and TERM=dumb turn the colours off. `script` (util-linux,
 // in every Debian) runs the trainer on a pseudo-terminal.
