@@ -155,7 +155,9 @@ bool redirect_to_memory(hid_t file) {
 // The first failing step's error, from the lowest failing rank, is kept on every rank.
 class AgreedSteps {
  public:
-  AgreedSteps(Communicator& comm, std::string path) : comm_(comm), path_(std::move(path)) {}
+  // `what`: the file's contents, for the message ("the checkpoint").
+  AgreedSteps(Communicator& comm, std::string path, std::string what)
+      : comm_(comm), path_(std::move(path)), what_(std::move(what)) {}
   // Runs `step`; true when it threw on any rank.
   bool failed(const std::function<void()>& step) {
     std::string mine;  // "<OS reason or empty>\n<error text>" where this rank failed
@@ -179,17 +181,48 @@ class AgreedSteps {
     const size_t cut = error_.find('\n');
     const std::string reason = error_.substr(0, cut);
     if (!reason.empty())
-      throw UserError(fmt::format("{}: cannot write the checkpoint: {}", path_, reason));
+      throw UserError(fmt::format("{}: cannot write {}: {}", path_, what_, reason));
     std::string text = error_.substr(cut + 1);
     std::replace(text.begin(), text.end(), '\n', ' ');
-    throw Error(fmt::format("{}: cannot write the checkpoint: {}", path_, text));
+    throw Error(fmt::format("{}: cannot write {}: {}", path_, what_, text));
   }
 
  private:
   Communicator& comm_;
-  std::string path_;
+  std::string path_, what_;
   std::string error_;
 };
+
+// After a failed write of `path` (agreed by `steps`): closes `file` (its datasets closed
+// before) and removes the file, on every rank of `comm`, then throws the agreed error.
+//
+// HDF5 1.10 keeps the file's unwritten metadata and writes it again when the file is closed,
+// and a close whose flush fails frees the file but keeps its id: HDF5's exit handler (atexit,
+// or MPI_Finalize) then closes that id again and crashes, a segmentation fault after the error
+// was printed. That holds for a file left open too, so the flush must succeed. The file is
+// discarded anyway: with one process HDF5's remaining writes are sent to memory
+// (redirect_to_memory), which takes them whatever the disk refused; with several (MPI-IO, no
+// descriptor to redirect) the file is emptied, which frees its space, so that the flush, which
+// writes only metadata, succeeds on a disk that the data filled. Should it fail still (an I/O
+// error that persists), the file is left open: the job then ends through MPI_Abort, which runs
+// no exit handler.
+[[noreturn]] void discard_failed_file(Handle& file, Communicator& comm, AgreedSteps& steps,
+                                      const std::string& path) {
+  if (file.get() >= 0) {
+    if (comm.size() > 1 || !redirect_to_memory(file.get())) {
+      if (comm.rank() == 0) (void)::truncate(path.c_str(), 0);
+      comm.barrier();  // emptied before any rank writes again
+    }
+    if (steps.failed([&] {
+          check_status(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "H5Fflush");
+        }))
+      file.release();
+    else
+      (void)file.close();
+  }
+  if (comm.rank() == 0) ::unlink(path.c_str());
+  steps.throw_error();
+}
 
 std::vector<hsize_t> dims_of(const std::vector<int64_t>& v) {
   return std::vector<hsize_t>(v.begin(), v.end());
@@ -531,7 +564,7 @@ void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5At
       agreed_pieces(comm, slots, plans, [](const TensorSlot& s) { return s.owner; });
 
   // Every step that calls HDF5 is agreed (AgreedSteps); the first failure skips the rest.
-  AgreedSteps steps(comm, path);
+  AgreedSteps steps(comm, path, "the checkpoint");
   Handle fapl = file_access(comm);
   Handle file;
   bool failed = steps.failed([&] {
@@ -588,36 +621,12 @@ void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5At
   });
   if (!failed) {
     // Flushed: the close has nothing left to write (and a close that fails would leave HDF5
-    // holding a file it has half freed, see below).
+    // holding a file it has half freed: discard_failed_file).
     if (!steps.failed([&] { check_status(file.close(), path, "H5Fclose"); })) return;
     if (comm.rank() == 0) ::unlink(path.c_str());
     steps.throw_error();
   }
-
-  // A failed write. HDF5 1.10 keeps the file's unwritten metadata and writes it again when
-  // the file is closed, and a close whose flush fails frees the file but keeps its id: HDF5's
-  // exit handler (atexit, or MPI_Finalize) then closes that id again and crashes, a
-  // segmentation fault after the error was printed. That holds for a file left open too, so the
-  // flush must succeed. The file is discarded anyway: with one process HDF5's remaining writes
-  // are sent to memory (redirect_to_memory), which takes them whatever the disk refused; with
-  // several (MPI-IO, no descriptor to redirect) the file is emptied, which frees its space, so
-  // that the flush, which writes only metadata, succeeds on a disk that the data filled. Should
-  // it fail still (an I/O error that persists), the file is left open: the job then ends
-  // through MPI_Abort, which runs no exit handler.
-  if (file.get() >= 0) {
-    if (comm.size() > 1 || !redirect_to_memory(file.get())) {
-      if (comm.rank() == 0) (void)::truncate(path.c_str(), 0);
-      comm.barrier();  // emptied before any rank writes again
-    }
-    if (steps.failed([&] {
-          check_status(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "H5Fflush");
-        }))
-      file.release();
-    else
-      (void)file.close();
-  }
-  if (comm.rank() == 0) ::unlink(path.c_str());
-  steps.throw_error();
+  discard_failed_file(file, comm, steps, path);
 }
 
 // ---- reading ----------------------------------------------------------------------------------
@@ -894,22 +903,35 @@ H5CheckpointReader::DatasetScan H5CheckpointReader::scan_dataset(const std::stri
 void write_h5_arrays(const std::string& path, const std::vector<H5Array>& arrays,
                      const std::map<std::string, double>& attributes) {
   quiet_hdf5();
-  Handle file(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), path,
-                       "H5Fcreate"),
-              H5Fclose);
-  for (const auto& [k, v] : attributes)
-    write_scalar_attr(file.get(), k, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, path);
-  for (const H5Array& a : arrays) {
-    std::vector<hsize_t> dims = dims_of(a.shape);
-    Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
-    const hid_t ft = a.is_int32 ? H5T_STD_I32LE : H5T_IEEE_F32LE;
-    const hid_t mt = a.is_int32 ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT;
-    Handle d(check_id(H5Dcreate2(file.get(), a.name.c_str(), ft, space.get(), H5P_DEFAULT,
-                                 H5P_DEFAULT, H5P_DEFAULT),
-                      path, "H5Dcreate2"),
-             H5Dclose);
-    check_status(H5Dwrite(d.get(), mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.data), path, "H5Dwrite");
+  // One process; the failure path of write_h5_checkpoint (a full disk: one line, no crash).
+  auto self = make_self_communicator();
+  AgreedSteps steps(*self, path, "the arrays");
+  Handle file;
+  const bool failed = steps.failed([&] {
+    file = Handle(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), path,
+                           "H5Fcreate"),
+                  H5Fclose);
+    for (const auto& [k, v] : attributes)
+      write_scalar_attr(file.get(), k, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, path);
+    for (const H5Array& a : arrays) {
+      std::vector<hsize_t> dims = dims_of(a.shape);
+      Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
+      const hid_t ft = a.is_int32 ? H5T_STD_I32LE : H5T_IEEE_F32LE;
+      const hid_t mt = a.is_int32 ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT;
+      Handle d(check_id(H5Dcreate2(file.get(), a.name.c_str(), ft, space.get(), H5P_DEFAULT,
+                                   H5P_DEFAULT, H5P_DEFAULT),
+                        path, "H5Dcreate2"),
+               H5Dclose);
+      check_status(H5Dwrite(d.get(), mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.data), path, "H5Dwrite");
+    }
+    check_status(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "H5Fflush");
+  });
+  if (!failed) {
+    if (!steps.failed([&] { check_status(file.close(), path, "H5Fclose"); })) return;
+    ::unlink(path.c_str());
+    steps.throw_error();
   }
+  discard_failed_file(file, *self, steps, path);
 }
 
 }  // namespace switcht5

@@ -11,8 +11,10 @@
 #     metrics.jsonl or train.log fills it; the error names that file and "No space left on
 #     device", and metrics.jsonl holds whole JSON lines only (no partial last line);
 #  3. metrics.jsonl and then train.log a link to /dev/full (every write: ENOSPC): the same
-#     error at the first logged step. This part needs no mount.
-# Parts 1 and 2 mount tmpfs file systems (root; unmounted on every exit path); where mounting
+#     error at the first logged step. This part needs no mount;
+#  4. eval --dump-batch onto a 16 KiB tmpfs: "<file>: cannot write the arrays: No space left on
+#     device", exit 2, no partial file, no crash.
+# Parts 1, 2 and 4 mount tmpfs file systems (root; unmounted on every exit path); where mounting
 # is not permitted they are skipped, saying why (exit 77, ctest's SKIP_RETURN_CODE), after
 # part 3 has run.
 #   tests/mpi/test_storage_faults.sh MPIRUN_SH SWITCHT5_BINARY SOURCE_DIR
@@ -153,4 +155,21 @@ for np in 1 2; do
   whole_json_lines "$run/metrics.jsonl" "$what"
   echo "$test_name: $what: $(error_lines "$log" | head -n 1)"
 done
+
+# ---- 4. eval --dump-batch onto a full disk ---------------------------------------------------
+what="eval --dump-batch on a full disk"
+fs=$dir/dumpfs
+if mount_tmpfs "$fs" 16k; then
+  run_train 1 "$dir/dump-run" --set train.steps=1
+  check "(($? == 0))" "$what: the run to step 1 failed"
+  "$bin" eval --checkpoint "$dir/dump-run/checkpoints" --dump-batch "$fs/batch.h5" >"$dir/dump.log" 2>&1
+  status=$?
+  no_crash "$dir/dump.log" "$what"
+  check "((status == 2))" "$what: exit status $status, expected 2: $(tail -n 3 "$dir/dump.log")"
+  check "[[ \"\$(error_lines '$dir/dump.log')\" == 'switcht5: error: $fs/batch.h5: cannot write the arrays: No space left on device' ]]" \
+    "$what: got: $(error_lines "$dir/dump.log")"
+  check "[[ ! -e '$fs/batch.h5' ]]" "$what: the partial file was left"
+else
+  check false "$what: cannot mount $fs"
+fi
 exit $fail
