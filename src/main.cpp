@@ -5,6 +5,7 @@
 // at once), 3 when a collective, a checkpoint read or write or a wait for the data loader
 // missed its deadline (parallel.timeout_s; comm/watchdog.h). Under MPI a failing rank prints its error tagged with
 // the rank and ends every rank of the job.
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -548,6 +549,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) reached by a write: the write fails with EFBIG and the error
+  // names the file, instead of SIGXFSZ's core dump.
+  std::signal(SIGXFSZ, SIG_IGN);
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {

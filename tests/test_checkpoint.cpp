@@ -1,11 +1,18 @@
 // HDF5 checkpoints on one process: the layout-independent checksum, save -> load -> save
 // round trips, bitwise resume (losses and every parameter and optimizer tensor), params-only
-// checkpoints, and corrupt or mismatching inputs (each a clear UserError, nothing overwritten).
-// Multi-process layouts, crashes during a save and signals are tested in tests/mpi/.
+// checkpoints, and corrupt or mismatching inputs (each a clear UserError, nothing overwritten,
+// and `switcht5 inspect` failing them with the very message a resume gives); non-finite values
+// never saved nor loaded; pruning that keeps the newest checkpoint that verifies.
+// Multi-process layouts, crashes during a save, a full disk and signals are tested in
+// tests/mpi/.
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -25,6 +32,7 @@ namespace {
 
 namespace fs = std::filesystem;
 const std::string kTiny = std::string(SWITCHT5_SOURCE_DIR) + "/configs/tiny-synthetic.yaml";
+const std::string kBin = std::string(SWITCHT5_BINARY_DIR) + "/switcht5";
 
 std::string temp_dir(const std::string& name) {
   auto dir = fs::temp_directory_path() / ("switcht5_ckpt_" + name);
@@ -90,6 +98,62 @@ std::string user_error(const std::function<void()>& f) {
 }
 
 ProcessGrid self_grid() { return ProcessGrid::create(make_self_communicator(), 1, 1, 1); }
+
+// A checkpoint's tensors: dataset -> (shape, values).
+using Tensors = std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>;
+
+// Checkpoint `from` copied to `to` by the project's own writer, every attribute kept, after
+// `edit` changed its tensors: every checksum in `to` is that of what it holds, so that only
+// the other checks can catch the edit.
+void rewrite_checkpoint(const std::string& from, const std::string& to,
+                        const std::function<void(Tensors&)>& edit) {
+  auto self = make_self_communicator();
+  H5Attributes a;
+  Tensors t;
+  {
+    H5CheckpointReader r(from, *self);
+    for (const std::string& name : r.attribute_names()) {
+      if (name == "data_loader_states") {
+        a.string_lists[name] = r.string_list_attribute(name);
+        continue;
+      }
+      try {
+        a.ints[name] = r.int_attribute(name);
+      } catch (const UserError&) {
+        a.strings[name] = r.string_attribute(name);
+      }
+    }
+    for (const std::string& d : r.datasets()) t[d] = {r.shape(d), read_dataset(from, d)};
+  }
+  edit(t);
+  std::vector<TensorSlot> slots;
+  for (auto& [name, tensor] : t) slots.push_back(whole_tensor(name, tensor.first, tensor.second.data()));
+  write_h5_checkpoint(to, *self, a, slots);
+}
+
+// The "switcht5: error: ..." line of a command's output ("" when there is none).
+std::string error_line(const std::string& output) {
+  const size_t at = output.rfind("switcht5: error: ");
+  return at == std::string::npos ? "" : output.substr(at, output.find('\n', at) - at);
+}
+
+// `switcht5 inspect FILE` and `switcht5 train --resume FILE` (into a fresh run directory under
+// `dir`) both exit with 2 and the same one-line error, which contains `fragment`: inspect is
+// exactly as strict as loading.
+void expect_inspect_and_resume_fail(const std::string& file, const std::string& dir,
+                                    const std::string& fragment) {
+  const testing::CommandResult inspect = testing::run_command(kBin + " inspect " + file);
+  const std::string run = dir + "/resume-" + fs::path(file).stem().string();
+  fs::remove_all(run);
+  const testing::CommandResult resume = testing::run_command(
+      kBin + " train --config " + kTiny + " --run-dir " + run + " --set train.steps=3 --resume " +
+      file);
+  EXPECT_EQ(inspect.code, 2) << inspect.output;
+  EXPECT_EQ(resume.code, 2) << resume.output;
+  const std::string a = error_line(inspect.output), b = error_line(resume.output);
+  EXPECT_NE(a.find(fragment), std::string::npos) << "inspect: " << inspect.output;
+  EXPECT_EQ(a, b) << "inspect and --resume give different reasons";
+}
 
 TEST(Checksum, SumOverAnyBlocksIsTheWholeTensorsChecksum) {
   const std::vector<int64_t> shape{6, 5, 4};
@@ -296,7 +360,11 @@ TEST(Checkpoint, KeepsTheNewestCheckpointsOnly) {
   for (const auto& e : fs::directory_iterator(dir + "/checkpoints"))
     names.push_back(e.path().filename().string());
   std::sort(names.begin(), names.end());
-  EXPECT_EQ(names, (std::vector<std::string>{"ckpt-00000006.h5", "ckpt-00000007.h5", "latest"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"ckpt-00000006.h5", "ckpt-00000007.h5", "latest",
+                                              "verified"}));
+  // Read back once: when the save of step 6 pruned step 2 (no record yet); the save of step 7
+  // pruned step 4 while step 6, known to verify, stayed.
+  EXPECT_EQ(read_bytes(dir + "/checkpoints/verified"), "ckpt-00000006.h5\n");
 }
 
 TEST(Checkpoint, ParamsOnlyCheckpointStartsAFreshOptimizer) {
@@ -357,6 +425,7 @@ TEST_F(CorruptCheckpoint, TruncatedFile) {
   write_bytes(bad, bytes_.substr(0, bytes_.size() / 2));
   expect_load_error(bad, cfg_, {bad, "not a readable HDF5 checkpoint", "truncated"});
   EXPECT_EQ(inspect_checkpoint(good_), 0);
+  expect_inspect_and_resume_fail(bad, dir_, "not a readable HDF5 checkpoint (truncated");
 }
 
 TEST_F(CorruptCheckpoint, FlippedBytesFailTheChecksum) {
@@ -372,7 +441,9 @@ TEST_F(CorruptCheckpoint, FlippedBytesFailTheChecksum) {
   expect_load_error(bad, cfg_,
                     {bad, "\"params/encoder.block.0.layer.0.SelfAttention.q.weight\"",
                      "fails its checksum", "corrupt"});
-  EXPECT_EQ(inspect_checkpoint(bad), 2);
+  EXPECT_NE(user_error([&] { inspect_checkpoint(bad); }).find("fails its checksum"), std::string::npos);
+  expect_inspect_and_resume_fail(
+      bad, dir_, "\"params/encoder.block.0.layer.0.SelfAttention.q.weight\" fails its checksum");
 }
 
 TEST_F(CorruptCheckpoint, OtherModelDimensions) {
@@ -422,6 +493,7 @@ TEST_F(CorruptCheckpoint, MissingDatasetAndNothingOverwritten) {
     write_h5_checkpoint(bad, *self, a, slots);
   }
   expect_load_error(bad, cfg_, {bad, "missing dataset \"params/encoder.final_layer_norm.weight\""});
+  expect_inspect_and_resume_fail(bad, dir_, "missing dataset \"params/encoder.final_layer_norm.weight\"");
 
   // A failed resume leaves the run directory as it was: checkpoints, latest and metrics.
   const std::string run = dir_ + "/run";
@@ -434,6 +506,144 @@ TEST_F(CorruptCheckpoint, MissingDatasetAndNothingOverwritten) {
   EXPECT_EQ(read_bytes(good_), bytes_);
   EXPECT_EQ(read_bytes(run + "/metrics.jsonl"), metrics);
   EXPECT_EQ(read_bytes(run + "/checkpoints/latest"), latest);
+}
+
+TEST_F(CorruptCheckpoint, WrongShape) {
+  // The same 64 values as [8, 8]: the checksum matches what is stored, the shape does not.
+  const std::string bad = dir_ + "/wrong-shape.h5";
+  rewrite_checkpoint(good_, bad, [](Tensors& t) {
+    t.at("params/encoder.final_layer_norm.weight").first = {8, 8};
+  });
+  const std::string what =
+      "dataset \"params/encoder.final_layer_norm.weight\" has shape [8, 8], expected [64]";
+  expect_load_error(bad, cfg_, {bad, what});
+  expect_inspect_and_resume_fail(bad, dir_, what);
+}
+
+TEST_F(CorruptCheckpoint, UnknownDataset) {
+  const std::string bad = dir_ + "/extra.h5";
+  rewrite_checkpoint(good_, bad, [](Tensors& t) { t["params/extra.weight"] = {{2}, {1.0f, 2.0f}}; });
+  expect_load_error(bad, cfg_, {bad, "dataset \"params/extra.weight\" is not a tensor of the model"});
+  expect_inspect_and_resume_fail(bad, dir_, "\"params/extra.weight\" is not a tensor of the model");
+}
+
+TEST_F(CorruptCheckpoint, NonFiniteValuesAreRefusedByResumeEvalAndInspect) {
+  // NaN and Inf written with matching checksums: only the finiteness check can catch them.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::string bad = dir_ + "/nan.h5";
+  rewrite_checkpoint(good_, bad, [&](Tensors& t) {
+    std::vector<float>& q = t.at("params/encoder.block.0.layer.0.SelfAttention.q.weight").second;
+    q[5] = nan;
+    q[77] = std::numeric_limits<float>::infinity();
+  });
+  {
+    auto self = make_self_communicator();
+    H5CheckpointReader r(bad, *self);
+    const std::string d = "params/encoder.block.0.layer.0.SelfAttention.q.weight";
+    EXPECT_EQ(r.scan_dataset(d).checksum, r.stored_checksum(d));
+    EXPECT_EQ(r.scan_dataset(d).nonfinite, 2);
+  }
+  const std::string what =
+      "dataset \"params/encoder.block.0.layer.0.SelfAttention.q.weight\" holds 2 non-finite values";
+  expect_load_error(bad, cfg_, {bad, what});
+  expect_inspect_and_resume_fail(bad, dir_, what);
+  const testing::CommandResult eval = testing::run_command(kBin + " eval --checkpoint " + bad);
+  EXPECT_EQ(eval.code, 2) << eval.output;
+  EXPECT_NE(error_line(eval.output).find(what), std::string::npos) << eval.output;
+
+  // Optimizer state too (resume reads it; evaluation does not).
+  const std::string bad_state = dir_ + "/nan-state.h5";
+  rewrite_checkpoint(good_, bad_state, [&](Tensors& t) {
+    t.at("optimizer/shared.weight.exp_avg_sq_row").second[3] = nan;
+  });
+  expect_inspect_and_resume_fail(
+      bad_state, dir_, "dataset \"optimizer/shared.weight.exp_avg_sq_row\" holds 1 non-finite values");
+  EXPECT_EQ(testing::run_command(kBin + " eval --checkpoint " + bad_state).code, 0);
+}
+
+TEST(Checkpoint, RefusesToSaveNonFiniteValuesAndKeepsThePreviousCheckpoint) {
+  const std::string dir = temp_dir("nonfinite_save");
+  const RunConfig cfg = tiny({"train.steps=2"});
+  train(cfg, dir);
+  const std::string ck = dir + "/checkpoints";
+  const std::string before = read_bytes(ck + "/ckpt-00000002.h5"), latest = read_bytes(ck + "/latest");
+  ProcessGrid grid = self_grid();
+  Trainer t(cfg, grid);
+  TrainingState state = t.checkpoint_state();
+  load_checkpoint(state, ck + "/ckpt-00000002.h5", true);
+  t.restore(state);
+  // The CPU backend's memory is the host's: poison values in place.
+  ParamStore& ps = t.model().params();
+  const ParamInfo* q = nullptr;
+  for (const ParamInfo& p : ps.infos())
+    if (p.name == "encoder.block.0.layer.0.SelfAttention.q.weight") q = &p;
+  ASSERT_NE(q, nullptr);
+  float* values = ps.values() + q->offset;
+  for (int i : {1, 2, 3}) values[i] = std::numeric_limits<float>::quiet_NaN();
+  std::string e = user_error([&] { save_checkpoint(t.checkpoint_state(3), ck); });
+  EXPECT_NE(e.find("refusing to save checkpoint step 3: parameter "
+                   "encoder.block.0.layer.0.SelfAttention.q.weight holds 3 non-finite values"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("the previous checkpoint " + ck + "/ckpt-00000002.h5 is kept"), std::string::npos) << e;
+  values[1] = values[2] = values[3] = 0.0f;
+  // Optimizer state.
+  std::vector<Optimizer::StateTensor> st = t.optimizer().state();
+  ASSERT_FALSE(st.empty());
+  st.back().data[0] = std::numeric_limits<float>::infinity();
+  e = user_error([&] { save_checkpoint(t.checkpoint_state(3), ck); });
+  EXPECT_NE(e.find("optimizer state " + st.back().name + " holds 1 non-finite values"), std::string::npos) << e;
+  // Nothing written, nothing lost.
+  std::vector<std::string> names;
+  for (const auto& f : fs::directory_iterator(ck)) names.push_back(f.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"ckpt-00000002.h5", "latest"}));
+  EXPECT_EQ(read_bytes(ck + "/ckpt-00000002.h5"), before);
+  EXPECT_EQ(read_bytes(ck + "/latest"), latest);
+}
+
+TEST(Checkpoint, ADivergedRunExitsWithoutSavingAndKeepsItsCheckpoints) {
+  // train.learning_rate 1e308 overflows the weights at step 3: the save of step 4 is refused.
+  const std::string run = temp_dir("diverged");
+  const std::string base = kBin + " train --config " + kTiny + " --run-dir " + run +
+                           " --set log.every=1 --set checkpoint.every=2";
+  ASSERT_EQ(testing::run_command(base + " --set train.steps=2").code, 0);
+  const std::string ck = run + "/checkpoints";
+  const std::string before = read_bytes(ck + "/ckpt-00000002.h5"), latest = read_bytes(ck + "/latest");
+  const testing::CommandResult r = testing::run_command(
+      base + " --set train.steps=6 --set train.learning_rate=1e308 --resume auto");
+  EXPECT_EQ(r.code, 2) << r.output;
+  const std::string e = error_line(r.output);
+  EXPECT_NE(e.find("refusing to save checkpoint step 4: parameter "), std::string::npos) << r.output;
+  EXPECT_NE(e.find("the previous checkpoint " + ck + "/ckpt-00000002.h5 is kept"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(ck + "/ckpt-00000004.h5"));
+  EXPECT_FALSE(fs::exists(ck + "/ckpt-00000004.h5.tmp"));
+  EXPECT_EQ(read_bytes(ck + "/ckpt-00000002.h5"), before);
+  EXPECT_EQ(read_bytes(ck + "/latest"), latest);
+}
+
+TEST(Checkpoint, PruningKeepsTheNewestCheckpointThatVerifies) {
+  // keep = 1, and the checkpoint of step 4 is damaged on disk right after it is written: pruning
+  // reads it back, finds it bad, and keeps step 2, the newest that verifies, recording it.
+  const std::string run = temp_dir("prune_verified");
+  const std::string base = kBin + " train --config " + kTiny + " --run-dir " + run +
+                           " --set checkpoint.every=2 --set checkpoint.keep=1";
+  const testing::CommandResult r =
+      testing::run_command("SWITCHT5_CRASH_IN_SAVE=damaged:4 " + base + " --set train.steps=4");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::string ck = run + "/checkpoints";
+  EXPECT_TRUE(fs::exists(ck + "/ckpt-00000004.h5"));
+  ASSERT_TRUE(fs::exists(ck + "/ckpt-00000002.h5")) << "pruning removed the only good checkpoint";
+  EXPECT_EQ(read_bytes(ck + "/verified"), "ckpt-00000002.h5\n");
+  EXPECT_EQ(inspect_checkpoint(ck + "/ckpt-00000002.h5"), 0);
+  EXPECT_NE(user_error([&] { inspect_checkpoint(ck + "/ckpt-00000004.h5"); }), "no error");
+  // Once a newer checkpoint verifies, the old one goes: keep = 1 again.
+  ASSERT_EQ(testing::run_command(base + " --set train.steps=6 --resume " + ck + "/ckpt-00000002.h5").code, 0);
+  std::vector<std::string> names;
+  for (const auto& f : fs::directory_iterator(ck)) names.push_back(f.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"ckpt-00000006.h5", "latest", "verified"}));
+  EXPECT_EQ(read_bytes(ck + "/verified"), "ckpt-00000006.h5\n");
 }
 
 }  // namespace

@@ -19,11 +19,19 @@
 // order of the sums.
 //
 // Directory protocol (DIR = checkpoint.dir, default <run dir>/checkpoints):
+//   0. every rank counts the non-finite values of the tensors it owns; any, and the save is
+//      refused (nothing written: a diverged run never replaces a good checkpoint);
 //   1. every rank writes DIR/ckpt-<step, 8 digits>.h5.tmp collectively; HDF5 flushes and closes;
 //   2. rank 0 fsyncs it, renames it to DIR/ckpt-<step>.h5 and fsyncs DIR;
 //   3. rank 0 writes DIR/latest.tmp (the file name), fsyncs, renames it to DIR/latest;
-//   4. rank 0 deletes all but the newest checkpoint.keep checkpoints and stale *.tmp files.
-// A crash at any point leaves every earlier complete checkpoint and a `latest` naming one.
+//   4. rank 0 deletes all but the newest checkpoint.keep checkpoints and stale *.tmp files,
+//      but never the newest checkpoint that verifies: DIR/verified (written as `latest` is)
+//      names the newest one read back and found good, and one is read back only when pruning
+//      would otherwise remove that one.
+// A crash at any point leaves every earlier complete checkpoint and a `latest` naming one. A
+// failure (a full disk, an I/O error) at any point does too, and removes what it left
+// unfinished (the .tmp files); every rank then throws the same UserError, naming the file and
+// the OS's reason.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -77,6 +85,9 @@ struct SaveResult {
   std::string path;
   double seconds = 0.0;
   int64_t bytes = 0;
+  // Rank 0: what pruning met that the log should say (a checkpoint that does not verify, one
+  // kept beyond checkpoint.keep because it is the newest that does, one it could not remove).
+  std::vector<std::string> notes;
 };
 
 // Saves `state` (after training step state.step) into `dir` (protocol above). Collective over
@@ -84,7 +95,13 @@ struct SaveResult {
 // with SIGKILL, at POINT of the save of step STEP, every rank (datasets: half the datasets
 // written; written: file closed, not renamed) or rank 0, which alone runs the rest (renamed:
 // renamed, `latest` not updated; latest: `latest` updated, not pruned); mpirun then ends the
-// others. The crash tests use it.
+// others. The crash tests use it. POINT `damaged` kills nothing: it flips a byte in the middle
+// of the file just written, before pruning, as a failing disk would (the pruning test).
+// UserError, the same on every rank and with nothing earlier lost (protocol above), when a
+// parameter or optimizer tensor holds a non-finite value ("refusing to save checkpoint step 5:
+// parameter <name> holds 12 non-finite values ...; the previous checkpoint DIR/ckpt-... is
+// kept") or when the storage fails ("DIR/ckpt-<step>.h5.tmp: cannot write the checkpoint: No
+// space left on device").
 SaveResult save_checkpoint(const TrainingState& state, const std::string& dir);
 
 // What --resume (and eval --checkpoint, inspect) names: "auto" -> the checkpoint DIR/latest
@@ -104,15 +121,19 @@ struct LoadResult {
 // file has them (LoadResult::training_state; a params-only file, e.g. from
 // scripts/import_hf.py, leaves a fresh optimizer). Any layout loads into any layout. Collective
 // over state.grid.world. UserError (naming the file and what is wrong) for a file that is not
-// a checkpoint, is truncated or corrupt, fails a checksum, lacks a dataset, or holds a model of
-// other dimensions than the config's.
+// a checkpoint, is truncated or corrupt, fails a checksum, lacks a dataset or an attribute,
+// holds a dataset of another shape or one the model does not have, holds a non-finite value,
+// or holds a model of other dimensions than the config's. `switcht5 inspect` applies the same
+// checks (one function), so it fails exactly the files that fail to load.
 LoadResult load_checkpoint(TrainingState& state, const std::string& path, bool training_state);
 
 // The run config stored in a checkpoint, with `overrides` applied (--set). One process.
 RunConfig checkpoint_config(const std::string& path, const std::vector<std::string>& overrides);
 
 // `switcht5 inspect`: prints attributes, layout, config and every dataset (shape, dtype,
-// checksum verified) to stdout. Returns 0 when every checksum matches, 2 otherwise.
+// checksum verified, non-finite values) to stdout, then checks the file as strictly as a
+// resume does (against the config it stores): returns 0 when it would load, else throws the
+// UserError loading would throw (one line: exit code 2).
 int inspect_checkpoint(const std::string& path);
 
 }  // namespace switcht5

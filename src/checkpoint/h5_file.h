@@ -74,6 +74,12 @@ uint64_t block_checksum(const TensorSlot& slot);
 // `comm`: every rank passes the same attributes and the same slot paths and shapes in the same
 // order. `after_dataset(k, total)`, when given, is called on every rank after the k-th dataset
 // is written (tests inject crashes).
+//
+// A failed write (a full disk, an I/O error, a file too large; on any rank) ends the write on
+// every rank at the same point: the ranks agree after each collective HDF5 call, the partial
+// file is closed (every HDF5 id released, so that HDF5's exit handler finds nothing broken)
+// and removed, and every rank throws the same error, "<path>: cannot write the checkpoint:
+// <the OS reason>" (UserError; an Error when HDF5 names no OS reason).
 void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5Attributes& attrs,
                          const std::vector<TensorSlot>& slots,
                          const std::function<void(size_t k, size_t total)>& after_dataset = {},
@@ -99,20 +105,29 @@ class H5CheckpointReader {
   std::string attribute_text(const std::string& name) const;
 
   bool has_group(const std::string& name) const;
+  // Checks that `dataset` exists as float32 of shape `full_shape` with a checksum attribute;
+  // UserError naming the file and the dataset otherwise (read() checks every slot so).
+  void check_dataset(const std::string& dataset, const std::vector<int64_t>& full_shape) const;
   // Datasets under the root, depth-first in name order ("params/shared.weight", ...).
   std::vector<std::string> datasets() const;
   std::vector<int64_t> shape(const std::string& dataset) const;
   std::string dtype(const std::string& dataset) const;  // "float32", "int32", ...
   uint64_t stored_checksum(const std::string& dataset) const;
 
-  // Reads every slot's block (checking that each dataset exists as float32 with the slot's
-  // full_shape), then verifies every dataset's checksum over the owners' blocks: each element
-  // of each dataset read must have exactly one owner among the ranks (an Error otherwise).
-  // Throws UserError naming the first bad dataset.
+  // Reads every slot's block (check_dataset first, for every slot), then verifies every
+  // dataset's checksum and finiteness over the owners' blocks (dataset_data_problem): each
+  // element of each dataset read must have exactly one owner among the ranks (an Error
+  // otherwise). Throws UserError naming the first bad dataset, the same on every rank.
   void read(const std::vector<TensorSlot>& slots, const PieceLimits& limits = {});
 
-  // One process: the checksum recomputed over the whole dataset (for `switcht5 inspect`).
-  uint64_t compute_checksum(const std::string& dataset);
+  // One process: the whole dataset read piece by piece, its checksum recomputed and its
+  // non-finite values counted (for `switcht5 inspect`).
+  struct DatasetScan {
+    uint64_t checksum = 0;
+    int64_t nonfinite = 0;
+  };
+  DatasetScan scan_dataset(const std::string& dataset);
+  uint64_t compute_checksum(const std::string& dataset) { return scan_dataset(dataset).checksum; }
 
  private:
   struct Impl;
@@ -120,6 +135,13 @@ class H5CheckpointReader {
   Communicator& comm_;
   std::unique_ptr<Impl> impl_;
 };
+
+// The verdict on a dataset's data, one rule for every reader (loading and `switcht5 inspect`):
+// "" when the checksum recomputed over its elements is the stored one and every element is
+// finite, else the one-line reason, naming the file and the dataset. A checksum mismatch is
+// reported first: a corrupt file may hold anything.
+std::string dataset_data_problem(const std::string& file, const std::string& dataset,
+                                 uint64_t stored, uint64_t computed, int64_t nonfinite);
 
 // Writes a plain (single-process) HDF5 file of named arrays and double attributes, for test and
 // parity dumps (`switcht5 eval --dump-batch`).

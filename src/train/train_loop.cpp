@@ -184,6 +184,9 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     std::ofstream f(run_dir + "/config.yaml");
     SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write to the run directory", run_dir);
     f << to_yaml(cfg);
+    f.flush();
+    SWT_USER_CHECK(f.good(), "{}/config.yaml: cannot write the resolved config: {}", run_dir,
+                   std::strerror(errno));
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
   TensorBoardWriter tensorboard(grid, run_dir, /*first_step=*/result.start_step + 1);
@@ -203,6 +206,8 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       s = save_checkpoint(trainer.checkpoint_state(step), ckpt_dir);
     }
     log->info("checkpoint {} ({}): {:.1f} MB in {:.2f} s", s.path, why, s.bytes * 1e-6, s.seconds);
+    for (const std::string& note : s.notes) log->warn("{}", note);
+    check_log_health(*log);
     result.checkpoints.push_back(s.path);
   };
   StopSignals signals(/*announce=*/grid.is_root());
@@ -244,6 +249,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
       if (saved_step != step) save(step, "stop signal");
       result.stop_signal = sig;
       log->info("stopped at step {} of {}; continue with --resume auto", step, tc.steps);
+      check_log_health(*log);
       spdlog::drop("switcht5");
       return result;
     }
@@ -254,6 +260,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
     log->info("nothing to train: the checkpoint is at step {} of train.steps = {}",
               result.start_step, tc.steps);
   log->info("done: {} steps, final loss {:.4f}", tc.steps, result.final_loss);
+  check_log_health(*log);
   spdlog::drop("switcht5");
   return result;
 }
