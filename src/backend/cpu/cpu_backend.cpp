@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend/gemm_operands.h"
+#include "backend/router_confidence.h"
 #include "core/check.h"
 #include "core/rng.h"
 
@@ -373,21 +374,10 @@ void CpuBackend::accumulate_router_confidence(double* acc, const float* probs,
   for (int64_t b = 0; b < blocks; ++b) {
     double entropy = 0.0, top1 = 0.0, margin = 0.0;
     for (int64_t t = b * kTokens; t < std::min(T, (b + 1) * kTokens); ++t) {
-      const float* p = probs + t * E;
-      const float* z = logits + t * E;
-      double expected_logit = 0.0, p1 = -1.0, p2 = 0.0;
-      for (int e = 0; e < E; ++e) {
-        expected_logit += double(p[e]) * z[e];
-        if (p[e] > p1) {
-          p2 = std::max(p1, 0.0);
-          p1 = p[e];
-        } else if (p[e] > p2) {
-          p2 = p[e];
-        }
-      }
-      entropy += double(lse[t]) - expected_logit;
-      top1 += p1;
-      margin += p1 - p2;
+      const TokenConfidence c = token_confidence(probs + t * E, logits + t * E, lse[t], E);
+      entropy += c.entropy;
+      top1 += c.top1;
+      margin += c.margin;
     }
     partial[3 * b] = entropy;
     partial[3 * b + 1] = top1;

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "backend/router_confidence.h"
 #include "core/check.h"
 #include "core/rng.h"
 
@@ -263,21 +264,10 @@ void ReferenceBackend::accumulate_router_confidence(double* acc, const float* pr
                                                     int64_t T, int E) {
   double entropy = 0.0, top1 = 0.0, margin = 0.0;
   for (int64_t t = 0; t < T; ++t) {
-    const float* p = probs + t * E;
-    const float* z = logits + t * E;
-    double expected_logit = 0.0, p1 = -1.0, p2 = 0.0;
-    for (int e = 0; e < E; ++e) {
-      expected_logit += double(p[e]) * z[e];
-      if (p[e] > p1) {
-        p2 = std::max(p1, 0.0);
-        p1 = p[e];
-      } else if (p[e] > p2) {
-        p2 = p[e];
-      }
-    }
-    entropy += double(lse[t]) - expected_logit;
-    top1 += p1;
-    margin += p1 - p2;
+    const TokenConfidence c = token_confidence(probs + t * E, logits + t * E, lse[t], E);
+    entropy += c.entropy;
+    top1 += c.top1;
+    margin += c.margin;
   }
   if (T <= 0) return;
   acc[0] += entropy / double(T);
