@@ -493,6 +493,10 @@ TEST(Cli, EveryBadInputIsExit2AndOneLine) {
       {train + s + "dir.yaml", "config " + s + "dir.yaml: expected a regular file, got a directory"},
       {train + "/dev/zero", "config /dev/zero: expected a regular file, got a character device"},
       {train + s + "fifo", "config " + s + "fifo: expected a regular file, got a FIFO"},
+      // a checkpoint that is a FIFO: HDF5's open would block for ever
+      {train + kTiny + " --resume " + s + "fifo", "checkpoint " + s + "fifo: expected a regular file, got a FIFO"},
+      {kBin + " eval --checkpoint " + s + "fifo", "checkpoint " + s + "fifo: expected a regular file, got a FIFO"},
+      {kBin + " inspect " + s + "fifo", "checkpoint " + s + "fifo: expected a regular file, got a FIFO"},
       {train + s + "big.yaml", "big.yaml: 1100000 bytes, more than the 1048576 bytes a config may have"},
       {train + s + "bad_yaml.yaml", "bad_yaml.yaml:2: invalid YAML"},
       {train + s + "type.yaml", "type.yaml:2: model.d_model: got \"abc\", expected an integer"},
