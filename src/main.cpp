@@ -153,6 +153,10 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
   for (const ParamInfo& p : ps.infos()) (p.kind == ParamKind::kStacked ? expert : dense) += p.numel;
   const double f = forward_matmul_flops(m, cfg.train.batch_size, cfg.data.inputs_length,
                                         cfg.data.targets_length, true);
+  // The model's FLOPs: one sequence, each token through its top-1 expert (no capacity slots).
+  const double f_seq =
+      forward_matmul_flops(m, 1, cfg.data.inputs_length, cfg.data.targets_length, true, false);
+  const int64_t active = active_parameters(m);
   // What one rank allocates in backend memory, counted by building the run's step state on a
   // sizing backend (train/memory_plan.h).
   const MemoryPlan mp = plan_memory(cfg, args.device_memory_gb * 1e9);
@@ -169,7 +173,11 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
     field("config", json_string(cfg.source_path));
     field("parameters", std::to_string(dense + expert));
     field("expert_parameters", std::to_string(expert));
+    field("active_parameters", std::to_string(active));
+    field("train_flops_per_sequence", fmt::format("{:.6g}", 3 * f_seq));
+    field("train_flops_per_step", fmt::format("{:.6g}", 3 * f_seq * cfg.train.batch_size));
     field("train_step_matmul_flops", fmt::format("{:.6g}", 3 * f));
+    field("flops_formula", json_string(kMatmulFlopsFormula));
     field("batch_size", std::to_string(cfg.train.batch_size));
     field("micro_batch", std::to_string(mp.micro_batch));
     field("layout", fmt::format("{{\"data\": {}, \"model\": {}, \"expert\": {}, \"zero1\": {}}}",
@@ -243,7 +251,15 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
                dec ? "decoder" : "encoder", layers, sparse, S,
                sparse.empty() ? 0 : expert_capacity(m, S, true), sparse.empty() ? 0 : expert_capacity(m, S, false));
   }
-  fmt::print("matmul GFLOP per training step (batch {}): {:.3f} forward, {:.3f} total\n",
+  fmt::print("active parameters per token: {} (every parameter outside the experts and one expert "
+             "per Switch layer)\n",
+             active);
+  fmt::print("training FLOPs, each token through its top-1 expert: {:.4g} GFLOP per sequence "
+             "({} + {} tokens), {:.4g} GFLOP per step (batch {})\n  formula: {}\n",
+             3 * f_seq * 1e-9, cfg.data.inputs_length, cfg.data.targets_length,
+             3 * f_seq * cfg.train.batch_size * 1e-9, cfg.train.batch_size, kMatmulFlopsFormula);
+  fmt::print("matmul GFLOP per training step as executed (experts over every capacity slot, "
+             "batch {}): {:.3f} forward, {:.3f} total\n",
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
 
   // What one rank holds under cfg.parallel (rank 0's share; every rank's is the same size):

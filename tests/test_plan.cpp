@@ -17,6 +17,8 @@
 #include "config/config.h"
 #include "core/check.h"
 #include "guarded_backend.h"
+#include "model/flops.h"
+#include "model/params.h"
 #include "test_util.h"
 #include "train/memory_plan.h"
 #include "train/trainer.h"
@@ -245,6 +247,29 @@ TEST(PlanCli, ImpossibleLayoutsAreOneLineUserErrors) {
     EXPECT_NE(r.output.find("switcht5: error:"), std::string::npos) << r.output;
     EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
   }
+}
+
+// The model's FLOPs and active parameters (top-1 routing): a Switch model differs from the dense
+// model of the same dimensions by its routers alone, and each token uses one expert.
+TEST(PlanModelCounts, SwitchIsTheDenseModelPlusItsRouters) {
+  const RunConfig sw = load_config(kConfigs + "switch-base-8.yaml", {});
+  const RunConfig dense = load_config(kConfigs + "switch-base-8.yaml",
+                                      {"model.encoder_sparse_step=0", "model.decoder_sparse_step=0"});
+  const ModelConfig& m = sw.model;
+  const int Ti = sw.data.inputs_length, Tt = sw.data.targets_length;
+  const double D = m.d_model, E = m.num_experts;
+  const int switch_layers = 6 + 6;  // blocks 1, 3, ..., 11 of each stack
+  const double router_flops = 2.0 * D * E * (6.0 * Ti + 6.0 * Tt);
+  EXPECT_DOUBLE_EQ(forward_matmul_flops(m, 1, Ti, Tt, true, /*executed=*/false),
+                   forward_matmul_flops(dense.model, 1, Ti, Tt, true) + router_flops);
+  // Executed: every capacity slot (capacity factor 1.25 > 1) costs more than the top-1 count.
+  EXPECT_GT(forward_matmul_flops(m, 1, Ti, Tt, true), forward_matmul_flops(m, 1, Ti, Tt, true, false));
+  ParamStore ps;
+  register_model_params(ps, dense.model);
+  int64_t dense_params = 0;
+  for (const ParamInfo& p : ps.infos()) dense_params += p.numel;
+  EXPECT_EQ(active_parameters(m), dense_params + int64_t(switch_layers) * m.num_experts * m.d_model);
+  EXPECT_EQ(active_parameters(dense.model), dense_params);
 }
 
 }  // namespace
