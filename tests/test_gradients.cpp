@@ -452,5 +452,69 @@ INSTANTIATE_TEST_SUITE_P(
                                 kJitterEps}),
     [](const auto& info) { return std::string(info.param.name); });
 
+// ---- the decoder's load-balancing loss, alone, in the whole model ------------------------------------
+//
+// J = router_aux_loss_coef * lb of the decoder's Switch layer and nothing else (cross-entropy scale
+// 0, z-losses 0, a dense encoder), so every parameter gradient is the load-balancing gradient: the
+// router weight's directly, and everything below the router (the decoder's attention, the encoder
+// through cross-attention, the embeddings) through the router input. In ModelGrad the cross-entropy
+// dominates these gradients, so an error in the balance term alone could hide within the tolerance.
+// The routing groups are one per sequence, a group across both sequences, and groups that split
+// sequences; the second sequence ends in padding, which is routed and counted like any token (as
+// HF's and flaxformer's defaults do), so it is in the groups here too.
+class DecoderBalanceGrad : public ::testing::TestWithParam<int> {};
+
+TEST_P(DecoderBalanceGrad, MatchesFiniteDifferences) {
+  auto be = reference();
+  ModelConfig cfg = tiny_model({"decoder_balance", 2, "relu", true, 0.0f, 0.0f});
+  cfg.encoder_sparse_step = 0;  // the decoder's router is the only one
+  cfg.router_aux_loss_coef = 1.0;
+  cfg.router_z_loss_coef = 0.0;
+  cfg.group_size = GetParam();
+  Batch b;
+  b.resize(2, 6, 6);
+  b.encoder_input_tokens = {5, 9, 3, 17, 4, 1, 7, 7, 12, 1, 0, 0};
+  b.encoder_mask = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
+  b.decoder_input_tokens = {0, 4, 17, 3, 9, 2, 0, 12, 7, 0, 0, 0};
+  b.decoder_mask = {1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0};
+  b.labels = {4, 17, 3, 9, 2, 1, 12, 7, 1, -100, -100, -100};
+  SwitchT5Model model(*be, cfg, {2, 6, 6});
+  model.params().initialize(*be, 9);
+  LossWeights w;
+  w.ce_scale = 0.0;
+  auto loss = [&] { return model.objective(model.forward(b, true, 77, 0), w); };
+  const ForwardStats st = model.forward(b, true, 77, 0);
+  ASSERT_TRUE(st.encoder_router.empty());
+  ASSERT_EQ(st.decoder_router.size(), 1u);
+  const RouterStats& r = st.decoder_router[0];
+  ASSERT_EQ(r.tokens, 12);
+  ASSERT_GT(r.dropped, 0) << "the test must exercise capacity drops";
+  EXPECT_NEAR(model.objective(st, w), r.balance_loss, 1e-12) << "J must be the balance loss alone";
+  model.params().zero_grads(*be);
+  model.backward(w);
+  const auto grads = download(*be, model.params().grads(), model.params().total_numel());
+  int reached = 0;
+  for (const ParamInfo& p : model.params().infos()) {
+    std::vector<float> an(grads.begin() + p.offset, grads.begin() + p.offset + p.numel);
+    // Above the router, and the experts beside it, lb does not reach: exactly zero there.
+    const bool beyond = p.name.find("mlp.experts") != std::string::npos ||
+                        p.name.rfind("decoder.final_layer_norm", 0) == 0 ||
+                        p.name.rfind("lm_head", 0) == 0;
+    if (beyond) {
+      for (float g : an) ASSERT_EQ(g, 0.0f) << p.name << " gets a gradient from lb";
+      continue;
+    }
+    check_entries(*be, p.name, model.params().values() + p.offset, an, loss,
+                  p.name.find("router") != std::string::npos ? 48 : 8);
+    ++reached;
+  }
+  EXPECT_GE(reached, 10);
+}
+
+// 0: one group per sequence (6 tokens, capacity 2); 12: one group of both sequences (capacity 4);
+// 4: three groups, the middle one across the sequence boundary (capacity 2).
+INSTANTIATE_TEST_SUITE_P(Tiny, DecoderBalanceGrad, ::testing::Values(0, 12, 4),
+                         [](const auto& info) { return "group_size_" + std::to_string(info.param); });
+
 }  // namespace
 }  // namespace switcht5
