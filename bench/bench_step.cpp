@@ -171,7 +171,14 @@ int run(int argc, char** argv) {
     return n;
   };
   const int64_t payload0 = payload_floats();
-  for (int s = warmup + 1; s <= warmup + steps; ++s) ms.push_back(trainer.train_step(s).step_ms);
+  // Per step: the whole step, and its update phase (clipping, optimizer, ZeRO-1 gather) apart.
+  std::vector<double> opt_ms, fb_ms;
+  for (int s = warmup + 1; s <= warmup + steps; ++s) {
+    const StepMetrics sm = trainer.train_step(s);
+    ms.push_back(sm.step_ms);
+    opt_ms.push_back(sm.optimizer_ms);
+    fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
+  }
   const int64_t allocs = g_allocations.load() - alloc0;
   const double syncs = double(trainer.backend().host_syncs() - syncs0) / steps;
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
@@ -181,7 +188,10 @@ int run(int argc, char** argv) {
   double planned_payload = 0;
   for (const PlannedCollective& c : cplan.collectives) planned_payload += 4.0 * double(c.floats);
   std::sort(ms.begin(), ms.end());
+  std::sort(opt_ms.begin(), opt_ms.end());
+  std::sort(fb_ms.begin(), fb_ms.end());
   const double median = ms[ms.size() / 2];
+  const double opt_median = opt_ms[opt_ms.size() / 2], fb_median = fb_ms[fb_ms.size() / 2];
   int64_t opt_floats = 0;
   for (const auto& t : trainer.optimizer().state()) {
     if (!t.data) continue;  // ZeRO-1: another rank's share
@@ -211,6 +221,10 @@ int run(int argc, char** argv) {
              cfg.data.targets_length);
   fmt::print("step: median {:.1f} ms (min {:.1f}, max {:.1f}, {} steps after {} warmup)\n", median,
              ms.front(), ms.back(), steps, warmup);
+  fmt::print("phases: data + forward + backward + reductions median {:.1f} ms; update (clip, "
+             "optimizer, gather) median {:.1f} ms = {:.2f} ns per parameter\n",
+             fb_median, opt_median,
+             opt_median * 1e6 / double(trainer.model().params().total_numel()));
   fmt::print("throughput: {:.0f} tokens/s (encoder + decoder tokens)\n", tokens / (median * 1e-3));
   fmt::print("matmul: {:.2f} GFLOP/step -> {:.1f} GFLOP/s achieved; {} GEMM peak {:.1f} GFLOP/s "
              "({}x{}x{} FFN shape), {:.1f} GFLOP/s ({}^3): {:.0f}% of the FFN-shape peak\n",
@@ -261,6 +275,7 @@ int run(int argc, char** argv) {
                "{{\"config\": \"{}\", \"backend\": \"{}\", \"precision\": \"{}\", "
                "\"batch\": {}, \"inputs_length\": {}, \"targets_length\": {}, \"steps\": {}, "
                "\"warmup\": {}, \"ms_median\": {:.4f}, \"ms_min\": {:.4f}, \"ms_max\": {:.4f}, "
+               "\"forward_backward_ms_median\": {:.4f}, \"optimizer_ms_median\": {:.4f}, "
                "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"achieved_gflops\": {:.2f}, "
                "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
                "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
@@ -270,7 +285,8 @@ int run(int argc, char** argv) {
                "\"planned_data_plane_bytes_per_step\": {:.0f}}}\n",
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
-               median, ms.front(), ms.back(), tokens / (median * 1e-3), trainer.step_flops(),
+               median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
+               trainer.step_flops(),
                achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,

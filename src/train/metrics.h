@@ -40,6 +40,9 @@ struct StepMetrics {
   double tokens_per_s = 0.0;      // (inputs + targets) tokens of the global batch per second
   double dropped_fraction = 0.0;  // tokens past capacity / routed tokens, all Switch layers
   double step_ms = 0.0;
+  // Of step_ms, the update after the gradients: clipping, the optimizer and ZeRO-1's gather
+  // (0 on a skipped step). step_ms - optimizer_ms is data, forward, backward and reductions.
+  double optimizer_ms = 0.0;
   bool skipped = false;           // non-finite loss or gradient: no update was applied
   std::string nonfinite;          // then: the first non-finite tensor and the rank that saw it
   std::vector<LayerRouting> routing;

@@ -395,6 +395,7 @@ StepMetrics Trainer::train_step(int64_t step, bool expert_norms) {
   double grad_norm = global_grad_norm(host_extra);
 
   StepMetrics m;
+  auto t_update = std::chrono::steady_clock::now();
   m.step = step;
   m.loss = loss;
   m.lr = schedule_.lr(step);
@@ -419,13 +420,17 @@ StepMetrics Trainer::train_step(int64_t step, bool expert_norms) {
   } else {
     consecutive_skips_ = 0;
     if (expert_norms) expert_norms_ = expert_grad_norms();  // before clipping scales them
+    // The gradients are complete here: the host read the step's statistics back above, which on
+    // a device backend waits for the forward, backward and their collectives.
+    t_update = std::chrono::steady_clock::now();
     clip_grad_norm_scaled(*be_, ps, grad_norm, tc.max_grad_norm);
     optimizer_->step(*be_, ps, float(m.lr));  // masters and their bf16 compute copies
     reducer_->all_gather_parameters();  // ZeRO-1: every shard's new values to every data rank
   }
   be_->synchronize();
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t1 = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(t1 - t0).count();
+  if (!m.skipped) m.optimizer_ms = std::chrono::duration<double, std::milli>(t1 - t_update).count();
 
   decode_routing(m, host_stats_.data(), switch_layers_, cfg_.model.num_experts);
   if (expert_norms && !m.skipped)
