@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # A single-node SLURM on localhost for tests, everything in one directory; sourced, not run.
-# Debian 12's packages (slurmctld, slurmd, slurm-client, munge; scripts/setup.sh installs them)
+# Debian 12's packages (slurmctld, slurmd, slurm-client, munge; scripts/test.sh installs them)
 # need no systemd and no files outside that directory: no /etc/slurm, no /etc/munge, no system
-# service is touched. Needs root (slurmd starts job steps as the submitting user).
+# service is touched. Needs root (slurmd starts job steps as the submitting user). munged wants
+# every directory above its socket traversable by all: the caller's DIR/.. needs o+x.
 #
 #   slurm_missing              prints why a local SLURM cannot run here (empty: it can)
 #   slurm_start DIR TASKS      munged, slurmctld, slurmd with a generated DIR/slurm.conf: one node
@@ -16,12 +17,13 @@
 #                              it checks time limits, and sends --signal's signal, every 30 s from
 #                              then (PERIODIC_TIMEOUT, not configurable), see slurm_next_check.
 #   slurm_next_check T         the first of those checks at or after time T.
+#   slurm_log_tails            the last lines of slurmctld's, slurmd's and munged's logs.
 # Ports: two free TCP ports on 127.0.0.1, chosen at start.
 
 slurm_missing() {
   local tool
   for tool in munged mungekey munge slurmctld slurmd sbatch srun scontrol sinfo squeue scancel; do
-    command -v "$tool" >/dev/null || { echo "$tool not installed (Debian: slurmctld slurmd slurm-client munge, which scripts/setup.sh installs)"; return; }
+    command -v "$tool" >/dev/null || { echo "$tool not installed (Debian: slurmctld slurmd slurm-client munge, which scripts/test.sh installs)"; return; }
   done
   [[ $(id -u) -eq 0 ]] || { echo "slurmd must run as root to start job steps"; return; }
 }
@@ -56,9 +58,9 @@ _slurm_node_idle() { [[ $(sinfo -h -N -o %T 2>/dev/null) == idle ]]; }
 
 slurm_start() {
   SLURM_DIR=$1
-  local tasks=$2 host ports ctld_port slurmd_port node cpus
+  local tasks=$2 host ctld_port slurmd_port node cpus
   host=$(hostname -s)
-  mkdir -p "$SLURM_DIR/state" "$SLURM_DIR/spool" "$SLURM_DIR/munge"
+  mkdir -p "$SLURM_DIR/state" "$SLURM_DIR/spool" "$SLURM_DIR/munge" "$SLURM_DIR/pmix"
   # munged requires a socket directory that everyone can traverse (DIR's parents included: the
   # caller's temporary directory needs o+x) and no one else can write.
   chmod 755 "$SLURM_DIR/munge"
@@ -113,7 +115,7 @@ MpiDefault=pmix
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # The backfill scheduler starts a submitted job within a second (by default within 30 s).
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=5
 MailProg=/bin/true
 ReturnToService=2
@@ -121,6 +123,10 @@ $overrides
 $node
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+  # The PMIx plugin's per-step directories (spmix_appdir_UID_JOB.STEP), by default in TmpFS
+  # (/tmp): one left by a killed step would fail the same job id's step in the next cluster,
+  # whose job ids start at 1 again.
+  echo "PMIxCliTmpDirBase=$SLURM_DIR/pmix" >"$SLURM_DIR/mpi.conf"
   export SLURM_CONF=$SLURM_DIR/slurm.conf
   SLURM_CHECK_EPOCH=$(date +%s)
   slurmctld -D >"$SLURM_DIR/slurmctld.out" 2>&1 &
@@ -134,47 +140,72 @@ EOF
   _slurm_log "up: $(sinfo -h -N -o '%N %c CPUs %m MB %T'), ports $ctld_port/$slurmd_port, in $SLURM_DIR"
 }
 
+slurm_log_tails() {
+  local f
+  for f in slurmctld.log slurmd.log slurmctld.out slurmd.out munge/munged.log; do
+    [[ -s "$SLURM_DIR/$f" ]] && { echo "--- $SLURM_DIR/$f (end) ---"; tail -n 15 "$SLURM_DIR/$f"; }
+  done
+}
+
 slurm_next_check() {
   local t=$1 e=$SLURM_CHECK_EPOCH
   echo $((e + ((t - e + 29) / 30) * 30))
 }
 
-# The processes this cluster started, the daemons aside: those whose environment names its
-# slurm.conf (the jobs' processes: sbatch passes the submitter's environment on) and those that
-# hold its slurmd.log open (slurmstepd, which clears its environment). Not this shell.
+# The processes this cluster started that are not the caller's descendants (the daemons and
+# slurmctld's slurmscriptd are): the jobs' processes, whose environment names its slurm.conf
+# (sbatch passes the submitter's environment on), and slurmstepd, which clears its environment,
+# double-forks away from slurmd and holds slurmd.log open. One pass over /proc.
 _slurm_own_pids() {
-  local p fd
-  for p in /proc/[0-9]*; do
-    [[ ${p#/proc/} == "$$" || ${p#/proc/} == "$BASHPID" ]] && continue
-    if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_DIR/slurm.conf"; then
-      echo "${p#/proc/}"
-      continue
-    fi
-    for fd in "$p"/fd/*; do
-      [[ $(readlink "$fd" 2>/dev/null) == "$SLURM_DIR/slurmd.log" ]] && { echo "${p#/proc/}"; break; }
-    done
-  done
+  python3 - "$SLURM_DIR" "$$" <<'EOF'
+import os, sys
+slurm_dir, caller = sys.argv[1], int(sys.argv[2])
+conf = ("SLURM_CONF=" + slurm_dir + "/slurm.conf").encode()
+log = slurm_dir + "/slurmd.log"
+parent = {}
+for d in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{d}/stat").read()
+        parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError):
+        pass
+def descends_from_caller(pid):
+    while pid > 1:
+        if pid == caller:
+            return True
+        pid = parent.get(pid, 0)
+    return False
+for pid in parent:
+    if descends_from_caller(pid):
+        continue
+    try:
+        if conf in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            print(pid)
+            continue
+        if any(os.readlink(f"/proc/{pid}/fd/{fd}") == log for fd in os.listdir(f"/proc/{pid}/fd")):
+            print(pid)
+    except OSError:
+        pass
+EOF
 }
 
 slurm_stop() {
   [[ -n "${SLURM_DIR:-}" && -n "${SLURM_PIDS+x}" ]] || return 0
-  local p left daemons=" ${SLURM_PIDS[*]} "
+  local p d
   # Jobs first, while slurmctld and slurmd can still end them: their steps exit within KillWait.
   if ((${#SLURM_PIDS[@]} >= 3)) && kill -0 "${SLURM_PIDS[1]}" 2>/dev/null; then
     scancel --full --quiet --user="$(id -un)" 2>/dev/null
-    for _ in $(seq 50); do
-      left=0
-      for p in $(_slurm_own_pids); do [[ $daemons == *" $p "* ]] || left=1; done
-      ((left)) || break
-      sleep 0.2
+    for _ in $(seq 40); do
+      [[ -z "$(_slurm_own_pids)" ]] && break
+      sleep 0.25
     done
   fi
   # slurmd, slurmctld, munged: last started, first stopped; SIGKILL after 5 s.
   for ((p = ${#SLURM_PIDS[@]} - 1; p >= 0; --p)); do kill "${SLURM_PIDS[p]}" 2>/dev/null; done
   for _ in $(seq 25); do
-    left=0
-    for p in "${SLURM_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && left=1; done
-    ((left)) || break
+    p=0
+    for d in "${SLURM_PIDS[@]}"; do kill -0 "$d" 2>/dev/null && p=1; done
+    ((p)) || break
     sleep 0.2
   done
   for p in "${SLURM_PIDS[@]}" $(_slurm_own_pids); do kill -9 "$p" 2>/dev/null; done
