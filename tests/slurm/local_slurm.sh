@@ -96,8 +96,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire is also how long a requeued job must wait before it may start again (default
-# 120 s); slurmctld then starts it at its next periodic pass (every 30 s).
+# A requeued job may start again cred_expire + 1 s after the requeue (default 120 s), and then
+# when the main scheduler runs (sched_interval below; the backfill pass does not look again):
+# about 6 s here.
 AuthInfo=socket=$SLURM_DIR/munge/munge.socket,cred_expire=5
 StateSaveLocation=$SLURM_DIR/state
 SlurmdSpoolDir=$SLURM_DIR/spool
@@ -114,7 +115,8 @@ SwitchType=switch/none
 MpiDefault=pmix
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-# The backfill scheduler starts a submitted job within a second (by default within 30 s).
+# The backfill scheduler starts a submitted job within a second (by default within 30 s); the
+# main one looks at pending jobs every 2 s (by default 60 s).
 SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=5
 MailProg=/bin/true
