@@ -82,6 +82,10 @@ for old in "$STATE_DIR"/switcht5-fresh.*; do
 done
 
 ROOT=$(mktemp -d "$STATE_DIR/switcht5-fresh.XXXXXX")
+# mktemp -d makes the directory 0700, and debootstrap keeps that mode for the root's "/": inside
+# the chroot no user but root could then reach /bin/sh (munge's postinst, `su munge -s /bin/sh`,
+# failed with "Permission denied"). A real Debian's / is 0755.
+chmod 0755 "$ROOT"
 echo $$ > "$ROOT.pid"
 PHASE=none
 on_exit() {
