@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/cpu_kernels.h"
 #include "backend/gemm_operands.h"
 #include "backend/router_confidence.h"
 #include "core/check.h"
@@ -46,17 +47,24 @@ inline float gelu_tanh_grad(float a) {
   return 0.5f * (1.0f + th) + 0.5f * a * (1.0f - th * th) * du;
 }
 
-// Sum of f(x[i]) over i < n in double, blockwise (see kReduceBlock).
+// The sum of x[0..n) and of its squares, in double, in lane_sum's fixed order (one block).
+SWT_CPU_CLONES double block_sum(const float* x, int64_t n) {
+  return cpu::lane_sum(n, [x](int64_t i) { return double(x[i]); });
+}
+SWT_CPU_CLONES double block_sum_squares(const float* x, int64_t n) {
+  return cpu::lane_sum(n, [x](int64_t i) { return double(x[i]) * x[i]; });
+}
+
+// Sum over i < n in double, blockwise (see kReduceBlock): block_sum(x + begin, length) of each
+// block (block_sum or block_sum_squares), then the block sums in block order.
 // `partial` holds at least ceil(n / kReduceBlock) doubles.
-template <class F>
-double blocked_sum(const float* x, int64_t n, double* partial, F f) {
+double blocked_sum(const float* x, int64_t n, double* partial,
+                   double (*block_sum)(const float*, int64_t)) {
   const int64_t num_blocks = (n + kReduceBlock - 1) / kReduceBlock;
 #pragma omp parallel for schedule(static) if (num_blocks > 1)
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    const int64_t end = std::min(n, (blk + 1) * kReduceBlock);
-    double acc = 0.0;
-    for (int64_t i = blk * kReduceBlock; i < end; ++i) acc += f(x[i]);
-    partial[blk] = acc;
+    const int64_t begin = blk * kReduceBlock, end = std::min(n, begin + kReduceBlock);
+    partial[blk] = block_sum(x + begin, end - begin);
   }
   double total = 0.0;
   for (int64_t blk = 0; blk < num_blocks; ++blk) total += partial[blk];
@@ -307,8 +315,7 @@ void CpuBackend::scale(float* x, float alpha, int64_t n) {
 
 double CpuBackend::sum(const float* x, int64_t n) {
   count_host_sync();
-  return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
-                     [](float v) { return double(v); });
+  return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)), block_sum);
 }
 
 double CpuBackend::sum_squares(const float* x, int64_t n) {
@@ -318,7 +325,7 @@ double CpuBackend::sum_squares(const float* x, int64_t n) {
 
 double CpuBackend::sum_squares_no_sync(const float* x, int64_t n) {
   return blocked_sum(x, n, scratch(size_t((n + kReduceBlock - 1) / kReduceBlock)),
-                     [](float v) { return double(v) * v; });
+                     block_sum_squares);
 }
 
 void CpuBackend::sum_over_batch(float* out, const float* in, int batch, int64_t n) {
@@ -348,8 +355,8 @@ void CpuBackend::accumulate_sum_squares(double* acc, const float* x, int64_t n) 
 
 void CpuBackend::accumulate_loss_statistics(double* acc, const float* loss, const float* lse,
                                             const int32_t* labels, int64_t N) {
-  const double loss_sum = blocked_sum(loss, N, scratch(size_t((N + kReduceBlock - 1) / kReduceBlock)),
-                                      [](float v) { return double(v); });
+  const double loss_sum =
+      blocked_sum(loss, N, scratch(size_t((N + kReduceBlock - 1) / kReduceBlock)), block_sum);
   double lse_sq = 0.0, valid = 0.0;  // rows in order (N is a micro-batch's target tokens)
   for (int64_t r = 0; r < N; ++r)
     if (labels[r] >= 0) {
@@ -392,8 +399,8 @@ void CpuBackend::accumulate_router_confidence(double* acc, const float* probs,
 void CpuBackend::accumulate_router_statistics(double* acc, const float* lb, const float* lse,
                                               const float* counts, int G, int S, int E, int C) {
   const int64_t T = int64_t(G) * S;
-  const double lb_sum = blocked_sum(lb, G, scratch(size_t((G + kReduceBlock - 1) / kReduceBlock)),
-                                    [](float v) { return double(v); });
+  const double lb_sum =
+      blocked_sum(lb, G, scratch(size_t((G + kReduceBlock - 1) / kReduceBlock)), block_sum);
   const double z_sum = sum_squares_no_sync(lse, T);
   double dropped = 0.0;
   for (int e = 0; e < E; ++e) {

@@ -132,7 +132,8 @@ class CpuBackend final : public Backend {
     return scratch_.data();
   }
   std::vector<double> scratch_;
-  // Host rows of fp32 (the fused attention forward's per-thread rows), grown like scratch().
+  // Host fp32 scratch (the fused attention forward's per-thread rows, Adafactor's row and column
+  // factors), grown like scratch().
   float* row_scratch(size_t n) {
     if (row_scratch_.size() < n) row_scratch_.resize(n);
     return row_scratch_.data();
