@@ -128,7 +128,8 @@ void on_root(ProcessGrid& g, const std::function<void()>& f) {
   }
   g.world->broadcast(error, 0);
   if (error.empty()) return;
-  if (error[0] == 'U') throw UserError(error.substr(1));
+  // Every rank holds the same error now: rank 0 alone reports it (main.cpp), no job abort.
+  if (error[0] == 'U') throw AgreedUserError(error.substr(1));
   throw Error(error.substr(1));
 }
 
@@ -397,8 +398,8 @@ std::string checkpoint_problem(const std::string& path) {
 }
 
 // Refuses to save non-finite values (a run gone bad; collective, before anything is written):
-// each owner counts its blocks' non-finite values, and every rank throws the same UserError,
-// naming the first tensor that holds any and the checkpoint that stays the newest.
+// each owner counts its blocks' non-finite values, and every rank throws the same
+// AgreedUserError (rank 0 reports it, every rank exits 2), naming the first tensor that holds any and the checkpoint that stays the newest.
 void refuse_nonfinite(const TrainingState& st, const std::vector<TensorSlot>& slots,
                       const std::string& dir) {
   std::vector<int64_t> bad(slots.size(), 0);
@@ -424,7 +425,7 @@ void refuse_nonfinite(const TrainingState& st, const std::vector<TensorSlot>& sl
     }
   }
   st.grid.world->broadcast(previous, 0);
-  throw UserError(fmt::format(
+  throw AgreedUserError(fmt::format(
       "refusing to save checkpoint step {}: {} {} holds {} non-finite values (NaN or Inf){}; {}",
       st.step, param ? "parameter" : "optimizer state", s.path.substr(s.path.find('/') + 1), *first,
       tensors > 1 ? fmt::format(", and {} more tensors do", tensors - 1) : "",

@@ -30,8 +30,8 @@
 //      would otherwise remove that one.
 // A crash at any point leaves every earlier complete checkpoint and a `latest` naming one. A
 // failure (a full disk, an I/O error) at any point does too, and removes what it left
-// unfinished (the .tmp files); every rank then throws the same UserError, naming the file and
-// the OS's reason.
+// unfinished (the .tmp files); every rank then throws the same AgreedUserError (rank 0 reports
+// it, every rank exits 2: core/check.h), naming the file and the OS's reason.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -97,7 +97,7 @@ struct SaveResult {
 // renamed, `latest` not updated; latest: `latest` updated, not pruned); mpirun then ends the
 // others. The crash tests use it. POINT `damaged` kills nothing: it flips a byte in the middle
 // of the file just written, before pruning, as a failing disk would (the pruning test).
-// UserError, the same on every rank and with nothing earlier lost (protocol above), when a
+// AgreedUserError, the same on every rank and with nothing earlier lost (protocol above), when a
 // parameter or optimizer tensor holds a non-finite value ("refusing to save checkpoint step 5:
 // parameter <name> holds 12 non-finite values ...; the previous checkpoint DIR/ckpt-... is
 // kept") or when the storage fails ("DIR/ckpt-<step>.h5.tmp: cannot write the checkpoint: No

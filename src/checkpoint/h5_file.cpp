@@ -175,13 +175,14 @@ class AgreedSteps {
     if (error_.empty()) error_ = mine;
     return true;
   }
-  // The agreed error as one line: a UserError with the OS reason, an Error with HDF5's text
-  // when the OS gave none.
+  // The agreed error as one line: an AgreedUserError with the OS reason (every rank of the job
+  // throws it -- the writers' `comm` is the whole job -- so rank 0 alone reports it and no rank
+  // aborts the others before they are done), an Error with HDF5's text when the OS gave none.
   [[noreturn]] void throw_error() const {
     const size_t cut = error_.find('\n');
     const std::string reason = error_.substr(0, cut);
     if (!reason.empty())
-      throw UserError(fmt::format("{}: cannot write {}: {}", path_, what_, reason));
+      throw AgreedUserError(fmt::format("{}: cannot write {}: {}", path_, what_, reason));
     std::string text = error_.substr(cut + 1);
     std::replace(text.begin(), text.end(), '\n', ' ');
     throw Error(fmt::format("{}: cannot write {}: {}", path_, what_, text));

@@ -79,7 +79,8 @@ uint64_t block_checksum(const TensorSlot& slot);
 // every rank at the same point: the ranks agree after each collective HDF5 call, the partial
 // file is closed (every HDF5 id released, so that HDF5's exit handler finds nothing broken)
 // and removed, and every rank throws the same error, "<path>: cannot write the checkpoint:
-// <the OS reason>" (UserError; an Error when HDF5 names no OS reason).
+// <the OS reason>" (AgreedUserError: rank 0 reports it and every rank exits 2; an Error when
+// HDF5 names no OS reason). `comm` must therefore span every rank of the job.
 void write_h5_checkpoint(const std::string& path, Communicator& comm, const H5Attributes& attrs,
                          const std::vector<TensorSlot>& slots,
                          const std::function<void(size_t k, size_t total)>& after_dataset = {},
