@@ -223,8 +223,11 @@ def update_readme(md_path, table):
     begin, end = "<!-- bench-run:begin -->", "<!-- bench-run:end -->"
     if begin not in text or end not in text:
         sys.exit(f"bench/run.py: README.md has no {begin} ... {end} block")
+    # The tables' "## " headings one level down: the block sits under README's "## Benchmarks".
+    tables = "\n".join("#" + line if line.startswith("## ") else line
+                       for line in table.split("\n", 2)[2].split("\n"))
     body = f"{begin}\nLatest `bench/run.sh` ({os.path.relpath(md_path, ROOT)}):\n\n" + \
-        table.split("\n", 2)[2] + f"\n{end}"
+        tables + f"\n{end}"
     a, b = text.index(begin), text.index(end) + len(end)
     with open(path, "w") as f:
         f.write(text[:a] + body + text[b:])
