@@ -72,6 +72,14 @@ def cases(quick):
     return c
 
 
+def shown(cmd, out):
+    """The command as recorded in the results: paths relative to the checkout, the per-case
+    temporary JSON as OUT.json, so that results name no machine's directories."""
+    rel = [os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(ROOT + os.sep) else a
+           for a in cmd]
+    return shlex.join(rel).replace(out, "OUT.json")
+
+
 def machine():
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cores": cores(), "kernel": platform.release()}
@@ -128,10 +136,10 @@ def run_case(c, args, tmp):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.case_timeout)
     if p.returncode != 0 or not os.path.exists(out):
         tail = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or [""]
-        return {"error": f"exit {p.returncode}: {tail[0][:300]}", "command": shlex.join(cmd)}
+        return {"error": f"exit {p.returncode}: {tail[0][:300]}", "command": shown(cmd, out)}
     with open(out) as f:
         r = json.load(f)
-    r["command"] = shlex.join(cmd)
+    r["command"] = shown(cmd, out)
     r["threads"] = threads
     return r
 
