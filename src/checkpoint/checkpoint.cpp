@@ -399,7 +399,8 @@ std::string checkpoint_problem(const std::string& path) {
 
 // Refuses to save non-finite values (a run gone bad; collective, before anything is written):
 // each owner counts its blocks' non-finite values, and every rank throws the same
-// AgreedUserError (rank 0 reports it, every rank exits 2), naming the first tensor that holds any and the checkpoint that stays the newest.
+// AgreedUserError (rank 0 reports it, every rank exits 2), naming the first tensor that holds
+// any and the checkpoint that stays the newest.
 void refuse_nonfinite(const TrainingState& st, const std::vector<TensorSlot>& slots,
                       const std::string& dir) {
   std::vector<int64_t> bad(slots.size(), 0);
