@@ -7,10 +7,10 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cmath>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -26,6 +26,14 @@ namespace switcht5 {
 namespace {
 
 namespace fs = std::filesystem;
+
+// The writer's clock (system_clock, CLOCK_REALTIME). Not ::time(): glibc reads it from
+// CLOCK_REALTIME_COARSE, which lags by up to a scheduler tick, so a bound taken with time() just
+// after a write could be earlier than the write's own timestamp (CI saw it, once).
+double unix_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 std::string to_hex(const std::string& bytes) {
   std::string out;
@@ -217,7 +225,7 @@ TEST(StepScalars, ExpertIndexPaddedToSortInOrder) {
 TEST(TensorBoardWriter, WritesFramedEventsAndLeavesOutNonFinite) {
   const fs::path dir = fresh_dir("write");
   ProcessGrid grid;
-  const double before = double(::time(nullptr));
+  const double before = unix_seconds();
   StepMetrics m = sample_metrics();
   StepMetrics bad = sample_metrics();
   bad.step = 8;
@@ -232,15 +240,15 @@ TEST(TensorBoardWriter, WritesFramedEventsAndLeavesOutNonFinite) {
     w.write(m);
     w.write(bad);
   }
-  const double after = double(::time(nullptr)) + 1;
+  const double after = unix_seconds();
   ASSERT_EQ(event_files(dir), std::vector<fs::path>{fs::path(path)});
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
   const std::string name = fs::path(path).filename().string();
   EXPECT_EQ(name.substr(name.rfind('.') + 1), std::string(host)) << name;
   const long long secs = std::stoll(name.substr(std::strlen("events.out.tfevents.")));
-  EXPECT_GE(secs, (long long)before);
-  EXPECT_LE(secs, (long long)after);
+  EXPECT_GE(secs, (long long)std::floor(before));
+  EXPECT_LE(secs, (long long)std::floor(after));
 
   const std::vector<std::string> records = read_records(read_file(path));
   ASSERT_EQ(records.size(), 4u);
@@ -266,7 +274,7 @@ TEST(TensorBoardWriter, NeverTouchesAnExistingFile) {
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
   // Every name the writer could choose in the next few seconds is taken, by an earlier session.
-  const long long now = ::time(nullptr);
+  const long long now = (long long)std::floor(unix_seconds());
   std::vector<fs::path> taken;
   for (long long t = now - 1; t <= now + 5; ++t) {
     taken.push_back(dir / fmt::format("events.out.tfevents.{}.{}", t, host));
