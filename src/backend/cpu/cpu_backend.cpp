@@ -110,22 +110,48 @@ void dropout_span(float* out, const float* x, int64_t n, uint64_t first, uint64_
 
 // ---- attention rows ---------------------------------------------------------------------------------
 // One row of attention_softmax_forward: p[j] = softmax over allowed j of s[j] + bi[j], allowed:
-// j < jmax and (km null or km[j] != 0). The max in fp32, the normaliser in double, then
-// p[j] = e[j] * float(1/z). p may alias s: each pass reads s[j] before writing p[j].
-inline void softmax_row(float* p, const float* s, const float* bi, const float* km, int jmax,
-                        int Tk) {
+// j < jmax and (km null or km[j] != 0). The max in fp32, e[j] = exp_f32(s[j] + bi[j] - max), the
+// normaliser in double (lane_sum), then p[j] = e[j] * float(1/z). p may alias s: each pass reads
+// s[j] before writing p[j]. Not inline: a clone per vector width (its callers are not cloned).
+SWT_CPU_CLONES void softmax_row(float* p, const float* s, const float* bi, const float* km,
+                                int jmax, int Tk) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int j = 0; j < jmax; ++j)
     if (!km || km[j] != 0.0f) mx = std::max(mx, s[j] + (bi ? bi[j] : 0.0f));
-  double z = 0.0;
-  for (int j = 0; j < Tk; ++j) {
-    const bool allowed = j < jmax && (!km || km[j] != 0.0f);
-    const float e = allowed ? std::exp(s[j] + (bi ? bi[j] : 0.0f) - mx) : 0.0f;
-    p[j] = e;
-    z += e;
-  }
+  // Separate loops without conditional loads, so that each vectorizes.
+  if (bi)
+    for (int j = 0; j < Tk; ++j) p[j] = cpu::exp_f32(s[j] + bi[j] - mx);
+  else
+    for (int j = 0; j < Tk; ++j) p[j] = cpu::exp_f32(s[j] - mx);
+  for (int j = jmax; j < Tk; ++j) p[j] = 0.0f;
+  if (km)
+    for (int j = 0; j < jmax; ++j) p[j] = km[j] != 0.0f ? p[j] : 0.0f;
+  const double z = cpu::lane_sum(Tk, [&](int64_t j) { return double(p[j]); });
   const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
   for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
+}
+
+// Cross-entropy rows: the max of a row (16 lanes, so that it vectorizes: a max is exact in any
+// order), sum_v e^(x[v] - mx) in double, and d[v] = factor * e^(x[v] - l).
+SWT_CPU_CLONES float row_max(const float* x, int n) {
+  constexpr int kLanes = 16;
+  float m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<float>::infinity();
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) m[l] = std::max(m[l], x[i + l]);
+  for (int l = 0; i < n; ++i, ++l) m[l] = std::max(m[l], x[i]);
+  float mx = m[0];
+  for (int l = 1; l < kLanes; ++l) mx = std::max(mx, m[l]);
+  return mx;
+}
+
+SWT_CPU_CLONES double sum_exp(const float* x, int n, float mx) {
+  return cpu::lane_sum(n, [&](int64_t v) { return double(cpu::exp_f32(x[v] - mx)); });
+}
+
+SWT_CPU_CLONES void scaled_exp(float* d, const float* x, int n, float l, float factor) {
+  for (int v = 0; v < n; ++v) d[v] = factor * cpu::exp_f32(x[v] - l);
 }
 
 // One row of softmax_backward: ds[j] = p[j] * (dp[j] - float(sum_j double(dp[j]) * p[j])).
@@ -712,11 +738,8 @@ void CpuBackend::cross_entropy_forward(float* loss, float* lse, const float* log
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     const float* row = logits + r * V;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int v = 0; v < V; ++v) mx = std::max(mx, row[v]);
-    double z = 0.0;
-    for (int v = 0; v < V; ++v) z += std::exp(row[v] - mx);
-    const double l = double(mx) + std::log(z);
+    const float mx = row_max(row, V);
+    const double l = double(mx) + std::log(sum_exp(row, V, mx));
     lse[r] = static_cast<float>(l);
     loss[r] = labels[r] >= 0 ? static_cast<float>(l - double(row[labels[r]])) : 0.0f;
   }
@@ -737,7 +760,7 @@ void CpuBackend::cross_entropy_backward(float* dlogits, const float* logits, con
     const float* row = logits + r * V;
     const float l = lse[r];
     const float factor = scale * (1.0f + 2.0f * z_coef * l);
-    for (int v = 0; v < V; ++v) d[v] = factor * std::exp(row[v] - l);
+    scaled_exp(d, row, V, l, factor);
     d[label] -= scale;
   }
 }

@@ -1,0 +1,101 @@
+// The CPU backend's vector building blocks (backend/cpu/cpu_kernels.h): exp_f32 against exp in
+// double (accuracy, underflow, NaN and -inf), and the promise that makes runtime dispatch safe:
+// the AVX-512, AVX2 and baseline compilations of the same loop give bitwise the same results
+// (each clone this CPU can run is called directly and compared with the baseline's).
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "backend/cpu/cpu_kernels.h"
+#include "core/rng.h"
+
+namespace switcht5 {
+namespace {
+
+// One loop per instruction set, as target_clones would compile it (the test builds with
+// -ffp-contract=off, as switcht5_core does: tests/CMakeLists.txt).
+#define SWT_EXP_LOOP(name, target)                                                    \
+  target void name(float* y, const float* x, int n) {                                 \
+    for (int i = 0; i < n; ++i) y[i] = cpu::exp_f32(x[i]);                           \
+  }                                                                                   \
+  target double name##_sum(const float* x, int n) {                                   \
+    return cpu::lane_sum(n, [&](int64_t i) { return double(cpu::exp_f32(x[i])); }); \
+  }
+SWT_EXP_LOOP(exp_baseline, )
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+SWT_EXP_LOOP(exp_avx2, __attribute__((target("avx2"))))
+SWT_EXP_LOOP(exp_avx512, __attribute__((target("avx512f"))))
+#endif
+
+// Arguments as the softmax and cross-entropy rows make them (x - max <= 0), plus the edges.
+std::vector<float> arguments() {
+  std::vector<float> x;
+  for (float v = -100.0f; v <= 10.0f; v += 0.0137f) x.push_back(v);
+  for (uint64_t i = 0; i < 20000; ++i) x.push_back(-30.0f * uniform01(7, i));
+  for (float v : {0.0f, -0.0f, -87.0f, -87.0001f, -86.9999f, 88.0f, -1e30f,
+                  -std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::quiet_NaN()})
+    x.push_back(v);
+  return x;
+}
+
+TEST(ExpF32, WithinTwoUlpOfExpAndZeroBelowMinus87) {
+  int checked = 0;
+  for (float x : arguments()) {
+    const float y = cpu::exp_f32(x);
+    if (std::isnan(x)) {
+      EXPECT_TRUE(std::isnan(y));
+      continue;
+    }
+    if (x < -87.0f) {
+      EXPECT_EQ(std::bit_cast<uint32_t>(y), 0u) << x;  // +0, never a denormal or garbage
+      continue;
+    }
+    const double e = std::exp(double(x));
+    const double ulp = std::ldexp(1.0, std::ilogb(float(e)) - 23);  // float spacing at e^x
+    EXPECT_LE(std::fabs(double(y) - e), 2.0 * ulp) << "x = " << x;
+    ++checked;
+  }
+  EXPECT_GT(checked, 20000);
+}
+
+TEST(ExpF32, EveryCloneGivesBitwiseTheSameValuesAndSums) {
+  const std::vector<float> x = arguments();
+  const int n = int(x.size());
+  std::vector<float> base(x.size()), other(x.size());
+  exp_baseline(base.data(), x.data(), n);
+  std::vector<float> finite;  // the sum over the finite results (NaN would make it NaN)
+  for (float v : x)
+    if (!std::isnan(v)) finite.push_back(v);
+  const double base_sum = exp_baseline_sum(finite.data(), int(finite.size()));
+  int clones = 0;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  auto same = [&](const char* what) {
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(other[i]), std::bit_cast<uint32_t>(base[i]))
+          << what << " at x = " << x[i];
+  };
+  if (__builtin_cpu_supports("avx2")) {
+    exp_avx2(other.data(), x.data(), n);
+    same("avx2");
+    EXPECT_EQ(std::bit_cast<uint64_t>(exp_avx2_sum(finite.data(), int(finite.size()))),
+              std::bit_cast<uint64_t>(base_sum));
+    ++clones;
+  }
+  if (__builtin_cpu_supports("avx512f")) {
+    exp_avx512(other.data(), x.data(), n);
+    same("avx512f");
+    EXPECT_EQ(std::bit_cast<uint64_t>(exp_avx512_sum(finite.data(), int(finite.size()))),
+              std::bit_cast<uint64_t>(base_sum));
+    ++clones;
+  }
+#endif
+  if (clones == 0) GTEST_SKIP() << "this CPU runs only the baseline clone: nothing to compare";
+}
+
+}  // namespace
+}  // namespace switcht5
