@@ -94,13 +94,12 @@ def switch_forward(mlp, name, rec, group, capacity, mode):
             sel = kept[:, :, e]
             out[sel] = mlp.experts[f"expert_{e}"](x[sel])
         out = pmax * out
-        with torch.no_grad():
-            n = idx.numel()
-            rec.put(name, dropped=1.0 - float(keep.sum()) / n,
-                    fraction=(onehot.reshape(-1, E).sum(0).double() / n).tolist())
+        n = idx.numel()
+        rec.put(name, dropped=1.0 - float(keep.sum()) / n,
+                fraction=(onehot.reshape(-1, E).sum(0).double() / n).tolist(),
+                logits=logits, index=idx)
         # The index the load-balancing loss counts: hf, after capacity (dropped -> expert 0).
         loss_index = torch.argmax(keep, dim=-1) if mode == "hf" else idx
-        rec.put(name, **rec.layers[name], logits=logits, index=idx)
         return out.reshape(B, T, D), (logits, loss_index)
 
     return forward
