@@ -35,8 +35,9 @@ int main(int argc, char** argv) {
     std::string init_dir;
     int steps = 0;
     std::vector<std::string> sets;
-    for (int i = 3; i + 1 < argc; i += 2) {
+    for (int i = 3; i < argc; i += 2) {
       const std::string a = argv[i];
+      SWT_USER_CHECK(i + 1 < argc, "{} needs a value", a);
       if (a == "--steps") steps = std::atoi(argv[i + 1]);
       else if (a == "--set") sets.push_back(argv[i + 1]);
       else if (a == "--init") init_dir = argv[i + 1];

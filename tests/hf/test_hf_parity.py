@@ -213,6 +213,31 @@ class Parity(unittest.TestCase):
         self.assertGreater(dropped, 0.0, "no token was dropped: capacity went untested")
         self.assertLess(ours[-1]["loss"], ours[0]["loss"] - 0.05, "the steps did not train")
 
+    def test_dump_batches_refusals(self):
+        """build/dump_batches: one line naming the input, exit 2, nothing written."""
+        tool = os.path.join(ARGS.build_dir, "dump_batches")
+        config = os.path.join(ARGS.source_dir, "configs", "tiny-synthetic.yaml")
+        out = self.path("b.h5")
+        existing = self.path("existing.h5")
+        with open(existing, "w") as fh:
+            fh.write("keep me")
+        cases = [
+            ([config, out, "--steps", "0"], "--steps"),
+            ([config, out, "--steps", "2", "--bogus", "1"], "--bogus"),
+            ([config, out, "--steps", "2", "--init"], "--init needs a value"),
+            ([config, out, "--steps", "2", "--set", "model.nope=1"], "model.nope"),
+            ([self.path("missing.yaml"), out, "--steps", "2"], "missing.yaml"),
+            ([config, existing, "--steps", "2"], "existing.h5"),
+        ]
+        for argv, named in cases:
+            _, err = run([tool] + argv, expect_rc=2)
+            lines = [l for l in err.splitlines() if l.strip()]
+            self.assertEqual(len(lines), 1, err)
+            self.assertIn(named, lines[0])
+            self.assertFalse(os.path.exists(out), argv)
+        with open(existing) as fh:
+            self.assertEqual(fh.read(), "keep me")
+
     def test_training_matches_hf_per_sequence_groups(self):
         self.check_training([])
 
