@@ -74,23 +74,23 @@ TEST(ExpF32, EveryCloneGivesBitwiseTheSameValuesAndSums) {
   const double base_sum = exp_baseline_sum(finite.data(), int(finite.size()));
   int clones = 0;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  auto same = [&](const char* what) {
+  struct Clone {
+    const char* isa;
+    bool supported;  // __builtin_cpu_supports takes only a literal
+    void (*loop)(float*, const float*, int);
+    double (*sum)(const float*, int);
+  };
+  for (const Clone& c :
+       {Clone{"avx2", bool(__builtin_cpu_supports("avx2")), exp_avx2, exp_avx2_sum},
+        Clone{"avx512f", bool(__builtin_cpu_supports("avx512f")), exp_avx512, exp_avx512_sum}}) {
+    if (!c.supported) continue;
+    c.loop(other.data(), x.data(), n);
     for (size_t i = 0; i < x.size(); ++i)
       ASSERT_EQ(std::bit_cast<uint32_t>(other[i]), std::bit_cast<uint32_t>(base[i]))
-          << what << " at x = " << x[i];
-  };
-  if (__builtin_cpu_supports("avx2")) {
-    exp_avx2(other.data(), x.data(), n);
-    same("avx2");
-    EXPECT_EQ(std::bit_cast<uint64_t>(exp_avx2_sum(finite.data(), int(finite.size()))),
-              std::bit_cast<uint64_t>(base_sum));
-    ++clones;
-  }
-  if (__builtin_cpu_supports("avx512f")) {
-    exp_avx512(other.data(), x.data(), n);
-    same("avx512f");
-    EXPECT_EQ(std::bit_cast<uint64_t>(exp_avx512_sum(finite.data(), int(finite.size()))),
-              std::bit_cast<uint64_t>(base_sum));
+          << c.isa << " at x = " << x[i];
+    EXPECT_EQ(std::bit_cast<uint64_t>(c.sum(finite.data(), int(finite.size()))),
+              std::bit_cast<uint64_t>(base_sum))
+        << c.isa;
     ++clones;
   }
 #endif
