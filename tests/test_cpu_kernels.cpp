@@ -1,11 +1,13 @@
 // The CPU backend's vector building blocks (backend/cpu/cpu_kernels.h): exp_f32 against exp in
 // double (accuracy, underflow, NaN and -inf), and the promise that makes runtime dispatch safe:
 // the AVX-512, AVX2 and baseline compilations of the same loop give bitwise the same results
-// (each clone this CPU can run is called directly and compared with the baseline's).
+// (each clone this CPU can run is called directly and compared with the baseline's); and the
+// dropout mask loops (SSE4.1, AVX2, AVX-512DQ) against random16's scalar formula, bit for bit.
 #include <gtest/gtest.h>
 
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -95,6 +97,64 @@ TEST(ExpF32, EveryCloneGivesBitwiseTheSameValuesAndSums) {
   }
 #endif
   if (clones == 0) GTEST_SKIP() << "this CPU runs only the baseline clone: nothing to compare";
+}
+
+
+// Dropout: every loop this CPU runs, on spans that start and end inside a group of four (rows of
+// attention probabilities do), in place and not, gives bitwise the scalar definition (core/rng.h):
+// kept elements x / keep_scale (NaN, infinities and -0 included), dropped ones +0.
+TEST(Dropout, EveryLoopIsTheScalarDefinitionBitForBit) {
+  std::vector<float> x(2000);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 4.0f * uniform01(11, i) - 2.0f;
+  x[5] = -0.0f;
+  x[37] = std::numeric_limits<float>::infinity();
+  x[38] = -std::numeric_limits<float>::infinity();
+  x[101] = std::numeric_limits<float>::quiet_NaN();
+  x[1003] = 3e38f;  // / 0.1 overflows to inf where kept
+  struct Loop {
+    const char* isa;
+    bool supported;
+    cpu::DropoutGroups groups;
+  };
+  std::vector<Loop> loops = {{"sse4.1", bool(__builtin_cpu_supports("sse4.1")),
+                              cpu::dropout_groups_sse41},
+                             {"avx2", bool(__builtin_cpu_supports("avx2")), cpu::dropout_groups_avx2},
+                             {"avx512dq", __builtin_cpu_supports("avx512f") &&
+                                              __builtin_cpu_supports("avx512dq"),
+                              cpu::dropout_groups_avx512}};
+  int ran = 0;
+  for (const Loop& loop : loops) {
+    if (!loop.supported) {
+      std::printf("dropout loop %s: this CPU does not run it (not checked here)\n", loop.isa);
+      continue;
+    }
+    ++ran;
+    for (float p : {0.1f, 0.5f, 0.9f, 1e-6f /* threshold 0: all kept */, 0.99999f}) {
+      const uint32_t threshold = dropout_threshold(p);
+      const float keep_scale = 1.0f - p;
+      for (uint64_t first : {uint64_t(0), uint64_t(1), uint64_t(6), uint64_t(1) << 40}) {
+        for (int64_t n : {int64_t(0), int64_t(1), int64_t(3), int64_t(4), int64_t(31),
+                          int64_t(33), int64_t(114), int64_t(512), int64_t(1999)}) {
+          const uint64_t seed = 0x1234567 + uint64_t(n);
+          std::vector<float> out(size_t(n) + 1, 7.0f), inplace(x.begin(), x.begin() + n);
+          cpu::dropout_span(out.data(), x.data(), n, first, seed, threshold, keep_scale,
+                            loop.groups);
+          cpu::dropout_span(inplace.data(), inplace.data(), n, first, seed, threshold,
+                            keep_scale, loop.groups);
+          for (int64_t k = 0; k < n; ++k) {
+            const float want =
+                random16(seed, first + uint64_t(k)) >= threshold ? x[k] / keep_scale : 0.0f;
+            ASSERT_EQ(std::bit_cast<uint32_t>(out[k]), std::bit_cast<uint32_t>(want))
+                << loop.isa << " p=" << p << " first=" << first << " n=" << n << " k=" << k;
+            ASSERT_EQ(std::bit_cast<uint32_t>(inplace[k]), std::bit_cast<uint32_t>(want))
+                << loop.isa << " in place, k=" << k;
+          }
+          ASSERT_EQ(out[size_t(n)], 7.0f) << loop.isa << ": wrote past the span";
+        }
+      }
+    }
+  }
+  EXPECT_GE(ran, 1);
 }
 
 }  // namespace

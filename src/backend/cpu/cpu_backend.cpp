@@ -71,43 +71,6 @@ double blocked_sum(const float* x, int64_t n, double* partial,
   return total;
 }
 
-// ---- dropout (Backend::dropout's mask, core/rng.h) ------------------------------------------------
-// One 64-bit mix per group of four elements: random16(seed, i) for i = 4g .. 4g+3 are the four
-// 16-bit fields of mix64(seed + g * gamma). A full group is one SSE4.1 vector (x86-64-v2, the
-// build's baseline): the fields widened to 32 bits, compared with the threshold, and the
-// quotient x / keep_scale (a true division, as the scalar formula: bitwise the same result)
-// kept or zeroed. About 3x the scalar loop. The target attribute lets a Debug or sanitizer build
-// (no -march) compile the intrinsics too; its callers carry it as well, so that it can inline.
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;  // splitmix64's increment (core/rng.h)
-
-__attribute__((target("sse4.1")))
-inline void dropout_group(float* out, const float* x, uint64_t bits, __m128 keep, __m128i below) {
-  const __m128i r = _mm_cvtepu16_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bits)));
-  const __m128 kept = _mm_castsi128_ps(_mm_cmpgt_epi32(r, below));  // r > threshold - 1
-  const __m128 q = _mm_div_ps(_mm_loadu_ps(x), keep);
-  _mm_storeu_ps(out, _mm_and_ps(kept, q));  // dropped: +0.0f
-}
-
-// Dropout (p > 0) of x[0, n) as elements [first, first + n) of a larger tensor: out[k] =
-// x[k] / keep_scale if random16(seed, first + k) >= threshold, else +0.0f, bitwise what
-// Backend::dropout gives that tensor's elements. A row of attention probs starts anywhere in a
-// group: its ragged ends are scalar. out may alias x.
-__attribute__((target("sse4.1")))
-void dropout_span(float* out, const float* x, int64_t n, uint64_t first, uint64_t seed,
-                  uint32_t threshold, float keep_scale) {
-  const __m128 keep = _mm_set1_ps(keep_scale);
-  const __m128i below = _mm_set1_epi32(int32_t(threshold) - 1);
-  auto scalar = [&](int64_t k) {
-    out[k] = random16(seed, first + uint64_t(k)) >= threshold ? x[k] / keep_scale : 0.0f;
-  };
-  int64_t k = 0;
-  for (; k < n && ((first + uint64_t(k)) & 3) != 0; ++k) scalar(k);
-  for (; k + 4 <= n; k += 4)
-    dropout_group(out + k, x + k, mix64(seed + ((first + uint64_t(k)) >> 2) * kGolden), keep,
-                  below);
-  for (; k < n; ++k) scalar(k);
-}
-
 // ---- attention rows ---------------------------------------------------------------------------------
 // One row of attention_softmax_forward: p[j] = softmax over allowed j of s[j] + bi[j], allowed:
 // j < jmax and (km null or km[j] != 0). The max in fp32, e[j] = exp_f32(s[j] + bi[j] - max), the
@@ -154,13 +117,22 @@ SWT_CPU_CLONES void scaled_exp(float* d, const float* x, int n, float l, float f
   for (int v = 0; v < n; ++v) d[v] = factor * cpu::exp_f32(x[v] - l);
 }
 
-// One row of softmax_backward: ds[j] = p[j] * (dp[j] - float(sum_j double(dp[j]) * p[j])).
-// ds may alias dp.
-inline void softmax_backward_row(float* ds, const float* dp, const float* p, int Tk) {
-  double dot = 0.0;
-  for (int j = 0; j < Tk; ++j) dot += double(dp[j]) * p[j];
-  const float dotf = static_cast<float>(dot);
+// One row of softmax_backward: ds[j] = p[j] * (dp[j] - float(sum_j double(dp[j]) * p[j])), the
+// sum in lane_sum's fixed order (a single running sum was a chain of dependent adds: the fused
+// attention backward's largest own cost). ds may alias dp.
+SWT_CPU_CLONES void softmax_backward_row(float* ds, const float* dp, const float* p, int Tk) {
+  const float dotf = static_cast<float>(
+      cpu::lane_sum(Tk, [&](int64_t j) { return double(dp[j]) * double(p[j]); }));
   for (int j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dotf);
+}
+
+// acc[j] += x[j] in double (the attention bias gradient's sum over the batch, row by row).
+SWT_CPU_CLONES void accumulate_row(double* acc, const float* x, int n) {
+  for (int j = 0; j < n; ++j) acc[j] += double(x[j]);
+}
+
+SWT_CPU_CLONES void round_row_to_bf16(float* x, int n) {
+  for (int j = 0; j < n; ++j) x[j] = switcht5::round_to_bf16(x[j]);
 }
 
 }  // namespace
@@ -555,7 +527,6 @@ void CpuBackend::softmax_backward(float* dscores, const float* dprobs, const flo
 // dropped, else this thread's scratch row), then stored, dropped out and rounded while it is in
 // cache. Each op of the composition in backend.h is the same arithmetic on the same values, so
 // the result is bitwise that composition's on this backend.
-__attribute__((target("sse4.1")))
 void CpuBackend::attention_softmax_dropout_forward(void* probs, DType probs_type, float* dropped,
                                                    const float* scores, const float* bias,
                                                    const float* key_mask, int B, int H, int Tq,
@@ -591,7 +562,7 @@ void CpuBackend::attention_softmax_dropout_forward(void* probs, DType probs_type
     }
     if (!dr) continue;
     if (p > 0.0f) {
-      dropout_span(dr, pr, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
+      cpu::dropout_span(dr, pr, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
       if (bf16)
         for (int j = 0; j < Tk; ++j) dr[j] = switcht5::round_to_bf16(dr[j]);
     } else if (dr != pr) {
@@ -604,7 +575,6 @@ void CpuBackend::attention_softmax_dropout_forward(void* probs, DType probs_type
 // double over b in order from dbias's value (sum_over_batch's order) while the rows are in cache:
 // the dropout mask is written into dscores (as Backend::dropout would write dprobs), the softmax
 // backward is done in place there, and the row rounded after its sum is taken.
-__attribute__((target("sse4.1")))
 void CpuBackend::attention_softmax_dropout_backward(float* dscores, float* dbias,
                                                     const float* dprobs, const float* probs, int B,
                                                     int H, int Tq, int Tk, float p, RandomKey key,
@@ -626,14 +596,12 @@ void CpuBackend::attention_softmax_dropout_backward(float* dscores, float* dbias
       float* ds = dscores + row * Tk;
       const float* dp = dprobs + row * Tk;
       if (p > 0.0f)
-        dropout_span(ds, dp, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
+        cpu::dropout_span(ds, dp, Tk, uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
       else if (ds != dp)
         std::memcpy(ds, dp, sizeof(float) * size_t(Tk));
       softmax_backward_row(ds, ds, probs + row * Tk, Tk);
-      if (acc)
-        for (int j = 0; j < Tk; ++j) acc[j] += ds[j];
-      if (round_bf16)
-        for (int j = 0; j < Tk; ++j) ds[j] = switcht5::round_to_bf16(ds[j]);
+      if (acc) accumulate_row(acc, ds, Tk);
+      if (round_bf16) round_row_to_bf16(ds, Tk);
     }
     if (db)
       for (int j = 0; j < Tk; ++j) db[j] = static_cast<float>(acc[j]);
@@ -696,8 +664,8 @@ void CpuBackend::gated_gelu_backward(float* da, float* db, const float* dout, co
 
 // ---- randomness -------------------------------------------------------------------------------
 
-// Full groups of four through dropout_group (see there), the tail scalar.
-__attribute__((target("sse4.1")))
+// Each thread one contiguous chunk of whole 64-element blocks (cpu::dropout_span: the widest
+// vector loop the CPU runs); an element's value depends only on its index, not on the chunking.
 void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "dropout: p={} outside [0, 1)", p);
   const uint64_t seed = key.host_seed();
@@ -707,19 +675,16 @@ void CpuBackend::dropout(float* out, const float* x, int64_t n, float p, RandomK
   }
   const float keep_scale = 1.0f - p;
   const uint32_t threshold = dropout_threshold(p);  // <= 65536
-  const int64_t full = n / 4;
-  const __m128 keep = _mm_set1_ps(keep_scale);
-  const __m128i below = _mm_set1_epi32(int32_t(threshold) - 1);  // r >= threshold iff r > below
-#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t g = 0; g < full; ++g)
-    dropout_group(out + 4 * g, x + 4 * g, mix64(seed + static_cast<uint64_t>(g) * kGolden), keep,
-                  below);
-  if (n % 4 != 0) {
-    const uint64_t bits = mix64(seed + static_cast<uint64_t>(full) * kGolden);
-    for (int64_t i = 4 * full; i < n; ++i) {
-      const uint32_t r = uint32_t(bits >> (16 * (i - 4 * full))) & 0xFFFFu;
-      out[i] = r >= threshold ? x[i] / keep_scale : 0.0f;
-    }
+  const cpu::DropoutGroups groups = cpu::best_dropout_groups();
+  constexpr int64_t kBlock = 64;
+#pragma omp parallel if (n >= kParallelMin / 4)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    const int64_t begin = std::min(n, (blocks * t / threads) * kBlock);
+    const int64_t end = std::min(n, (blocks * (t + 1) / threads) * kBlock);
+    cpu::dropout_span(out + begin, x + begin, end - begin, uint64_t(begin), seed, threshold,
+                      keep_scale, groups);
   }
 }
 
