@@ -5,6 +5,7 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -72,30 +73,7 @@ double blocked_sum(const float* x, int64_t n, double* partial,
 }
 
 // ---- attention rows ---------------------------------------------------------------------------------
-// One row of attention_softmax_forward: p[j] = softmax over allowed j of s[j] + bi[j], allowed:
-// j < jmax and (km null or km[j] != 0). The max in fp32, e[j] = exp_f32(s[j] + bi[j] - max), the
-// normaliser in double (lane_sum), then p[j] = e[j] * float(1/z). p may alias s: each pass reads
-// s[j] before writing p[j]. Not inline: a clone per vector width (its callers are not cloned).
-SWT_CPU_CLONES void softmax_row(float* p, const float* s, const float* bi, const float* km,
-                                int jmax, int Tk) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < jmax; ++j)
-    if (!km || km[j] != 0.0f) mx = std::max(mx, s[j] + (bi ? bi[j] : 0.0f));
-  // Separate loops without conditional loads, so that each vectorizes.
-  if (bi)
-    for (int j = 0; j < Tk; ++j) p[j] = cpu::exp_f32(s[j] + bi[j] - mx);
-  else
-    for (int j = 0; j < Tk; ++j) p[j] = cpu::exp_f32(s[j] - mx);
-  for (int j = jmax; j < Tk; ++j) p[j] = 0.0f;
-  if (km)
-    for (int j = 0; j < jmax; ++j) p[j] = km[j] != 0.0f ? p[j] : 0.0f;
-  const double z = cpu::lane_sum(Tk, [&](int64_t j) { return double(p[j]); });
-  const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
-  for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
-}
-
-// Cross-entropy rows: the max of a row (16 lanes, so that it vectorizes: a max is exact in any
-// order), sum_v e^(x[v] - mx) in double, and d[v] = factor * e^(x[v] - l).
+// The max of a row (16 lanes, so that it vectorizes: a max is exact in any order).
 SWT_CPU_CLONES float row_max(const float* x, int n) {
   constexpr int kLanes = 16;
   float m[kLanes];
@@ -109,6 +87,36 @@ SWT_CPU_CLONES float row_max(const float* x, int n) {
   return mx;
 }
 
+// One row of attention_softmax_forward: p[j] = softmax over allowed j of s[j] + bi[j], allowed:
+// j < jmax and (km null or km[j] != 0). The logits t[j] = s[j] + bi[j] in fp32 go into p with
+// -inf where not allowed, so that every pass is a plain loop that vectorizes (the max too:
+// row_max's lanes; a max is exact in any order). Then e[j] = exp_f32(t[j] - max) (0 where -inf),
+// the normaliser in double (lane_sum), p[j] = e[j] * float(1/z). A row with nothing allowed is
+// all zeros. p may alias s: each pass reads index j before writing it. Not inline: a clone per
+// vector width (its callers are not cloned).
+SWT_CPU_CLONES void softmax_row(float* p, const float* s, const float* bi, const float* km,
+                                int jmax, int Tk) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  if (bi)
+    for (int j = 0; j < Tk; ++j) p[j] = s[j] + bi[j];
+  else if (p != s)
+    for (int j = 0; j < Tk; ++j) p[j] = s[j];
+  for (int j = jmax; j < Tk; ++j) p[j] = kMasked;
+  if (km)
+    for (int j = 0; j < jmax; ++j) p[j] = km[j] != 0.0f ? p[j] : kMasked;
+  const float mx = row_max(p, Tk);
+  if (mx == kMasked) {  // nothing allowed (a fully masked row): exp(-inf - -inf) would be NaN
+    for (int j = 0; j < Tk; ++j) p[j] = 0.0f;
+    return;
+  }
+  for (int j = 0; j < Tk; ++j) p[j] = cpu::exp_f32(p[j] - mx);  // exp_f32(-inf) = +0
+  const double z = cpu::lane_sum(Tk, [&](int64_t j) { return double(p[j]); });
+  const float inv_z = z > 0.0 ? static_cast<float>(1.0 / z) : 0.0f;
+  for (int j = 0; j < Tk; ++j) p[j] *= inv_z;
+}
+
+// Cross-entropy rows (their max: row_max above): sum_v e^(x[v] - mx) in double, and
+// d[v] = factor * e^(x[v] - l).
 SWT_CPU_CLONES double sum_exp(const float* x, int n, float mx) {
   return cpu::lane_sum(n, [&](int64_t v) { return double(cpu::exp_f32(x[v] - mx)); });
 }
@@ -206,6 +214,8 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
   }
   const char ta = trans_a ? 'T' : 'N';
   const char tb = trans_b ? 'T' : 'N';
+  const auto t0 = gemm_profile_ ? std::chrono::steady_clock::now()
+                                : std::chrono::steady_clock::time_point{};
   auto one = [&](int b) {
     return dnnl_sgemm(ta, tb, M, N, K, alpha, A + b * stride_a, lda, B + b * stride_b, ldb, beta,
                       C + b * stride_c, ldc);
@@ -230,6 +240,11 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
                 "dnnl_sgemm failed with status {} (trans {}{} M={} N={} K={} lda={} ldb={} ldc={})",
                 int(st), ta, tb, M, N, K, lda, ldb, ldc);
     }
+  }
+  if (gemm_profile_) {
+    GemmTime& t = (*gemm_profile_)[GemmShape{trans_a, trans_b, M, N, K, batch}];
+    t.calls += 1;
+    t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 }
 
