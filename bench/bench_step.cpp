@@ -3,7 +3,11 @@
 // steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak.
 //
 // Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
-//        [--set k=v ...]
+//        [--gemm-shapes] [--set k=v ...]
+// --gemm-shapes (cpu backend): times every GEMM of the measured steps by shape and prints where
+// the matmul time goes: per shape its calls, milliseconds and GFLOP/s per step against the
+// FFN-shape peak, and all GEMMs together against the rest of the step. (The timing wraps each
+// dnnl_sgemm call: it adds two clock reads per call, nothing else.)
 // --json writes the numbers as one JSON object too (scripts/bench_gpu.sh reads it). On a GPU
 // backend (train.backend=cuda) the GEMM peak is measured on random operands of the step's own
 // precision (bf16 with train.precision=bf16: the MFU denominator), the square case at 8192^3 to
@@ -35,6 +39,7 @@
 #include "comm/process_grid.h"
 #include "core/check.h"
 #include "core/rng.h"
+#include "backend/cpu/cpu_backend.h"
 #include "train/comm_plan.h"
 #include "train/trainer.h"
 #if SWITCHT5_HAVE_CUDA
@@ -138,14 +143,69 @@ DeviceMemoryReport device_memory_report(const Backend& be) {
   return r;
 }
 
+// Prints --gemm-shapes' table (slowest first) and returns it as a JSON array. Per step: a
+// shape's calls, ms and GFLOP; its GFLOP/s against `peak` (the FFN-shape peak measured above);
+// and all GEMMs against the median step, whose remainder is everything that is not a GEMM.
+std::string report_gemm_shapes(const CpuBackend::GemmProfile& profile, int steps,
+                               double step_ms, double peak) {
+  struct Row {
+    CpuBackend::GemmShape shape;
+    CpuBackend::GemmTime time;
+    double flops;
+  };
+  std::vector<Row> rows;
+  double total_s = 0, total_flops = 0;
+  for (const auto& [shape, time] : profile) {
+    const double flops = 2.0 * shape.M * shape.N * double(shape.K) * shape.batch * time.calls;
+    rows.push_back({shape, time, flops});
+    total_s += time.seconds;
+    total_flops += flops;
+  }
+  std::sort(rows.begin(), rows.end(),
+            [](const Row& a, const Row& b) { return a.time.seconds > b.time.seconds; });
+  const double gemm_ms = total_s * 1e3 / steps;
+  fmt::print("gemm shapes (per step, over {} steps; C[M,N] = op(A) op(B), batch products each):\n",
+             steps);
+  fmt::print("  {:>2} {:>6} {:>6} {:>6} {:>5} {:>6} {:>9} {:>8} {:>9} {:>7}\n", "op", "M", "N",
+             "K", "batch", "calls", "GFLOP", "ms", "GFLOP/s", "of peak");
+  std::string json = "[";
+  for (const Row& r : rows) {
+    const double ms = r.time.seconds * 1e3 / steps, gflop = r.flops * 1e-9 / steps;
+    const double rate = r.flops / r.time.seconds * 1e-9;
+    const std::string op = std::string(r.shape.trans_a ? "T" : "N") + (r.shape.trans_b ? "T" : "N");
+    fmt::print("  {:>2} {:>6} {:>6} {:>6} {:>5} {:>6.1f} {:>9.2f} {:>8.2f} {:>9.1f} {:>6.0f}%\n", op,
+               r.shape.M, r.shape.N, r.shape.K, r.shape.batch, double(r.time.calls) / steps, gflop,
+               ms, rate, 100.0 * rate / peak);
+    json += fmt::format("{}{{\"op\": \"{}\", \"M\": {}, \"N\": {}, \"K\": {}, \"batch\": {}, "
+                        "\"calls_per_step\": {:.2f}, \"gflop_per_step\": {:.4f}, "
+                        "\"ms_per_step\": {:.4f}, \"gflops\": {:.2f}}}",
+                        json.size() > 1 ? ", " : "", op, r.shape.M, r.shape.N, r.shape.K,
+                        r.shape.batch, double(r.time.calls) / steps, gflop, ms, rate);
+  }
+  json += "]";
+  const double rate = total_flops / total_s * 1e-9;
+  fmt::print("gemm total: {:.1f} ms of the {:.1f} ms step ({:.0f}%) at {:.1f} GFLOP/s ({:.0f}% of "
+             "the FFN-shape peak); everything else {:.1f} ms ({:.0f}%)\n",
+             gemm_ms, step_ms, 100.0 * gemm_ms / step_ms, rate, 100.0 * rate / peak,
+             step_ms - gemm_ms, 100.0 * (step_ms - gemm_ms) / step_ms);
+  return fmt::format("{{\"gemm_ms_per_step\": {:.4f}, \"gemm_gflops\": {:.2f}, \"shapes\": {}}}",
+                     gemm_ms, rate, json);
+}
+
 int run(int argc, char** argv) {
   SWT_USER_CHECK(argc >= 2,
-                 "usage: bench_step CONFIG [--warmup N] [--steps N] [--json FILE] [--set k=v ...]");
+                 "usage: bench_step CONFIG [--warmup N] [--steps N] [--json FILE] [--gemm-shapes] "
+                 "[--set k=v ...]");
   std::string config = argv[1], json_path;
   int warmup = 2, steps = 5;
+  bool gemm_shapes = false;
   std::vector<std::string> sets;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--gemm-shapes") {
+      gemm_shapes = true;
+      continue;
+    }
     SWT_USER_CHECK(i + 1 < argc, "{} needs a value", a);
     if (a == "--warmup") warmup = std::atoi(argv[++i]);
     else if (a == "--steps") steps = std::atoi(argv[++i]);
@@ -158,7 +218,13 @@ int run(int argc, char** argv) {
   ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
                                          cfg.parallel.expert, cfg.parallel.timeout_s);
   Trainer trainer(cfg, grid);
+  auto* cpu = dynamic_cast<CpuBackend*>(&trainer.backend());
+  SWT_USER_CHECK(!gemm_shapes || cpu != nullptr,
+                 "--gemm-shapes times the cpu backend's GEMMs; this run's backend is {}",
+                 trainer.backend().name());
+  CpuBackend::GemmProfile gemm_profile;
   for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
+  if (gemm_shapes) cpu->set_gemm_profile(&gemm_profile);
   std::vector<double> ms;
   const int64_t alloc0 = g_allocations.load();
   const int64_t syncs0 = trainer.backend().host_syncs();
@@ -179,6 +245,7 @@ int run(int argc, char** argv) {
     opt_ms.push_back(sm.optimizer_ms);
     fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
   }
+  if (gemm_shapes) cpu->set_gemm_profile(nullptr);
   const int64_t allocs = g_allocations.load() - alloc0;
   const double syncs = double(trainer.backend().host_syncs() - syncs0) / steps;
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
@@ -245,6 +312,8 @@ int run(int argc, char** argv) {
   if (!device.line.empty()) fmt::print("{}\n", device.line);
   fmt::print("heap allocations in {} steady-state steps: {} ({:.1f} per step)\n", steps, allocs,
              double(allocs) / steps);
+  std::string shapes_json = "null";
+  if (gemm_shapes) shapes_json = report_gemm_shapes(gemm_profile, steps, median, peak);
   // Backend calls that hand data to the host (copy_to_host, sum, sum_squares, count_nonfinite):
   // each waits for the device on a GPU backend.
   fmt::print("host synchronisations: {:.1f} per step\n", syncs);
@@ -282,7 +351,7 @@ int run(int argc, char** argv) {
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
                "\"heap_allocs_per_step\": {:.2f}, \"backend_memory\": {}, "
                "\"device_memory\": {}, \"world_size\": {}, \"data_plane_bytes_per_step\": {:.0f}, "
-               "\"planned_data_plane_bytes_per_step\": {:.0f}}}\n",
+               "\"planned_data_plane_bytes_per_step\": {:.0f}, \"gemm_shapes\": {}}}\n",
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
@@ -290,7 +359,7 @@ int run(int argc, char** argv) {
                achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
-               planned_payload);
+               planned_payload, shapes_json);
     std::fclose(f);
   }
   return 0;

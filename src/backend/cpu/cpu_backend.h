@@ -5,6 +5,9 @@
 // depend on the thread count (reductions sum fixed-size blocks, then the blocks in order).
 // Tested against ReferenceBackend in tests/test_backend_ops.cpp.
 #pragma once
+#include <compare>
+#include <cstdint>
+#include <map>
 #include <unordered_map>
 #include <vector>
 
@@ -123,7 +126,24 @@ class CpuBackend final : public Backend {
                         bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
                         float clip, float weight_decay) override;
 
+  // Per-shape GEMM time, for `bench_step --gemm-shapes` (where the step's matmul time goes):
+  // while a profile is set, every gemm call that reaches oneDNN is timed on the wall clock and
+  // added to its shape's row (gemm_ex's bf16 operands count once, as the fp32 product they
+  // become). Null, the default, costs one branch per call.
+  struct GemmShape {
+    bool trans_a, trans_b;
+    int M, N, K, batch;
+    auto operator<=>(const GemmShape&) const = default;
+  };
+  struct GemmTime {
+    int64_t calls = 0;
+    double seconds = 0.0;
+  };
+  using GemmProfile = std::map<GemmShape, GemmTime>;
+  void set_gemm_profile(GemmProfile* profile) { gemm_profile_ = profile; }
+
  private:
+  GemmProfile* gemm_profile_ = nullptr;
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted
   // Host scratch for reductions (block partials, per-row factors), grown on first use and then
   // reused, so steady-state steps make no heap allocations. Ops run one at a time per backend.
