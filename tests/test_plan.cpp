@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_env.h"
 #include "backend/cuda/cuda_memory.h"
 #include "backend/sizing_backend.h"
@@ -101,6 +102,36 @@ TEST_P(PlanMatchesTraining, CpuBackendCountsThePlanTotal) {
   EXPECT_EQ(m.peak, plan.total);
   EXPECT_EQ(m.held_peak, plan.total);
   EXPECT_EQ(m.transient_peak, 0);
+}
+
+// bench_step --gemm-shapes' accounting (CpuBackend::set_gemm_profile): the products a training
+// step runs, counted by shape, add up to the matmul FLOPs the trainer reports for the step (its
+// MFU numerator, model/flops.h), and nothing is counted once the profile is unset.
+TEST_P(PlanMatchesTraining, GemmProfileAddsUpToTheStepsMatmulFlops) {
+  const PlanCase& c = GetParam();
+  const RunConfig cfg = load_config(kConfigs + c.config, c.sets);
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+  Trainer trainer(cfg, grid);
+  auto* cpu = dynamic_cast<CpuBackend*>(&trainer.backend());
+  ASSERT_NE(cpu, nullptr);
+  CpuBackend::GemmProfile profile;
+  cpu->set_gemm_profile(&profile);
+  ASSERT_FALSE(trainer.train_step(1).skipped);
+  cpu->set_gemm_profile(nullptr);
+  double flops = 0;
+  int64_t calls = 0;
+  for (const auto& [shape, time] : profile) {
+    EXPECT_GT(time.calls, 0);
+    EXPECT_GE(time.seconds, 0.0);
+    flops += 2.0 * shape.M * shape.N * double(shape.K) * shape.batch * double(time.calls);
+    calls += time.calls;
+  }
+  EXPECT_GT(profile.size(), 3u);
+  EXPECT_NEAR(flops, trainer.step_flops(), 1e-9 * trainer.step_flops());
+  ASSERT_FALSE(trainer.train_step(2).skipped);
+  int64_t after = 0;
+  for (const auto& [shape, time] : profile) after += time.calls;
+  EXPECT_EQ(after, calls) << "counted with the profile unset";
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, PlanMatchesTraining, ::testing::ValuesIn(plan_cases()),
