@@ -47,13 +47,15 @@ def cores():
     return os.cpu_count() or 1
 
 
-def case(group, name, kind, config, sets=(), np=1, hf_compile=False, steps=None, warmup=None):
+def case(group, name, kind, config, sets=(), np=1, hf_compile=False, steps=None, warmup=None,
+         gemm_shapes=False):
     return {"group": group, "name": name, "kind": kind, "config": config, "sets": list(sets),
-            "np": np, "compile": hf_compile, "steps": steps, "warmup": warmup}
+            "np": np, "compile": hf_compile, "steps": steps, "warmup": warmup,
+            "gemm_shapes": gemm_shapes}
 
 
 def cases(quick):
-    c = [case("hf", "switcht5 bench-small", "switcht5", SMALL),
+    c = [case("hf", "switcht5 bench-small", "switcht5", SMALL, gemm_shapes=True),
          case("hf", "HF eager bench-small", "hf", SMALL)]
     if not quick:
         c += [case("hf", "HF torch.compile bench-small", "hf", SMALL, hf_compile=True, warmup=3)]
@@ -120,6 +122,8 @@ def run_case(c, args, tmp):
                "--warmup", str(warmup), "--json", out]
         for s in c["sets"]:
             cmd += ["--set", s]
+        if c["gemm_shapes"]:
+            cmd.append("--gemm-shapes")
         if c["np"] > 1:
             cmd = ["bash", "scripts/mpirun.sh", "-np", str(c["np"])] + cmd
     else:
@@ -160,7 +164,7 @@ def summarize(c, runs):
         if vals:
             s[k] = statistics.median(vals)
     for k in ("torch", "transformers", "blas", "allocator", "expert_capacity", "batch",
-              "inputs_length", "targets_length"):
+              "inputs_length", "targets_length", "gemm_shapes"):
         if k in ok[-1]:
             s[k] = ok[-1][k]
     return s
@@ -171,6 +175,28 @@ def fmt_ms(s):
         return "not run"
     lo, hi = s["ms_spread"]
     return f"{s['ms']:.0f} ({lo:.0f}-{hi:.0f})"
+
+
+def where_time_goes(rows):
+    """The GEMM split of the rows that ran with --gemm-shapes (their last run): all GEMMs against
+    the rest of the step, and the slowest shapes."""
+    L = []
+    for r in rows:
+        g = r.get("gemm_shapes")
+        if not g or "ms" not in r:
+            continue
+        gemm, step, peak = g["gemm_ms_per_step"], r["runs"][-1]["ms_median"], r["gemm_ffn_gflops"]
+        L += [f"Where {r['name']}'s step goes (bench_step --gemm-shapes, last round): GEMMs "
+              f"{gemm:.0f} ms of {step:.0f} ms ({100 * gemm / step:.0f}%) at {g['gemm_gflops']:.0f} "
+              f"GFLOP/s ({100 * g['gemm_gflops'] / peak:.0f}% of the FFN-shape peak); everything "
+              f"else {step - gemm:.0f} ms ({100 * (step - gemm) / step:.0f}%). Slowest shapes:", "",
+              "| op | M | N | K | batch | calls | ms | GFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|---|"]
+        for x in g["shapes"][:8]:
+            L.append(f"| {x['op']} | {x['M']} | {x['N']} | {x['K']} | {x['batch']} | "
+                     f"{x['calls_per_step']:.0f} | {x['ms_per_step']:.1f} | {x['gflops']:.0f} | "
+                     f"{100 * x['gflops'] / peak:.0f}% |")
+        L.append("")
+    return L
 
 
 def markdown(results, info, args):
@@ -208,6 +234,7 @@ def markdown(results, info, args):
             err = f" ({r['error']})" if "error" in r else ""
             L.append(f"| {r['name']}{err} | {fmt_ms(r)} | {ratio} | {fb} | {op} | {tps} | {gf} | {rss} | {par} |")
         L.append("")
+        L += where_time_goes(rows)
         if g == "experts":
             ok = [r for r in rows if "forward_backward_ms_median" in r and "params" in r]
             if len(ok) >= 2:
