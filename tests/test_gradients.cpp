@@ -9,6 +9,7 @@
 // gradient through the jitter (the same multiplicative noise applied to dxr) is checked.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <functional>
 #include <string>
 #include <vector>
@@ -438,6 +439,51 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
   model.params().zero_grads(*be);
   model.backward(w);
   check_params(*be, model.params(), loss, 6);
+}
+
+// Lazily zeroed gradients (ParamStore::zero_grads marks them pending; the weight-gradient GEMMs
+// overwrite with beta = 0, other writers zero first): on both host backends a backward over a
+// gradient buffer full of NaN gives exactly the gradients of a backward over zeros in memory,
+// and a second backward without zero_grads adds to them (beta = 1 after the first write).
+TEST(LazyGradients, SameAsZerosInMemoryAndASecondBackwardAdds) {
+  for (const char* backend : {"reference", "cpu"}) {
+    auto be = make_backend(backend);
+    const ModelCase c{"switch_relu_tied", 2, "relu", true, 0.0f, 0.0f};
+    SwitchT5Model model(*be, tiny_model(c), {2, 6, 5});
+    ParamStore& ps = model.params();
+    ps.initialize(*be, 5);
+    const Batch batch = tiny_batch();
+    LossWeights w;
+    w.ce_scale = 1.0 / double(batch.target_tokens());
+    w.microbatches = 1.0;
+    const int64_t n = ps.total_numel();
+    auto backward = [&] {
+      model.forward(batch, true, 77, 0);
+      model.backward(w);
+      return download(*be, ps.grads(), n);
+    };
+    ps.zero_grads(*be);
+    ps.finish_grads();  // zeros in memory: every writer adds to them
+    const std::vector<float> eager = backward();
+    const std::vector<float> nan(size_t(n), std::numeric_limits<float>::quiet_NaN());
+    // Only the parameters: the padding between them is the store's and stays zero.
+    for (const ParamInfo& p : ps.infos())
+      be->copy_to_device(ps.grads() + p.offset, nan.data(), sizeof(float) * size_t(p.numel));
+    ps.zero_grads(*be);
+    const std::vector<float> lazy = backward();
+    const std::vector<float> twice = backward();
+    int64_t nonzero = 0;
+    for (const ParamInfo& p : ps.infos())
+      for (int64_t i = p.offset; i < p.offset + p.numel; ++i) {
+        ASSERT_EQ(lazy[size_t(i)], eager[size_t(i)]) << backend << " " << p.name << " [" << i - p.offset << "]";
+        // Not bitwise: where several writers add (the tied embedding), the second pass adds its
+        // parts to the first's total one by one.
+        ASSERT_NEAR(twice[size_t(i)], 2.0f * lazy[size_t(i)], 1e-6f + 1e-5f * std::fabs(lazy[size_t(i)]))
+            << backend << " " << p.name << " [" << i - p.offset << "]: the second backward";
+        nonzero += lazy[size_t(i)] != 0.0f;
+      }
+    EXPECT_GT(nonzero, n / 2) << backend;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

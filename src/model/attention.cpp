@@ -117,7 +117,7 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   const float* probs = probs_.load(be_, arena);      // [B,H,Tq,Tk]
 
   // out = ctx Wo^T
-  linear_backward_weight(be_, ps_.grad(*wo_), dout, ctx_.view(), B * Tq, HK, D);
+  linear_backward_weight(be_, ps_, *wo_, dout, ctx_.view(), B * Tq, HK, D);
   linear_backward_input(be_, dctx, dout, ps_.weight(*wo_), B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
   // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
@@ -150,9 +150,9 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   be_.permute_0213(dk, dk_h, B, H, Tk, K);
   be_.permute_0213(dv, dv_h, B, H, Tk, K);
   // Projections.
-  linear_backward_weight(be_, ps_.grad(*wq_), dq, xq_, B * Tq, D, HK);
-  linear_backward_weight(be_, ps_.grad(*wk_), dk, xkv_, B * Tk, D, HK);
-  linear_backward_weight(be_, ps_.grad(*wv_), dv, xkv_, B * Tk, D, HK);
+  linear_backward_weight(be_, ps_, *wq_, dq, xq_, B * Tq, D, HK);
+  linear_backward_weight(be_, ps_, *wk_, dk, xkv_, B * Tk, D, HK);
+  linear_backward_weight(be_, ps_, *wv_, dv, xkv_, B * Tk, D, HK);
   linear_backward_input(be_, dxq, dq, ps_.weight(*wq_), B * Tq, D, HK, false);
   linear_backward_input(be_, dxkv, dk, ps_.weight(*wk_), B * Tk, D, HK, true);
   linear_backward_input(be_, dxkv, dv, ps_.weight(*wv_), B * Tk, D, HK, true);

@@ -106,7 +106,7 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
   float* dh = arena.take<float>(h_.size());  // [count, N, F]
   float* db = arena.take<float>(h_.size());  // [count, N, F] (gated)
   const float* a = a_.load(be_, arena, n);   // [count, N, F] in fp32
-  linear_backward_weight(be_, ps_.grad(*wo_), dout, h_.view(), N, F_, D_, count_);
+  linear_backward_weight(be_, ps_, *wo_, dout, h_.view(), N, F_, D_, count_);
   linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
   if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
   if (gated_) {
@@ -116,13 +116,13 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
     be_.gated_gelu_backward(da, db, dh, a, b, n);
     store_activation(be_, ps_, da, n);
     store_activation(be_, ps_, db, n);
-    linear_backward_weight(be_, ps_.grad(*wi_), da, x_, N, D_, F_, count_);
-    linear_backward_weight(be_, ps_.grad(*wi1_), db, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_, *wi_, da, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_, *wi1_, db, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
     linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
   } else {
     be_.relu_backward(dh, dh, a, n);
-    linear_backward_weight(be_, ps_.grad(*wi_), dh, x_, N, D_, F_, count_);
+    linear_backward_weight(be_, ps_, *wi_, dh, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
   }
 }

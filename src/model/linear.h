@@ -26,16 +26,20 @@ inline void linear_backward_input(Backend& be, float* dx, const float* dy, const
 }
 
 // x as the layer kept it (model/activation_buffer.h): an fp32 x takes the all-fp32 gemm, a
-// bf16 x is read as bf16 by gemm_ex. dW is the fp32 master gradient either way.
-inline void linear_backward_weight(Backend& be, float* dW, const float* dy, ActivationView x,
-                                   int N, int in, int out, int count = 1) {
+// bf16 x is read as bf16 by gemm_ex. dW is the fp32 master gradient of `w` either way: count
+// stacked [out, in] blocks, all of w, overwritten by the step's first write and added to after
+// (ParamStore::grad_target).
+inline void linear_backward_weight(Backend& be, ParamStore& ps, const ParamInfo& w,
+                                   const float* dy, ActivationView x, int N, int in, int out,
+                                   int count = 1) {
+  const auto [dW, beta] = ps.grad_target(w, int64_t(count) * out * in);
   if (x.is_f32()) {
     be.gemm(true, false, out, in, N, 1.0f, dy, out, int64_t(N) * out, x.f32(), in,
-            int64_t(N) * in, 1.0f, dW, in, int64_t(out) * in, count);
+            int64_t(N) * in, beta, dW, in, int64_t(out) * in, count);
     return;
   }
   be.gemm_ex(true, false, out, in, N, 1.0f, dy, DType::kF32, out, int64_t(N) * out, x.data,
-             x.dtype, in, int64_t(N) * in, 1.0f, dW, DType::kF32, in, int64_t(out) * in, count);
+             x.dtype, in, int64_t(N) * in, beta, dW, DType::kF32, in, int64_t(out) * in, count);
 }
 
 // Mixed precision: the same maps with the weight as ParamStore::weight() gives it (its bf16

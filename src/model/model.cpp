@@ -345,8 +345,11 @@ struct SwitchT5Model::Stack {
     }
   }
 
-  static void report(GradientReadyListener* ready, const ParamInfo* p) {
-    if (ready) ready->on_gradients_ready(p->offset, p->offset + p->numel);
+  // p's gradient is final: zeroed if nothing wrote it (ParamStore::grad), then reported.
+  static void report(GradientReadyListener* ready, ParamStore& ps, const ParamInfo* p) {
+    if (!ready) return;
+    ps.grad(*p);
+    ready->on_gradients_ready(p->offset, p->offset + p->numel);
   }
 
   // dout: dJ/d(out) [N,D] (consumed). d_enc (decoder only): dJ/d(encoder output), accumulated.
@@ -361,7 +364,7 @@ struct SwitchT5Model::Stack {
     be.rmsnorm_backward(dh.data(), ps.grad(*final_ln), dout,
                         load_f32(be, last_hidden(), n, h_f32.data()), ps.master(*final_ln),
                         final_rstd.data(), N, D);
-    report(ready, final_ln);
+    report(ready, ps, final_ln);
     store_activation(be, ps, dh.data(), n);
     be.fill(dbias.data(), 0.0f, dbias.size());
     for (int i = static_cast<int>(blocks.size()) - 1; i >= 0; --i) {
@@ -386,11 +389,11 @@ struct SwitchT5Model::Stack {
         tp.f_backward(dx, int64_t(N) * D);
       });
       if (ready)
-        for (const ParamInfo* p : block_params[size_t(i)]) report(ready, p);
+        for (const ParamInfo* p : block_params[size_t(i)]) report(ready, ps, p);
     }
     be.relpos_bias_backward(ps.grad(*relbias), dbias.data(), buckets.data(),
                             H, T, T, cfg.relative_attention_num_buckets);
-    report(ready, relbias);
+    report(ready, ps, relbias);
     be.dropout(dh.data(), dh.data(), n, dropout_p, embed_seed);
     be.embedding_backward(ps.grad(*embedding), ids, dh.data(), N, D,
                           cfg.vocab_size);
@@ -608,10 +611,9 @@ void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready)
                              V, w.ce_scale_device ? 1.0f : float(w.ce_scale), w.ce_scale_device,
                              float(w.logit_z_loss));
   const bool tied = cfg_.tie_word_embeddings;
-  float* dW = params_.grad(*head_);
   store_activation(be_, params_, logits_.data(), logits_.size());  // dlogits feed bf16 GEMMs
-  linear_backward_weight(be_, dW, logits_.data(), head_in_.view(), int(N), D, V);
-  if (!tied) Stack::report(ready, head_);  // tied: shared.weight also gets the embeddings
+  linear_backward_weight(be_, params_, *head_, logits_.data(), head_in_.view(), int(N), D, V);
+  if (!tied) Stack::report(ready, params_, head_);  // tied: shared.weight also gets the embeddings
   // dJ/d(decoder output): in head_in_ (fp32), dead once dW is formed; bf16: in the decoder's
   // sub_out, which its backward consumes as dout before any sublayer writes there.
   float* d_dec_out = head_in_.f32_or(decoder_->sub_out.data());
@@ -636,7 +638,8 @@ void SwitchT5Model::backward(const LossWeights& w, GradientReadyListener* ready)
   TensorParallel(parallel_.model_group).f_backward(d_enc.data(), d_enc.size());
   router_scales(*encoder_, lb, z);
   encoder_->backward(d_enc.data(), in_.enc_ids.data(), nullptr, lb, z, scratch_.data(), ready);
-  Stack::report(ready, &params_.info("shared.weight"));
+  Stack::report(ready, params_, &params_.info("shared.weight"));
+  params_.finish_grads();  // any parameter this pass did not write (none in these models) is 0
 }
 
 }  // namespace switcht5

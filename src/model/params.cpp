@@ -56,6 +56,9 @@ void ParamStore::allocate(Backend& be) {
   }
   values_ = DeviceArray<float>(be, total_);
   grads_ = DeviceArray<float>(be, total_);
+  be.fill(grads_.data(), 0.0f, total_);  // the padding between parameters stays zero from here
+  be_ = &be;
+  grad_pending_.assign(infos_.size(), uint8_t(0));
 }
 
 void ParamStore::set_compute_dtype(Backend& be, DType dtype) {
@@ -115,9 +118,43 @@ void ParamStore::initialize(Backend& be, uint64_t seed) {
   }
   refresh_compute_copy(be);
   zero_grads(be);
+  finish_grads();  // every gradient zero in memory now
 }
 
-void ParamStore::zero_grads(Backend& be) { be.fill(grads_.data(), 0.0f, total_); }
+size_t ParamStore::index_of(const ParamInfo& p) const {
+  SWT_CHECK(!infos_.empty() && &p >= infos_.data() && &p < infos_.data() + infos_.size(),
+            "ParamStore: {} is not one of this store's parameters", p.name);
+  return size_t(&p - infos_.data());
+}
+
+void ParamStore::zero_grads(Backend& be) {
+  SWT_CHECK(&be == be_, "ParamStore::zero_grads on another backend than allocate's");
+  std::fill(grad_pending_.begin(), grad_pending_.end(), uint8_t(1));
+}
+
+float* ParamStore::grad(const ParamInfo& p) {
+  float* g = grads_.data() + p.offset;
+  uint8_t& pending = grad_pending_[index_of(p)];
+  if (pending) {
+    be_->fill(g, 0.0f, p.numel);
+    pending = 0;
+  }
+  return g;
+}
+
+ParamStore::GradTarget ParamStore::grad_target(const ParamInfo& p, int64_t floats) {
+  SWT_CHECK(floats == p.numel, "ParamStore::grad_target: a writer of {} floats for {} ({} floats)",
+            floats, p.name, p.numel);
+  uint8_t& pending = grad_pending_[index_of(p)];
+  const float beta = pending ? 0.0f : 1.0f;
+  pending = 0;
+  return {grads_.data() + p.offset, beta};
+}
+
+void ParamStore::finish_grads() {
+  for (size_t i = 0; i < infos_.size(); ++i)
+    if (grad_pending_[i]) grad(infos_[i]);
+}
 
 std::vector<ParamStore::HfEntry> ParamStore::hf_names() const {
   // "<prefix>.mlp.experts.<w>.weight" -> "<prefix>.mlp.experts.expert_{j}.<w>.weight"

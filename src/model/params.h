@@ -112,12 +112,34 @@ class ParamStore {
     return {values_.data() + p.offset, DType::kF32};
   }
 
-  // A parameter's fp32 master values and its gradient (fp32, accumulated by backward).
+  // A parameter's fp32 master values.
   const float* master(const ParamInfo& p) const { return values_.data() + p.offset; }
-  float* grad(const ParamInfo& p) { return grads_.data() + p.offset; }
+
+  // Gradients (fp32, accumulated by backward) are zeroed lazily. zero_grads() marks every
+  // parameter's gradient pending (to be zero) without touching memory; then each parameter's
+  // first writer of the step either
+  //   - overwrites all of it: grad_target(), for the weight-gradient GEMMs, gives beta = 0 (do not
+  //     read C) when pending and 1 after, so a fresh gradient is neither filled with zeros nor
+  //     read back; or
+  //   - adds to it: grad(), for every other writer (embedding scatter, norm weights, relative
+  //     position tables), fills a pending gradient with zeros first.
+  // finish_grads() zeroes what is still pending; SwitchT5Model::backward ends with it and reports
+  // nothing pending to a GradientReadyListener, so whoever reads grads() after a backward sees
+  // the same values as with an eager fill. Per step this saves a write of every gradient and a
+  // read of every GEMM-written one (the experts' gradients are most of the parameters): the
+  // order of the writes, hence the values, are unchanged (0 * beta + x = x exactly).
+  float* grad(const ParamInfo& p);
+  float* grad(const std::string& name) { return grad(info(name)); }
+  struct GradTarget {
+    float* data;
+    float beta;  // 0: the step's first write (nothing to add to), 1: accumulate
+  };
+  // For a writer that stores every one of p's `floats` (checked: floats == p.numel).
+  GradTarget grad_target(const ParamInfo& p, int64_t floats);
+  // Zeroes every gradient still pending (no-op when every parameter was written).
+  void finish_grads();
 
   float* value(const std::string& name) { return values_.data() + info(name).offset; }
-  float* grad(const std::string& name) { return grads_.data() + info(name).offset; }
   float* values() { return values_.data(); }
   float* grads() { return grads_.data(); }
   const float* values() const { return values_.data(); }
@@ -127,6 +149,7 @@ class ParamStore {
   // counter-based RNG keyed by (seed, name, i), so values do not depend on registration order,
   // on the process layout or on which block of a tensor this process holds.
   void initialize(Backend& be, uint64_t seed);
+  // Marks every gradient pending (see grad()); the memory is zeroed by its first writer.
   void zero_grads(Backend& be);
 
   // HF state_dict view of the tensors THIS process holds: (HF key, internal name, offset within
@@ -150,6 +173,9 @@ class ParamStore {
   int64_t expert_begin_ = 0;
   DeviceArray<float> values_;
   DeviceArray<float> grads_;
+  Backend* be_ = nullptr;                 // grads_' backend (set by allocate), for lazy zeroing
+  std::vector<uint8_t> grad_pending_;     // per parameter: zero_grads() since its last write
+  size_t index_of(const ParamInfo& p) const;
   DType compute_dtype_ = DType::kF32;
   DeviceArray<uint16_t> compute_;  // bf16 compute copy [total_] (bf16 compute dtype only)
 };

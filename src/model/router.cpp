@@ -114,7 +114,7 @@ void Router::backward(float* dx, const float* dgate, float lb_scale, float z_sca
   float* dxr = arena.take<float>(int64_t(T) * D);      // [T,D]
   be_.router_backward(dlogits, probs_.data(), lse_.data(), expert_.data(), dgate, counts_.data(),
                       G, S, E, lb_scale, z_scale);
-  linear_backward_weight(be_, ps_.grad(*weight_), dlogits, xr_, T, D, E);
+  linear_backward_weight(be_, ps_, *weight_, dlogits, xr_, T, D, E);
   linear_backward_input(be_, dxr, dlogits, ps_.master(*weight_), T, D, E, false);
   // Jitter is linear in x: its backward is the same multiplication.
   if (jitter_eps_ > 0.0f)

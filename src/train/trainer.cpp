@@ -270,6 +270,7 @@ void Trainer::issue_forward_backward(int64_t step, const LossWeights& w, RandomK
       reducer_->begin_step(extra + kLocalGradSq);
       // Test hook: gradients accumulate, so a NaN put in before the last backward stays in.
       if (step == inject_step_ && grid_.world_rank == inject_rank_) {
+        ps.finish_grads();  // in memory now, so that the backward adds to the NaN
         const float nan = std::numeric_limits<float>::quiet_NaN();
         be_->copy_to_device(ps.grads(), &nan, sizeof(float));
       }

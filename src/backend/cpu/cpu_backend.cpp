@@ -1,6 +1,5 @@
 #include "backend/cpu/cpu_backend.h"
 
-#include <immintrin.h>
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
 
