@@ -173,9 +173,9 @@ std::string report_gemm_shapes(const CpuBackend::GemmProfile& profile, int steps
     const double ms = r.time.seconds * 1e3 / steps, gflop = r.flops * 1e-9 / steps;
     const double rate = r.flops / r.time.seconds * 1e-9;
     const std::string op = std::string(r.shape.trans_a ? "T" : "N") + (r.shape.trans_b ? "T" : "N");
-    fmt::print("  {:>2} {:>6} {:>6} {:>6} {:>5} {:>6.1f} {:>9.2f} {:>8.2f} {:>9.1f} {:>6.0f}%\n", op,
-               r.shape.M, r.shape.N, r.shape.K, r.shape.batch, double(r.time.calls) / steps, gflop,
-               ms, rate, 100.0 * rate / peak);
+    fmt::print("  {:>2} {:>6} {:>6} {:>6} {:>5} {:>6.1f} {:>9.2f} {:>8.2f} {:>9.1f} {:>6.0f}%\n",
+               op, r.shape.M, r.shape.N, r.shape.K, r.shape.batch, double(r.time.calls) / steps,
+               gflop, ms, rate, 100.0 * rate / peak);
     json += fmt::format("{}{{\"op\": \"{}\", \"M\": {}, \"N\": {}, \"K\": {}, \"batch\": {}, "
                         "\"calls_per_step\": {:.2f}, \"gflop_per_step\": {:.4f}, "
                         "\"ms_per_step\": {:.4f}, \"gflops\": {:.2f}}}",

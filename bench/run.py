@@ -48,20 +48,31 @@ def cores():
 
 
 def case(group, name, kind, config, sets=(), np=1, hf_compile=False, steps=None, warmup=None,
-         gemm_shapes=False):
+         gemm_shapes=False, allocator=None):
     return {"group": group, "name": name, "kind": kind, "config": config, "sets": list(sets),
             "np": np, "compile": hf_compile, "steps": steps, "warmup": warmup,
-            "gemm_shapes": gemm_shapes}
+            "gemm_shapes": gemm_shapes, "allocator": allocator}
+
+
+def hf_allocators(c):
+    """An HF case once per allocator: glibc's malloc, and jemalloc where installed. Which is
+    PyTorch's faster depends on the machine (jemalloc on one, glibc by 15-45% on another), so both
+    run and the peer is credited with its best."""
+    if not os.path.exists(JEMALLOC):
+        return [dict(c, allocator="glibc")]
+    return [dict(c, name=f"{c['name']} ({a})", allocator=a) for a in ("glibc", "jemalloc")]
 
 
 def cases(quick):
-    c = [case("hf", "switcht5 bench-small", "switcht5", SMALL, gemm_shapes=True),
-         case("hf", "HF eager bench-small", "hf", SMALL)]
+    c = [case("hf", "switcht5 bench-small", "switcht5", SMALL, gemm_shapes=True)]
+    c += hf_allocators(case("hf", "HF eager bench-small", "hf", SMALL))
     if not quick:
-        c += [case("hf", "HF torch.compile bench-small", "hf", SMALL, hf_compile=True, warmup=3)]
+        c += hf_allocators(case("hf", "HF torch.compile bench-small", "hf", SMALL, hf_compile=True,
+                                warmup=3))
         b2 = ["train.batch_size=2"]
-        c += [case("hf", "switcht5 switch-base-8 b2", "switcht5", BASE8, b2, steps=3, warmup=1),
-              case("hf", "HF eager switch-base-8 b2", "hf", BASE8, b2, steps=3, warmup=1)]
+        c += [case("hf", "switcht5 switch-base-8 b2", "switcht5", BASE8, b2, steps=3, warmup=1)]
+        c += hf_allocators(case("hf", "HF eager switch-base-8 b2", "hf", BASE8, b2, steps=3,
+                                warmup=1))
     c += [case("moe", "switch-8 fp32", "switcht5", SMALL),
           case("moe", "dense fp32", "switcht5", SMALL, DENSE)]
     if not quick:
@@ -135,7 +146,7 @@ def run_case(c, args, tmp):
             cmd += ["--set", s]
         if c["compile"]:
             cmd.append("--compile")
-        if os.path.exists(JEMALLOC):
+        if c["allocator"] == "jemalloc":
             env["LD_PRELOAD"] = JEMALLOC
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.case_timeout)
     if p.returncode != 0 or not os.path.exists(out):
@@ -177,6 +188,21 @@ def fmt_ms(s):
     return f"{s['ms']:.0f} ({lo:.0f}-{hi:.0f})"
 
 
+def hf_best(rows):
+    """Per config, switcht5 against the fastest HF row (allocator and torch.compile included)."""
+    L = []
+    for r in rows:
+        if r["kind"] != "switcht5" or "ms" not in r:
+            continue
+        peers = [p for p in rows if p["kind"] == "hf" and p["config"] == r["config"]
+                 and p["sets"] == r["sets"] and "ms" in p]
+        if peers:
+            best = min(peers, key=lambda p: p["ms"])
+            L.append(f"{r['name']}: HF's fastest setting here is {best['name']} at {best['ms']:.0f} ms, "
+                     f"{best['ms'] / r['ms']:.2f}x switcht5's {r['ms']:.0f} ms.")
+    return L + [""] if L else []
+
+
 def where_time_goes(rows):
     """The GEMM split of the rows that ran with --gemm-shapes (their last run): all GEMMs against
     the rest of the step, and the slowest shapes."""
@@ -210,8 +236,9 @@ def markdown(results, info, args):
     if hf:
         h = hf[0]
         L += [f"HF: torch {h['torch']} (BLAS {h.get('blas', '?')}), transformers {h['transformers']}, "
-              f"allocator {h.get('allocator', '?')}, fp32, Adafactor, router losses on, "
-              f"expert_capacity {h.get('expert_capacity')} (training capacity of an input sequence).", ""]
+              f"allocator {', '.join(sorted({r.get('allocator', '?') for r in hf}))} (as each row "
+              f"says), fp32, Adafactor, router losses on, expert_capacity "
+              f"{h.get('expert_capacity')} (training capacity of an input sequence).", ""]
     by = {}
     for r in results:
         by.setdefault(r["group"], []).append(r)
@@ -234,6 +261,7 @@ def markdown(results, info, args):
             err = f" ({r['error']})" if "error" in r else ""
             L.append(f"| {r['name']}{err} | {fmt_ms(r)} | {ratio} | {fb} | {op} | {tps} | {gf} | {rss} | {par} |")
         L.append("")
+        L += hf_best(rows)
         L += where_time_goes(rows)
         if g == "experts":
             ok = [r for r in rows if "forward_backward_ms_median" in r and "params" in r]

@@ -8,8 +8,9 @@
 # on 2 cores); the full run takes about 30 minutes on 2 cores. --readme writes the tables into
 # README.md's benchmark block. Run it on a quiet machine: the load average is recorded.
 # HF needs build/benchenv (bench/python_env.sh: PyPI torch and transformers, about 3 GB to
-# download); without it the HF rows say "not run". jemalloc (Debian libjemalloc2) is preloaded
-# for HF where installed: its fastest CPU setting here.
+# download); without it the HF rows say "not run". Each HF row runs with glibc's malloc and,
+# where Debian's libjemalloc2 is installed, again with jemalloc preloaded: which is PyTorch's
+# faster differs between machines, and the results credit HF with its fastest row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release > /dev/null
