@@ -118,7 +118,8 @@ TEST(Dropout, EveryLoopIsTheScalarDefinitionBitForBit) {
   };
   std::vector<Loop> loops = {{"sse4.1", bool(__builtin_cpu_supports("sse4.1")),
                               cpu::dropout_groups_sse41},
-                             {"avx2", bool(__builtin_cpu_supports("avx2")), cpu::dropout_groups_avx2},
+                             {"avx2", bool(__builtin_cpu_supports("avx2")),
+                              cpu::dropout_groups_avx2},
                              {"avx512dq", __builtin_cpu_supports("avx512f") &&
                                               __builtin_cpu_supports("avx512dq"),
                               cpu::dropout_groups_avx512}};

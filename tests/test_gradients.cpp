@@ -475,12 +475,13 @@ TEST(LazyGradients, SameAsZerosInMemoryAndASecondBackwardAdds) {
     int64_t nonzero = 0;
     for (const ParamInfo& p : ps.infos())
       for (int64_t i = p.offset; i < p.offset + p.numel; ++i) {
-        ASSERT_EQ(lazy[size_t(i)], eager[size_t(i)]) << backend << " " << p.name << " [" << i - p.offset << "]";
+        const float g = lazy[size_t(i)];
+        ASSERT_EQ(g, eager[size_t(i)]) << backend << " " << p.name << " [" << i - p.offset << "]";
         // Not bitwise: where several writers add (the tied embedding), the second pass adds its
         // parts to the first's total one by one.
-        ASSERT_NEAR(twice[size_t(i)], 2.0f * lazy[size_t(i)], 1e-6f + 1e-5f * std::fabs(lazy[size_t(i)]))
+        ASSERT_NEAR(twice[size_t(i)], 2.0f * g, 1e-6f + 1e-5f * std::fabs(g))
             << backend << " " << p.name << " [" << i - p.offset << "]: the second backward";
-        nonzero += lazy[size_t(i)] != 0.0f;
+        nonzero += g != 0.0f;
       }
     EXPECT_GT(nonzero, n / 2) << backend;
   }

@@ -138,7 +138,8 @@ __attribute__((target("avx2"))) inline void dropout_groups_avx2(float* out, cons
     z = _mm256_add_epi64(z, step);
     for (int half = 0; half < 2; ++half) {
       const __m128i fields = half == 0 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
-      const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(fields), below));
+      const __m256 kept =
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(fields), below));
       const int64_t e = 4 * g + 8 * half;
       const __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + e), keep);
       _mm256_storeu_ps(out + e, _mm256_and_ps(kept, q));
@@ -162,8 +163,9 @@ __attribute__((target("avx512f,avx512dq"))) inline void dropout_groups_avx512(
   const __m512i c2 = _mm512_set1_epi64(int64_t(0x94D049BB133111EBull));
   const __m512i golden = _mm512_set1_epi64(int64_t(kGolden));
   const __m512i step = _mm512_set1_epi64(int64_t(8 * kGolden));
+  const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   __m512i z = _mm512_add_epi64(_mm512_set1_epi64(int64_t(seed + g0 * kGolden)),
-                               _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), golden));
+                               _mm512_mullo_epi64(lanes, golden));
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) {
     __m512i v = _mm512_add_epi64(z, golden);
@@ -210,7 +212,8 @@ inline void dropout_span(float* out, const float* x, int64_t n, uint64_t first, 
   int64_t k = 0;
   for (; k < n && ((first + uint64_t(k)) & 3) != 0; ++k) scalar(k);
   const int64_t whole = (n - k) / 4;
-  if (whole > 0) groups(out + k, x + k, whole, (first + uint64_t(k)) >> 2, seed, threshold, keep_scale);
+  if (whole > 0)
+    groups(out + k, x + k, whole, (first + uint64_t(k)) >> 2, seed, threshold, keep_scale);
   for (k += 4 * whole; k < n; ++k) scalar(k);
 }
 
