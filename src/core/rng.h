@@ -7,11 +7,17 @@
 
 namespace switcht5 {
 
+// splitmix64's constants: the golden-ratio increment (gamma) and the finalizer's multipliers.
+// Named because vectorized copies of mix64 (backend/cpu/cpu_kernels.h) must use the same ones.
+inline constexpr uint64_t kMixGamma = 0x9E3779B97F4A7C15ull;
+inline constexpr uint64_t kMixMul1 = 0xBF58476D1CE4E5B9ull;
+inline constexpr uint64_t kMixMul2 = 0x94D049BB133111EBull;
+
 // splitmix64 finalizer: a bijective 64-bit mix with good avalanche (Steele et al. 2014).
 inline constexpr uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z += kMixGamma;
+  z = (z ^ (z >> 30)) * kMixMul1;
+  z = (z ^ (z >> 27)) * kMixMul2;
   return z ^ (z >> 31);
 }
 
@@ -22,7 +28,7 @@ inline constexpr uint64_t derive_seed(uint64_t seed, uint64_t tag) { return mix6
 // at `seed` (state seed + index * golden gamma, one mix per draw), top 24 bits. Streams of
 // different seeds are decorrelated because seeds come from derive_seed (fully mixed).
 inline constexpr float uniform01(uint64_t seed, uint64_t index) {
-  return static_cast<float>(mix64(seed + index * 0x9E3779B97F4A7C15ull) >> 40) *
+  return static_cast<float>(mix64(seed + index * kMixGamma) >> 40) *
          (1.0f / 16777216.0f);
 }
 
@@ -31,7 +37,7 @@ inline constexpr float uniform01(uint64_t seed, uint64_t index) {
 // that a mask costs a quarter of a 64-bit mix per element; its keep probability is therefore
 // quantised to 1/65536 (see dropout_threshold).
 inline constexpr uint32_t random16(uint64_t seed, uint64_t index) {
-  return uint32_t(mix64(seed + (index >> 2) * 0x9E3779B97F4A7C15ull) >> (16 * (index & 3))) &
+  return uint32_t(mix64(seed + (index >> 2) * kMixGamma) >> (16 * (index & 3))) &
          0xFFFFu;
 }
 

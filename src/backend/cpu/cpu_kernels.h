@@ -87,7 +87,7 @@ inline float exp_f32(float x) {
 // on the x86-64-v2 baseline); all three give bitwise the same output, and dropout_span picks the
 // widest the CPU runs, once. Each takes `groups` whole groups, the first one `g0`; out and x
 // point at element 4 * g0. out may alias x (each vector is loaded before it is stored).
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;  // splitmix64's increment (core/rng.h)
+constexpr uint64_t kGolden = kMixGamma;  // splitmix64's increment (core/rng.h)
 
 using DropoutGroups = void (*)(float* out, const float* x, int64_t groups, uint64_t g0,
                                uint64_t seed, uint32_t threshold, float keep_scale);
@@ -121,8 +121,8 @@ __attribute__((target("avx2"))) inline void dropout_groups_avx2(float* out, cons
                                                                 float keep_scale) {
   const __m256 keep = _mm256_set1_ps(keep_scale);
   const __m256i below = _mm256_set1_epi32(int32_t(threshold) - 1);
-  const __m256i c1 = _mm256_set1_epi64x(int64_t(0xBF58476D1CE4E5B9ull));
-  const __m256i c2 = _mm256_set1_epi64x(int64_t(0x94D049BB133111EBull));
+  const __m256i c1 = _mm256_set1_epi64x(int64_t(kMixMul1));
+  const __m256i c2 = _mm256_set1_epi64x(int64_t(kMixMul2));
   const __m256i step = _mm256_set1_epi64x(int64_t(4 * kGolden));
   // Lane l's state before mix64's own increment: seed + (g0 + l) * kGolden.
   const uint64_t z0 = seed + g0 * kGolden;
@@ -159,8 +159,8 @@ __attribute__((target("avx512f,avx512dq"))) inline void dropout_groups_avx512(
     float keep_scale) {
   const __m512 keep = _mm512_set1_ps(keep_scale);
   const __m512i below = _mm512_set1_epi32(int32_t(threshold) - 1);
-  const __m512i c1 = _mm512_set1_epi64(int64_t(0xBF58476D1CE4E5B9ull));
-  const __m512i c2 = _mm512_set1_epi64(int64_t(0x94D049BB133111EBull));
+  const __m512i c1 = _mm512_set1_epi64(int64_t(kMixMul1));
+  const __m512i c2 = _mm512_set1_epi64(int64_t(kMixMul2));
   const __m512i golden = _mm512_set1_epi64(int64_t(kGolden));
   const __m512i step = _mm512_set1_epi64(int64_t(8 * kGolden));
   const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);

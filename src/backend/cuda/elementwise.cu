@@ -367,7 +367,7 @@ __global__ void dropout_kernel(float* out, const float* x, int64_t n, uint32_t t
   const uint64_t seed = key_seed(key, step);
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = global_thread_index(); g < groups; g += grid_stride()) {
-    const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * 0x9E3779B97F4A7C15ull);
+    const uint64_t bits = mix64(seed + static_cast<uint64_t>(g) * kMixGamma);
     const int64_t i0 = 4 * g;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
