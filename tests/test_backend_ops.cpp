@@ -29,6 +29,8 @@
 //   attention_softmax_forward softmax_backward   AttentionSoftmax
 //   attention_softmax_dropout_forward/backward   AttentionSoftmaxDropout; on the CPU also bitwise
 //                                     the composition: CpuAttention.FusedIsBitwiseTheComposition
+//   attention_core_forward/backward   AttentionCore; on the CPU also bitwise the composition it
+//                                     replaces: CpuAttention.CoreByProblemIsBitwiseTheComposition
 //   relpos_bias_forward/backward      RelposBias
 //   cross_entropy_forward/backward    CrossEntropy
 //   router_forward router_balance_loss router_backward moe_dispatch(_backward)
@@ -1025,6 +1027,57 @@ TEST_P(BackendVsReference, AttentionSoftmaxDropout) {
   }
 }
 
+// The attention core, forward and backward, with and without bias, mask, causality and dropout,
+// dq written over dctx as the model does. Inputs of the size the model's q, k (O(0.3)) give
+// scores of O(1); the tolerance is a sum's over the longer of K and Tk.
+TEST_P(BackendVsReference, AttentionCore) {
+  struct Dims {
+    int B, H, Tq, Tk, K;
+  };
+  for (const Dims& d : std::vector<Dims>{{1, 1, 1, 1, 1}, {2, 3, 7, 13, 5}, {3, 2, 33, 9, 16}}) {
+    const int BH = d.B * d.H;
+    const int64_t n = int64_t(BH) * d.Tq * d.Tk, nb = int64_t(d.H) * d.Tq * d.Tk;
+    const int64_t nq = int64_t(BH) * d.Tq * d.K, nk = int64_t(BH) * d.Tk * d.K;
+    const auto q = random_vector(nq, 60, -0.6f, 0.6f), k = random_vector(nk, 61, -0.6f, 0.6f),
+               v = random_vector(nk, 62), dctx = random_vector(nq, 63),
+               bias = random_vector(nb, 64), dbias0 = random_vector(nb, 65);
+    auto key_mask = random_vector(int64_t(d.B) * d.Tk, 66, 0, 1);
+    for (float& m : key_mask) m = m < 0.3f ? 0.0f : 1.0f;
+    key_mask[0] = 1.0f;
+    for (int variant = 0; variant < 16; ++variant) {
+      const bool use_bias = variant & 1, use_mask = variant & 2, causal = variant & 4;
+      const float p = variant & 8 ? 0.25f : 0.0f;
+      expect_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto Q = upload(be, q), Kt = upload(be, k), V = upload(be, v), Bi = upload(be, bias),
+                 Km = upload(be, key_mask), Dctx = upload(be, dctx), Db = upload(be, dbias0);
+            auto P = poisoned<float>(be, n), C = poisoned<float>(be, nq),
+                 W = poisoned<float>(be, n), Dk = poisoned<float>(be, nk),
+                 Dv = poisoned<float>(be, nk);
+            const RandomKey key(700 + variant);
+            be.attention_core_forward(P.data(), C.data(), Q.data(), Kt.data(), V.data(),
+                                      use_bias ? Bi.data() : nullptr,
+                                      use_mask ? Km.data() : nullptr, d.B, d.H, d.Tq, d.Tk, d.K,
+                                      causal, p, key, W.data());
+            Outputs out = {download(be, P.data(), n), download(be, C.data(), nq)};
+            poison(be, W.data(), n);
+            be.attention_core_backward(Dctx.data(), Dk.data(), Dv.data(),
+                                       use_bias ? Db.data() : nullptr, Dctx.data(), P.data(),
+                                       Q.data(), Kt.data(), V.data(), d.B, d.H, d.Tq, d.Tk, d.K,
+                                       p, key, W.data());
+            out.push_back(download(be, Dctx.data(), nq));  // dq
+            out.push_back(download(be, Dk.data(), nk));
+            out.push_back(download(be, Dv.data(), nk));
+            out.push_back(download(be, Db.data(), nb));
+            return out;
+          },
+          sum_of(std::max(d.K, d.Tk)),
+          fmt::format("attention core {}x{}x{}x{} K={} bias={} mask={} causal={} p={}", d.B, d.H,
+                      d.Tq, d.Tk, d.K, use_bias, use_mask, causal, p));
+    }
+  }
+}
+
 TEST_P(BackendVsReference, RelposBias) {
   struct Dims {
     int H, Tq, Tk, num_buckets;
@@ -1669,6 +1722,87 @@ TEST(CpuAttention, FusedIsBitwiseTheComposition) {
       EXPECT_EQ(bits(download(be, Db2.data(), nb)), bits(want_db)) << what;
     }
   }
+}
+
+// CpuBackend::attention_core_forward/_backward run problem by problem (each (b,h) in cache from
+// its scores to its context) when there are at least as many problems as threads; they must give
+// bitwise what Backend's composition gives on the same backend: the batched GEMMs, the fused
+// softmax+dropout ops, dropout, and the bias gradient summed over b in order. Two threads, so
+// that the problem-by-problem path runs for every shape but the one-problem fallback; odd sizes;
+// dq over dctx as the model writes it; every output poisoned first.
+TEST(CpuAttention, CoreByProblemIsBitwiseTheComposition) {
+  CpuBackend be;
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(2);
+  auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = std::bit_cast<uint32_t>(v[i]);
+    return b;
+  };
+  struct Dims {
+    int B, H, Tq, Tk, K;
+  };
+  for (const Dims& d : std::vector<Dims>{
+           {1, 1, 5, 7, 3}, {2, 3, 7, 13, 5}, {3, 2, 64, 65, 16}, {2, 4, 114, 512, 64}}) {
+    const int BH = d.B * d.H;
+    const int64_t n = int64_t(BH) * d.Tq * d.Tk, nb = int64_t(d.H) * d.Tq * d.Tk;
+    const int64_t nq = int64_t(BH) * d.Tq * d.K, nk = int64_t(BH) * d.Tk * d.K;
+    const auto q = random_vector(nq, 70, -0.6f, 0.6f), k = random_vector(nk, 71, -0.6f, 0.6f),
+               v = random_vector(nk, 72), dctx = random_vector(nq, 73),
+               bias = random_vector(nb, 74), dbias0 = random_vector(nb, 75);
+    auto key_mask = random_vector(int64_t(d.B) * d.Tk, 76, 0, 1);
+    for (float& m : key_mask) m = m < 0.3f ? 0.0f : 1.0f;
+    auto Q = upload(be, q), Kt = upload(be, k), V = upload(be, v), Bi = upload(be, bias),
+         Km = upload(be, key_mask);
+    DeviceArray<uint64_t> step(be, 1);
+    const uint64_t step_value = 9;
+    be.copy_to_device(step.data(), &step_value, sizeof step_value);
+    const RandomKey key(4321, step.data());
+    for (int variant = 0; variant < 16; ++variant) {
+      const bool use_bias = variant & 1, use_mask = variant & 2, causal = variant & 4;
+      const float p = variant & 8 ? 0.1f : 0.0f;
+      const float* bias_ptr = use_bias ? Bi.data() : nullptr;
+      const float* mask_ptr = use_mask ? Km.data() : nullptr;
+      const std::string what =
+          fmt::format("{}x{}x{}x{} K={} bias={} mask={} causal={} p={}", d.B, d.H, d.Tq, d.Tk,
+                      d.K, use_bias, use_mask, causal, p);
+      std::vector<std::vector<float>> got[2];  // [0] the composition, [1] the CPU's override
+      for (int fused = 0; fused < 2; ++fused) {
+        auto P = poisoned<float>(be, n), C = poisoned<float>(be, nq), W = poisoned<float>(be, n),
+             Dk = poisoned<float>(be, nk), Dv = poisoned<float>(be, nk);
+        auto Dctx = upload(be, dctx), Db = upload(be, dbias0);
+        if (fused)
+          be.attention_core_forward(P.data(), C.data(), Q.data(), Kt.data(), V.data(), bias_ptr,
+                                    mask_ptr, d.B, d.H, d.Tq, d.Tk, d.K, causal, p, key, W.data());
+        else
+          be.Backend::attention_core_forward(P.data(), C.data(), Q.data(), Kt.data(), V.data(),
+                                             bias_ptr, mask_ptr, d.B, d.H, d.Tq, d.Tk, d.K,
+                                             causal, p, key, W.data());
+        got[fused].push_back(download(be, P.data(), n));
+        got[fused].push_back(download(be, C.data(), nq));
+        poison(be, W.data(), n);
+        float* db = use_bias ? Db.data() : nullptr;
+        if (fused)
+          be.attention_core_backward(Dctx.data(), Dk.data(), Dv.data(), db, Dctx.data(),
+                                     P.data(), Q.data(), Kt.data(), V.data(), d.B, d.H, d.Tq,
+                                     d.Tk, d.K, p, key, W.data());
+        else
+          be.Backend::attention_core_backward(Dctx.data(), Dk.data(), Dv.data(), db, Dctx.data(),
+                                              P.data(), Q.data(), Kt.data(), V.data(), d.B, d.H,
+                                              d.Tq, d.Tk, d.K, p, key, W.data());
+        got[fused].push_back(download(be, Dctx.data(), nq));
+        got[fused].push_back(download(be, Dk.data(), nk));
+        got[fused].push_back(download(be, Dv.data(), nk));
+        got[fused].push_back(download(be, Db.data(), nb));
+      }
+      const char* names[] = {"probs", "ctx", "dq", "dk", "dv", "dbias"};
+      for (size_t o = 0; o < got[0].size(); ++o) {
+        for (float x : got[1][o]) ASSERT_TRUE(std::isfinite(x)) << what << " " << names[o];
+        EXPECT_EQ(bits(got[1][o]), bits(got[0][o])) << what << " " << names[o];
+      }
+    }
+  }
+  omp_set_num_threads(saved_threads);
 }
 
 TEST(CpuThreads, OpsBitwiseIndependentOfThreadCount) {

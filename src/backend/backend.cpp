@@ -13,6 +13,44 @@ void Backend::begin_recording() { SWT_CHECK(false, "backend '{}' cannot record w
 void Backend::end_recording() { SWT_CHECK(false, "backend '{}' cannot record work", name()); }
 void Backend::replay() { SWT_CHECK(false, "backend '{}' cannot record work", name()); }
 
+// The composition the model ran before the attention core was one op (backend.h).
+void Backend::attention_core_forward(float* probs, float* ctx, const float* q, const float* k,
+                                     const float* v, const float* bias, const float* key_mask,
+                                     int B, int H, int Tq, int Tk, int K, bool causal, float p,
+                                     RandomKey key, float* work) {
+  const int BH = B * H;
+  gemm(false, true, Tq, Tk, K, 1.0f, q, K, int64_t(Tq) * K, k, K, int64_t(Tk) * K, 0.0f, probs,
+       Tk, int64_t(Tq) * Tk, BH);
+  float* dropped = p > 0.0f ? work : nullptr;
+  attention_softmax_dropout_forward(probs, DType::kF32, dropped, probs, bias, key_mask, B, H, Tq,
+                                    Tk, causal, p, key);
+  gemm(false, false, Tq, K, Tk, 1.0f, dropped ? dropped : probs, Tk, int64_t(Tq) * Tk, v, K,
+       int64_t(Tk) * K, 0.0f, ctx, K, int64_t(Tq) * K, BH);
+}
+
+void Backend::attention_core_backward(float* dq, float* dk, float* dv, float* dbias,
+                                      const float* dctx, const float* probs, const float* q,
+                                      const float* k, const float* v, int B, int H, int Tq,
+                                      int Tk, int K, float p, RandomKey key, float* work) {
+  const int BH = B * H;
+  const int64_t n = int64_t(BH) * Tq * Tk;
+  const float* pd = probs;
+  if (p > 0.0f) {
+    dropout(work, probs, n, p, key);
+    pd = work;
+  }
+  gemm(true, false, Tk, K, Tq, 1.0f, pd, Tk, int64_t(Tq) * Tk, dctx, K, int64_t(Tq) * K, 0.0f, dv,
+       K, int64_t(Tk) * K, BH);
+  gemm(false, true, Tq, Tk, K, 1.0f, dctx, K, int64_t(Tq) * K, v, K, int64_t(Tk) * K, 0.0f, work,
+       Tk, int64_t(Tq) * Tk, BH);
+  attention_softmax_dropout_backward(work, dbias, work, probs, B, H, Tq, Tk, p, key,
+                                     /*round_bf16=*/false);
+  gemm(false, false, Tq, K, Tk, 1.0f, work, Tk, int64_t(Tq) * Tk, k, K, int64_t(Tk) * K, 0.0f, dq,
+       K, int64_t(Tq) * K, BH);
+  gemm(true, false, Tk, K, Tq, 1.0f, work, Tk, int64_t(Tq) * Tk, q, K, int64_t(Tq) * K, 0.0f, dk,
+       K, int64_t(Tk) * K, BH);
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options) {
   if (name == "reference") return std::make_unique<ReferenceBackend>();
   if (name == "cpu") return std::make_unique<CpuBackend>();

@@ -229,6 +229,34 @@ class Backend {
                                                   int H, int Tq, int Tk, float p, RandomKey key,
                                                   bool round_bf16) = 0;
 
+  // The fp32 attention core between the head-major projections and the context, over the B*H
+  // independent (b,h) problems: q [B,H,Tq,K], k and v [B,H,Tk,K], ctx [B,H,Tq,K],
+  //   scores = q k^T                          per (b,h), [Tq,Tk], written in probs
+  //   attention_softmax_dropout_forward(probs, fp32, dropped, scores, bias, key_mask, B, H, Tq,
+  //                                     Tk, causal, p, key)   (dropped = work when p > 0)
+  //   ctx    = dropped v     (probs v when p == 0)
+  // probs [B,H,Tq,Tk] is kept for the backward; work is [B,H,Tq,Tk] floats of scratch. The default
+  // is that composition of the ops above; a backend may override it with a schedule that keeps
+  // each (b,h) problem in cache from its scores to its context, and must then give bitwise the
+  // composition's outputs (the CPU backend does; tests/test_backend_ops.cpp holds it to that).
+  virtual void attention_core_forward(float* probs, float* ctx, const float* q, const float* k,
+                                      const float* v, const float* bias, const float* key_mask,
+                                      int B, int H, int Tq, int Tk, int K, bool causal, float p,
+                                      RandomKey key, float* work);
+  // Its backward, from dctx [B,H,Tq,K] and the forward's probs, q, k, v:
+  //   pd     = dropout(probs, p, key)            (p > 0; the forward's mask, in work)
+  //   dv     = pd^T dctx                         (probs^T dctx when p == 0)
+  //   dprobs = dctx v^T                          (in work)
+  //   attention_softmax_dropout_backward(dscores = work, dbias, dprobs, probs, ..., p, key,
+  //                                      round_bf16 = false)     (dbias [H,Tq,Tk] or null)
+  //   dq     = dscores k,   dk = dscores^T q
+  // dq, dk, dv are assigned (head-major like q, k, v); dbias accumulates. dq may alias dctx (each
+  // (b,h) problem reads its dctx before it writes its dq); nothing else may alias.
+  virtual void attention_core_backward(float* dq, float* dk, float* dv, float* dbias,
+                                       const float* dctx, const float* probs, const float* q,
+                                       const float* k, const float* v, int B, int H, int Tq,
+                                       int Tk, int K, float p, RandomKey key, float* work);
+
   // T5 relative position bias, gathered from a [num_buckets, H] table:
   //   bias[h,i,j] = table[buckets[i,j], h]       buckets is [Tq,Tk] (int32), bias [H,Tq,Tk]
   virtual void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H,

@@ -78,23 +78,25 @@ void Attention::forward(float* out, ActivationView xq, ActivationView xkv, const
   kh_.store(be_, kh_.f32_or(permuted));
   be_.permute_0213(vh_.f32_or(permuted), v, B, Tk, H, K);
   vh_.store(be_, vh_.f32_or(permuted));
-  // scores[bh] = q_h[bh] k_h[bh]^T, one [Tq,Tk] problem per (b,h), in fp32: in probs_ itself
-  // (fp32), else where dropout(probs) goes.
-  float* scores = probs_.f32_or(p_dropped);
-  activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, qh_.view(), K, int64_t(Tq) * K, kh_.view(),
-                  K, int64_t(Tk) * K, 0.0f, scores, Tk, int64_t(Tq) * Tk, B * H);
-  // probs = softmax(scores + bias) into probs_ (over the scores in fp32; bf16: rounded and
-  // stored as bf16) and p = dropout(probs) in one pass. bf16 always writes p (over the scores,
-  // a copy when dropout_p == 0): the GEMM below reads the fp32 p, as it read the fp32 probs.
-  float* dropped = dropout_p > 0.0f || !probs_.is_f32() ? p_dropped : nullptr;
-  be_.attention_softmax_dropout_forward(probs_.data(), probs_.dtype(), dropped, scores, bias,
-                                        key_mask, B, H, Tq, Tk, s_.causal, dropout_p, seed);
-  const float* p = dropped ? dropped : scores;
-  // ctx_h = p v_h [B,H,Tq,K], written over q (free once permuted into qh_), then permuted
-  // token-major into ctx_ [B*Tq, HK].
+  // ctx_h = dropout(softmax(q_h k_h^T + bias)) v_h, one [Tq,Tk] problem per (b,h), written over
+  // q (free once permuted into qh_), then permuted token-major into ctx_ [B*Tq, HK].
   float* ctx_h = q;
-  activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, p, Tk, int64_t(Tq) * Tk, vh_.view(), K,
-                  int64_t(Tk) * K, 0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
+  if (probs_.is_f32()) {
+    // fp32: one op (Backend::attention_core_forward), which a backend may run problem by problem.
+    be_.attention_core_forward(probs_.f32_or(nullptr), ctx_h, qh_.view().f32(), kh_.view().f32(),
+                               vh_.view().f32(), bias, key_mask, B, H, Tq, Tk, K, s_.causal,
+                               dropout_p, seed, p_dropped);
+  } else {
+    // bf16: the fp32 scores where dropout(probs) goes; probs_ stores the rounded probs, and p
+    // (always written, a copy when dropout_p == 0) holds the fp32 values the GEMM below reads.
+    float* scores = p_dropped;
+    activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, qh_.view(), K, int64_t(Tq) * K,
+                    kh_.view(), K, int64_t(Tk) * K, 0.0f, scores, Tk, int64_t(Tq) * Tk, B * H);
+    be_.attention_softmax_dropout_forward(probs_.data(), probs_.dtype(), p_dropped, scores, bias,
+                                          key_mask, B, H, Tq, Tk, s_.causal, dropout_p, seed);
+    activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, p_dropped, Tk, int64_t(Tq) * Tk,
+                    vh_.view(), K, int64_t(Tk) * K, 0.0f, ctx_h, K, int64_t(Tq) * K, B * H);
+  }
   store_activation(be_, ps_, ctx_h, int64_t(B) * Tq * HK);
   be_.permute_0213(ctx_.f32_or(permuted), ctx_h, B, H, Tq, K);
   ctx_.store(be_, ctx_.f32_or(permuted));
@@ -120,32 +122,38 @@ void Attention::backward(float* dxq, float* dxkv, float* dbias, const float* dou
   linear_backward_weight(be_, ps_, *wo_, dout, ctx_.view(), B * Tq, HK, D);
   linear_backward_input(be_, dctx, dout, ps_.weight(*wo_), B * Tq, HK, D, false);
   be_.permute_0213(dctx_h, dctx, B, Tq, H, K);
-  // ctx_h = p v_h with p = dropout(probs):  dv_h = p^T dctx_h,  dp = dctx_h v_h^T.
-  // p was not kept: dropout is a function of (seed, index), so the forward's p is recomputed
-  // exactly into dprobs, used for dv_h, then overwritten by dp.
-  const float* p = probs;
-  if (dropout_p_ > 0.0f) {
-    be_.dropout(dprobs, probs, probs_.size(), dropout_p_, seed_);
-    store_activation(be_, ps_, dprobs, probs_.size());
-    p = dprobs;
-  }
-  be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K, int64_t(Tq) * K,
-           0.0f, dv_h, K, int64_t(Tk) * K, B * H);
-  store_activation(be_, ps_, dv_h, nk);
-  activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.view(), K,
-                  int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
-  // p = dropout(probs), probs = softmax(scores + bias): dscores in place of dprobs, the bias
-  // gradient summed over the batch from them, then rounded (bf16: dscores feed bf16 GEMMs).
-  be_.attention_softmax_dropout_backward(dprobs, dbias, dprobs, probs, B, H, Tq, Tk, dropout_p_,
-                                         seed_, ps_.compute_dtype() == DType::kBF16);
-  // scores = q_h k_h^T:  dq_h = dscores k_h,  dk_h = dscores^T q_h
+  // ctx_h = p v_h with p = dropout(probs), probs = softmax(q_h k_h^T + bias): dv_h, dq_h (over
+  // dctx_h), dk_h and the bias gradient. p was not kept: dropout is a function of (seed, index),
+  // so the forward's p is recomputed exactly.
   float* dq_h = dctx_h;
-  activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, kh_.view(), K,
-                  int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
-  activation_gemm(be_, true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk, qh_.view(), K,
-                  int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
-  store_activation(be_, ps_, dq_h, nq);
-  store_activation(be_, ps_, dk_h, nk);
+  if (probs_.is_f32()) {
+    be_.attention_core_backward(dq_h, dk_h, dv_h, dbias, dctx_h, probs, qh_.view().f32(),
+                                kh_.view().f32(), vh_.view().f32(), B, H, Tq, Tk, K, dropout_p_,
+                                seed_, dprobs);
+  } else {
+    // bf16: p recomputed into dprobs, used for dv_h, then overwritten by dp = dctx_h v_h^T.
+    const float* p = probs;
+    if (dropout_p_ > 0.0f) {
+      be_.dropout(dprobs, probs, probs_.size(), dropout_p_, seed_);
+      store_activation(be_, ps_, dprobs, probs_.size());
+      p = dprobs;
+    }
+    be_.gemm(true, false, Tk, K, Tq, 1.0f, p, Tk, int64_t(Tq) * Tk, dctx_h, K,
+             int64_t(Tq) * K, 0.0f, dv_h, K, int64_t(Tk) * K, B * H);
+    store_activation(be_, ps_, dv_h, nk);
+    activation_gemm(be_, false, true, Tq, Tk, K, 1.0f, dctx_h, K, int64_t(Tq) * K, vh_.view(),
+                    K, int64_t(Tk) * K, 0.0f, dprobs, Tk, int64_t(Tq) * Tk, B * H);
+    // dscores in place of dprobs; the bias gradient summed over the batch from them, then
+    // rounded (dscores feed bf16 GEMMs).
+    be_.attention_softmax_dropout_backward(dprobs, dbias, dprobs, probs, B, H, Tq, Tk,
+                                           dropout_p_, seed_, /*round_bf16=*/true);
+    activation_gemm(be_, false, false, Tq, K, Tk, 1.0f, dprobs, Tk, int64_t(Tq) * Tk,
+                    kh_.view(), K, int64_t(Tk) * K, 0.0f, dq_h, K, int64_t(Tq) * K, B * H);
+    activation_gemm(be_, true, false, Tk, K, Tq, 1.0f, dprobs, Tk, int64_t(Tq) * Tk,
+                    qh_.view(), K, int64_t(Tq) * K, 0.0f, dk_h, K, int64_t(Tk) * K, B * H);
+    store_activation(be_, ps_, dq_h, nq);
+    store_activation(be_, ps_, dk_h, nk);
+  }
   be_.permute_0213(dq, dq_h, B, H, Tq, K);
   be_.permute_0213(dk, dk_h, B, H, Tk, K);
   be_.permute_0213(dv, dv_h, B, H, Tk, K);

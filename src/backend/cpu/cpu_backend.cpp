@@ -622,6 +622,154 @@ void CpuBackend::attention_softmax_dropout_backward(float* dscores, float* dbias
   }
 }
 
+// ---- the attention core, problem by problem --------------------------------------------------
+// Backend::attention_core_forward/_backward as a loop over the B*H (b,h) problems, each thread
+// running whole problems: a problem's scores, probabilities and their gradients are 1 MB at
+// Tq = Tk = 512, so they stay in the core's cache from the GEMM that writes them through the
+// row passes to the GEMM that reads them. The composition streams the [B,H,Tq,Tk] tensors
+// through memory five times forward and nine times backward; this writes probs once forward and,
+// backward, reads probs and writes dscores once (and reads them once more for the bias
+// gradient's sum over b). Measured by bench/bench_attention. Bitwise the composition: the same
+// single-threaded dnnl_sgemm per problem that gemm() runs when the batch is at least the thread
+// count (the only case taken here), the same row functions, dropout by element index. With fewer
+// problems than threads the composition runs (oneDNN then threads each product).
+bool CpuBackend::attention_by_problem(int problems) const {
+  return problems >= omp_get_max_threads();
+}
+
+void CpuBackend::profiled_sgemm(char ta, char tb, int M, int N, int K, const float* A, int lda,
+                                const float* B, int ldb, float* C, int ldc, double* seconds) {
+  const auto t0 = seconds ? std::chrono::steady_clock::now()
+                          : std::chrono::steady_clock::time_point{};
+  const dnnl_status_t st = dnnl_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc);
+  SWT_CHECK(st == dnnl_success,
+            "dnnl_sgemm failed with status {} (trans {}{} M={} N={} K={} lda={} ldb={} ldc={})",
+            int(st), ta, tb, M, N, K, lda, ldb, ldc);
+  if (seconds)
+    *seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// --gemm-shapes: the problems' products go into the profile as the batched products they replace
+// (one call of B*H each); their time is the threads' summed sgemm time over the thread count,
+// the wall time they would take if every thread spent the same share of the loop in them.
+void CpuBackend::record_problem_gemms(const std::vector<ProblemGemm>& gemms, int problems,
+                                      const std::vector<double>& thread_seconds) {
+  if (!gemm_profile_) return;
+  const int threads = omp_get_max_threads();
+  for (size_t g = 0; g < gemms.size(); ++g) {
+    const ProblemGemm& pg = gemms[g];
+    GemmTime& t = (*gemm_profile_)[GemmShape{pg.ta == 'T', pg.tb == 'T', pg.M, pg.N, pg.K,
+                                             problems}];
+    t.calls += 1;
+    double sum = 0.0;
+    for (int th = 0; th < threads; ++th) sum += thread_seconds[size_t(th) * gemms.size() + g];
+    t.seconds += sum / threads;
+  }
+}
+
+void CpuBackend::attention_core_forward(float* probs, float* ctx, const float* q, const float* k,
+                                        const float* v, const float* bias, const float* key_mask,
+                                        int B, int H, int Tq, int Tk, int K, bool causal, float p,
+                                        RandomKey key, float* work) {
+  const int BH = B * H;
+  if (!attention_by_problem(BH) || Tq == 0 || Tk == 0 || K == 0) {
+    Backend::attention_core_forward(probs, ctx, q, k, v, bias, key_mask, B, H, Tq, Tk, K, causal,
+                                    p, key, work);
+    return;
+  }
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_core_forward: p={} outside [0, 1)", p);
+  const uint64_t seed = key.host_seed();
+  const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t qk = int64_t(Tq) * Tk;
+  const std::vector<ProblemGemm> gemms = {{'N', 'T', Tq, Tk, K}, {'N', 'N', Tq, K, Tk}};
+  std::vector<double> seconds(gemm_profile_ ? size_t(omp_get_max_threads()) * gemms.size() : 0);
+  // dropout(probs) only feeds its problem's context product: one [Tq,Tk] of `work` per thread,
+  // reused problem after problem so that it stays in cache (BH >= threads: work is large enough).
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < BH; ++bh) {
+    double* sec = gemm_profile_ ? seconds.data() + omp_get_thread_num() * gemms.size() : nullptr;
+    const int b = bh / H, h = bh % H;
+    float* pr = probs + bh * qk;  // the scores, then the probabilities over them
+    float* dr = p > 0.0f ? work + omp_get_thread_num() * qk : nullptr;
+    profiled_sgemm('N', 'T', Tq, Tk, K, q + int64_t(bh) * Tq * K, K, k + int64_t(bh) * Tk * K, K,
+                   pr, Tk, sec ? sec + 0 : nullptr);
+    for (int i = 0; i < Tq; ++i) {
+      const int64_t row = int64_t(bh) * Tq + i;
+      const float* bi = bias ? bias + (int64_t(h) * Tq + i) * Tk : nullptr;
+      const float* km = key_mask ? key_mask + int64_t(b) * Tk : nullptr;
+      softmax_row(pr + int64_t(i) * Tk, pr + int64_t(i) * Tk, bi, km,
+                  causal ? std::min(Tk, i + 1) : Tk, Tk);
+      if (dr)
+        cpu::dropout_span(dr + int64_t(i) * Tk, pr + int64_t(i) * Tk, Tk,
+                          uint64_t(row) * uint64_t(Tk), seed, threshold, keep_scale);
+    }
+    profiled_sgemm('N', 'N', Tq, K, Tk, dr ? dr : pr, Tk, v + int64_t(bh) * Tk * K, K,
+                   ctx + int64_t(bh) * Tq * K, K, sec ? sec + 1 : nullptr);
+  }
+  record_problem_gemms(gemms, BH, seconds);
+}
+
+void CpuBackend::attention_core_backward(float* dq, float* dk, float* dv, float* dbias,
+                                         const float* dctx, const float* probs, const float* q,
+                                         const float* k, const float* v, int B, int H, int Tq,
+                                         int Tk, int K, float p, RandomKey key, float* work) {
+  const int BH = B * H;
+  if (!attention_by_problem(BH) || Tq == 0 || Tk == 0 || K == 0) {
+    Backend::attention_core_backward(dq, dk, dv, dbias, dctx, probs, q, k, v, B, H, Tq, Tk, K, p,
+                                     key, work);
+    return;
+  }
+  SWT_CHECK(p >= 0.0f && p < 1.0f, "attention_core_backward: p={} outside [0, 1)", p);
+  const uint64_t seed = key.host_seed();
+  const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t qk = int64_t(Tq) * Tk;
+  const std::vector<ProblemGemm> gemms = {{'T', 'N', Tk, K, Tq},
+                                          {'N', 'T', Tq, Tk, K},
+                                          {'N', 'N', Tq, K, Tk},
+                                          {'T', 'N', Tk, K, Tq}};
+  std::vector<double> seconds(gemm_profile_ ? size_t(omp_get_max_threads()) * gemms.size() : 0);
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < BH; ++bh) {
+    double* sec = gemm_profile_ ? seconds.data() + omp_get_thread_num() * gemms.size() : nullptr;
+    const float* pr = probs + bh * qk;
+    float* w = work + bh * qk;  // dropout(probs), then dprobs, then dscores over them
+    const float* dc = dctx + int64_t(bh) * Tq * K;
+    if (p > 0.0f)
+      cpu::dropout_span(w, pr, qk, uint64_t(bh) * uint64_t(qk), seed, threshold, keep_scale);
+    profiled_sgemm('T', 'N', Tk, K, Tq, p > 0.0f ? w : pr, Tk, dc, K, dv + int64_t(bh) * Tk * K,
+                   K, sec ? sec + 0 : nullptr);
+    profiled_sgemm('N', 'T', Tq, Tk, K, dc, K, v + int64_t(bh) * Tk * K, K, w, Tk,
+                   sec ? sec + 1 : nullptr);
+    for (int i = 0; i < Tq; ++i) {
+      float* ds = w + int64_t(i) * Tk;
+      if (p > 0.0f)
+        cpu::dropout_span(ds, ds, Tk, (uint64_t(bh) * Tq + i) * uint64_t(Tk), seed, threshold,
+                          keep_scale);
+      softmax_backward_row(ds, ds, pr + int64_t(i) * Tk, Tk);
+    }
+    // dctx is read for the last time above: dq may be written over it.
+    profiled_sgemm('N', 'N', Tq, K, Tk, w, Tk, k + int64_t(bh) * Tk * K, K,
+                   dq + int64_t(bh) * Tq * K, K, sec ? sec + 2 : nullptr);
+    profiled_sgemm('T', 'N', Tk, K, Tq, w, Tk, q + int64_t(bh) * Tq * K, K,
+                   dk + int64_t(bh) * Tk * K, K, sec ? sec + 3 : nullptr);
+  }
+  record_problem_gemms(gemms, BH, seconds);
+  if (!dbias) return;
+  // dbias[h,i,:] += sum over b of dscores[b,h,i,:], in double, b in order (as the composition).
+  const int64_t head_rows = int64_t(H) * Tq;
+  double* acc_all = scratch(size_t(omp_get_max_threads()) * Tk);
+#pragma omp parallel for schedule(static)
+  for (int64_t hi = 0; hi < head_rows; ++hi) {
+    double* acc = acc_all + int64_t(omp_get_thread_num()) * Tk;
+    float* db = dbias + hi * Tk;
+    for (int j = 0; j < Tk; ++j) acc[j] = db[j];
+    for (int b = 0; b < B; ++b) accumulate_row(acc, work + (int64_t(b) * head_rows + hi) * Tk, Tk);
+    for (int j = 0; j < Tk; ++j) db[j] = static_cast<float>(acc[j]);
+  }
+}
+
 void CpuBackend::relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H,
                                      int Tq, int Tk) {
 #pragma omp parallel for collapse(2) schedule(static) if (int64_t(H) * Tq * Tk >= kParallelMin)

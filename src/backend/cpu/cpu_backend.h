@@ -80,6 +80,14 @@ class CpuBackend final : public Backend {
   void attention_softmax_dropout_backward(float* dscores, float* dbias, const float* dprobs,
                                           const float* probs, int B, int H, int Tq, int Tk,
                                           float p, RandomKey key, bool round_bf16) override;
+  void attention_core_forward(float* probs, float* ctx, const float* q, const float* k,
+                              const float* v, const float* bias, const float* key_mask, int B,
+                              int H, int Tq, int Tk, int K, bool causal, float p, RandomKey key,
+                              float* work) override;
+  void attention_core_backward(float* dq, float* dk, float* dv, float* dbias, const float* dctx,
+                               const float* probs, const float* q, const float* k, const float* v,
+                               int B, int H, int Tq, int Tk, int K, float p, RandomKey key,
+                               float* work) override;
   void relpos_bias_forward(float* bias, const float* table, const int32_t* buckets, int H, int Tq,
                            int Tk) override;
   void relpos_bias_backward(float* dtable, const float* dbias, const int32_t* buckets, int H,
@@ -144,6 +152,17 @@ class CpuBackend final : public Backend {
 
  private:
   GemmProfile* gemm_profile_ = nullptr;
+  // The attention core problem by problem (cpu_backend.cpp): whether it runs that way, its
+  // single-threaded products (timed into `seconds` when profiling), and their profile entries.
+  struct ProblemGemm {
+    char ta, tb;
+    int M, N, K;
+  };
+  bool attention_by_problem(int problems) const;
+  static void profiled_sgemm(char ta, char tb, int M, int N, int K, const float* A, int lda,
+                             const float* B, int ldb, float* C, int ldc, double* seconds);
+  void record_problem_gemms(const std::vector<ProblemGemm>& gemms, int problems,
+                            const std::vector<double>& thread_seconds);
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted
   // Host scratch for reductions (block partials, per-row factors), grown on first use and then
   // reused, so steady-state steps make no heap allocations. Ops run one at a time per backend.
