@@ -18,6 +18,8 @@
 //   accumulate_sum_squares accumulate_loss_statistics accumulate_router_statistics
 //                                     test_statistics_ops.cpp (every backend vs host sums)
 //   host_syncs                        test_training.cpp OneHostSynchronisationPerStep
+//   relu_dropout_forward/backward     ReluDropout; on the CPU also bitwise the composition:
+//                                     CpuActivation.ReluDropoutIsBitwiseTheComposition
 //   fill add axpy scale relu_* gated_gelu_* dropout uniform_jitter   Elementwise; dropout also
 //                                     EveryBackend.DropoutMaskIsTheCounterRngsAtEveryLength
 //   gemm                              Gemm
@@ -1078,6 +1080,35 @@ TEST_P(BackendVsReference, AttentionCore) {
   }
 }
 
+// The feed-forward hidden layer's relu + dropout, forward and backward, in place (as the model
+// calls them) and not, lengths around the CPU's 2048-element blocks and its 64-element dropout
+// groups. The elementwise tolerance: the reference scales kept values in double.
+TEST_P(BackendVsReference, ReluDropout) {
+  for (int64_t n : {int64_t(1), int64_t(63), int64_t(2048), int64_t(2049), int64_t(70001)}) {
+    auto x = random_vector(n, 50);
+    const auto g = random_vector(n, 51);
+    for (int64_t i = 1; i < n; i += 7) x[size_t(i)] = i % 2 ? -0.0f : 0.0f;  // relu's edge
+    for (float p : {0.0f, 0.1f, 0.5f}) {
+      expect_matches_reference(
+          [&](Backend& be) -> Outputs {
+            auto X = upload(be, x), G = upload(be, g), Y = poisoned<float>(be, n),
+                 D = poisoned<float>(be, n);
+            const RandomKey key(77);
+            be.relu_dropout_forward(Y.data(), X.data(), n, p, key);
+            be.relu_dropout_backward(D.data(), G.data(), X.data(), n, p, key);
+            Outputs out = {download(be, Y.data(), n), download(be, D.data(), n)};
+            auto Y2 = upload(be, x), D2 = upload(be, g);
+            be.relu_dropout_forward(Y2.data(), Y2.data(), n, p, key);
+            be.relu_dropout_backward(D2.data(), D2.data(), X.data(), n, p, key);
+            out.push_back(download(be, Y2.data(), n));
+            out.push_back(download(be, D2.data(), n));
+            return out;
+          },
+          elementwise(), fmt::format("relu+dropout n={} p={}", n, p));
+    }
+  }
+}
+
 TEST_P(BackendVsReference, RelposBias) {
   struct Dims {
     int H, Tq, Tk, num_buckets;
@@ -1799,6 +1830,52 @@ TEST(CpuAttention, CoreByProblemIsBitwiseTheComposition) {
       for (size_t o = 0; o < got[0].size(); ++o) {
         for (float x : got[1][o]) ASSERT_TRUE(std::isfinite(x)) << what << " " << names[o];
         EXPECT_EQ(bits(got[1][o]), bits(got[0][o])) << what << " " << names[o];
+      }
+    }
+  }
+  omp_set_num_threads(saved_threads);
+}
+
+// CpuBackend::relu_dropout_forward/_backward (one pass per block) against Backend's composition
+// (relu, then CpuBackend::dropout over the whole tensor, and the reverse) on the same backend:
+// bitwise, at 1, 2 and 3 threads, in place and not, odd lengths.
+TEST(CpuActivation, ReluDropoutIsBitwiseTheComposition) {
+  CpuBackend be;
+  const int saved_threads = omp_get_max_threads();
+  auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = std::bit_cast<uint32_t>(v[i]);
+    return b;
+  };
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    for (int64_t n : {int64_t(5), int64_t(2047), int64_t(4096), int64_t(100003)}) {
+      auto x = random_vector(n, 52);
+      const auto g = random_vector(n, 53);
+      for (int64_t i = 0; i < n; i += 7) x[size_t(i)] = i % 2 ? -0.0f : 0.0f;  // relu's edge
+      for (float p : {0.0f, 0.1f, 0.5f}) {
+        const std::string what = fmt::format("threads={} n={} p={}", threads, n, p);
+        const RandomKey key(31337);
+        std::vector<std::vector<float>> got[2];
+        for (int fused = 0; fused < 2; ++fused)
+          for (int in_place = 0; in_place < 2; ++in_place) {
+            auto X = upload(be, x), G = upload(be, g);
+            auto Y = in_place ? upload(be, x) : poisoned<float>(be, n);
+            auto D = in_place ? upload(be, g) : poisoned<float>(be, n);
+            const float* xin = in_place ? Y.data() : X.data();
+            const float* gin = in_place ? D.data() : G.data();
+            if (fused) {
+              be.relu_dropout_forward(Y.data(), xin, n, p, key);
+              be.relu_dropout_backward(D.data(), gin, X.data(), n, p, key);
+            } else {
+              be.Backend::relu_dropout_forward(Y.data(), xin, n, p, key);
+              be.Backend::relu_dropout_backward(D.data(), gin, X.data(), n, p, key);
+            }
+            got[fused].push_back(download(be, Y.data(), n));
+            got[fused].push_back(download(be, D.data(), n));
+          }
+        for (size_t o = 0; o < got[0].size(); ++o)
+          EXPECT_EQ(bits(got[1][o]), bits(got[0][o])) << what << " output " << o;
       }
     }
   }

@@ -51,6 +51,22 @@ void Backend::attention_core_backward(float* dq, float* dk, float* dv, float* db
        K, int64_t(Tk) * K, BH);
 }
 
+void Backend::relu_dropout_forward(float* out, const float* x, int64_t n, float p,
+                                   RandomKey key) {
+  relu_forward(out, x, n);
+  if (p > 0.0f) dropout(out, out, n, p, key);
+}
+
+void Backend::relu_dropout_backward(float* dx, const float* dout, const float* x, int64_t n,
+                                    float p, RandomKey key) {
+  const float* g = dout;
+  if (p > 0.0f) {
+    dropout(dx, dout, n, p, key);
+    g = dx;
+  }
+  relu_backward(dx, g, x, n);
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options) {
   if (name == "reference") return std::make_unique<ReferenceBackend>();
   if (name == "cpu") return std::make_unique<CpuBackend>();

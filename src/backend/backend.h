@@ -269,6 +269,16 @@ class Backend {
   virtual void relu_forward(float* out, const float* x, int64_t n) = 0;  // out may alias x
   // dx = dout * (x > 0); dx may alias dout.
   virtual void relu_backward(float* dx, const float* dout, const float* x, int64_t n) = 0;
+  // The feed-forward hidden layer's relu and dropout, as the compositions
+  //   relu_dropout_forward:  out = dropout(relu_forward(x), p, key)        (p == 0: relu only)
+  //   relu_dropout_backward: dx = relu_backward(dropout(dout, p, key), x)  (p == 0: relu only)
+  // with dropout's element indexing over the whole tensor. Defaults: those compositions; a
+  // backend that fuses them into one pass must give bitwise the same outputs. out may alias x,
+  // dx may alias dout.
+  virtual void relu_dropout_forward(float* out, const float* x, int64_t n, float p,
+                                    RandomKey key);
+  virtual void relu_dropout_backward(float* dx, const float* dout, const float* x, int64_t n,
+                                     float p, RandomKey key);
   // out = gelu_tanh(a) * b, gelu_tanh(a) = 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
   // (HF "gelu_new", T5 1.1's gated-gelu). out may alias a or b.
   virtual void gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) = 0;

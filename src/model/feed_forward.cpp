@@ -88,10 +88,10 @@ void FeedForward::forward_into(float* a, float* b, float* h, float* out, Activat
     linear_forward(be_, b, x, ps_.weight(*wi1_), N, D_, F_, count_);
     if (keep) b_.store(be_, b, n);
     be_.gated_gelu_forward(h, a, b, n);
+    if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
   } else {
-    be_.relu_forward(h, a, n);
+    be_.relu_dropout_forward(h, a, n, dropout_p, seed);
   }
-  if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
   store_activation(be_, ps_, h, n);  // bf16: the activation is stored as bf16 (GEMM input)
   if (keep) h_.store(be_, h, n);
   linear_forward(be_, out, keep ? h_.view() : ActivationView(h), ps_.weight(*wo_), N, F_, D_,
@@ -108,8 +108,8 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
   const float* a = a_.load(be_, arena, n);   // [count, N, F] in fp32
   linear_backward_weight(be_, ps_, *wo_, dout, h_.view(), N, F_, D_, count_);
   linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
-  if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
   if (gated_) {
+    if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
     const float* b = b_.load(be_, arena, n);
     // fp32: h_ is dead once dWo is formed, so da goes there; bf16: to scratch. db to scratch.
     float* da = h_.f32_or(arena);
@@ -121,7 +121,7 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
     linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
     linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
   } else {
-    be_.relu_backward(dh, dh, a, n);
+    be_.relu_dropout_backward(dh, dh, a, n, dropout_p_, seed_);
     linear_backward_weight(be_, ps_, *wi_, dh, x_, N, D_, F_, count_);
     linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
   }

@@ -95,6 +95,10 @@ class CpuBackend final : public Backend {
 
   void relu_forward(float* out, const float* x, int64_t n) override;
   void relu_backward(float* dx, const float* dout, const float* x, int64_t n) override;
+  void relu_dropout_forward(float* out, const float* x, int64_t n, float p,
+                            RandomKey key) override;
+  void relu_dropout_backward(float* dx, const float* dout, const float* x, int64_t n, float p,
+                             RandomKey key) override;
   void gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) override;
   void gated_gelu_backward(float* da, float* db, const float* dout, const float* a, const float* b,
                            int64_t n) override;
