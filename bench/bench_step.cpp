@@ -1,6 +1,9 @@
 // bench_step: steady-state cost of one training step (the exact Trainer::train_step that
 // `switcht5 train` runs) for a config: ms/step, tokens/s, peak RSS, heap allocations per
-// steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak.
+// steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak:
+// the executed FLOPs (expert FFNs over every capacity slot, empty ones too) and the model's
+// (each token through its top-1 expert once: what the Switch paper holds equal between models,
+// the useful work; their ratio is the padding the capacity factor buys).
 //
 // Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
 //        [--gemm-shapes] [--set k=v ...]
@@ -40,6 +43,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "backend/cpu/cpu_backend.h"
+#include "model/flops.h"
 #include "train/comm_plan.h"
 #include "train/trainer.h"
 #if SWITCHT5_HAVE_CUDA
@@ -297,6 +301,16 @@ int run(int argc, char** argv) {
              "({}x{}x{} FFN shape), {:.1f} GFLOP/s ({}^3): {:.0f}% of the FFN-shape peak\n",
              trainer.step_flops() * 1e-9, achieved, dtype_name(gemm_type), peak, rows, F, D,
              peak_square, square, 100.0 * achieved / peak);
+  // The useful work: every token through its top-1 expert once (flops.h, executed = false).
+  const double model_flops =
+      3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, cfg.data.inputs_length,
+                                 cfg.data.targets_length, /*training=*/true, /*executed=*/false);
+  const double useful = model_flops / (median * 1e-3) * 1e-9;
+  fmt::print("model FLOPs (each token through its top-1 expert once): {:.2f} GFLOP/step -> "
+             "{:.1f} GFLOP/s useful, {:.0f}% of the FFN-shape peak; executed / model {:.3f}x "
+             "(empty capacity slots)\n",
+             model_flops * 1e-9, useful, 100.0 * useful / peak,
+             trainer.step_flops() / model_flops);
   fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; optimizer state {:.2f} MB; "
              "activations {:.1f} MB ({:.1f} MB kept for backward, {} compute dtype)\n",
              ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
@@ -346,6 +360,7 @@ int run(int argc, char** argv) {
                "\"warmup\": {}, \"ms_median\": {:.4f}, \"ms_min\": {:.4f}, \"ms_max\": {:.4f}, "
                "\"forward_backward_ms_median\": {:.4f}, \"optimizer_ms_median\": {:.4f}, "
                "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"achieved_gflops\": {:.2f}, "
+               "\"model_flops\": {:.6e}, \"useful_gflops\": {:.2f}, "
                "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
                "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
@@ -356,7 +371,7 @@ int run(int argc, char** argv) {
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
                trainer.step_flops(),
-               achieved, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
+               achieved, model_flops, useful, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
                planned_payload, shapes_json);
