@@ -3,7 +3,10 @@
 // steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak:
 // the executed FLOPs (expert FFNs over every capacity slot, empty ones too) and the model's
 // (each token through its top-1 expert once: what the Switch paper holds equal between models,
-// the useful work; their ratio is the padding the capacity factor buys).
+// the useful work; their ratio is the padding the capacity factor buys). On a host backend the
+// FFN-shape peak is also sampled after every measured step, and each step's rate is set against
+// the sample after it ("matmul, paired": the median over steps), which a drifting shared machine
+// moves far less than a single peak measurement.
 //
 // Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
 //        [--gemm-shapes] [--set k=v ...]
@@ -30,6 +33,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <new>
 #include <string>
 #include <vector>
@@ -41,6 +45,7 @@
 #include "comm/mpi_communicator.h"
 #include "comm/process_grid.h"
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "backend/cpu/cpu_backend.h"
 #include "model/flops.h"
@@ -100,6 +105,50 @@ double gemm_peak(Backend& be, int M, int N, int K, DType type) {
   }
   return 2.0 * M * N * K / best * 1e-9;
 }
+
+// The FFN-shape GEMM peak sampled between steps on a host backend, so that each step's rate is
+// compared with the machine's speed at that time: a shared machine drifts (the peak measured once
+// after the steps moved between 163 and 312 GFLOP/s from run to run on one 2-vCPU VM). Host
+// buffers, not the backend's memory, whose peak is held to `switcht5 plan`. A sample: one warm-up
+// product, then the best of 3 (about 30 ms at bench-small's shape).
+class HostGemmProbe {
+ public:
+  HostGemmProbe(int M, int N, int K, DType type) : M_(M), N_(N), K_(K), type_(type) {
+    const size_t na = size_t(M) * K, nb = size_t(K) * N;
+    CounterRng rng(6);
+    a_.resize(na);
+    b_.resize(nb);
+    for (auto& x : a_) x = float(rng.next_double() - 0.5);
+    for (auto& x : b_) x = float(rng.next_double() - 0.5);
+    c_.resize(size_t(M) * N);
+    if (type == DType::kBF16) {
+      a16_.resize(na);
+      b16_.resize(nb);
+      for (size_t i = 0; i < na; ++i) a16_[i] = float_to_bf16(a_[i]);
+      for (size_t i = 0; i < nb; ++i) b16_[i] = float_to_bf16(b_[i]);
+    }
+  }
+  double sample(Backend& be) {
+    const bool bf16 = type_ == DType::kBF16;
+    const void* a = bf16 ? static_cast<const void*>(a16_.data()) : a_.data();
+    const void* b = bf16 ? static_cast<const void*>(b16_.data()) : b_.data();
+    double best = 1e30;
+    for (int r = 0; r < 4; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      be.gemm_ex(false, true, M_, N_, K_, 1.0f, a, type_, K_, 0, b, type_, K_, 0, 0.0f,
+                 c_.data(), DType::kF32, N_, 0, 1);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r >= 1) best = std::min(best, s);
+    }
+    return 2.0 * M_ * N_ * double(K_) / best * 1e-9;
+  }
+
+ private:
+  int M_, N_, K_;
+  DType type_;
+  std::vector<float> a_, b_, c_;
+  std::vector<uint16_t> a16_, b16_;
+};
 
 // Peak bytes of device memory (the CUDA arena's high-water mark), or -1 on a host backend (see
 // peak RSS, and the backend's own count in backend_memory_json).
@@ -241,13 +290,26 @@ int run(int argc, char** argv) {
     return n;
   };
   const int64_t payload0 = payload_floats();
-  // Per step: the whole step, and its update phase (clipping, optimizer, ZeRO-1 gather) apart.
-  std::vector<double> opt_ms, fb_ms;
+  // Per step: the whole step, and its update phase (clipping, optimizer, ZeRO-1 gather) apart;
+  // on a host backend, the GEMM peak sampled after it (not timed, not profiled).
+  const DType gemm_type = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
+  const int D = cfg.model.d_model, F = cfg.model.d_ff;
+  const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
+  std::optional<HostGemmProbe> probe;
+  if (trainer.backend().host_accessible()) probe.emplace(rows, F, D, gemm_type);
+  std::vector<double> opt_ms, fb_ms, peak_samples, peak_fractions;
   for (int s = warmup + 1; s <= warmup + steps; ++s) {
     const StepMetrics sm = trainer.train_step(s);
     ms.push_back(sm.step_ms);
     opt_ms.push_back(sm.optimizer_ms);
     fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
+    if (probe) {
+      if (gemm_shapes) cpu->set_gemm_profile(nullptr);
+      const double p = probe->sample(trainer.backend());
+      if (gemm_shapes) cpu->set_gemm_profile(&gemm_profile);
+      peak_samples.push_back(p);
+      peak_fractions.push_back(trainer.step_flops() / (sm.step_ms * 1e-3) * 1e-9 / p);
+    }
   }
   if (gemm_shapes) cpu->set_gemm_profile(nullptr);
   const int64_t allocs = g_allocations.load() - alloc0;
@@ -275,14 +337,11 @@ int run(int argc, char** argv) {
   const double tokens = double(cfg.train.batch_size) *
                         (cfg.data.inputs_length + cfg.data.targets_length);
   const double achieved = trainer.step_flops() / (median * 1e-3) * 1e-9;
-  const int D = cfg.model.d_model, F = cfg.model.d_ff;
-  const int rows = cfg.train.batch_size / cfg.train.grad_accum_steps * cfg.data.inputs_length;
   // Memory after the steps, before gemm_peak's buffers: what the plan of this config counts.
   const double device_peak = device_peak_bytes(trainer.backend());
   const Backend::MemoryCounts mem = trainer.backend().memory_counts();
   const std::string mem_json = backend_memory_json(mem);
   const DeviceMemoryReport device = device_memory_report(trainer.backend());
-  const DType gemm_type = cfg.train.precision == "bf16" ? DType::kBF16 : DType::kF32;
   const int square = trainer.backend().host_accessible() ? 2048 : 8192;
   const double peak = gemm_peak(trainer.backend(), rows, F, D, gemm_type);
   const double peak_square = gemm_peak(trainer.backend(), square, square, square, gemm_type);
@@ -301,6 +360,20 @@ int run(int argc, char** argv) {
              "({}x{}x{} FFN shape), {:.1f} GFLOP/s ({}^3): {:.0f}% of the FFN-shape peak\n",
              trainer.step_flops() * 1e-9, achieved, dtype_name(gemm_type), peak, rows, F, D,
              peak_square, square, 100.0 * achieved / peak);
+  // The drift-robust figure on a host backend: each step's rate against the peak sampled right
+  // after it, the median over steps.
+  double paired_fraction = -1.0;
+  if (!peak_fractions.empty()) {
+    std::sort(peak_samples.begin(), peak_samples.end());
+    std::sort(peak_fractions.begin(), peak_fractions.end());
+    paired_fraction = peak_fractions[peak_fractions.size() / 2];
+    fmt::print("matmul, paired: each step against the FFN-shape peak sampled after it: median "
+               "{:.0f}% (steps {:.0f}-{:.0f}%); the samples {:.1f} GFLOP/s median "
+               "({:.1f}-{:.1f})\n",
+               100.0 * paired_fraction, 100.0 * peak_fractions.front(),
+               100.0 * peak_fractions.back(), peak_samples[peak_samples.size() / 2],
+               peak_samples.front(), peak_samples.back());
+  }
   // The useful work: every token through its top-1 expert once (flops.h, executed = false).
   const double model_flops =
       3.0 * forward_matmul_flops(cfg.model, cfg.train.batch_size, cfg.data.inputs_length,
@@ -361,6 +434,7 @@ int run(int argc, char** argv) {
                "\"forward_backward_ms_median\": {:.4f}, \"optimizer_ms_median\": {:.4f}, "
                "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"achieved_gflops\": {:.2f}, "
                "\"model_flops\": {:.6e}, \"useful_gflops\": {:.2f}, "
+               "\"paired_peak_fraction\": {:.4f}, "
                "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
                "\"gemm_square_gflops\": {:.2f}, \"gemm_square\": {}, \"peak_rss_mb\": {:.1f}, "
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
@@ -371,7 +445,7 @@ int run(int argc, char** argv) {
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
                trainer.step_flops(),
-               achieved, model_flops, useful, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
+               achieved, model_flops, useful, paired_fraction, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
                planned_payload, shapes_json);

@@ -171,7 +171,7 @@ def summarize(c, runs):
     s["ms_spread"] = [min(med), max(med)]
     for k in ("forward_backward_ms_median", "optimizer_ms_median", "peak_rss_mb", "params",
               "tokens_per_s", "achieved_gflops", "useful_gflops", "gemm_ffn_gflops",
-              "gemm_square_gflops"):
+              "gemm_square_gflops", "paired_peak_fraction"):
         vals = [r[k] for r in ok if isinstance(r.get(k), (int, float))]
         if vals:
             s[k] = statistics.median(vals)
@@ -233,8 +233,10 @@ def markdown(results, info, args):
          f"switcht5's GEMM: {info['switcht5_gemm']} (its CPU backend). Rounds: {args.repeats}, "
          "contenders alternating; a cell is the median over rounds of each run's median step, "
          "(min-max over rounds). GFLOP/s: the executed matmul FLOPs (expert FFNs over every "
-         "capacity slot) per second, the GEMM peak measured in the same run, and the useful rate "
-         "(each token through its top-1 expert once, the model's FLOPs).", ""]
+         "capacity slot) per second, the GEMM peak measured in the same run, the useful rate "
+         "(each token through its top-1 expert once, the model's FLOPs), and paired: the median "
+         "over steps of each step's rate against the GEMM peak sampled right after it (robust to a "
+         "drifting machine).", ""]
     hf = [r for r in results if "torch" in r]
     if hf:
         h = hf[0]
@@ -258,6 +260,8 @@ def markdown(results, info, args):
                   if "achieved_gflops" in r and "gemm_ffn_gflops" in r else "")
             if "useful_gflops" in r and gf:
                 gf += f", useful {r['useful_gflops']:.0f}"
+            if r.get("paired_peak_fraction", -1) > 0 and gf:
+                gf += f", paired {100 * r['paired_peak_fraction']:.0f}%"
             fb = f"{r['forward_backward_ms_median']:.0f}" if "forward_backward_ms_median" in r else ""
             op = f"{r['optimizer_ms_median']:.0f}" if "optimizer_ms_median" in r else ""
             tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
