@@ -814,44 +814,50 @@ void CpuBackend::relu_backward(float* dx, const float* dout, const float* x, int
 // and a dropout draw depends only on the element's index.
 namespace {
 constexpr int64_t kActivationBlock = 2048;  // 8 KB of floats
+
+// Runs dropout(p, key) over [0, n) block by block in parallel, with `before(begin, len)` and
+// `after(begin, len)` on the same block around it: dropout_span(out, in) of the block in between
+// (element indices are global, so the draws are Backend::dropout's).
+template <class Before, class After>
+void dropout_blocks(float* out, const float* in, int64_t n, float p, RandomKey key,
+                    Before before, After after) {
+  const uint64_t seed = key.host_seed();
+  const float keep_scale = 1.0f - p;
+  const uint32_t threshold = dropout_threshold(p);
+  const cpu::DropoutGroups groups = cpu::best_dropout_groups();
+  const int64_t blocks = (n + kActivationBlock - 1) / kActivationBlock;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t begin = blk * kActivationBlock, len = std::min(kActivationBlock, n - begin);
+    before(begin, len);
+    cpu::dropout_span(out + begin, in + begin, len, uint64_t(begin), seed, threshold, keep_scale,
+                      groups);
+    after(begin, len);
+  }
+}
 }  // namespace
 
 void CpuBackend::relu_dropout_forward(float* out, const float* x, int64_t n, float p,
                                       RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "relu_dropout_forward: p={} outside [0, 1)", p);
   if (p == 0.0f) return relu_forward(out, x, n);
-  const uint64_t seed = key.host_seed();
-  const float keep_scale = 1.0f - p;
-  const uint32_t threshold = dropout_threshold(p);
-  const cpu::DropoutGroups groups = cpu::best_dropout_groups();
-  const int64_t blocks = (n + kActivationBlock - 1) / kActivationBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t begin = blk * kActivationBlock, len = std::min(kActivationBlock, n - begin);
-    float* o = out + begin;
-    const float* xi = x + begin;
-    for (int64_t i = 0; i < len; ++i) o[i] = xi[i] > 0.0f ? xi[i] : 0.0f;
-    cpu::dropout_span(o, o, len, uint64_t(begin), seed, threshold, keep_scale, groups);
-  }
+  dropout_blocks(
+      out, out, n, p, key,
+      [&](int64_t begin, int64_t len) {
+        for (int64_t i = begin; i < begin + len; ++i) out[i] = x[i] > 0.0f ? x[i] : 0.0f;
+      },
+      [](int64_t, int64_t) {});
 }
 
 void CpuBackend::relu_dropout_backward(float* dx, const float* dout, const float* x, int64_t n,
                                        float p, RandomKey key) {
   SWT_CHECK(p >= 0.0f && p < 1.0f, "relu_dropout_backward: p={} outside [0, 1)", p);
   if (p == 0.0f) return relu_backward(dx, dout, x, n);
-  const uint64_t seed = key.host_seed();
-  const float keep_scale = 1.0f - p;
-  const uint32_t threshold = dropout_threshold(p);
-  const cpu::DropoutGroups groups = cpu::best_dropout_groups();
-  const int64_t blocks = (n + kActivationBlock - 1) / kActivationBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t begin = blk * kActivationBlock, len = std::min(kActivationBlock, n - begin);
-    float* d = dx + begin;
-    const float* xi = x + begin;
-    cpu::dropout_span(d, dout + begin, len, uint64_t(begin), seed, threshold, keep_scale, groups);
-    for (int64_t i = 0; i < len; ++i) d[i] = xi[i] > 0.0f ? d[i] : 0.0f;
-  }
+  dropout_blocks(
+      dx, dout, n, p, key, [](int64_t, int64_t) {},
+      [&](int64_t begin, int64_t len) {
+        for (int64_t i = begin; i < begin + len; ++i) dx[i] = x[i] > 0.0f ? dx[i] : 0.0f;
+      });
 }
 
 void CpuBackend::gated_gelu_forward(float* out, const float* a, const float* b, int64_t n) {
