@@ -4,6 +4,7 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -652,7 +653,7 @@ void CpuBackend::profiled_sgemm(char ta, char tb, int M, int N, int K, const flo
 // --gemm-shapes: the problems' products go into the profile as the batched products they replace
 // (one call of B*H each); their time is the threads' summed sgemm time over the thread count,
 // the wall time they would take if every thread spent the same share of the loop in them.
-void CpuBackend::record_problem_gemms(const std::vector<ProblemGemm>& gemms, int problems,
+void CpuBackend::record_problem_gemms(std::span<const ProblemGemm> gemms, int problems,
                                       const std::vector<double>& thread_seconds) {
   if (!gemm_profile_) return;
   const int threads = omp_get_max_threads();
@@ -682,7 +683,7 @@ void CpuBackend::attention_core_forward(float* probs, float* ctx, const float* q
   const float keep_scale = 1.0f - p;
   const uint32_t threshold = dropout_threshold(p);
   const int64_t qk = int64_t(Tq) * Tk;
-  const std::vector<ProblemGemm> gemms = {{'N', 'T', Tq, Tk, K}, {'N', 'N', Tq, K, Tk}};
+  const std::array<ProblemGemm, 2> gemms = {{{'N', 'T', Tq, Tk, K}, {'N', 'N', Tq, K, Tk}}};
   std::vector<double> seconds(gemm_profile_ ? size_t(omp_get_max_threads()) * gemms.size() : 0);
   // dropout(probs) only feeds its problem's context product: one [Tq,Tk] of `work` per thread,
   // reused problem after problem so that it stays in cache (BH >= threads: work is large enough).
@@ -725,10 +726,10 @@ void CpuBackend::attention_core_backward(float* dq, float* dk, float* dv, float*
   const float keep_scale = 1.0f - p;
   const uint32_t threshold = dropout_threshold(p);
   const int64_t qk = int64_t(Tq) * Tk;
-  const std::vector<ProblemGemm> gemms = {{'T', 'N', Tk, K, Tq},
-                                          {'N', 'T', Tq, Tk, K},
-                                          {'N', 'N', Tq, K, Tk},
-                                          {'T', 'N', Tk, K, Tq}};
+  const std::array<ProblemGemm, 4> gemms = {{{'T', 'N', Tk, K, Tq},
+                                             {'N', 'T', Tq, Tk, K},
+                                             {'N', 'N', Tq, K, Tk},
+                                             {'T', 'N', Tk, K, Tq}}};
   std::vector<double> seconds(gemm_profile_ ? size_t(omp_get_max_threads()) * gemms.size() : 0);
 #pragma omp parallel for schedule(static)
   for (int bh = 0; bh < BH; ++bh) {

@@ -8,6 +8,7 @@
 #include <compare>
 #include <cstdint>
 #include <map>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -165,7 +166,7 @@ class CpuBackend final : public Backend {
   bool attention_by_problem(int problems) const;
   static void profiled_sgemm(char ta, char tb, int M, int N, int K, const float* A, int lda,
                              const float* B, int ldb, float* C, int ldc, double* seconds);
-  void record_problem_gemms(const std::vector<ProblemGemm>& gemms, int problems,
+  void record_problem_gemms(std::span<const ProblemGemm> gemms, int problems,
                             const std::vector<double>& thread_seconds);
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted
   // Host scratch for reductions (block partials, per-row factors), grown on first use and then
