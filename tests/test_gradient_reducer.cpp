@@ -253,8 +253,10 @@ TEST(GradientReducer, Zero1ShardsAreParameterAlignedAndCutEachBucket) {
   }
 }
 
-// One process: no buckets, no calls; the local sum of squares still covers every gradient.
-TEST(GradientReducer, OneProcessReducesNothingButChecksEveryGradient) {
+// One process: no buckets, no calls, and no pass over the gradients: the caller's sums over
+// the final gradients are this rank's own (the Trainer's non-finite check reads them; Training.
+// OneProcessNamesItsOwnNonFiniteGradient).
+TEST(GradientReducer, OneProcessReducesNothingAndLeavesTheChecksToTheFinalSums) {
   TinyParams t;
   auto self = make_self_communicator();
   auto plane = make_data_plane(*self, *t.be);
@@ -263,13 +265,16 @@ TEST(GradientReducer, OneProcessReducesNothingButChecksEveryGradient) {
   EXPECT_FALSE(reducer.zero1());
   EXPECT_EQ(reducer.shard_begin(), 0);
   EXPECT_EQ(reducer.shard_end(), t.ps.expert_region_begin());
+  EXPECT_FALSE(reducer.reduces_dense());
+  EXPECT_FALSE(reducer.reduces_experts());
   t.be->fill(t.ps.grads(), 0.5f, t.ps.total_numel());
   DeviceArray<double> sq(*t.be, 1);
+  t.be->zero_bytes(sq.data(), sq.bytes());
   reducer.begin_step(sq.data());
   reducer.finish();
-  double host = 0;
+  double host = -1;
   t.be->copy_to_host(&host, sq.data(), sizeof(double));
-  EXPECT_EQ(host, 0.25 * double(t.ps.total_numel()));
+  EXPECT_EQ(host, 0.0);
 }
 
 }  // namespace

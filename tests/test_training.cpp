@@ -80,6 +80,21 @@ TEST(Training, OneHostSynchronisationPerStep) {
   }
 }
 
+// One process reduces nothing, so its non-finite check reads the sums of squares of the final
+// gradients (GradientReducer::begin_step): a NaN put into this rank's gradients skips the step,
+// is named as this rank's gradient, and the next step trains again.
+TEST(Training, OneProcessNamesItsOwnNonFiniteGradient) {
+  RunConfig cfg = load_config(kTiny, {"train.steps=3", "train.cuda_graphs=false"});
+  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+  Trainer trainer(cfg, grid);
+  trainer.inject_nan(/*step=*/2, /*rank=*/0);
+  EXPECT_FALSE(trainer.train_step(1).skipped);
+  const StepMetrics bad = trainer.train_step(2);
+  EXPECT_TRUE(bad.skipped);
+  EXPECT_NE(bad.nonfinite.find("gradient (rank 0)"), std::string::npos) << bad.nonfinite;
+  EXPECT_FALSE(trainer.train_step(3).skipped);
+}
+
 // Telemetry: at a logged step every Switch layer reports the L2 norm of each expert's gradient
 // (before clipping), equal to the norm of that expert's slices of the gradient buffer.
 TEST(Training, ExpertGradientNormsAreEachExpertsGradient) {

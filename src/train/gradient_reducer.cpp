@@ -153,13 +153,6 @@ void GradientReducer::finish() {
   on_gradients_ready(0, params_.total_numel());
   SWT_CHECK(next_ == buckets_.size(), "{} of {} gradient buckets never became ready",
             buckets_.size() - next_, buckets_.size());
-  if (local_sq_) {
-    // The regions whose group has one rank: no buckets, nothing reduced.
-    const int64_t dense_end = params_.expert_region_begin(), total = params_.total_numel();
-    if (data_.size() == 1) be_.accumulate_sum_squares(local_sq_, params_.grads(), dense_end);
-    if (replica_.size() == 1)
-      be_.accumulate_sum_squares(local_sq_, params_.grads() + dense_end, total - dense_end);
-  }
   data_.synchronize();
   replica_.synchronize();
 }

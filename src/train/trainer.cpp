@@ -39,8 +39,8 @@ OptimizerOptions optimizer_options(const TrainConfig& tc) {
 // After the model's statistics (ModelStatsSlot, then RouterStatsSlot per Switch layer), the
 // step's statistics array holds these sums of squares (backend memory, read back once a step):
 enum StepStatsSlot : int {
-  kLocalGradSq = 0,        // this rank's own gradients before the data-parallel sum: non-finite
-                           // here means this rank produced the NaN/Inf
+  kLocalGradSq = 0,        // this rank's own gradients in the buckets it reduced, before the
+                           // sum: non-finite here means this rank produced the NaN/Inf
   kNormReplicated = 1,     // summed gradients of the three ParamStore regions
   kNormModelSplit = 2,
   kNormExperts = 3,
@@ -384,8 +384,16 @@ StepMetrics Trainer::train_step(int64_t step, bool expert_norms) {
     be_->copy_to_host(host_stats_.data(), step_stats_.data(), step_stats_.bytes());
   }
   const double* host_extra = host_stats_.data() + model_stats;
-  const bool local_bad =
-      !std::isfinite(host_stats_[kCeSum]) || !std::isfinite(host_extra[kLocalGradSq]);
+  // This rank's own gradients: the buckets it reduced (summed before the reduction), and the
+  // regions it did not reduce, whose final sums are its own (GradientReducer::begin_step).
+  const bool own_dense_bad = !reducer_->reduces_dense() &&
+                             !(std::isfinite(host_extra[kNormReplicated]) &&
+                               std::isfinite(host_extra[kNormModelSplit]));
+  const bool own_experts_bad =
+      !reducer_->reduces_experts() && !std::isfinite(host_extra[kNormExperts]);
+  const bool local_bad = !std::isfinite(host_stats_[kCeSum]) ||
+                         !std::isfinite(host_extra[kLocalGradSq]) || own_dense_bad ||
+                         own_experts_bad;
   // Named now, before the router statistics are summed; only on a bad step (the search reads
   // tensors back one by one). Gradients are already reduced here (under ZeRO-1 only this rank's
   // shard; the rest are its own): a rank that was bad on its own names the first non-finite
