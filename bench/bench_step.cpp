@@ -9,7 +9,14 @@
 // moves far less than a single peak measurement.
 //
 // Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
-//        [--gemm-shapes] [--set k=v ...]
+//        [--gemm-shapes] [--set k=v ...] [--versus k=v ...]
+// --versus (repeatable): a second model, the config with these settings on top, trained in the
+// same process with its steps alternating with the first's (the order swapped every step), and
+// the per-step ratios second / first reported (median over the step pairs): forward + backward,
+// update and whole step. The comparisons the benchmarks hold to a ratio (8 -> 128 experts,
+// switch-8 vs dense) then see the same machine at the same moment: on a shared VM, separate
+// processes of the same binary differed by up to 1.7x. The first model's figures are its own
+// (allocations are counted around its steps only); peak RSS covers both models.
 // --gemm-shapes (cpu backend): times every GEMM of the measured steps by shape and prints where
 // the matmul time goes: per shape its calls, milliseconds and GFLOP/s per step against the
 // FFN-shape peak, and all GEMMs together against the rest of the step. (The timing wraps each
@@ -248,11 +255,11 @@ std::string report_gemm_shapes(const CpuBackend::GemmProfile& profile, int steps
 int run(int argc, char** argv) {
   SWT_USER_CHECK(argc >= 2,
                  "usage: bench_step CONFIG [--warmup N] [--steps N] [--json FILE] [--gemm-shapes] "
-                 "[--set k=v ...]");
+                 "[--set k=v ...] [--versus k=v ...]");
   std::string config = argv[1], json_path;
   int warmup = 2, steps = 5;
   bool gemm_shapes = false;
-  std::vector<std::string> sets;
+  std::vector<std::string> sets, versus;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--gemm-shapes") {
@@ -263,6 +270,7 @@ int run(int argc, char** argv) {
     if (a == "--warmup") warmup = std::atoi(argv[++i]);
     else if (a == "--steps") steps = std::atoi(argv[++i]);
     else if (a == "--set") sets.push_back(argv[++i]);
+    else if (a == "--versus") versus.push_back(argv[++i]);
     else if (a == "--json") json_path = argv[++i];
     else SWT_USER_CHECK(false, "unknown option {}", a);
   }
@@ -271,12 +279,29 @@ int run(int argc, char** argv) {
   ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
                                          cfg.parallel.expert, cfg.parallel.timeout_s);
   Trainer trainer(cfg, grid);
+  // The --versus model: its own Trainer (and backend) on the same grid.
+  std::optional<Trainer> other;
+  if (!versus.empty()) {
+    std::vector<std::string> other_sets = sets;
+    other_sets.insert(other_sets.end(), versus.begin(), versus.end());
+    RunConfig other_cfg;
+    try {
+      other_cfg = load_config(config, other_sets);
+    } catch (const UserError& e) {
+      throw UserError(fmt::format("the --versus model: {}", e.what()));
+    }
+    other_cfg.train.steps = warmup + steps;
+    other.emplace(other_cfg, grid);
+  }
   auto* cpu = dynamic_cast<CpuBackend*>(&trainer.backend());
   SWT_USER_CHECK(!gemm_shapes || cpu != nullptr,
                  "--gemm-shapes times the cpu backend's GEMMs; this run's backend is {}",
                  trainer.backend().name());
   CpuBackend::GemmProfile gemm_profile;
-  for (int s = 1; s <= warmup; ++s) trainer.train_step(s);
+  for (int s = 1; s <= warmup; ++s) {
+    trainer.train_step(s);
+    if (other) other->train_step(s);
+  }
   if (gemm_shapes) cpu->set_gemm_profile(&gemm_profile);
   std::vector<double> ms;
   const int64_t alloc0 = g_allocations.load();
@@ -298,8 +323,27 @@ int run(int argc, char** argv) {
   std::optional<HostGemmProbe> probe;
   if (trainer.backend().host_accessible()) probe.emplace(rows, F, D, gemm_type);
   std::vector<double> opt_ms, fb_ms, peak_samples, peak_fractions;
+  // --versus: the other model's step s, its allocations left out of the first model's count.
+  std::vector<double> other_ms, other_opt_ms, other_fb_ms, ratio_ms, ratio_opt, ratio_fb;
+  int64_t other_allocs = 0;
+  auto other_step = [&](int s) {
+    const int64_t a0 = g_allocations.load();
+    const StepMetrics om = other->train_step(s);
+    other_allocs += g_allocations.load() - a0;
+    other_ms.push_back(om.step_ms);
+    other_opt_ms.push_back(om.optimizer_ms);
+    other_fb_ms.push_back(om.step_ms - om.optimizer_ms);
+  };
   for (int s = warmup + 1; s <= warmup + steps; ++s) {
+    const bool other_first = other && s % 2 == 0;
+    if (other_first) other_step(s);
     const StepMetrics sm = trainer.train_step(s);
+    if (other && !other_first) other_step(s);
+    if (other) {
+      ratio_ms.push_back(other_ms.back() / sm.step_ms);
+      ratio_opt.push_back(other_opt_ms.back() / sm.optimizer_ms);
+      ratio_fb.push_back(other_fb_ms.back() / (sm.step_ms - sm.optimizer_ms));
+    }
     ms.push_back(sm.step_ms);
     opt_ms.push_back(sm.optimizer_ms);
     fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
@@ -312,7 +356,7 @@ int run(int argc, char** argv) {
     }
   }
   if (gemm_shapes) cpu->set_gemm_profile(nullptr);
-  const int64_t allocs = g_allocations.load() - alloc0;
+  const int64_t allocs = g_allocations.load() - alloc0 - other_allocs;
   const double syncs = double(trainer.backend().host_syncs() - syncs0) / steps;
   const double a2a_bytes = double(trainer.model().alltoall_bytes_sent() - bytes0) / steps;
   // Data-plane payload per step (DataPlane::traffic) and what `switcht5 plan` predicts for it.
@@ -384,9 +428,10 @@ int run(int argc, char** argv) {
              "(empty capacity slots)\n",
              model_flops * 1e-9, useful, 100.0 * useful / peak,
              trainer.step_flops() / model_flops);
-  fmt::print("memory: peak RSS {:.1f} MB; parameters {:.1f} MB; optimizer state {:.2f} MB; "
+  fmt::print("memory: peak RSS {:.1f} MB{}; parameters {:.1f} MB; optimizer state {:.2f} MB; "
              "activations {:.1f} MB ({:.1f} MB kept for backward, {} compute dtype)\n",
-             ru.ru_maxrss / 1024.0, trainer.model().params().total_numel() * 4e-6,
+             ru.ru_maxrss / 1024.0, other ? " (both models)" : "",
+             trainer.model().params().total_numel() * 4e-6,
              opt_floats * 4e-6, double(trainer.model().activation_bytes()) * 1e-6,
              double(trainer.model().kept_activation_bytes()) * 1e-6,
              dtype_name(trainer.model().params().compute_dtype()));
@@ -424,6 +469,37 @@ int run(int argc, char** argv) {
                payload * 1e-6, planned_payload * 1e-6);
     fmt::print("ranks: {} (this report is rank {}'s)\n", grid.describe(), grid.world_rank);
   }
+  std::string versus_json = "null";
+  if (other) {
+    auto median_of = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    auto range = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return fmt::format("{:.3f}-{:.3f}", v.front(), v.back());
+    };
+    std::string what;
+    for (const std::string& v : versus) what += (what.empty() ? "" : " ") + v;
+    const double r_fb = median_of(ratio_fb), r_opt = median_of(ratio_opt), r_ms = median_of(ratio_ms);
+    fmt::print("versus [{}], in this process, steps alternating: per-step ratios versus / this "
+               "model, median over {} pairs: forward + backward {:.3f}x ({}), update {:.3f}x "
+               "({}), step {:.3f}x ({}); the versus model's medians: step {:.1f} ms, forward + "
+               "backward {:.1f} ms, update {:.1f} ms\n",
+               what, ratio_ms.size(), r_fb, range(ratio_fb), r_opt, range(ratio_opt), r_ms,
+               range(ratio_ms), median_of(other_ms), median_of(other_fb_ms),
+               median_of(other_opt_ms));
+    std::string sets_json;
+    for (const std::string& v : versus)
+      sets_json += fmt::format("{}\"{}\"", sets_json.empty() ? "" : ", ", v);
+    versus_json = fmt::format(
+        "{{\"sets\": [{}], \"pairs\": {}, \"forward_backward_ratio_median\": {:.4f}, "
+        "\"optimizer_ratio_median\": {:.4f}, \"step_ratio_median\": {:.4f}, "
+        "\"ms_median\": {:.4f}, \"forward_backward_ms_median\": {:.4f}, "
+        "\"optimizer_ms_median\": {:.4f}}}",
+        sets_json, ratio_ms.size(), r_fb, r_opt, r_ms, median_of(other_ms),
+        median_of(other_fb_ms), median_of(other_opt_ms));
+  }
   if (!json_path.empty()) {
     std::FILE* f = std::fopen(json_path.c_str(), "w");
     SWT_USER_CHECK(f != nullptr, "cannot write {}", json_path);
@@ -440,7 +516,8 @@ int run(int argc, char** argv) {
                "\"device_peak_mb\": {:.1f}, \"params\": {}, \"host_syncs_per_step\": {:.2f}, "
                "\"heap_allocs_per_step\": {:.2f}, \"backend_memory\": {}, "
                "\"device_memory\": {}, \"world_size\": {}, \"data_plane_bytes_per_step\": {:.0f}, "
-               "\"planned_data_plane_bytes_per_step\": {:.0f}, \"gemm_shapes\": {}}}\n",
+               "\"planned_data_plane_bytes_per_step\": {:.0f}, \"gemm_shapes\": {}, "
+               "\"versus\": {}}}\n",
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
@@ -448,7 +525,7 @@ int run(int argc, char** argv) {
                achieved, model_flops, useful, paired_fraction, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
-               planned_payload, shapes_json);
+               planned_payload, shapes_json, versus_json);
     std::fclose(f);
   }
   return 0;

@@ -21,6 +21,10 @@ Groups (full; --quick keeps the first of each and fewer steps):
             top-1 runs one expert), fp32 and bf16
   experts   bench-small with 8, 32 and 128 experts (equal FLOPs per token)
   np        bench-small on 1 process vs 2 ranks (parallel.data=2, expert=2) under mpirun
+  paired    the two ratio targets measured inside one process (bench_step --versus: the two
+            models' steps alternate, the ratio is taken per step pair): switch-8 / dense and
+            128 / 8 experts. Separate processes of one binary differ by up to 1.7x on a shared
+            VM; a pair of steps seconds apart sees the same machine.
   gpu       the rows of scripts/bench_gpu.sh's bench_gpu.json (--gpu-json), when given
 """
 import argparse
@@ -48,10 +52,10 @@ def cores():
 
 
 def case(group, name, kind, config, sets=(), np=1, hf_compile=False, steps=None, warmup=None,
-         gemm_shapes=False, allocator=None):
+         gemm_shapes=False, allocator=None, versus=()):
     return {"group": group, "name": name, "kind": kind, "config": config, "sets": list(sets),
             "np": np, "compile": hf_compile, "steps": steps, "warmup": warmup,
-            "gemm_shapes": gemm_shapes, "allocator": allocator}
+            "gemm_shapes": gemm_shapes, "allocator": allocator, "versus": list(versus)}
 
 
 def hf_allocators(c):
@@ -82,6 +86,14 @@ def cases(quick):
         c.append(case("experts", f"{e} experts", "switcht5", SMALL, [f"model.num_experts={e}"]))
     c += [case("np", "np=1", "switcht5", SMALL),
           case("np", "np=2 (D2, E2)", "switcht5", SMALL, ["parallel.data=2", "parallel.expert=2"], np=2)]
+    # Ratio = the versus model over the first: switch-8 over dense, 128 over 8 experts.
+    paired_steps = 6 if quick else 10
+    c += [case("paired", "switch-8 / dense (fp32)", "switcht5", SMALL, DENSE, steps=paired_steps,
+               versus=["model.num_experts=8", "model.encoder_sparse_step=2",
+                       "model.decoder_sparse_step=2"])]
+    if not quick:
+        c += [case("paired", "128 / 8 experts (fp32)", "switcht5", SMALL, steps=paired_steps,
+                   versus=["model.num_experts=128"])]
     return c
 
 
@@ -135,6 +147,8 @@ def run_case(c, args, tmp):
             cmd += ["--set", s]
         if c["gemm_shapes"]:
             cmd.append("--gemm-shapes")
+        for v in c["versus"]:
+            cmd += ["--versus", v]
         if c["np"] > 1:
             cmd = ["bash", "scripts/mpirun.sh", "-np", str(c["np"])] + cmd
     else:
@@ -179,6 +193,15 @@ def summarize(c, runs):
               "inputs_length", "targets_length", "gemm_shapes"):
         if k in ok[-1]:
             s[k] = ok[-1][k]
+    # --versus: per round, the median over step pairs of versus / first; over rounds, the
+    # median and the spread.
+    vs = [r["versus"] for r in ok if isinstance(r.get("versus"), dict)]
+    if vs:
+        s["versus"] = {"sets": vs[-1]["sets"]}
+        for k in ("forward_backward_ratio_median", "optimizer_ratio_median", "step_ratio_median"):
+            vals = [v[k] for v in vs]
+            s["versus"][k] = statistics.median(vals)
+            s["versus"][k + "_spread"] = [min(vals), max(vals)]
     return s
 
 
@@ -248,8 +271,12 @@ def markdown(results, info, args):
     for r in results:
         by.setdefault(r["group"], []).append(r)
     titles = {"hf": "SwitchT5 vs HuggingFace (CPU, fp32)", "moe": "MoE overhead: switch-8 vs dense at equal FLOPs per token",
-              "experts": "Experts at equal FLOPs per token (bench-small)", "np": "One process vs two ranks"}
+              "experts": "Experts at equal FLOPs per token (bench-small)", "np": "One process vs two ranks",
+              "paired": "The ratio targets in one process (steps alternating, ratio per step pair)"}
     for g, rows in by.items():
+        if g == "paired":
+            L += paired_table(rows, titles[g])
+            continue
         ref = rows[0]
         L += [f"## {titles.get(g, g)}", "",
               "| case | ms/step | vs first | fwd+bwd ms | update ms | tokens/s | GFLOP/s (GEMM peak) | peak RSS MB | params |",
@@ -287,6 +314,23 @@ def markdown(results, info, args):
     else:
         L += ["GPU rows: none (no --gpu-json; run scripts/bench_gpu.sh on a GPU machine).", ""]
     return "\n".join(L)
+
+
+def paired_table(rows, title):
+    """The --versus cases: each ratio as the median over rounds (min-max over rounds) of each
+    round's median over step pairs."""
+    L = [f"## {title}", "", "| ratio | forward + backward | update | whole step |", "|---|---|---|---|"]
+    for r in rows:
+        v = r.get("versus")
+        if not v:
+            L.append(f"| {r['name']} ({r.get('error', 'not run')}) | | | |")
+            continue
+        cells = []
+        for k in ("forward_backward_ratio_median", "optimizer_ratio_median", "step_ratio_median"):
+            lo, hi = v[k + "_spread"]
+            cells.append(f"{v[k]:.3f}x ({lo:.3f}-{hi:.3f})")
+        L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def update_readme(md_path, table):

@@ -3,7 +3,7 @@
 # switch-8 against its FLOP-matched dense model, 8/32/128 experts, 1 process against 2 ranks,
 # and the GPU rows of scripts/bench_gpu.sh when given. Contenders alternate within each round
 # (bench/run.py has the method); results go to bench/results/DATE-run[-quick].{json,md}.
-#   bench/run.sh [--quick] [--repeats N] [--only hf,moe,experts,np] [--gpu-json FILE] [--readme]
+#   bench/run.sh [--quick] [--repeats N] [--only hf,moe,experts,np,paired] [--gpu-json FILE] [--readme]
 # --quick: one round, fewer steps, no torch.compile and no switch-base-8 rows (about 5 minutes
 # on 2 cores); the full run takes about 30 minutes on 2 cores. --readme writes the tables into
 # README.md's benchmark block. Run it on a quiet machine: the load average is recorded.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU benchmark (not a test): steady-state ms/step, tokens/s, peak RSS, heap allocations per
 # step and matmul GFLOP/s vs the GEMM peak, for configs/bench-small.yaml (or the config given).
-#   scripts/bench_cpu.sh [CONFIG] [--steps N] [--warmup N] [--set k=v ...]
+#   scripts/bench_cpu.sh [CONFIG] [--steps N] [--warmup N] [--set k=v ...] [--versus k=v ...]
+# (--versus: a second model trained alternately in the same process, ratios per step pair)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/bench-small.yaml}
