@@ -267,8 +267,16 @@ int run(int argc, char** argv) {
       continue;
     }
     SWT_USER_CHECK(i + 1 < argc, "{} needs a value", a);
-    if (a == "--warmup") warmup = std::atoi(argv[++i]);
-    else if (a == "--steps") steps = std::atoi(argv[++i]);
+    // A count: digits only, at least `min`.
+    auto count = [&](const char* v, int min) {
+      const std::string t = v;
+      const bool digits = !t.empty() && t.size() < 9 &&
+                          std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; });
+      SWT_USER_CHECK(digits && std::atoi(v) >= min, "{} {}: expected an integer >= {}", a, t, min);
+      return std::atoi(v);
+    };
+    if (a == "--warmup") warmup = count(argv[++i], 0);
+    else if (a == "--steps") steps = count(argv[++i], 1);
     else if (a == "--set") sets.push_back(argv[++i]);
     else if (a == "--versus") versus.push_back(argv[++i]);
     else if (a == "--json") json_path = argv[++i];
@@ -279,19 +287,23 @@ int run(int argc, char** argv) {
   ProcessGrid grid = ProcessGrid::create(mpi_world(), cfg.parallel.data, cfg.parallel.model,
                                          cfg.parallel.expert, cfg.parallel.timeout_s);
   Trainer trainer(cfg, grid);
-  // The --versus model: its own Trainer (and backend) on the same grid.
+  // The --versus model: its own Trainer (and backend) on the same grid. Host backends only: the
+  // device memory report and the plan's memory check count one model.
   std::optional<Trainer> other;
   if (!versus.empty()) {
+    SWT_USER_CHECK(trainer.backend().host_accessible(),
+                   "--versus trains two models in one process on a host backend (cpu, "
+                   "reference); this run's backend is {}",
+                   trainer.backend().name());
     std::vector<std::string> other_sets = sets;
     other_sets.insert(other_sets.end(), versus.begin(), versus.end());
-    RunConfig other_cfg;
     try {
-      other_cfg = load_config(config, other_sets);
+      RunConfig other_cfg = load_config(config, other_sets);
+      other_cfg.train.steps = warmup + steps;
+      other.emplace(other_cfg, grid);
     } catch (const UserError& e) {
       throw UserError(fmt::format("the --versus model: {}", e.what()));
     }
-    other_cfg.train.steps = warmup + steps;
-    other.emplace(other_cfg, grid);
   }
   auto* cpu = dynamic_cast<CpuBackend*>(&trainer.backend());
   SWT_USER_CHECK(!gemm_shapes || cpu != nullptr,
@@ -323,27 +335,26 @@ int run(int argc, char** argv) {
   std::optional<HostGemmProbe> probe;
   if (trainer.backend().host_accessible()) probe.emplace(rows, F, D, gemm_type);
   std::vector<double> opt_ms, fb_ms, peak_samples, peak_fractions;
-  // --versus: the other model's step s, its allocations left out of the first model's count.
+  // --versus: the other model's step s, its allocations left out of the first model's count
+  // (the loaders' prefetch threads allocate whenever they refill, so either count may include a
+  // refill of the other's). A pair with a skipped step (non-finite, no update) gives no ratio.
   std::vector<double> other_ms, other_opt_ms, other_fb_ms, ratio_ms, ratio_opt, ratio_fb;
   int64_t other_allocs = 0;
+  StepMetrics om;
   auto other_step = [&](int s) {
     const int64_t a0 = g_allocations.load();
-    const StepMetrics om = other->train_step(s);
+    om = other->train_step(s);
     other_allocs += g_allocations.load() - a0;
     other_ms.push_back(om.step_ms);
     other_opt_ms.push_back(om.optimizer_ms);
     other_fb_ms.push_back(om.step_ms - om.optimizer_ms);
   };
   for (int s = warmup + 1; s <= warmup + steps; ++s) {
+    // The order within a pair swaps every step; the GEMM peak is sampled right after this
+    // model's step either way.
     const bool other_first = other && s % 2 == 0;
     if (other_first) other_step(s);
     const StepMetrics sm = trainer.train_step(s);
-    if (other && !other_first) other_step(s);
-    if (other) {
-      ratio_ms.push_back(other_ms.back() / sm.step_ms);
-      ratio_opt.push_back(other_opt_ms.back() / sm.optimizer_ms);
-      ratio_fb.push_back(other_fb_ms.back() / (sm.step_ms - sm.optimizer_ms));
-    }
     ms.push_back(sm.step_ms);
     opt_ms.push_back(sm.optimizer_ms);
     fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
@@ -353,6 +364,12 @@ int run(int argc, char** argv) {
       if (gemm_shapes) cpu->set_gemm_profile(&gemm_profile);
       peak_samples.push_back(p);
       peak_fractions.push_back(trainer.step_flops() / (sm.step_ms * 1e-3) * 1e-9 / p);
+    }
+    if (other && !other_first) other_step(s);
+    if (other && !sm.skipped && !om.skipped && sm.optimizer_ms > 0 && om.optimizer_ms > 0) {
+      ratio_ms.push_back(om.step_ms / sm.step_ms);
+      ratio_opt.push_back(om.optimizer_ms / sm.optimizer_ms);
+      ratio_fb.push_back((om.step_ms - om.optimizer_ms) / (sm.step_ms - sm.optimizer_ms));
     }
   }
   if (gemm_shapes) cpu->set_gemm_profile(nullptr);
@@ -364,6 +381,7 @@ int run(int argc, char** argv) {
   const CommPlan cplan = plan_communication(cfg, {}, grid.data_rank);
   double planned_payload = 0;
   for (const PlannedCollective& c : cplan.collectives) planned_payload += 4.0 * double(c.floats);
+  SWT_CHECK(!ms.empty(), "bench_step: no measured step (--steps {})", steps);
   std::sort(ms.begin(), ms.end());
   std::sort(opt_ms.begin(), opt_ms.end());
   std::sort(fb_ms.begin(), fb_ms.end());
@@ -470,7 +488,10 @@ int run(int argc, char** argv) {
     fmt::print("ranks: {} (this report is rank {}'s)\n", grid.describe(), grid.world_rank);
   }
   std::string versus_json = "null";
-  if (other) {
+  if (other && ratio_ms.empty()) {
+    fmt::print("versus: no step pair without a skipped step, so no ratios\n");
+    versus_json = "{\"pairs\": 0}";
+  } else if (other) {
     auto median_of = [](std::vector<double> v) {
       std::sort(v.begin(), v.end());
       return v[v.size() / 2];
@@ -490,8 +511,14 @@ int run(int argc, char** argv) {
                range(ratio_ms), median_of(other_ms), median_of(other_fb_ms),
                median_of(other_opt_ms));
     std::string sets_json;
-    for (const std::string& v : versus)
-      sets_json += fmt::format("{}\"{}\"", sets_json.empty() ? "" : ", ", v);
+    for (const std::string& v : versus) {
+      std::string escaped;
+      for (char c : v) {
+        if (c == '"' || c == '\\') escaped += '\\';
+        escaped += c;
+      }
+      sets_json += fmt::format("{}\"{}\"", sets_json.empty() ? "" : ", ", escaped);
+    }
     versus_json = fmt::format(
         "{{\"sets\": [{}], \"pairs\": {}, \"forward_backward_ratio_median\": {:.4f}, "
         "\"optimizer_ratio_median\": {:.4f}, \"step_ratio_median\": {:.4f}, "

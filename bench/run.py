@@ -195,7 +195,7 @@ def summarize(c, runs):
             s[k] = ok[-1][k]
     # --versus: per round, the median over step pairs of versus / first; over rounds, the
     # median and the spread.
-    vs = [r["versus"] for r in ok if isinstance(r.get("versus"), dict)]
+    vs = [r["versus"] for r in ok if isinstance(r.get("versus"), dict) and r["versus"].get("pairs")]
     if vs:
         s["versus"] = {"sets": vs[-1]["sets"]}
         for k in ("forward_backward_ratio_median", "optimizer_ratio_median", "step_ratio_median"):

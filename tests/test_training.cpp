@@ -81,18 +81,29 @@ TEST(Training, OneHostSynchronisationPerStep) {
 }
 
 // One process reduces nothing, so its non-finite check reads the sums of squares of the final
-// gradients (GradientReducer::begin_step): a NaN put into this rank's gradients skips the step,
-// is named as this rank's gradient, and the next step trains again.
+// gradients (GradientReducer::begin_step): a NaN put into this rank's gradients, in the dense
+// region or in the expert region, skips the step, is named as that tensor's gradient on this
+// rank, and the next step trains again.
 TEST(Training, OneProcessNamesItsOwnNonFiniteGradient) {
-  RunConfig cfg = load_config(kTiny, {"train.steps=3", "train.cuda_graphs=false"});
-  ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
-  Trainer trainer(cfg, grid);
-  trainer.inject_nan(/*step=*/2, /*rank=*/0);
-  EXPECT_FALSE(trainer.train_step(1).skipped);
-  const StepMetrics bad = trainer.train_step(2);
-  EXPECT_TRUE(bad.skipped);
-  EXPECT_NE(bad.nonfinite.find("gradient (rank 0)"), std::string::npos) << bad.nonfinite;
-  EXPECT_FALSE(trainer.train_step(3).skipped);
+  for (const bool experts : {false, true}) {
+    RunConfig cfg = load_config(kTiny, {"train.steps=3", "train.cuda_graphs=false"});
+    ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+    Trainer trainer(cfg, grid);
+    const ParamStore& ps = trainer.model().params();
+    const int64_t offset = experts ? ps.expert_region_begin() : 0;
+    ASSERT_LT(offset, ps.total_numel());
+    std::string name;
+    for (const ParamInfo& p : ps.infos())
+      if (p.offset == offset) name = p.name;
+    ASSERT_FALSE(name.empty());
+    EXPECT_EQ(name.find("experts") != std::string::npos, experts) << name;
+    trainer.inject_nan(/*step=*/2, /*rank=*/0, offset);
+    EXPECT_FALSE(trainer.train_step(1).skipped);
+    const StepMetrics bad = trainer.train_step(2);
+    EXPECT_TRUE(bad.skipped) << name;
+    EXPECT_EQ(bad.nonfinite, name + " gradient (rank 0)");
+    EXPECT_FALSE(trainer.train_step(3).skipped) << name;
+  }
 }
 
 // Telemetry: at a logged step every Switch layer reports the L2 norm of each expert's gradient

@@ -272,7 +272,10 @@ void Trainer::issue_forward_backward(int64_t step, const LossWeights& w, RandomK
       if (step == inject_step_ && grid_.world_rank == inject_rank_) {
         ps.finish_grads();  // in memory now, so that the backward adds to the NaN
         const float nan = std::numeric_limits<float>::quiet_NaN();
-        be_->copy_to_device(ps.grads(), &nan, sizeof(float));
+        SWT_CHECK(inject_offset_ >= 0 && inject_offset_ < ps.total_numel(),
+                  "inject_nan: offset {} outside the {} gradient floats", inject_offset_,
+                  ps.total_numel());
+        be_->copy_to_device(ps.grads() + inject_offset_, &nan, sizeof(float));
       }
     }
     model_->backward(w, last ? reducer_.get() : nullptr);

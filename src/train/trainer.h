@@ -134,9 +134,14 @@ class Trainer {
   bool step_recorded() const { return step_recorded_; }
   int64_t replayed_steps() const { return replayed_steps_; }
 
-  // Test hook: the gradients of rank `rank` get a NaN at step `step` (also set by the
-  // environment variable SWITCHT5_INJECT_NAN=STEP:RANK).
-  void inject_nan(int64_t step, int rank) { inject_step_ = step; inject_rank_ = rank; }
+  // Test hook: the gradients of rank `rank` get a NaN at step `step`, at float `offset` of
+  // ParamStore::grads() (also set by the environment variable SWITCHT5_INJECT_NAN=STEP:RANK,
+  // offset 0).
+  void inject_nan(int64_t step, int rank, int64_t offset = 0) {
+    inject_step_ = step;
+    inject_rank_ = rank;
+    inject_offset_ = offset;
+  }
   // Test hook SWITCHT5_STALL (train/stall_hook.h), read when the trainer is built.
   const StallHook& stall_hook() const { return stall_; }
 
@@ -191,6 +196,7 @@ class Trainer {
   double step_flops_ = 0.0;
   int consecutive_skips_ = 0;
   int64_t inject_step_ = -1;
+  int64_t inject_offset_ = 0;
   int inject_rank_ = -1;
   StallHook stall_;
   std::vector<std::vector<double>> expert_norms_;  // train_step's, until decoded into metrics
