@@ -24,6 +24,8 @@
 //                                     EveryBackend.DropoutMaskIsTheCounterRngsAtEveryLength
 //   gemm                              Gemm
 //   gemm_ex cast                      GemmMixedPrecision, Cast (fp32 / bf16)
+//   gemm_ex_sum_squares               GemmSumSquares; on the CPU also thread-count independent
+//                                     (CpuThreads.OpsBitwiseIndependentOfThreadCount)
 //   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
 //   permute_0213                      Permute
 //   embedding_forward/backward        Embedding
@@ -704,6 +706,70 @@ TEST_P(BackendVsReference, GemmRoundsBf16OutputToNearestEven) {
 
 // cast: fp32 -> bf16 rounds to nearest even (bitwise what core/dtype.h computes, ties
 // included), bf16 -> fp32 is exact, equal types copy; odd sizes.
+// gemm_ex_sum_squares: C as gemm_ex's (against the reference), and acc[0] grown by exactly the
+// squares of the C blocks the backend itself stored (host double sum; only the order differs),
+// the padding between rows and blocks not counted. Batches below and above the thread count
+// (the CPU takes the squares per entry on the thread that computed it, or over all threads),
+// blocks larger than a reduction block (16384 floats), fp32 and bf16 B (a bf16 activation).
+TEST_P(BackendVsReference, GemmSumSquares) {
+  struct Dims {
+    int M, N, K;
+  };
+  const std::vector<Dims> dims = {{1, 1, 1}, {3, 7, 33}, {130, 201, 9}};
+  uint64_t seed = 1300;
+  for (const Dims& d : dims)
+    for (int batch : {1, 3, 9})
+      for (bool padded : {false, true})
+        for (DType bt : {DType::kF32, DType::kBF16})
+          for (bool ta : {true, false})
+            for (float beta : {0.0f, 0.7f}) {
+              const int lda = ta ? d.M : d.K, ldb = d.N, ldc = d.N + (padded ? 3 : 0);
+              const int64_t sa = int64_t(ta ? d.K : d.M) * lda, sb = int64_t(d.K) * ldb,
+                            sc = int64_t(d.M) * ldc + (padded ? 5 : 0);
+              const auto a = random_vector(sa * batch, ++seed);
+              auto b = random_vector(sb * batch, ++seed);
+              for (float& v : b) v = bf16_to_float(float_to_bf16(v));  // exact in bf16 too
+              auto c = random_vector(sc * batch, ++seed);
+              if (beta == 0.0f)
+                for (int bi = 0; bi < batch; ++bi)
+                  for (int i = 0; i < d.M; ++i)
+                    for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+              const double acc0 = 0.375;
+              const std::string what =
+                  fmt::format("gemm_ex_sum_squares M={} N={} K={} batch={} ldc={} B {} ta={} "
+                              "beta={}", d.M, d.N, d.K, batch, ldc, dtype_name(bt), ta, beta);
+              auto op = [&](Backend& be) -> Outputs {
+                auto A = upload(be, a), Cm = upload(be, c);
+                DeviceArray<uint8_t> Bm(be, int64_t(b.size() * dtype_size(bt)));
+                if (bt == DType::kBF16) {
+                  std::vector<uint16_t> h(b.size());
+                  for (size_t i = 0; i < b.size(); ++i) h[i] = float_to_bf16(b[i]);
+                  be.copy_to_device(Bm.data(), h.data(), Bm.bytes());
+                } else {
+                  be.copy_to_device(Bm.data(), b.data(), Bm.bytes());
+                }
+                DeviceArray<double> acc(be, 1);
+                be.copy_to_device(acc.data(), &acc0, sizeof acc0);
+                be.gemm_ex_sum_squares(ta, false, d.M, d.N, d.K, 1.5f, A.data(), DType::kF32,
+                                       lda, sa, Bm.data(), bt, ldb, sb, beta, Cm.data(), ldc, sc,
+                                       batch, acc.data());
+                const std::vector<float> out = download(be, Cm.data(), sc * batch);
+                double got = 0.0;
+                be.copy_to_host(&got, acc.data(), sizeof got);
+                double want = acc0;
+                for (int bi = 0; bi < batch; ++bi)
+                  for (int i = 0; i < d.M; ++i)
+                    for (int j = 0; j < d.N; ++j) {
+                      const double v = out[size_t(bi * sc + int64_t(i) * ldc + j)];
+                      want += v * v;
+                    }
+                EXPECT_NEAR(got, want, 1e-12 * want) << be.name() << ": " << what;
+                return {out};  // padding must be left untouched too
+              };
+              expect_matches_reference(op, sum_of(d.K), what);
+            }
+}
+
 TEST_P(BackendVsReference, Cast) {
   for (int64_t n : {1, 7, 33, 100003}) {
     auto x = random_vector(n, 31 + n, -50, 50);
@@ -1577,6 +1643,22 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
   be.dropout(o1.data(), X.data(), n, 0.2f, 5);
   outs.push_back(download(be, o1.data(), n));
   sums = {be.sum(X.data(), n), be.sum_squares(X.data(), n)};
+  // gemm_ex_sum_squares: 3 entries of 130 x 200 (more than a reduction block each): the
+  // batch split over the threads (up to 3), or each product over all of them (7). K = 1 makes
+  // each C entry one rounded product, the same however oneDNN splits the work: only the order
+  // of the squares' sum could differ.
+  {
+    const int M = 130, Nc = 200, K = 1, batch = 3;
+    auto G = poisoned<float>(be, int64_t(batch) * M * Nc);
+    DeviceArray<double> acc(be, 1);
+    be.gemm_ex_sum_squares(true, false, M, Nc, K, 1.0f, X.data(), DType::kF32, M,
+                           int64_t(K) * M, Y.data(), DType::kF32, Nc, int64_t(K) * Nc, 0.0f,
+                           G.data(), Nc, int64_t(M) * Nc, batch, acc.data());
+    double got = 0.0;
+    be.copy_to_host(&got, acc.data(), sizeof got);
+    sums.push_back(got);
+    outs.push_back(download(be, G.data(), int64_t(batch) * M * Nc));
+  }
   be.sum_over_batch(o1.data(), X.data(), 7, n / 7);  // accumulates into the dropout output
   outs.push_back(download(be, o1.data(), n / 7));
 

@@ -487,6 +487,61 @@ TEST(LazyGradients, SameAsZerosInMemoryAndASecondBackwardAdds) {
   }
 }
 
+// ParamStore::square_final_writes: during a backward that makes the expert gradients final, their
+// weight-gradient GEMMs add their squares to the given sum (backend memory), on both host
+// backends (the CPU's own gemm_ex_sum_squares and Backend's default composition): the sum is the
+// expert region's, every expert tensor is marked squared and nothing else is, the gradients are
+// exactly a plain backward's, and a write after the final one is refused (its squares would be
+// missing from the norm) until zero_grads() starts a new step.
+TEST(LazyGradients, FinalWritesSquareTheExpertGradients) {
+  for (const char* backend : {"reference", "cpu"}) {
+    for (const char* ffn : {"relu", "gated-gelu"}) {
+      auto be = make_backend(backend);
+      const ModelCase c{"switch_final_squares", 2, ffn, true, 0.0f, 0.0f};
+      SwitchT5Model model(*be, tiny_model(c), {2, 6, 5});
+      ParamStore& ps = model.params();
+      ps.initialize(*be, 5);
+      const Batch batch = tiny_batch();
+      LossWeights w;
+      w.ce_scale = 1.0 / double(batch.target_tokens());
+      w.microbatches = 1.0;
+      const int64_t n = ps.total_numel(), experts = ps.expert_region_begin();
+      ASSERT_LT(experts, n);
+      auto backward = [&] {
+        model.forward(batch, true, 77, 0);
+        model.backward(w);
+        return download(*be, ps.grads(), n);
+      };
+      ps.zero_grads(*be);
+      const std::vector<float> plain = backward();
+      DeviceArray<double> acc(*be, 1);
+      const double start = 0.5;  // added to, not overwritten
+      be->copy_to_device(acc.data(), &start, sizeof start);
+      ps.zero_grads(*be);
+      ps.square_final_writes(experts, n, acc.data());
+      const std::vector<float> squared = backward();
+      double got = 0.0;
+      be->copy_to_host(&got, acc.data(), sizeof got);
+      double want = start;
+      for (int64_t i = experts; i < n; ++i) want += double(squared[size_t(i)]) * squared[size_t(i)];
+      const std::string what = std::string(backend) + " " + ffn;
+      EXPECT_GT(want, start) << what;
+      EXPECT_NEAR(got, want, 1e-12 * want) << what;
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(squared[size_t(i)], plain[size_t(i)]) << what << " [" << i << "]";
+      int squared_tensors = 0;
+      for (const ParamInfo& p : ps.infos()) {
+        EXPECT_EQ(ps.squared(p), p.offset >= experts) << what << ": " << p.name;
+        squared_tensors += ps.squared(p);
+      }
+      EXPECT_EQ(squared_tensors, std::string(ffn) == "relu" ? 4 : 6) << what;
+      EXPECT_THROW(backward(), std::exception) << what << ": a write after the final one";
+      ps.zero_grads(*be);
+      for (const ParamInfo& p : ps.infos()) EXPECT_FALSE(ps.squared(p)) << what << ": " << p.name;
+      EXPECT_EQ(backward(), plain) << what << ": a new step";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Tiny, ModelGrad,
     ::testing::Values(ModelCase{"dense_relu_tied", 0, "relu", true, 0.0f, 0.0f},

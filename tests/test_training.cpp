@@ -106,6 +106,53 @@ TEST(Training, OneProcessNamesItsOwnNonFiniteGradient) {
   }
 }
 
+// The logged grad_norm (before clipping) is the L2 norm of the gradients the step ends with. On
+// one process the experts' squares are taken by their weight-gradient GEMMs as they make the
+// gradients final (ParamStore::square_final_writes), the rest by a pass after the backward:
+// every expert tensor must have been squared that way, and the total must still be the norm
+// of the whole buffer, with gradient accumulation (the last of two writes squares), in bf16
+// (the bf16-activation GEMM), with gated-GELU experts (three tensors a layer), and on the
+// reference backend (Backend's default composition).
+TEST(Training, GradNormIsTheNormOfTheFinalGradients) {
+  const std::vector<std::vector<std::string>> variants = {
+      {},
+      {"train.grad_accum_steps=2"},
+      {"train.precision=bf16"},
+      {"model.feed_forward_proj=gated-gelu"},
+      {"train.backend=reference"}};
+  for (const auto& variant : variants) {
+    std::vector<std::string> sets = {"train.steps=2", "train.max_grad_norm=0"};
+    sets.insert(sets.end(), variant.begin(), variant.end());
+    const std::string what = variant.empty() ? "default" : variant[0];
+    RunConfig cfg = load_config(kTiny, sets);
+    ProcessGrid grid = ProcessGrid::create(make_self_communicator(), 1, 1, 1);
+    Trainer trainer(cfg, grid);
+    for (int64_t step = 1; step <= 2; ++step) {
+      const StepMetrics m = trainer.train_step(step);
+      ASSERT_FALSE(m.skipped) << what;
+      ParamStore& ps = trainer.model().params();
+      std::vector<float> grads(size_t(ps.total_numel()));
+      trainer.backend().copy_to_host(grads.data(), ps.grads(), sizeof(float) * grads.size());
+      double sq = 0.0, expert_sq = 0.0;
+      for (size_t i = 0; i < grads.size(); ++i) {
+        const double g2 = double(grads[i]) * grads[i];
+        sq += g2;
+        if (int64_t(i) >= ps.expert_region_begin()) expert_sq += g2;
+      }
+      EXPECT_GT(expert_sq, 0.0) << what;
+      EXPECT_NEAR(m.grad_norm, std::sqrt(sq), 1e-12 * std::sqrt(sq)) << what << " step " << step;
+      int expert_tensors = 0;
+      for (const ParamInfo& p : ps.infos()) {
+        if (p.offset < ps.expert_region_begin()) continue;
+        ++expert_tensors;
+        EXPECT_TRUE(ps.squared(p)) << what << ": " << p.name;
+      }
+      EXPECT_EQ(expert_tensors, variant.size() == 1 && variant[0].find("gated") != std::string::npos
+                                    ? 6 : 4) << what;
+    }
+  }
+}
+
 // Telemetry: at a logged step every Switch layer reports the L2 norm of each expert's gradient
 // (before clipping), equal to the norm of that expert's slices of the gradient buffer.
 TEST(Training, ExpertGradientNormsAreEachExpertsGradient) {

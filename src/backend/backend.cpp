@@ -51,6 +51,24 @@ void Backend::attention_core_backward(float* dq, float* dk, float* dv, float* db
        K, int64_t(Tk) * K, BH);
 }
 
+void Backend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                                  const void* A, DType a_type, int lda, int64_t stride_a,
+                                  const void* B, DType b_type, int ldb, int64_t stride_b,
+                                  float beta, float* C, int ldc, int64_t stride_c, int batch,
+                                  double* acc) {
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb, stride_b,
+          beta, C, DType::kF32, ldc, stride_c, batch);
+  if (M <= 0 || N <= 0) return;
+  for (int b = 0; b < batch; ++b) {
+    const float* c = C + b * stride_c;
+    if (ldc == N) {
+      accumulate_sum_squares(acc, c, int64_t(M) * N);
+      continue;
+    }
+    for (int m = 0; m < M; ++m) accumulate_sum_squares(acc, c + int64_t(m) * ldc, N);
+  }
+}
+
 void Backend::relu_dropout_forward(float* out, const float* x, int64_t n, float p,
                                    RandomKey key) {
   relu_forward(out, x, n);

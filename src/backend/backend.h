@@ -111,6 +111,17 @@ class Backend {
                        const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
                        DType b_type, int ldb, int64_t stride_b, float beta, void* C,
                        DType c_type, int ldc, int64_t stride_c, int batch) = 0;
+  // gemm_ex with an fp32 C, then the squares of what it stored, into backend memory:
+  //   acc[0] += sum_b sum_{m<M, n<N} C_b[m,n]^2        (in double, as accumulate_sum_squares)
+  // A weight-gradient GEMM that makes a gradient final squares it here for the gradient norm
+  // while it is still in cache, instead of a later pass reading it back from memory. The
+  // default is gemm_ex, then accumulate_sum_squares over each block; a backend that can take
+  // each block's squares right after computing it overrides this.
+  virtual void gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                                   const void* A, DType a_type, int lda, int64_t stride_a,
+                                   const void* B, DType b_type, int ldb, int64_t stride_b,
+                                   float beta, float* C, int ldc, int64_t stride_c, int batch,
+                                   double* acc);
   // out[i] = in[i] as out_type: fp32 -> bf16 rounds to nearest even (core/dtype.h), bf16 ->
   // fp32 is exact, equal types copy. Only fp32 and bf16. out must not overlap in.
   virtual void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) = 0;

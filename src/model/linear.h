@@ -28,11 +28,18 @@ inline void linear_backward_input(Backend& be, float* dx, const float* dy, const
 // x as the layer kept it (model/activation_buffer.h): an fp32 x takes the all-fp32 gemm, a
 // bf16 x is read as bf16 by gemm_ex. dW is the fp32 master gradient of `w` either way: count
 // stacked [out, in] blocks, all of w, overwritten by the step's first write and added to after
-// (ParamStore::grad_target).
+// (ParamStore::grad_target). A write that makes dW final adds its squares to the norm's sum
+// as it goes, when grad_target asks for them.
 inline void linear_backward_weight(Backend& be, ParamStore& ps, const ParamInfo& w,
                                    const float* dy, ActivationView x, int N, int in, int out,
                                    int count = 1) {
-  const auto [dW, beta] = ps.grad_target(w, int64_t(count) * out * in);
+  const auto [dW, beta, squares] = ps.grad_target(w, int64_t(count) * out * in);
+  if (squares) {
+    be.gemm_ex_sum_squares(true, false, out, in, N, 1.0f, dy, DType::kF32, out,
+                           int64_t(N) * out, x.data, x.dtype, in, int64_t(N) * in, beta, dW, in,
+                           int64_t(out) * in, count, squares);
+    return;
+  }
   if (x.is_f32()) {
     be.gemm(true, false, out, in, N, 1.0f, dy, out, int64_t(N) * out, x.f32(), in,
             int64_t(N) * in, beta, dW, in, int64_t(out) * in, count);

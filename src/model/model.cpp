@@ -345,10 +345,10 @@ struct SwitchT5Model::Stack {
     }
   }
 
-  // p's gradient is final: zeroed if nothing wrote it (ParamStore::grad), then reported.
+  // p's gradient is final: zeroed if nothing wrote it (ParamStore::finish_grad), then reported.
   static void report(GradientReadyListener* ready, ParamStore& ps, const ParamInfo* p) {
     if (!ready) return;
-    ps.grad(*p);
+    ps.finish_grad(*p);
     ready->on_gradients_ready(p->offset, p->offset + p->numel);
   }
 

@@ -59,6 +59,7 @@ void ParamStore::allocate(Backend& be) {
   be.fill(grads_.data(), 0.0f, total_);  // the padding between parameters stays zero from here
   be_ = &be;
   grad_pending_.assign(infos_.size(), uint8_t(0));
+  grad_squared_.assign(infos_.size(), uint8_t(0));
 }
 
 void ParamStore::set_compute_dtype(Backend& be, DType dtype) {
@@ -130,10 +131,23 @@ size_t ParamStore::index_of(const ParamInfo& p) const {
 void ParamStore::zero_grads(Backend& be) {
   SWT_CHECK(&be == be_, "ParamStore::zero_grads on another backend than allocate's");
   std::fill(grad_pending_.begin(), grad_pending_.end(), uint8_t(1));
+  std::fill(grad_squared_.begin(), grad_squared_.end(), uint8_t(0));
+  square_acc_ = nullptr;
+}
+
+void ParamStore::square_final_writes(int64_t begin, int64_t end, double* acc) {
+  SWT_CHECK(acc != nullptr && 0 <= begin && begin <= end && end <= total_,
+            "ParamStore::square_final_writes: range [{}, {}) of {} floats", begin, end, total_);
+  square_acc_ = acc;
+  square_begin_ = begin;
+  square_end_ = end;
 }
 
 float* ParamStore::grad(const ParamInfo& p) {
   float* g = grads_.data() + p.offset;
+  SWT_CHECK(!grad_squared_[index_of(p)],
+            "ParamStore: {} gradient written after the write that made it final (its squares "
+            "are already in the norm)", p.name);
   uint8_t& pending = grad_pending_[index_of(p)];
   if (pending) {
     be_->fill(g, 0.0f, p.numel);
@@ -145,15 +159,27 @@ float* ParamStore::grad(const ParamInfo& p) {
 ParamStore::GradTarget ParamStore::grad_target(const ParamInfo& p, int64_t floats) {
   SWT_CHECK(floats == p.numel, "ParamStore::grad_target: a writer of {} floats for {} ({} floats)",
             floats, p.name, p.numel);
-  uint8_t& pending = grad_pending_[index_of(p)];
-  const float beta = pending ? 0.0f : 1.0f;
-  pending = 0;
-  return {grads_.data() + p.offset, beta};
+  const size_t i = index_of(p);
+  SWT_CHECK(!grad_squared_[i],
+            "ParamStore: {} gradient written after the write that made it final (its squares "
+            "are already in the norm)", p.name);
+  const float beta = grad_pending_[i] ? 0.0f : 1.0f;
+  grad_pending_[i] = 0;
+  double* squares = nullptr;
+  if (square_acc_ && p.offset >= square_begin_ && p.offset + p.numel <= square_end_) {
+    squares = square_acc_;
+    grad_squared_[i] = 1;
+  }
+  return {grads_.data() + p.offset, beta, squares};
+}
+
+void ParamStore::finish_grad(const ParamInfo& p) {
+  if (grad_pending_[index_of(p)]) grad(p);
 }
 
 void ParamStore::finish_grads() {
-  for (size_t i = 0; i < infos_.size(); ++i)
-    if (grad_pending_[i]) grad(infos_[i]);
+  for (const ParamInfo& p : infos_) finish_grad(p);
+  square_acc_ = nullptr;  // the backward is over: a later write is no longer a final one
 }
 
 std::vector<ParamStore::HfEntry> ParamStore::hf_names() const {

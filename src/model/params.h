@@ -133,11 +133,27 @@ class ParamStore {
   struct GradTarget {
     float* data;
     float beta;  // 0: the step's first write (nothing to add to), 1: accumulate
+    // Non-null: this write makes the gradient final; the writer adds the squares of every float
+    // it stores to sum_squares[0] (Backend::gemm_ex_sum_squares). See square_final_writes().
+    double* sum_squares = nullptr;
   };
   // For a writer that stores every one of p's `floats` (checked: floats == p.numel).
   GradTarget grad_target(const ParamInfo& p, int64_t floats);
+  // Zeroes p's gradient if still pending (nothing wrote it): it is final, as is.
+  void finish_grad(const ParamInfo& p);
   // Zeroes every gradient still pending (no-op when every parameter was written).
   void finish_grads();
+
+  // The gradient norm's squares, taken where the gradients are made final. The caller promises
+  // that, until the next finish_grads() (the end of the backward), each grad_target() write to a parameter lying wholly in
+  // floats [begin, end) is the parameter's last write of the step and nothing changes it
+  // before the norm (the step's last backward, in a region no process group reduces): such a
+  // write is handed `acc` (backend memory) to add its squares to, while the gradient is still
+  // in cache, and the parameter is marked squared() until zero_grads(). Any later write to it
+  // is an internal error. A parameter of the range not written that way (never written, or written through
+  // grad()) is not squared: the caller sums those itself.
+  void square_final_writes(int64_t begin, int64_t end, double* acc);
+  bool squared(const ParamInfo& p) const { return grad_squared_[index_of(p)] != 0; }
 
   float* value(const std::string& name) { return values_.data() + info(name).offset; }
   float* values() { return values_.data(); }
@@ -175,6 +191,9 @@ class ParamStore {
   DeviceArray<float> grads_;
   Backend* be_ = nullptr;                 // grads_' backend (set by allocate), for lazy zeroing
   std::vector<uint8_t> grad_pending_;     // per parameter: zero_grads() since its last write
+  std::vector<uint8_t> grad_squared_;     // per parameter: its final write added its squares
+  double* square_acc_ = nullptr;          // square_final_writes()' range and sum, until
+  int64_t square_begin_ = 0, square_end_ = 0;  // finish_grads()
   size_t index_of(const ParamInfo& p) const;
   DType compute_dtype_ = DType::kF32;
   DeviceArray<uint16_t> compute_;  // bf16 compute copy [total_] (bf16 compute dtype only)

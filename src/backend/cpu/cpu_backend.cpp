@@ -72,6 +72,22 @@ double blocked_sum(const float* x, int64_t n, double* partial,
   return total;
 }
 
+// The sum of c[m*ldc + n]^2 over m < M, n < N in double, on this thread: contiguous rows (ldc ==
+// N) in blocked_sum's order (blocks of kReduceBlock, then the block sums in order), else row by
+// row, each row so. Equal to sum_squares_no_sync over the same contiguous floats.
+SWT_CPU_CLONES double matrix_sum_squares(const float* c, int M, int N, int ldc) {
+  auto contiguous = [](const float* x, int64_t n) {
+    double total = 0.0;
+    for (int64_t begin = 0; begin < n; begin += kReduceBlock)
+      total += block_sum_squares(x + begin, std::min(kReduceBlock, n - begin));
+    return total;
+  };
+  if (ldc == N) return contiguous(c, int64_t(M) * N);
+  double total = 0.0;
+  for (int m = 0; m < M; ++m) total += contiguous(c + int64_t(m) * ldc, N);
+  return total;
+}
+
 // ---- attention rows ---------------------------------------------------------------------------------
 // The max of a row (16 lanes, so that it vectorizes: a max is exact in any order).
 SWT_CPU_CLONES float row_max(const float* x, int n) {
@@ -201,6 +217,16 @@ void CpuBackend::fill(float* x, float value, int64_t n) {
 void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
                       int lda, int64_t stride_a, const float* B, int ldb, int64_t stride_b,
                       float beta, float* C, int ldc, int64_t stride_c, int batch) {
+  sgemm_batch(trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+              stride_c, batch, nullptr);
+}
+
+void CpuBackend::sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                             const float* A, int lda, int64_t stride_a, const float* B, int ldb,
+                             int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
+                             int batch, double* squares) {
+  if (squares)
+    for (int b = 0; b < batch; ++b) squares[b] = 0.0;
   SWT_CHECK(M >= 0 && N >= 0 && K >= 0 && batch >= 0, "gemm: negative size M={} N={} K={} batch={}",
             M, N, K, batch);
   if (M == 0 || N == 0 || batch == 0) return;
@@ -210,6 +236,8 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
         float* c = C + b * stride_c + int64_t(m) * ldc;
         for (int n = 0; n < N; ++n) c[n] = beta == 0.0f ? 0.0f : beta * c[n];
       }
+    if (squares)
+      for (int b = 0; b < batch; ++b) squares[b] = matrix_sum_squares(C + b * stride_c, M, N, ldc);
     return;
   }
   const char ta = trans_a ? 'T' : 'N';
@@ -226,10 +254,16 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
   // batch-parallel vs oneDNN-threaded: attention 128x128x64 x256: 1166 vs 186, 512x512x64 x64:
   // 1090 vs 847; experts 512x4096x1024 x16: 1243 vs 453, x24: 970 vs 477; but with fewer
   // entries than threads, 512x512x64 x8: 596 vs 926.
+  // Squares (gemm_ex_sum_squares): the thread that computed C_b sums its squares next, while
+  // C_b is still in its cache (an expert's weight gradient, 1 MB on bench-small, fits a core's
+  // L2); the order depends on the shapes only, so either branch gives the same sums.
   if (batch > 1 && batch >= omp_get_max_threads()) {
     int failures = 0;
 #pragma omp parallel for schedule(static) reduction(+ : failures)
-    for (int b = 0; b < batch; ++b) failures += one(b) == dnnl_success ? 0 : 1;
+    for (int b = 0; b < batch; ++b) {
+      failures += one(b) == dnnl_success ? 0 : 1;
+      if (squares) squares[b] = matrix_sum_squares(C + b * stride_c, M, N, ldc);
+    }
     SWT_CHECK(failures == 0,
               "dnnl_sgemm failed for {} of {} batch entries (M={} N={} K={} lda={} ldb={} ldc={})",
               failures, batch, M, N, K, lda, ldb, ldc);
@@ -239,6 +273,10 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
       SWT_CHECK(st == dnnl_success,
                 "dnnl_sgemm failed with status {} (trans {}{} M={} N={} K={} lda={} ldb={} ldc={})",
                 int(st), ta, tb, M, N, K, lda, ldb, ldc);
+      if (!squares) continue;
+      // oneDNN threaded this product: the threads share the sum too (same order).
+      squares[b] = ldc == N ? sum_squares_no_sync(C + b * stride_c, int64_t(M) * N)
+                            : matrix_sum_squares(C + b * stride_c, M, N, ldc);
     }
   }
   if (gemm_profile_) {
@@ -256,12 +294,6 @@ void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float 
                          DType b_type, int ldb, int64_t stride_b, float beta, void* C,
                          DType c_type, int ldc, int64_t stride_c, int batch) {
   check_gemm_ex_types(a_type, b_type, c_type);
-  auto widened = [&](std::vector<float>& buf, const void* p, DType t, int64_t n) -> const float* {
-    if (t == DType::kF32) return static_cast<const float*>(p);
-    if (int64_t(buf.size()) < n) buf.resize(size_t(n));
-    cast(buf.data(), DType::kF32, p, t, n);
-    return buf.data();
-  };
   const float* a = widened(wide_a_, A, a_type,
                            gemm_extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
   const float* b = widened(wide_b_, B, b_type,
@@ -284,6 +316,32 @@ void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float 
         const int64_t i = bi * stride_c + int64_t(m) * ldc + n;
         c[i] = float_to_bf16(wide_c_[size_t(i)]);
       }
+}
+
+const float* CpuBackend::widened(std::vector<float>& buf, const void* p, DType t, int64_t n) {
+  if (t == DType::kF32) return static_cast<const float*>(p);
+  if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+  cast(buf.data(), DType::kF32, p, t, n);
+  return buf.data();
+}
+
+void CpuBackend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                                     const void* A, DType a_type, int lda, int64_t stride_a,
+                                     const void* B, DType b_type, int ldb, int64_t stride_b,
+                                     float beta, float* C, int ldc, int64_t stride_c, int batch,
+                                     double* acc) {
+  check_gemm_ex_types(a_type, b_type, DType::kF32);
+  const float* a = widened(wide_a_, A, a_type,
+                           gemm_extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
+  const float* b = widened(wide_b_, B, b_type,
+                           gemm_extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
+  if (batch <= 0) return;
+  if (gemm_squares_.size() < size_t(batch)) gemm_squares_.resize(size_t(batch));
+  sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta, C, ldc,
+              stride_c, batch, gemm_squares_.data());
+  double total = 0.0;
+  for (int i = 0; i < batch; ++i) total += gemm_squares_[size_t(i)];
+  acc[0] += total;
 }
 
 void CpuBackend::cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) {

@@ -39,6 +39,11 @@ class CpuBackend final : public Backend {
                DType a_type, int lda, int64_t stride_a, const void* B, DType b_type, int ldb,
                int64_t stride_b, float beta, void* C, DType c_type, int ldc, int64_t stride_c,
                int batch) override;
+  // Each batch entry's squares taken by the thread that just computed it, while in its cache.
+  void gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                           const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
+                           DType b_type, int ldb, int64_t stride_b, float beta, float* C, int ldc,
+                           int64_t stride_c, int batch, double* acc) override;
   void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) override;
   void round_to_bf16(float* x, int64_t n) override;
 
@@ -142,7 +147,8 @@ class CpuBackend final : public Backend {
   // Per-shape GEMM time, for `bench_step --gemm-shapes` (where the step's matmul time goes):
   // while a profile is set, every gemm call that reaches oneDNN is timed on the wall clock and
   // added to its shape's row (gemm_ex's bf16 operands count once, as the fp32 product they
-  // become). Null, the default, costs one branch per call.
+  // become; gemm_ex_sum_squares' time includes its squares). Null, the default, costs one
+  // branch per call.
   struct GemmShape {
     bool trans_a, trans_b;
     int M, N, K, batch;
@@ -169,6 +175,12 @@ class CpuBackend final : public Backend {
   void record_problem_gemms(std::span<const ProblemGemm> gemms, int problems,
                             const std::vector<double>& thread_seconds);
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted
+  // gemm's body; with `squares` (batch doubles), squares[b] = the sum of C_b's squares.
+  void sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
+                   int lda, int64_t stride_a, const float* B, int ldb, int64_t stride_b,
+                   float beta, float* C, int ldc, int64_t stride_c, int batch, double* squares);
+  // gemm_ex's operand as fp32: p itself, or its widened copy in buf.
+  const float* widened(std::vector<float>& buf, const void* p, DType t, int64_t n);
   // Host scratch for reductions (block partials, per-row factors), grown on first use and then
   // reused, so steady-state steps make no heap allocations. Ops run one at a time per backend.
   double* scratch(size_t n) {
@@ -184,6 +196,7 @@ class CpuBackend final : public Backend {
   }
   std::vector<float> row_scratch_;
   std::vector<float> wide_a_, wide_b_, wide_c_;  // gemm_ex's fp32 copies of bf16 operands
+  std::vector<double> gemm_squares_;              // gemm_ex_sum_squares' per-entry sums
   // alloc_bytes' live blocks (address -> rounded bytes) and their sum, for memory_counts().
   std::unordered_map<void*, size_t> live_;
   size_t in_use_ = 0, peak_ = 0;
