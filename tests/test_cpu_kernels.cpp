@@ -103,6 +103,44 @@ TEST(ExpF32, EveryCloneGivesBitwiseTheSameValuesAndSums) {
 // Dropout: every loop this CPU runs, on spans that start and end inside a group of four (rows of
 // attention probabilities do), in place and not, gives bitwise the scalar definition (core/rng.h):
 // kept elements x / keep_scale (NaN, infinities and -0 included), dropped ones +0.
+// lane_sum's order, for the 8 lanes of row sums and the 32 of array sums: lane l adds the terms
+// i = l, l + Lanes, ... in index order, then neighbouring lanes are added pairwise, level by
+// level. Written out here as a recursion over lane ranges and compared bitwise on terms of very
+// different magnitudes (where any other order gives another double), at lengths around the
+// lane count.
+double tree(const std::vector<double>& lanes, size_t begin, size_t count) {
+  if (count == 1) return lanes[begin];
+  return tree(lanes, begin, count / 2) + tree(lanes, begin + count / 2, count / 2);
+}
+
+template <int Lanes>
+void expect_lane_order(const std::vector<double>& terms) {
+  const double* t = terms.data();
+  const std::vector<int64_t> lengths = {0, 1, Lanes - 1, Lanes, Lanes + 1, 3 * Lanes + 5,
+                                        int64_t(terms.size())};
+  for (const int64_t n : lengths) {
+    std::vector<double> lanes(Lanes, 0.0);
+    for (int64_t i = 0; i < n; ++i) lanes[size_t(i % Lanes)] += t[i];
+    const double want = tree(lanes, 0, Lanes);
+    const double got = cpu::lane_sum<Lanes>(n, [t](int64_t i) { return t[i]; });
+    EXPECT_EQ(std::bit_cast<uint64_t>(got), std::bit_cast<uint64_t>(want))
+        << Lanes << " lanes, n=" << n << ": " << got << " vs " << want;
+  }
+}
+
+TEST(LaneSum, OrderIsTheLanesThenAPairwiseTree) {
+  std::vector<double> terms;
+  for (uint64_t i = 0; i < 1000; ++i)
+    terms.push_back((uniform01(11, i) - 0.5) * std::ldexp(1.0, int(uniform01(12, i) * 80) - 40));
+  expect_lane_order<cpu::kSumLanes>(terms);
+  expect_lane_order<cpu::kWideSumLanes>(terms);
+  // The default is the 8 lanes the row sums have always used.
+  const double* t = terms.data();
+  const int64_t n = int64_t(terms.size());
+  EXPECT_EQ(cpu::lane_sum(n, [t](int64_t i) { return t[i]; }),
+            cpu::lane_sum<8>(n, [t](int64_t i) { return t[i]; }));
+}
+
 TEST(Dropout, EveryLoopIsTheScalarDefinitionBitForBit) {
   std::vector<float> x(2000);
   for (size_t i = 0; i < x.size(); ++i) x[i] = 4.0f * uniform01(11, i) - 2.0f;

@@ -48,12 +48,13 @@ inline float gelu_tanh_grad(float a) {
   return 0.5f * (1.0f + th) + 0.5f * a * (1.0f - th * th) * du;
 }
 
-// The sum of x[0..n) and of its squares, in double, in lane_sum's fixed order (one block).
+// The sum of x[0..n) and of its squares, in double, in lane_sum's fixed order (one block, 32
+// lanes).
 SWT_CPU_CLONES double block_sum(const float* x, int64_t n) {
-  return cpu::lane_sum(n, [x](int64_t i) { return double(x[i]); });
+  return cpu::lane_sum<cpu::kWideSumLanes>(n, [x](int64_t i) { return double(x[i]); });
 }
 SWT_CPU_CLONES double block_sum_squares(const float* x, int64_t n) {
-  return cpu::lane_sum(n, [x](int64_t i) { return double(x[i]) * x[i]; });
+  return cpu::lane_sum<cpu::kWideSumLanes>(n, [x](int64_t i) { return double(x[i]) * x[i]; });
 }
 
 // Sum over i < n in double, blockwise (see kReduceBlock): block_sum(x + begin, length) of each

@@ -26,23 +26,32 @@ namespace switcht5::cpu {
 #define SWT_CPU_CLONES
 #endif
 
-// Sum of term(i) for i in [0, n), in double, over kSumLanes interleaved lanes: lane l adds the
-// terms with i % kSumLanes == l in index order, and the lanes are added in a fixed pairwise tree:
+// Sum of term(i) for i in [0, n), in double, over Lanes interleaved lanes: lane l adds the
+// terms with i % Lanes == l in index order, and the lanes are added in a fixed pairwise tree of
+// neighbours, for 8 lanes
 //   ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
 // One accumulator would be a chain of dependent adds, each waiting for the last (4 cycles): a
 // latency-bound loop at a fraction of the memory bandwidth. Eight independent chains pipeline
 // and vectorize; the order depends on n alone (never on threads or the vector width), so every
 // thread count and every clone gives bitwise the same sum.
 constexpr int kSumLanes = 8;
+// Eight lanes are two AVX2 vectors (one AVX-512 vector) of doubles: two add chains, so a long
+// sum still waits on the add latency, about 2 floats a cycle (measured: squares of 1.07 GB in
+// 25-32 ms on two AVX2 cores, 33-43 GB/s, whatever the memory could give). The array-long
+// reductions (sum, sum_squares: the gradient norm) use 32 lanes, eight AVX2 chains.
+constexpr int kWideSumLanes = 32;
 
-template <class Term>
+template <int Lanes = kSumLanes, class Term>
 inline double lane_sum(int64_t n, Term term) {
-  double acc[kSumLanes] = {};
+  static_assert(Lanes >= 1 && (Lanes & (Lanes - 1)) == 0, "a power of two");
+  double acc[Lanes] = {};
   int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes)
-    for (int l = 0; l < kSumLanes; ++l) acc[l] += term(i + l);
+  for (; i + Lanes <= n; i += Lanes)
+    for (int l = 0; l < Lanes; ++l) acc[l] += term(i + l);
   for (int l = 0; i < n; ++i, ++l) acc[l] += term(i);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int width = Lanes; width > 1; width /= 2)
+    for (int l = 0; l < width / 2; ++l) acc[l] = acc[2 * l] + acc[2 * l + 1];
+  return acc[0];
 }
 
 // e^x in fp32 from plain float operations, so that it vectorizes in SWT_CPU_CLONES loops (libm's
