@@ -441,27 +441,39 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
   check_params(*be, model.params(), loss, 6);
 }
 
+// A tiny Switch model (tied embeddings, a Switch layer in each stack) on a host backend, and
+// backward(): one training forward and backward of a fixed batch, returning every gradient.
+struct TinySwitchBackward {
+  TinySwitchBackward(const char* backend, const char* ffn)
+      : be(make_backend(backend)),
+        model(*be, tiny_model({"switch_tiny", 2, ffn, true, 0.0f, 0.0f}), {2, 6, 5}),
+        batch(tiny_batch()) {
+    model.params().initialize(*be, 5);
+    w.ce_scale = 1.0 / double(batch.target_tokens());
+    w.microbatches = 1.0;
+  }
+  std::vector<float> backward() {
+    model.forward(batch, true, 77, 0);
+    model.backward(w);
+    return download(*be, model.params().grads(), model.params().total_numel());
+  }
+  std::unique_ptr<Backend> be;
+  SwitchT5Model model;
+  Batch batch;
+  LossWeights w;
+};
+
 // Lazily zeroed gradients (ParamStore::zero_grads marks them pending; the weight-gradient GEMMs
 // overwrite with beta = 0, other writers zero first): on both host backends a backward over a
 // gradient buffer full of NaN gives exactly the gradients of a backward over zeros in memory,
 // and a second backward without zero_grads adds to them (beta = 1 after the first write).
 TEST(LazyGradients, SameAsZerosInMemoryAndASecondBackwardAdds) {
   for (const char* backend : {"reference", "cpu"}) {
-    auto be = make_backend(backend);
-    const ModelCase c{"switch_relu_tied", 2, "relu", true, 0.0f, 0.0f};
-    SwitchT5Model model(*be, tiny_model(c), {2, 6, 5});
-    ParamStore& ps = model.params();
-    ps.initialize(*be, 5);
-    const Batch batch = tiny_batch();
-    LossWeights w;
-    w.ce_scale = 1.0 / double(batch.target_tokens());
-    w.microbatches = 1.0;
+    TinySwitchBackward t(backend, "relu");
+    Backend* be = t.be.get();
+    ParamStore& ps = t.model.params();
     const int64_t n = ps.total_numel();
-    auto backward = [&] {
-      model.forward(batch, true, 77, 0);
-      model.backward(w);
-      return download(*be, ps.grads(), n);
-    };
+    auto backward = [&] { return t.backward(); };
     ps.zero_grads(*be);
     ps.finish_grads();  // zeros in memory: every writer adds to them
     const std::vector<float> eager = backward();
@@ -496,22 +508,12 @@ TEST(LazyGradients, SameAsZerosInMemoryAndASecondBackwardAdds) {
 TEST(LazyGradients, FinalWritesSquareTheExpertGradients) {
   for (const char* backend : {"reference", "cpu"}) {
     for (const char* ffn : {"relu", "gated-gelu"}) {
-      auto be = make_backend(backend);
-      const ModelCase c{"switch_final_squares", 2, ffn, true, 0.0f, 0.0f};
-      SwitchT5Model model(*be, tiny_model(c), {2, 6, 5});
-      ParamStore& ps = model.params();
-      ps.initialize(*be, 5);
-      const Batch batch = tiny_batch();
-      LossWeights w;
-      w.ce_scale = 1.0 / double(batch.target_tokens());
-      w.microbatches = 1.0;
+      TinySwitchBackward t(backend, ffn);
+      Backend* be = t.be.get();
+      ParamStore& ps = t.model.params();
       const int64_t n = ps.total_numel(), experts = ps.expert_region_begin();
       ASSERT_LT(experts, n);
-      auto backward = [&] {
-        model.forward(batch, true, 77, 0);
-        model.backward(w);
-        return download(*be, ps.grads(), n);
-      };
+      auto backward = [&] { return t.backward(); };
       ps.zero_grads(*be);
       const std::vector<float> plain = backward();
       DeviceArray<double> acc(*be, 1);
