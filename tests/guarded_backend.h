@@ -98,6 +98,13 @@ class GuardedBackend final : public Backend {
     run([=, this] { inner_->gemm_ex(ta, tb, M, N, K, alpha, host(A), at, lda, sa, host(B), bt, ldb, sb, beta,
                     host(C), ct, ldc, sc, batch); });
   }
+  void gemm_ex_sum_squares(bool ta, bool tb, int M, int N, int K, float alpha, const void* A,
+                           DType at, int lda, int64_t sa, const void* B, DType bt, int ldb,
+                           int64_t sb, float beta, float* C, int ldc, int64_t sc, int batch,
+                           double* acc) override {
+    run([=, this] { inner_->gemm_ex_sum_squares(ta, tb, M, N, K, alpha, host(A), at, lda, sa, host(B), bt,
+                    ldb, sb, beta, host(C), ldc, sc, batch, host(acc)); });
+  }
   void cast(void* out, DType ot, const void* in, DType it, int64_t n) override {
     run([=, this] { inner_->cast(host(out), ot, host(in), it, n); });
   }

@@ -704,8 +704,6 @@ TEST_P(BackendVsReference, GemmRoundsBf16OutputToNearestEven) {
   }
 }
 
-// cast: fp32 -> bf16 rounds to nearest even (bitwise what core/dtype.h computes, ties
-// included), bf16 -> fp32 is exact, equal types copy; odd sizes.
 // gemm_ex_sum_squares: C as gemm_ex's (against the reference), and acc[0] grown by exactly the
 // squares of the C blocks the backend itself stored (host double sum; only the order differs),
 // the padding between rows and blocks not counted. Batches below and above the thread count
@@ -770,6 +768,8 @@ TEST_P(BackendVsReference, GemmSumSquares) {
             }
 }
 
+// cast: fp32 -> bf16 rounds to nearest even (bitwise what core/dtype.h computes, ties
+// included), bf16 -> fp32 is exact, equal types copy; odd sizes.
 TEST_P(BackendVsReference, Cast) {
   for (int64_t n : {1, 7, 33, 100003}) {
     auto x = random_vector(n, 31 + n, -50, 50);

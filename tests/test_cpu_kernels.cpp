@@ -100,9 +100,6 @@ TEST(ExpF32, EveryCloneGivesBitwiseTheSameValuesAndSums) {
 }
 
 
-// Dropout: every loop this CPU runs, on spans that start and end inside a group of four (rows of
-// attention probabilities do), in place and not, gives bitwise the scalar definition (core/rng.h):
-// kept elements x / keep_scale (NaN, infinities and -0 included), dropped ones +0.
 // lane_sum's order, for the 8 lanes of row sums and the 32 of array sums: lane l adds the terms
 // i = l, l + Lanes, ... in index order, then neighbouring lanes are added pairwise, level by
 // level. Written out here as a recursion over lane ranges and compared bitwise on terms of very
@@ -141,6 +138,9 @@ TEST(LaneSum, OrderIsTheLanesThenAPairwiseTree) {
             cpu::lane_sum<8>(n, [t](int64_t i) { return t[i]; }));
 }
 
+// Dropout: every loop this CPU runs, on spans that start and end inside a group of four (rows of
+// attention probabilities do), in place and not, gives bitwise the scalar definition (core/rng.h):
+// kept elements x / keep_scale (NaN, infinities and -0 included), dropped ones +0.
 TEST(Dropout, EveryLoopIsTheScalarDefinitionBitForBit) {
   std::vector<float> x(2000);
   for (size_t i = 0; i < x.size(); ++i) x[i] = 4.0f * uniform01(11, i) - 2.0f;

@@ -58,7 +58,13 @@ void Backend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int 
                                   double* acc) {
   gemm_ex(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb, stride_b,
           beta, C, DType::kF32, ldc, stride_c, batch);
-  if (M <= 0 || N <= 0) return;
+  if (M <= 0 || N <= 0 || batch <= 0) return;
+  // Back-to-back blocks (a stacked weight gradient): one reduction over all of them, so a
+  // device backend launches one, not one per expert.
+  if (ldc == N && stride_c == int64_t(M) * N) {
+    accumulate_sum_squares(acc, C, int64_t(batch) * M * N);
+    return;
+  }
   for (int b = 0; b < batch; ++b) {
     const float* c = C + b * stride_c;
     if (ldc == N) {

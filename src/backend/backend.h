@@ -115,8 +115,9 @@ class Backend {
   //   acc[0] += sum_b sum_{m<M, n<N} C_b[m,n]^2        (in double, as accumulate_sum_squares)
   // A weight-gradient GEMM that makes a gradient final squares it here for the gradient norm
   // while it is still in cache, instead of a later pass reading it back from memory. The
-  // default is gemm_ex, then accumulate_sum_squares over each block; a backend that can take
-  // each block's squares right after computing it overrides this.
+  // default is gemm_ex, then accumulate_sum_squares over the blocks (one call when they lie
+  // back to back); a backend that can take each block's squares right after computing it
+  // overrides this (the CPU: each block's sum, added to acc[0] block by block).
   virtual void gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
                                    const void* A, DType a_type, int lda, int64_t stride_a,
                                    const void* B, DType b_type, int ldb, int64_t stride_b,

@@ -340,9 +340,7 @@ void CpuBackend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, i
   if (gemm_squares_.size() < size_t(batch)) gemm_squares_.resize(size_t(batch));
   sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta, C, ldc,
               stride_c, batch, gemm_squares_.data());
-  double total = 0.0;
-  for (int i = 0; i < batch; ++i) total += gemm_squares_[size_t(i)];
-  acc[0] += total;
+  for (int i = 0; i < batch; ++i) acc[0] += gemm_squares_[size_t(i)];  // entry by entry
 }
 
 void CpuBackend::cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) {
