@@ -143,12 +143,17 @@ void ParamStore::square_final_writes(int64_t begin, int64_t end, double* acc) {
   square_end_ = end;
 }
 
-float* ParamStore::grad(const ParamInfo& p) {
-  float* g = grads_.data() + p.offset;
-  SWT_CHECK(!grad_squared_[index_of(p)],
+size_t ParamStore::writable_index(const ParamInfo& p) const {
+  const size_t i = index_of(p);
+  SWT_CHECK(!grad_squared_[i],
             "ParamStore: {} gradient written after the write that made it final (its squares "
             "are already in the norm)", p.name);
-  uint8_t& pending = grad_pending_[index_of(p)];
+  return i;
+}
+
+float* ParamStore::grad(const ParamInfo& p) {
+  float* g = grads_.data() + p.offset;
+  uint8_t& pending = grad_pending_[writable_index(p)];
   if (pending) {
     be_->fill(g, 0.0f, p.numel);
     pending = 0;
@@ -159,10 +164,7 @@ float* ParamStore::grad(const ParamInfo& p) {
 ParamStore::GradTarget ParamStore::grad_target(const ParamInfo& p, int64_t floats) {
   SWT_CHECK(floats == p.numel, "ParamStore::grad_target: a writer of {} floats for {} ({} floats)",
             floats, p.name, p.numel);
-  const size_t i = index_of(p);
-  SWT_CHECK(!grad_squared_[i],
-            "ParamStore: {} gradient written after the write that made it final (its squares "
-            "are already in the norm)", p.name);
+  const size_t i = writable_index(p);
   const float beta = grad_pending_[i] ? 0.0f : 1.0f;
   grad_pending_[i] = 0;
   double* squares = nullptr;

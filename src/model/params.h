@@ -145,13 +145,13 @@ class ParamStore {
   void finish_grads();
 
   // The gradient norm's squares, taken where the gradients are made final. The caller promises
-  // that, until the next finish_grads() (the end of the backward), each grad_target() write to a parameter lying wholly in
-  // floats [begin, end) is the parameter's last write of the step and nothing changes it
-  // before the norm (the step's last backward, in a region no process group reduces): such a
-  // write is handed `acc` (backend memory) to add its squares to, while the gradient is still
-  // in cache, and the parameter is marked squared() until zero_grads(). Any later write to it
-  // is an internal error. A parameter of the range not written that way (never written, or written through
-  // grad()) is not squared: the caller sums those itself.
+  // that, until the next finish_grads() (the end of the backward), each grad_target() write to
+  // a parameter lying wholly in floats [begin, end) is the parameter's last write of the step
+  // and nothing changes it before the norm (the step's last backward, in a region no process
+  // group reduces): such a write is handed `acc` (backend memory) to add its squares to, while
+  // the gradient is still in cache, and the parameter is marked squared() until zero_grads().
+  // Any later write to it is an internal error. A parameter of the range not written that way
+  // (never written, or written through grad()) is not squared: the caller sums those itself.
   void square_final_writes(int64_t begin, int64_t end, double* acc);
   bool squared(const ParamInfo& p) const { return grad_squared_[index_of(p)] != 0; }
 
@@ -195,6 +195,8 @@ class ParamStore {
   double* square_acc_ = nullptr;          // square_final_writes()' range and sum, until
   int64_t square_begin_ = 0, square_end_ = 0;  // finish_grads()
   size_t index_of(const ParamInfo& p) const;
+  // Index of p, checked not squared(): a write after the final one would miss the norm.
+  size_t writable_index(const ParamInfo& p) const;
   DType compute_dtype_ = DType::kF32;
   DeviceArray<uint16_t> compute_;  // bf16 compute copy [total_] (bf16 compute dtype only)
 };
