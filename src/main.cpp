@@ -258,7 +258,8 @@ int cmd_plan(const RunConfig& cfg, const Args& args) {
              "({} + {} tokens), {:.4g} GFLOP per step (batch {})\n  formula: {}\n",
              3 * f_seq * 1e-9, cfg.data.inputs_length, cfg.data.targets_length,
              3 * f_seq * cfg.train.batch_size * 1e-9, cfg.train.batch_size, kMatmulFlopsFormula);
-  fmt::print("matmul GFLOP per training step as executed (experts over every capacity slot, "
+  fmt::print("matmul GFLOP per training step over the whole capacity buffers (experts over "
+             "every capacity slot, as a GPU runs them; the CPU backend skips the empty ones; "
              "batch {}): {:.3f} forward, {:.3f} total\n",
              cfg.train.batch_size, f * 1e-9, 3 * f * 1e-9);
 

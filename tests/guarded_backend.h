@@ -105,6 +105,14 @@ class GuardedBackend final : public Backend {
     run([=, this] { inner_->gemm_ex_sum_squares(ta, tb, M, N, K, alpha, host(A), at, lda, sa, host(B), bt,
                     ldb, sb, beta, host(C), ldc, sc, batch, host(acc)); });
   }
+  void gemm_ex_rows(bool ta, bool tb, int M, int N, int K, float alpha, const void* A, DType at,
+                    int lda, int64_t sa, const void* B, DType bt, int ldb, int64_t sb, float beta,
+                    void* C, DType ct, int ldc, int64_t sc, int batch, const int32_t* a_rows,
+                    double* squares) override {
+    run([=, this] { inner_->gemm_ex_rows(ta, tb, M, N, K, alpha, host(A), at, lda, sa, host(B),
+                                         bt, ldb, sb, beta, host(C), ct, ldc, sc, batch,
+                                         host(a_rows), host(squares)); });
+  }
   void cast(void* out, DType ot, const void* in, DType it, int64_t n) override {
     run([=, this] { inner_->cast(host(out), ot, host(in), it, n); });
   }
@@ -275,10 +283,12 @@ class GuardedBackend final : public Backend {
     run([=, this] { inner_->cross_entropy_backward(host(dlogits), host(logits), host(lse), host(labels), N, V,
                                    scale, host(scale_by), z_coef); });
   }
-  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
-                      float* counts, const float* logits, int G, int S, int E, int C) override {
-    run([=, this] { inner_->router_forward(host(probs), host(lse), host(expert), host(slot), host(gate),
-                           host(counts), host(logits), G, S, E, C); });
+  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, int32_t* rows,
+                      float* gate, float* counts, const float* logits, int G, int S, int E,
+                      int C) override {
+    run([=, this] { inner_->router_forward(host(probs), host(lse), host(expert), host(slot),
+                                           host(rows), host(gate), host(counts), host(logits), G,
+                                           S, E, C); });
   }
   void router_balance_loss(float* lb, const float* probs, const float* counts, int G, int S,
                            int E) override {

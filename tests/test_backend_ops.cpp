@@ -25,6 +25,8 @@
 //   gemm                              Gemm
 //   gemm_ex cast                      GemmMixedPrecision, Cast (fp32 / bf16)
 //   gemm_ex_sum_squares               GemmSumSquares; on the CPU also thread-count independent
+//   gemm_ex_rows                      GemmExRows; on the CPU also thread-count independent, and
+//                                     CpuGemmRows.SkipsTheRowsPastTheCounts
 //                                     (CpuThreads.OpsBitwiseIndependentOfThreadCount)
 //   sum sum_squares sum_over_batch    Reductions;  count_nonfinite: EveryBackend.CountNonfinite
 //   permute_0213                      Permute
@@ -270,25 +272,31 @@ TEST_F(ReferenceOps, RouterSlotsAndDropping) {
   for (int C : {1, 2}) {
     auto L = upload(ref_, logits);
     DeviceArray<float> probs(ref_, 24), lse(ref_, 8), gate(ref_, 8), counts(ref_, 6);
-    DeviceArray<int32_t> expert(ref_, 8), slot(ref_, 8);
-    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                        counts.data(), L.data(), 2, 4, 3, C);
+    DeviceArray<int32_t> expert(ref_, 8), slot(ref_, 8), rows(ref_, 3);
+    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                        gate.data(), counts.data(), L.data(), 2, 4, 3, C);
     EXPECT_EQ(download(ref_, expert.data(), 8), expected_expert);
     EXPECT_EQ(download(ref_, counts.data(), 6), expected_counts);
     const std::vector<int32_t> slot_code = download(ref_, slot.data(), 8);
-    // By hand (slot = g*C + position, position = earlier same-expert tokens of the group):
-    // group 0 experts 0,1,0,0 have positions 0,0,1,2; group 1 experts 2,2,0,2 have 0,1,0,2.
-    const std::vector<int32_t> by_hand = C == 1 ? std::vector<int32_t>{0, 0, -1, -1, 1, -1, 1, -1}
-                                                : std::vector<int32_t>{0, 0, 1, -1, 2, 3, 2, -1};
+    // By hand (position = earlier same-expert tokens of the group; slot = the kept tokens of
+    // the same expert in earlier groups + position): group 0 experts 0,1,0,0 have positions
+    // 0,0,1,2; group 1 experts 2,2,0,2 have 0,1,0,2. C = 1: expert 0 keeps t0 (group 0) and
+    // t6 (group 1, after t0: row 1); C = 2 it keeps t0, t2 and t6 (row 2).
+    const std::vector<int32_t> by_hand = C == 1 ? std::vector<int32_t>{0, 0, -1, -1, 0, -1, 1, -1}
+                                                : std::vector<int32_t>{0, 0, 1, -1, 0, 1, 2, -1};
     EXPECT_EQ(slot_code, by_hand) << "capacity " << C;
+    const std::vector<int32_t> rows_by_hand =
+        C == 1 ? std::vector<int32_t>{2, 1, 1} : std::vector<int32_t>{3, 1, 2};
+    EXPECT_EQ(download(ref_, rows.data(), 3), rows_by_hand) << "capacity " << C;
     // The same rule applied by a counting loop to the expected experts.
-    std::vector<int32_t> counted(8);
+    std::vector<int32_t> counted(8), kept(3, 0);
     for (int t = 0; t < 8; ++t) {
       int position = 0;
       for (int u = (t / 4) * 4; u < t; ++u) position += expected_expert[u] == expected_expert[t];
-      counted[t] = position < C ? (t / 4) * C + position : -1;
+      counted[t] = position < C ? kept[expected_expert[t]]++ : -1;
     }
     EXPECT_EQ(slot_code, counted) << "capacity " << C;
+    EXPECT_EQ(download(ref_, rows.data(), 3), kept) << "capacity " << C;
     // Token 0: softmax(2,0,0) = e^2 / (e^2 + 2); lse = log(e^2 + 2).
     auto g = download(ref_, gate.data(), 8);
     auto l = download(ref_, lse.data(), 8);
@@ -526,9 +534,9 @@ TEST_F(ReferenceOps, RouterBackwardMatchesFiniteDifferences) {
     auto L = upload(ref_, lg);
     DeviceArray<float> probs(ref_, T * E), lse(ref_, T), gate(ref_, T), counts(ref_, G * E),
         lb(ref_, G);
-    DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
-    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                        counts.data(), L.data(), G, S, E, C);
+    DeviceArray<int32_t> expert(ref_, T), slot(ref_, T), rows(ref_, E);
+    ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                        gate.data(), counts.data(), L.data(), G, S, E, C);
     ref_.router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
     auto lbh = download(ref_, lb.data(), G), ls = download(ref_, lse.data(), T),
          gt = download(ref_, gate.data(), T);
@@ -540,9 +548,9 @@ TEST_F(ReferenceOps, RouterBackwardMatchesFiniteDifferences) {
   auto L = upload(ref_, logits), Dg = upload(ref_, dgate);
   DeviceArray<float> probs(ref_, T * E), lse(ref_, T), gate(ref_, T), counts(ref_, G * E),
       dl(ref_, T * E);
-  DeviceArray<int32_t> expert(ref_, T), slot(ref_, T);
-  ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                      counts.data(), L.data(), G, S, E, C);
+  DeviceArray<int32_t> expert(ref_, T), slot(ref_, T), rows(ref_, E);
+  ref_.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                      gate.data(), counts.data(), L.data(), G, S, E, C);
   ref_.router_backward(dl.data(), probs.data(), lse.data(), expert.data(), Dg.data(), counts.data(),
                        G, S, E, lb_scale, z_scale);
   expect_gradient_matches_fd(objective, logits, download(ref_, dl.data(), T * E), "router");
@@ -765,6 +773,95 @@ TEST_P(BackendVsReference, GemmSumSquares) {
                 return {out};  // padding must be left untouched too
               };
               expect_matches_reference(op, sum_of(d.K), what);
+            }
+}
+
+// gemm_ex_rows: A_b zero past its first a_rows[b] rows as stored (rows of [M,K], or of [K,M]
+// when trans_a), a_rows 0, full and in between; the result must be the full product's (the
+// reference runs it whole; the CPU skips the rows), beta 0 over a poisoned C, 1 and 0.7, fp32
+// and bf16 A and C, batches below and above the thread count, and with squares their sum as
+// gemm_ex_sum_squares takes it. The padding around the blocks must be left untouched.
+TEST_P(BackendVsReference, GemmExRows) {
+  struct Dims {
+    int M, N, K;
+  };
+  const std::vector<Dims> dims = {{3, 7, 33}, {40, 67, 24}};
+  uint64_t seed = 1500;
+  for (const Dims& d : dims)
+    for (int batch : {1, 3, 9})
+      for (int combo = 0; combo < 4; ++combo)
+        for (int types = 0; types < 4; ++types)  // bit 0: A bf16, bit 1: C bf16
+          for (float beta : {0.0f, 1.0f, 0.7f})
+            for (bool with_squares : {false, true}) {
+              const DType at = types & 1 ? DType::kBF16 : DType::kF32;
+              const DType ct = types & 2 ? DType::kBF16 : DType::kF32;
+              if (with_squares && ct != DType::kF32) continue;
+              const bool ta = combo & 2, tb = combo & 1;
+              const int full = ta ? d.K : d.M;
+              const int lda = (ta ? d.M : d.K) + 3, ldb = (tb ? d.K : d.N) + 2, ldc = d.N + 1;
+              const int64_t sa = int64_t(full) * lda + 5,
+                            sb = int64_t(tb ? d.N : d.K) * ldb + 1, sc = int64_t(d.M) * ldc + 2;
+              std::vector<int32_t> rows(batch);
+              const auto picks = random_int_vector(batch, ++seed, 0, full + 1);
+              for (int bi = 0; bi < batch; ++bi)
+                rows[bi] = bi % 3 == 0 ? 0 : bi % 3 == 1 ? full : picks[bi];
+              auto a = random_vector(sa * batch, ++seed);
+              for (int bi = 0; bi < batch; ++bi)  // A's rows past the count are zero
+                for (int r = rows[bi]; r < full; ++r)
+                  for (int j = 0; j < lda; ++j) a[bi * sa + int64_t(r) * lda + j] = 0.0f;
+              const auto b = random_vector(sb * batch, ++seed);
+              auto c = random_vector(sc * batch, ++seed);
+              if (beta == 0.0f)
+                for (int bi = 0; bi < batch; ++bi)
+                  for (int i = 0; i < d.M; ++i)
+                    for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+              const std::string what = fmt::format(
+                  "gemm_ex_rows M={} N={} K={} batch={} trans={}{} A {} C {} beta={} squares={}",
+                  d.M, d.N, d.K, batch, ta, tb, dtype_name(at), dtype_name(ct), beta,
+                  with_squares);
+              auto op = [&](Backend& be) -> Outputs {
+                auto upload_as = [&](const std::vector<float>& v, DType t) {
+                  DeviceArray<uint8_t> buf(be, int64_t(v.size() * dtype_size(t)));
+                  if (t == DType::kBF16) {
+                    std::vector<uint16_t> h(v.size());
+                    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(v[i]);
+                    be.copy_to_device(buf.data(), h.data(), buf.bytes());
+                  } else {
+                    be.copy_to_device(buf.data(), v.data(), buf.bytes());
+                  }
+                  return buf;
+                };
+                auto A = upload_as(a, at), Cm = upload_as(c, ct);
+                auto B = upload(be, b);
+                auto R = upload(be, rows);
+                const double acc0 = 0.375;
+                DeviceArray<double> acc(be, 1);
+                be.copy_to_device(acc.data(), &acc0, sizeof acc0);
+                be.gemm_ex_rows(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), at, lda, sa, B.data(),
+                                DType::kF32, ldb, sb, beta, Cm.data(), ct, ldc, sc, batch,
+                                R.data(), with_squares ? acc.data() : nullptr);
+                std::vector<float> out(c.size());
+                if (ct == DType::kBF16) {
+                  std::vector<uint16_t> h(c.size());
+                  be.copy_to_host(h.data(), Cm.data(), Cm.bytes());
+                  for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
+                } else {
+                  be.copy_to_host(out.data(), Cm.data(), Cm.bytes());
+                }
+                double got = 0.0;
+                be.copy_to_host(&got, acc.data(), sizeof got);
+                double want = acc0;
+                if (with_squares)
+                  for (int bi = 0; bi < batch; ++bi)
+                    for (int i = 0; i < d.M; ++i)
+                      for (int j = 0; j < d.N; ++j) {
+                        const double v = out[size_t(bi * sc + int64_t(i) * ldc + j)];
+                        want += v * v;
+                      }
+                EXPECT_NEAR(got, want, 1e-12 * want) << be.name() << ": " << what;
+                return {out};
+              };
+              expect_matches_reference(op, sum_tolerance(ct, d.K), what);
             }
 }
 
@@ -1258,9 +1355,10 @@ TEST_P(BackendVsReference, RouterAndDispatch) {
             auto probs = poisoned<float>(be, T * d.E), lse = poisoned<float>(be, T),
                  gate = poisoned<float>(be, T), counts = poisoned<float>(be, int64_t(d.G) * d.E),
                  lb = poisoned<float>(be, d.G), dl = poisoned<float>(be, T * d.E);
-            auto expert = poisoned<int32_t>(be, T), slot = poisoned<int32_t>(be, T);
-            be.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                              counts.data(), L.data(), d.G, d.S, d.E, d.C);
+            auto expert = poisoned<int32_t>(be, T), slot = poisoned<int32_t>(be, T),
+                 rows = poisoned<int32_t>(be, d.E);
+            be.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                              gate.data(), counts.data(), L.data(), d.G, d.S, d.E, d.C);
             be.router_balance_loss(lb.data(), probs.data(), counts.data(), d.G, d.S, d.E);
             be.router_backward(dl.data(), probs.data(), lse.data(), expert.data(), Dg.data(),
                                counts.data(), d.G, d.S, d.E, 0.01f, 1e-3f);
@@ -1271,7 +1369,8 @@ TEST_P(BackendVsReference, RouterAndDispatch) {
                     download(be, lb.data(), d.G),
                     download(be, dl.data(), T * d.E),
                     to_float(download(be, expert.data(), T)),
-                    to_float(download(be, slot.data(), T))};
+                    to_float(download(be, slot.data(), T)),
+                    to_float(download(be, rows.data(), d.E))};
           },
           elementwise(), "router" + at);
 
@@ -1284,9 +1383,9 @@ TEST_P(BackendVsReference, RouterAndDispatch) {
         auto L = upload(ref, logits);
         DeviceArray<float> probs(ref, T * d.E), lse(ref, T), gate(ref, T),
             counts(ref, int64_t(d.G) * d.E);
-        DeviceArray<int32_t> expert(ref, T), slot(ref, T);
-        ref.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                           counts.data(), L.data(), d.G, d.S, d.E, d.C);
+        DeviceArray<int32_t> expert(ref, T), slot(ref, T), rows(ref, d.E);
+        ref.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                           gate.data(), counts.data(), L.data(), d.G, d.S, d.E, d.C);
         expert_h = download(ref, expert.data(), T);
         slot_h = download(ref, slot.data(), T);
         gate_h = download(ref, gate.data(), T);
@@ -1658,6 +1757,19 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
     be.copy_to_host(&got, acc.data(), sizeof got);
     sums.push_back(got);
     outs.push_back(download(be, G.data(), int64_t(batch) * M * Nc));
+    // gemm_ex_rows, entries of different sizes handed out one at a time: K-side counts
+    // (trans_a, K = 1) with squares, and M-side counts (K = 1 again).
+    const std::vector<int32_t> k_rows = {0, 1, 1}, m_rows = {0, 64, 130};
+    be.gemm_ex_rows(true, false, M, Nc, K, 1.0f, X.data(), DType::kF32, M, int64_t(K) * M,
+                    Y.data(), DType::kF32, Nc, int64_t(K) * Nc, 0.0f, G.data(), DType::kF32, Nc,
+                    int64_t(M) * Nc, batch, k_rows.data(), acc.data());
+    be.copy_to_host(&got, acc.data(), sizeof got);
+    sums.push_back(got);
+    outs.push_back(download(be, G.data(), int64_t(batch) * M * Nc));
+    be.gemm_ex_rows(false, false, M, Nc, K, 1.0f, X.data(), DType::kF32, K, int64_t(K) * M,
+                    Y.data(), DType::kF32, Nc, int64_t(K) * Nc, 0.0f, G.data(), DType::kF32, Nc,
+                    int64_t(M) * Nc, batch, m_rows.data(), nullptr);
+    outs.push_back(download(be, G.data(), int64_t(batch) * M * Nc));
   }
   be.sum_over_batch(o1.data(), X.data(), 7, n / 7);  // accumulates into the dropout output
   outs.push_back(download(be, o1.data(), n / 7));
@@ -1716,9 +1828,10 @@ Outputs run_cpu_ops(CpuBackend& be, std::vector<double>& sums) {
        gate = poisoned<float>(be, Tt), counts = poisoned<float>(be, G * E),
        lb = poisoned<float>(be, G), rdl = poisoned<float>(be, Tt * E),
        buf = poisoned<float>(be, int64_t(E) * G * C * Dm), dgate = poisoned<float>(be, Tt);
-  auto ex = poisoned<int32_t>(be, Tt), sl = poisoned<int32_t>(be, Tt);
-  be.router_forward(rp.data(), rl.data(), ex.data(), sl.data(), gate.data(), counts.data(),
-                    X.data(), G, S, E, C);
+  auto ex = poisoned<int32_t>(be, Tt), sl = poisoned<int32_t>(be, Tt),
+       rows = poisoned<int32_t>(be, E);
+  be.router_forward(rp.data(), rl.data(), ex.data(), sl.data(), rows.data(), gate.data(),
+                    counts.data(), X.data(), G, S, E, C);
   be.router_balance_loss(lb.data(), rp.data(), counts.data(), G, S, E);
   be.router_backward(rdl.data(), rp.data(), rl.data(), ex.data(), Y.data(), counts.data(), G, S, E,
                      0.01f, 1e-3f);
@@ -1962,6 +2075,45 @@ TEST(CpuActivation, ReluDropoutIsBitwiseTheComposition) {
     }
   }
   omp_set_num_threads(saved_threads);
+}
+
+// The CPU's gemm_ex_rows does skip: A's rows past the counts hold NaN here, which a product
+// over them would spread into C, yet C is the product with those rows zero (the reference's
+// result over zeros), beta * C past the counts (not trans_a), and the backend counts the FLOPs
+// of the rows it ran only.
+TEST(CpuGemmRows, SkipsTheRowsPastTheCounts) {
+  CpuBackend cpu;
+  ReferenceBackend ref;
+  const int M = 24, N = 40, K = 16, batch = 5;
+  const std::vector<int32_t> rows_nt = {0, 24, 7, 1, 13}, rows_tn = {0, 16, 5, 1, 9};
+  for (bool ta : {false, true}) {
+    const std::vector<int32_t>& rows = ta ? rows_tn : rows_nt;
+    const int full = ta ? K : M, lda = ta ? M : K;
+    const int64_t sa = int64_t(full) * lda, sb = int64_t(K) * N, sc = int64_t(M) * N;
+    auto zeros = random_vector(sa * batch, 71);
+    auto nans = zeros;
+    for (int bi = 0; bi < batch; ++bi)
+      for (int r = rows[bi]; r < full; ++r)
+        for (int j = 0; j < lda; ++j) {
+          zeros[bi * sa + int64_t(r) * lda + j] = 0.0f;
+          nans[bi * sa + int64_t(r) * lda + j] = std::numeric_limits<float>::quiet_NaN();
+        }
+    const auto b = random_vector(sb * batch, 72), c = random_vector(sc * batch, 73);
+    for (float beta : {0.0f, 0.5f}) {
+      auto want = c;
+      ref.gemm(ta, false, M, N, K, 1.0f, zeros.data(), lda, sa, b.data(), N, sb, beta,
+               want.data(), N, sc, batch);
+      auto got = c;
+      const double flops0 = cpu.executed_gemm_flops();
+      cpu.gemm_ex_rows(ta, false, M, N, K, 1.0f, nans.data(), DType::kF32, lda, sa, b.data(),
+                       DType::kF32, N, sb, beta, got.data(), DType::kF32, N, sc, batch,
+                       rows.data(), nullptr);
+      double products = 0.0;
+      for (int r : rows) products += ta ? double(M) * r : double(r) * K;
+      EXPECT_EQ(cpu.executed_gemm_flops() - flops0, 2.0 * products * N) << "trans_a " << ta;
+      EXPECT_TRUE(all_close(got, want, 1e-5, 1e-6)) << "trans_a " << ta << " beta " << beta;
+    }
+  }
 }
 
 TEST(CpuThreads, OpsBitwiseIndependentOfThreadCount) {

@@ -309,12 +309,12 @@ TEST(Gradients, RouterAuxLossesOnly) {
   const int G = 3, S = 5, E = 4, T = G * S;
   auto logits = upload(*be, random_vector(T * E, 31, -2, 2));
   DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E), lb(*be, G);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T);
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
   DeviceArray<float> dgate(*be, T), dlogits(*be, T * E);
   const float lb_scale = 1.3f, z_scale = 0.2f;
   auto loss = [&] {
-    be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                       counts.data(), logits.data(), G, S, E, 2);
+    be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                       gate.data(), counts.data(), logits.data(), G, S, E, 2);
     be->router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
     return lb_scale * be->sum(lb.data(), G) + z_scale * be->sum_squares(lse.data(), T);
   };

@@ -35,14 +35,15 @@ TEST_P(Routing, HandWorkedGroup) {
   const int G = 1, S = 4, E = 2, C = 1, T = 4;
   auto logits = upload(*be, std::vector<float>{2, 0, 0, 1, 1, 0, 0, 0});
   DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E), lb(*be, G);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T);
-  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                     counts.data(), logits.data(), G, S, E, C);
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
+  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                     gate.data(), counts.data(), logits.data(), G, S, E, C);
   be->router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
 
   EXPECT_EQ(download(*be, expert.data(), T), (std::vector<int32_t>{0, 1, 0, 0}));
   EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 0, -1, -1}));
   EXPECT_EQ(download(*be, counts.data(), E), (std::vector<float>{3, 1}));
+  EXPECT_EQ(download(*be, rows.data(), E), (std::vector<int32_t>{1, 1}));
   auto s = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
   const std::vector<float> gates = download(*be, gate.data(), T);
   EXPECT_NEAR(gates[0], s(2), 1e-6);
@@ -63,19 +64,37 @@ TEST_P(Routing, HandWorkedGroup) {
   EXPECT_NEAR(be->sum_squares(lse.data(), T) / T, (l0 * l0 + 2 * l1 * l1 + l3 * l3) / 4, 1e-5);
 }
 
-// Two groups: positions restart in every group, and each group has its own capacity.
+// Two groups: positions restart in every group, and each group has its own capacity; the kept
+// tokens of both groups are packed at the front of the expert's buffer.
 TEST_P(Routing, CapacityIsPerGroup) {
   auto be = make_backend(GetParam());
   const int G = 2, S = 3, E = 2, C = 2, T = 6;
   // Every token prefers expert 1.
   auto logits = upload(*be, std::vector<float>{0, 1, 0, 2, 0, 3, 0, 1, 0, 1, 0, 1});
   DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T);
-  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), gate.data(),
-                     counts.data(), logits.data(), G, S, E, C);
-  // Group 0 rows 0,1 of expert 1's buffer; group 1 rows 2,3 (= g*C + position).
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
+  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                     gate.data(), counts.data(), logits.data(), G, S, E, C);
+  // Group 0 rows 0,1 of expert 1's buffer; group 1 rows 2,3 (after group 0's two kept tokens).
   EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 1, -1, 2, 3, -1}));
   EXPECT_EQ(download(*be, counts.data(), G * E), (std::vector<float>{0, 3, 0, 3}));
+  EXPECT_EQ(download(*be, rows.data(), E), (std::vector<int32_t>{0, 4}));
+}
+
+// The packing where groups keep fewer than C: expert 0's buffer holds group 0's one token in
+// row 0 and group 1's two in rows 1 and 2 (not at g*C = 3): no empty row between them.
+TEST_P(Routing, KeptTokensLeadTheBuffer) {
+  auto be = make_backend(GetParam());
+  const int G = 2, S = 3, E = 2, C = 3, T = 6;
+  // Experts by token: group 0 -> 0, 1, 1; group 1 -> 1, 0, 0.
+  auto logits = upload(*be, std::vector<float>{1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0});
+  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E);
+  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
+  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                     gate.data(), counts.data(), logits.data(), G, S, E, C);
+  EXPECT_EQ(download(*be, expert.data(), T), (std::vector<int32_t>{0, 1, 1, 1, 0, 0}));
+  EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 0, 1, 2, 1, 2}));
+  EXPECT_EQ(download(*be, rows.data(), E), (std::vector<int32_t>{3, 3}));
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, Routing, ::testing::Values("reference", "cpu"));

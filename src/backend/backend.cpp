@@ -75,6 +75,22 @@ void Backend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int 
   }
 }
 
+void Backend::gemm_ex_rows(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                           const void* A, DType a_type, int lda, int64_t stride_a,
+                           const void* B, DType b_type, int ldb, int64_t stride_b, float beta,
+                           void* C, DType c_type, int ldc, int64_t stride_c, int batch,
+                           const int32_t* /*a_rows*/, double* squares) {
+  // The rows past a_rows are zero, so the full product is the result.
+  if (!squares) {
+    gemm_ex(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb,
+            stride_b, beta, C, c_type, ldc, stride_c, batch);
+    return;
+  }
+  SWT_CHECK(c_type == DType::kF32, "gemm_ex_rows: squares of a {} C", dtype_name(c_type));
+  gemm_ex_sum_squares(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb,
+                      stride_b, beta, static_cast<float*>(C), ldc, stride_c, batch, squares);
+}
+
 void Backend::relu_dropout_forward(float* out, const float* x, int64_t n, float p,
                                    RandomKey key) {
   relu_forward(out, x, n);

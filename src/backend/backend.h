@@ -123,6 +123,19 @@ class Backend {
                                    const void* B, DType b_type, int ldb, int64_t stride_b,
                                    float beta, float* C, int ldc, int64_t stride_c, int batch,
                                    double* acc);
+  // gemm_ex over a batch whose A_b is zero past its first a_rows[b] rows as stored (rows of
+  // [M,K], or of [K,M] when trans_a): the experts' capacity buffers, whose rows past an expert's
+  // kept tokens are empty (router_forward's rows). a_rows is backend memory, int32 [batch],
+  // 0 <= a_rows[b] <= M (K when trans_a). The result is the full product's; a backend may skip
+  // the zero rows: C_b's rows from a_rows[b] on are then beta * C_b (not trans_a), or the sum
+  // runs over the first a_rows[b] terms of K (trans_a). With `squares` (C fp32), also
+  // squares[0] += the squares of what it stored, as gemm_ex_sum_squares. The default runs the
+  // full product (gemm_ex or gemm_ex_sum_squares); the CPU skips the rows.
+  virtual void gemm_ex_rows(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                            const void* A, DType a_type, int lda, int64_t stride_a,
+                            const void* B, DType b_type, int ldb, int64_t stride_b, float beta,
+                            void* C, DType c_type, int ldc, int64_t stride_c, int batch,
+                            const int32_t* a_rows, double* squares);
   // out[i] = in[i] as out_type: fp32 -> bf16 rounds to nearest even (core/dtype.h), bf16 ->
   // fp32 is exact, equal types copy. Only fp32 and bf16. out must not overlap in.
   virtual void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) = 0;
@@ -328,17 +341,23 @@ class Backend {
 
   // ---- Switch router and token dispatch -----------------------------------------------------------
   // Legend: G groups of S tokens (T = G*S tokens, token t = g*S + s), E experts, capacity C
-  // tokens per expert per group. An expert's buffer holds G*C rows: row g*C + position.
+  // tokens per expert per group. An expert's buffer holds G*C rows: its kept tokens first, group
+  // by group and in token order within a group, then empty rows. Which tokens are kept is decided
+  // per group (at most C each, as in the paper); packing them to the front lets a backend skip
+  // the empty rows of the experts' products (gemm_ex_rows).
   //
   // router_forward, per token t of logits [T,E] (float32):
   //   probs[t,:] = softmax(logits[t,:]);  lse[t] = logsumexp(logits[t,:])
   //   expert[t]  = argmax_e probs[t,e] (lowest index on ties);  gate[t] = probs[t, expert[t]]
   //   position   = number of tokens s' < s of the same group with the same expert
-  //   slot[t]    = g*C + position if position < C, else -1 (dropped: the token skips the expert)
   //   counts[g,e] = number of tokens of group g whose top-1 is e, before dropping (float)
+  //   kept[g,e]  = min(counts[g,e], C)
+  //   slot[t]    = sum_{g' < g} kept[g',e] + position if position < C, else -1 (dropped: the
+  //                token skips the expert), e = expert[t]
+  //   rows[e]    = sum_g kept[g,e]: the rows of expert e's buffer that hold tokens (int32, [E])
   virtual void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
-                              float* gate, float* counts, const float* logits, int G, int S,
-                              int E, int C) = 0;
+                              int32_t* rows, float* gate, float* counts, const float* logits,
+                              int G, int S, int E, int C) = 0;
   // Load-balancing loss per group (Switch eq. 4): lb[g] = E * sum_e f[g,e] * P[g,e] with
   //   f[g,e] = counts[g,e] / S,   P[g,e] = (1/S) * sum_s probs[g*S+s, e].   lb is [G].
   virtual void router_balance_loss(float* lb, const float* probs, const float* counts, int G,

@@ -140,8 +140,8 @@ class SizingBackend final : public Backend {
                               float, const float*, float) override {
     refuse("cross_entropy_backward");
   }
-  void router_forward(float*, float*, int32_t*, int32_t*, float*, float*, const float*, int, int,
-                      int, int) override {
+  void router_forward(float*, float*, int32_t*, int32_t*, int32_t*, float*, float*, const float*,
+                      int, int, int, int) override {
     refuse("router_forward");
   }
   void router_balance_loss(float*, const float*, const float*, int, int, int) override {

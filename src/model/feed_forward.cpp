@@ -53,10 +53,11 @@ FeedForward::FeedForward(Backend& be, ParamStore& ps, const std::string& prefix,
 }
 
 void FeedForward::forward(float* out, ActivationView x, int N, float dropout_p, RandomKey seed,
-                          float* scratch) {
+                          float* scratch, const int32_t* rows) {
   SWT_CHECK(N <= max_rows_, "FeedForward::forward of {} rows, sized for {}", N, max_rows_);
   x_ = x;
   N_ = N;
+  rows_ = rows;
   dropout_p_ = dropout_p;
   seed_ = seed;
   if (!scratch && forward_scratch_floats() > 0) {
@@ -67,25 +68,29 @@ void FeedForward::forward(float* out, ActivationView x, int N, float dropout_p, 
   float* a = a_.f32_or(arena);                       // [count, N, F]
   float* b = gated_ ? b_.f32_or(arena) : nullptr;    // [count, N, F] (gated)
   float* h = h_.f32_or(a);  // bf16: in place of a, once a is stored
-  forward_into(a, b, h, out, x, N, dropout_p, seed, /*keep=*/true);
+  forward_into(a, b, h, out, x, N, dropout_p, seed, /*keep=*/true, rows);
 }
 
-void FeedForward::forward_transient(float* out, ActivationView x, int N, float* scratch) {
+void FeedForward::forward_transient(float* out, ActivationView x, int N, float* scratch,
+                                    const int32_t* rows) {
   x_ = ActivationView();
+  rows_ = nullptr;
   ScratchArena arena(scratch, transient_floats(N), "FeedForward::forward_transient scratch");
   const int64_t n = int64_t(count_) * N * F_;
   float* a = arena.take<float>(n);                      // [count, N, F], then h in place
   float* b = gated_ ? arena.take<float>(n) : nullptr;   // [count, N, F] (gated)
-  forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0, /*keep=*/false);
+  forward_into(a, b, /*h=*/a, out, x, N, 0.0f, 0, /*keep=*/false, rows);
 }
 
 void FeedForward::forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
-                               float dropout_p, RandomKey seed, bool keep) {
+                               float dropout_p, RandomKey seed, bool keep, const int32_t* rows) {
+  // With rows, a (and b) get zero rows past them, which relu / gated-gelu and dropout keep zero:
+  // so h and out do too.
   const int64_t n = int64_t(count_) * N * F_;
-  linear_forward(be_, a, x, ps_.weight(*wi_), N, D_, F_, count_);
+  linear_forward(be_, a, x, ps_.weight(*wi_), N, D_, F_, count_, rows);
   if (keep) a_.store(be_, a, n);
   if (gated_) {
-    linear_forward(be_, b, x, ps_.weight(*wi1_), N, D_, F_, count_);
+    linear_forward(be_, b, x, ps_.weight(*wi1_), N, D_, F_, count_, rows);
     if (keep) b_.store(be_, b, n);
     be_.gated_gelu_forward(h, a, b, n);
     if (dropout_p > 0.0f) be_.dropout(h, h, n, dropout_p, seed);
@@ -95,7 +100,7 @@ void FeedForward::forward_into(float* a, float* b, float* h, float* out, Activat
   store_activation(be_, ps_, h, n);  // bf16: the activation is stored as bf16 (GEMM input)
   if (keep) h_.store(be_, h, n);
   linear_forward(be_, out, keep ? h_.view() : ActivationView(h), ps_.weight(*wo_), N, F_, D_,
-                 count_);
+                 count_, rows);
 }
 
 void FeedForward::backward(float* dx, const float* dout, float* scratch) {
@@ -106,8 +111,10 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
   float* dh = arena.take<float>(h_.size());  // [count, N, F]
   float* db = arena.take<float>(h_.size());  // [count, N, F] (gated)
   const float* a = a_.load(be_, arena, n);   // [count, N, F] in fp32
-  linear_backward_weight(be_, ps_, *wo_, dout, h_.view(), N, F_, D_, count_);
-  linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_);
+  // rows: dout's rows past them are zero (the caller's promise), and so are dh, da and db's.
+  const int32_t* rows = rows_;
+  linear_backward_weight(be_, ps_, *wo_, dout, h_.view(), N, F_, D_, count_, rows);
+  linear_backward_input(be_, dh, dout, ps_.weight(*wo_), N, F_, D_, false, count_, rows);
   if (gated_) {
     if (dropout_p_ > 0.0f) be_.dropout(dh, dh, n, dropout_p_, seed_);
     const float* b = b_.load(be_, arena, n);
@@ -116,14 +123,14 @@ void FeedForward::backward(float* dx, const float* dout, float* scratch) {
     be_.gated_gelu_backward(da, db, dh, a, b, n);
     store_activation(be_, ps_, da, n);
     store_activation(be_, ps_, db, n);
-    linear_backward_weight(be_, ps_, *wi_, da, x_, N, D_, F_, count_);
-    linear_backward_weight(be_, ps_, *wi1_, db, x_, N, D_, F_, count_);
-    linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_);
-    linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_);
+    linear_backward_weight(be_, ps_, *wi_, da, x_, N, D_, F_, count_, rows);
+    linear_backward_weight(be_, ps_, *wi1_, db, x_, N, D_, F_, count_, rows);
+    linear_backward_input(be_, dx, da, ps_.weight(*wi_), N, D_, F_, false, count_, rows);
+    linear_backward_input(be_, dx, db, ps_.weight(*wi1_), N, D_, F_, true, count_, rows);
   } else {
     be_.relu_dropout_backward(dh, dh, a, n, dropout_p_, seed_);
-    linear_backward_weight(be_, ps_, *wi_, dh, x_, N, D_, F_, count_);
-    linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_);
+    linear_backward_weight(be_, ps_, *wi_, dh, x_, N, D_, F_, count_, rows);
+    linear_backward_input(be_, dx, dh, ps_.weight(*wi_), N, D_, F_, false, count_, rows);
   }
 }
 

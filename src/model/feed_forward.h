@@ -45,14 +45,19 @@ class FeedForward {
   // x (fp32 or the compute dtype) must stay alive until backward. N <= max_rows. scratch:
   // forward_scratch_floats() floats of workspace, dead once forward returns; null: a buffer of
   // the layer's own, allocated on first use (standalone layers, tests).
+  // rows (backend memory, int32 [count], or null): set i's rows of x past rows[i] are zero (an
+  // expert's capacity buffer past its kept tokens, Router::rows()), and so are those rows of
+  // out, and of dout in backward; the products may skip them (Backend::gemm_ex_rows). Read
+  // again by backward: it must hold the same counts until then.
   void forward(float* out, ActivationView x, int N, float dropout_p, RandomKey seed,
-               float* scratch = nullptr);
+               float* scratch = nullptr, const int32_t* rows = nullptr);
   // bf16 mode: a (and b) in fp32 before they are stored, h formed in place of a. fp32: none.
   int64_t forward_scratch_floats() const { return a_.staging_floats() + b_.staging_floats(); }
   // Forward that keeps nothing for backward (evaluation: no dropout): a (and b) live in
   // `scratch` (transient_floats(N) floats) and h is formed in place of a, so N may exceed
   // max_rows. backward must not follow.
-  void forward_transient(float* out, ActivationView x, int N, float* scratch);
+  void forward_transient(float* out, ActivationView x, int N, float* scratch,
+                         const int32_t* rows = nullptr);
   int64_t transient_floats(int N) const { return int64_t(gated_ ? 2 : 1) * count_ * N * F_; }
   // dx [count, N, D] assigned.
   void backward(float* dx, const float* dout, float* scratch);
@@ -70,7 +75,7 @@ class FeedForward {
   // be a). keep: store a, b and h in the kept buffers as they are formed (a, b and h are then
   // what f32_or gave), and read h for the output GEMM as kept.
   void forward_into(float* a, float* b, float* h, float* out, ActivationView x, int N,
-                    float dropout_p, RandomKey seed, bool keep);
+                    float dropout_p, RandomKey seed, bool keep, const int32_t* rows);
 
   Backend& be_;
   ParamStore& ps_;
@@ -81,6 +86,7 @@ class FeedForward {
   // Saved for backward.
   ActivationView x_;  // data null after forward_transient
   int N_ = 0;
+  const int32_t* rows_ = nullptr;  // forward's rows (null: every row may be nonzero)
   float dropout_p_ = 0.0f;
   RandomKey seed_;
   ActivationBuffer a_;   // [count, N, F] pre-activation (x wi^T or x wi_0^T)

@@ -1,5 +1,7 @@
-// Matrix-multiply FLOPs of one training step, as executed (expert FFNs over their full capacity
-// buffers, attention over the padded lengths). 2*M*N*K per GEMM; backward = 2 x forward.
+// Matrix-multiply FLOPs of one training step over static shapes (expert FFNs over their full
+// capacity buffers, as a GPU backend runs them; attention over the padded lengths). The CPU
+// backend skips the buffers' empty rows (Backend::gemm_ex_rows), so it executes less; it counts
+// what it ran (CpuBackend::executed_gemm_flops). 2*M*N*K per GEMM; backward = 2 x forward.
 // Elementwise work is not counted: this is the number to compare with the GEMM's peak.
 #pragma once
 #include "config/config.h"
@@ -7,8 +9,7 @@
 namespace switcht5 {
 
 // Forward FLOPs for `batch` sequences of inputs_length / targets_length tokens. `executed`: the
-// expert FFNs over every capacity slot (the work the backend does, drops and empty slots
-// included); otherwise each token through its top-1 expert once (the model's FLOPs per token,
+// expert FFNs over every capacity slot (drops and empty slots included); otherwise each token through its top-1 expert once (the model's FLOPs per token,
 // what the Switch paper holds equal between models).
 double forward_matmul_flops(const ModelConfig& cfg, int batch, int inputs_length,
                             int targets_length, bool training, bool executed = true);

@@ -30,14 +30,17 @@ inline void linear_backward_input(Backend& be, float* dx, const float* dy, const
 // stacked [out, in] blocks, all of w, overwritten by the step's first write and added to after
 // (ParamStore::grad_target). A write that makes dW final adds its squares to the norm's sum
 // as it goes, when grad_target asks for them.
+// rows (here and below; backend memory, int32 [count], or null): problem i's rows of x and dy
+// past rows[i] are zero (an expert's capacity buffer past its kept tokens), which a backend
+// may skip (Backend::gemm_ex_rows); the results are the same.
 inline void linear_backward_weight(Backend& be, ParamStore& ps, const ParamInfo& w,
                                    const float* dy, ActivationView x, int N, int in, int out,
-                                   int count = 1) {
+                                   int count = 1, const int32_t* rows = nullptr) {
   const auto [dW, beta, squares] = ps.grad_target(w, int64_t(count) * out * in);
-  if (squares) {
-    be.gemm_ex_sum_squares(true, false, out, in, N, 1.0f, dy, DType::kF32, out,
-                           int64_t(N) * out, x.data, x.dtype, in, int64_t(N) * in, beta, dW, in,
-                           int64_t(out) * in, count, squares);
+  if (squares || rows) {
+    be.gemm_ex_rows(true, false, out, in, N, 1.0f, dy, DType::kF32, out, int64_t(N) * out,
+                    x.data, x.dtype, in, int64_t(N) * in, beta, dW, DType::kF32, in,
+                    int64_t(out) * in, count, rows, squares);
     return;
   }
   if (x.is_f32()) {
@@ -56,18 +59,19 @@ inline void linear_backward_weight(Backend& be, ParamStore& ps, const ParamInfo&
 // GEMM does) in fp32 buffers. dW always accumulates in fp32: the master gradient. With an fp32
 // weight and x these are exactly the functions above.
 inline void linear_forward(Backend& be, float* y, ActivationView x, ParamStore::WeightView W,
-                           int N, int in, int out, int count = 1) {
-  be.gemm_ex(false, true, N, out, in, 1.0f, x.data, x.dtype, in, int64_t(N) * in, W.data,
-             W.dtype, in, int64_t(out) * in, 0.0f, y, DType::kF32, out, int64_t(N) * out, count);
+                           int N, int in, int out, int count = 1, const int32_t* rows = nullptr) {
+  be.gemm_ex_rows(false, true, N, out, in, 1.0f, x.data, x.dtype, in, int64_t(N) * in, W.data,
+                  W.dtype, in, int64_t(out) * in, 0.0f, y, DType::kF32, out, int64_t(N) * out,
+                  count, rows, nullptr);
   if (W.dtype == DType::kBF16) be.round_to_bf16(y, int64_t(count) * N * out);
 }
 
 inline void linear_backward_input(Backend& be, float* dx, const float* dy,
                                   ParamStore::WeightView W, int N, int in, int out,
-                                  bool accumulate, int count = 1) {
-  be.gemm_ex(false, false, N, in, out, 1.0f, dy, DType::kF32, out, int64_t(N) * out, W.data,
-             W.dtype, in, int64_t(out) * in, accumulate ? 1.0f : 0.0f, dx, DType::kF32, in,
-             int64_t(N) * in, count);
+                                  bool accumulate, int count = 1, const int32_t* rows = nullptr) {
+  be.gemm_ex_rows(false, false, N, in, out, 1.0f, dy, DType::kF32, out, int64_t(N) * out, W.data,
+                  W.dtype, in, int64_t(out) * in, accumulate ? 1.0f : 0.0f, dx, DType::kF32, in,
+                  int64_t(N) * in, count, rows, nullptr);
   if (W.dtype == DType::kBF16) be.round_to_bf16(dx, int64_t(count) * N * in);
 }
 

@@ -42,6 +42,7 @@ Router::Router(Backend& be, ParamStore& ps, const std::string& prefix, RouterSha
   gate_ = DeviceArray<float>(be, s.T);
   expert_ = DeviceArray<int32_t>(be, s.T);
   slot_ = DeviceArray<int32_t>(be, s.T);
+  rows_ = DeviceArray<int32_t>(be, s.E);
   counts_ = DeviceArray<float>(be, int64_t(G) * s.E);
   balance_ = DeviceArray<float>(be, G);
   if (s.jitter) jittered_ = DeviceArray<float>(be, int64_t(s.T) * s.D);
@@ -65,8 +66,8 @@ void Router::forward(ActivationView x, const float* x_f32, bool training, float 
   }
   linear_forward(be_, logits_.data(), xr, ps_.master(*weight_), T, D, E);
   tp_.broadcast_from_first(logits_.data(), logits_.size());
-  be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), gate_.data(),
-                     counts_.data(), logits_.data(), G, S, E, C_);
+  be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), rows_.data(),
+                     gate_.data(), counts_.data(), logits_.data(), G, S, E, C_);
 }
 
 RouterStats decode_router_stats(const double* acc, int num_experts) {
@@ -128,7 +129,7 @@ bool Router::logits_nonfinite() const {
 
 size_t Router::activation_bytes() const {
   return jittered_.bytes() + logits_.bytes() + probs_.bytes() + lse_.bytes() + gate_.bytes() +
-         expert_.bytes() + slot_.bytes() + counts_.bytes() + balance_.bytes();
+         expert_.bytes() + slot_.bytes() + rows_.bytes() + counts_.bytes() + balance_.bytes();
 }
 
 }  // namespace switcht5

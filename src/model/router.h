@@ -10,9 +10,13 @@
 //   logits [T,E]   = xr Wr^T                         float32 (HF router.classifier.weight [E,D])
 //   probs  [T,E]   = softmax(logits);  lse[t] = logsumexp(logits[t,:])
 //   expert [T]     = argmax_e probs (lowest index on ties);  gate[t] = probs[t, expert[t]]
-//   slot   [T]     = g*C + (number of earlier tokens of the group with the same expert), or -1
-//                    when that number is >= C (the token is dropped: it skips the expert)
+//   position       = number of earlier tokens of the group with the same expert; the token is
+//                    dropped (it skips the expert, slot -1) when position >= C
+//   slot   [T]     = its row in the expert's buffer: the expert's kept tokens of earlier groups
+//                    + position (kept tokens lead the buffer, group by group)
 //   counts [G,E]   = tokens of group g whose top-1 is e, before dropping
+//   rows   [E]     = expert e's kept tokens: rows [0, rows[e]) of its buffer hold tokens, the
+//                    rest are empty (so its products may skip them)
 // Auxiliary losses (flaxformer / HF definitions):
 //   load balancing  lb = mean_g  E * sum_e f[g,e] * P[g,e]
 //                   f[g,e] = counts[g,e] / S,  P[g,e] = mean over the group's tokens of probs[.,e]
@@ -119,6 +123,8 @@ class Router {
   int capacity() const { return C_; }
   const int32_t* expert() const { return expert_.data(); }  // [T]
   const int32_t* slot() const { return slot_.data(); }      // [T]
+  // [E]: expert e's kept tokens, the rows [0, rows[e]) of its buffer (Backend::router_forward)
+  const int32_t* rows() const { return rows_.data(); }
   const float* gate() const { return gate_.data(); }        // [T]
   // Adds the last forward's statistics to acc [router_stats_size(E)] in backend memory
   // (RouterStatsSlot); no host synchronisation.
@@ -148,6 +154,7 @@ class Router {
   DeviceArray<float> logits_, probs_;       // [T,E]
   DeviceArray<float> lse_, gate_;           // [T]
   DeviceArray<int32_t> expert_, slot_;      // [T]
+  DeviceArray<int32_t> rows_;               // [E]
   DeviceArray<float> counts_;               // [G,E]
   DeviceArray<float> balance_;              // [G]
   DeviceArray<double> stats_acc_;           // [router_stats_size(E)] for statistics()

@@ -112,12 +112,17 @@ void SwitchFFN::forward_accumulate(float* out, ActivationView x, bool training,
   be_.moe_dispatch(dispatched, x_f32, router_.expert(), router_.slot(), T, D, E, GC);
   // The exchanges' staging: y before it is written, and the dispatch buffer once it is dead.
   if (P_ > 1) exchange_.to_experts(expert_in, dispatched, GC, /*staging=*/y);
+  // On one process each expert's kept tokens lead its buffer (Router::rows()), so its products
+  // may skip the empty rows; the owner's buffer under expert parallelism holds P processes'
+  // blocks, each packed, and is taken whole.
+  const int32_t* rows = P_ == 1 ? router_.rows() : nullptr;
   if (training) {
     buf_.store(be_, expert_in);  // rows of x (bf16 values) and zeros
     const RandomKey drop_seed = seed.derive(2).derive(dropout_salt);
-    experts_.forward(expert_out, buf_.view(), P_ * GC, expert_dropout, drop_seed, ffn_scratch);
+    experts_.forward(expert_out, buf_.view(), P_ * GC, expert_dropout, drop_seed, ffn_scratch,
+                     rows);
   } else {
-    experts_.forward_transient(expert_out, expert_in, P_ * GC, ffn_scratch);
+    experts_.forward_transient(expert_out, expert_in, P_ * GC, ffn_scratch, rows);
   }
   if (P_ > 1) exchange_.from_experts(y, expert_out, GC, /*staging=*/dispatched);
   if (training) y_.store(be_, y);  // the experts' output GEMM rounded it to bf16

@@ -219,51 +219,80 @@ void CpuBackend::gemm(bool trans_a, bool trans_b, int M, int N, int K, float alp
                       int lda, int64_t stride_a, const float* B, int ldb, int64_t stride_b,
                       float beta, float* C, int ldc, int64_t stride_c, int batch) {
   sgemm_batch(trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
-              stride_c, batch, nullptr);
+              stride_c, batch, nullptr, nullptr);
 }
+
+namespace {
+// C's rows [m0, m1) of an M x N block (leading dimension ldc) = beta * C; beta == 0 writes 0
+// (C's contents ignored, as gemm's contract says), beta == 1 leaves them.
+void scale_rows(float* C, int m0, int m1, int N, int ldc, float beta) {
+  if (beta == 1.0f) return;
+  for (int m = m0; m < m1; ++m) {
+    float* c = C + int64_t(m) * ldc;
+    for (int n = 0; n < N; ++n) c[n] = beta == 0.0f ? 0.0f : beta * c[n];
+  }
+}
+}  // namespace
 
 void CpuBackend::sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
                              const float* A, int lda, int64_t stride_a, const float* B, int ldb,
                              int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
-                             int batch, double* squares) {
+                             int batch, double* squares, const int32_t* a_rows) {
   if (squares)
     for (int b = 0; b < batch; ++b) squares[b] = 0.0;
   SWT_CHECK(M >= 0 && N >= 0 && K >= 0 && batch >= 0, "gemm: negative size M={} N={} K={} batch={}",
             M, N, K, batch);
   if (M == 0 || N == 0 || batch == 0) return;
-  if (K == 0) {  // C = beta * C; oneDNN leaves C untouched when K == 0
-    for (int b = 0; b < batch; ++b)
-      for (int m = 0; m < M; ++m) {
-        float* c = C + b * stride_c + int64_t(m) * ldc;
-        for (int n = 0; n < N; ++n) c[n] = beta == 0.0f ? 0.0f : beta * c[n];
-      }
-    if (squares)
-      for (int b = 0; b < batch; ++b) squares[b] = matrix_sum_squares(C + b * stride_c, M, N, ldc);
-    return;
-  }
+  // Entry b's product: A_b's first `live` rows as stored, the rest zero (gemm_ex_rows), so
+  // M_b x N x K_b with M_b = live (not trans_a; C's later rows are beta * C) or K_b = live
+  // (trans_a: the zero rows add nothing to the sum over K).
+  const int full = trans_a ? K : M;
+  auto live = [&](int b) {
+    if (!a_rows) return full;
+    SWT_CHECK(a_rows[b] >= 0 && a_rows[b] <= full, "gemm_ex_rows: a_rows[{}] = {} outside [0, {}]",
+              b, a_rows[b], full);
+    return int(a_rows[b]);
+  };
   const char ta = trans_a ? 'T' : 'N';
   const char tb = trans_b ? 'T' : 'N';
   const auto t0 = gemm_profile_ ? std::chrono::steady_clock::now()
                                 : std::chrono::steady_clock::time_point{};
+  int64_t products = 0;  // sum over entries of M_b * K_b
+  for (int b = 0; b < batch; ++b) products += int64_t(trans_a ? M : live(b)) * (trans_a ? live(b) : K);
   auto one = [&](int b) {
-    return dnnl_sgemm(ta, tb, M, N, K, alpha, A + b * stride_a, lda, B + b * stride_b, ldb, beta,
-                      C + b * stride_c, ldc);
+    const int rows = live(b), Mb = trans_a ? M : rows, Kb = trans_a ? rows : K;
+    float* c = C + b * stride_c;
+    // K_b == 0: C = beta * C (oneDNN leaves C untouched when K == 0).
+    dnnl_status_t st = dnnl_success;
+    if (Mb > 0 && Kb > 0)
+      st = dnnl_sgemm(ta, tb, Mb, N, Kb, alpha, A + b * stride_a, lda, B + b * stride_b, ldb,
+                      beta, c, ldc);
+    scale_rows(c, Kb > 0 ? Mb : 0, M, N, ldc, beta);
+    return st;
   };
   // With at least one batch entry per thread, the threads split the batch and each runs whole
   // sgemms (nested OpenMP regions are inactive by default, so each sgemm stays on its thread);
   // otherwise oneDNN threads each product itself. Measured on 16 Xeon cores, GFLOP/s
   // batch-parallel vs oneDNN-threaded: attention 128x128x64 x256: 1166 vs 186, 512x512x64 x64:
   // 1090 vs 847; experts 512x4096x1024 x16: 1243 vs 453, x24: 970 vs 477; but with fewer
-  // entries than threads, 512x512x64 x8: 596 vs 926.
+  // entries than threads, 512x512x64 x8: 596 vs 926. Entries of different sizes (a_rows) are
+  // handed out one at a time, so a thread with small ones takes more.
   // Squares (gemm_ex_sum_squares): the thread that computed C_b sums its squares next, while
   // C_b is still in its cache (an expert's weight gradient, 1 MB on bench-small, fits a core's
   // L2); the order depends on the shapes only, so either branch gives the same sums.
   if (batch > 1 && batch >= omp_get_max_threads()) {
     int failures = 0;
-#pragma omp parallel for schedule(static) reduction(+ : failures)
-    for (int b = 0; b < batch; ++b) {
-      failures += one(b) == dnnl_success ? 0 : 1;
+    auto entry = [&](int b) {
+      const int failed = one(b) == dnnl_success ? 0 : 1;
       if (squares) squares[b] = matrix_sum_squares(C + b * stride_c, M, N, ldc);
+      return failed;
+    };
+    if (a_rows) {
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : failures)
+      for (int b = 0; b < batch; ++b) failures += entry(b);
+    } else {
+#pragma omp parallel for schedule(static) reduction(+ : failures)
+      for (int b = 0; b < batch; ++b) failures += entry(b);
     }
     SWT_CHECK(failures == 0,
               "dnnl_sgemm failed for {} of {} batch entries (M={} N={} K={} lda={} ldb={} ldc={})",
@@ -280,35 +309,67 @@ void CpuBackend::sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, fl
                             : matrix_sum_squares(C + b * stride_c, M, N, ldc);
     }
   }
+  const double flops = 2.0 * double(products) * N;
+  gemm_flops_ += flops;
   if (gemm_profile_) {
     GemmTime& t = (*gemm_profile_)[GemmShape{trans_a, trans_b, M, N, K, batch}];
     t.calls += 1;
     t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    t.flops += flops;
   }
+}
+
+void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                         const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
+                         DType b_type, int ldb, int64_t stride_b, float beta, void* C,
+                         DType c_type, int ldc, int64_t stride_c, int batch) {
+  gemm_ex_rows(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb,
+               stride_b, beta, C, c_type, ldc, stride_c, batch, nullptr, nullptr);
+}
+
+void CpuBackend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                                     const void* A, DType a_type, int lda, int64_t stride_a,
+                                     const void* B, DType b_type, int ldb, int64_t stride_b,
+                                     float beta, float* C, int ldc, int64_t stride_c, int batch,
+                                     double* acc) {
+  gemm_ex_rows(trans_a, trans_b, M, N, K, alpha, A, a_type, lda, stride_a, B, b_type, ldb,
+               stride_b, beta, C, DType::kF32, ldc, stride_c, batch, nullptr, acc);
 }
 
 // bf16 storage emulation: bf16 operands are widened (exactly) to fp32 copies and the fp32 GEMM
 // runs on them, which sums the exact products in fp32 as a GPU's bf16 GEMM does; a bf16 C is
 // formed in fp32 and rounded once. The copies live in buffers grown once and reused.
-void CpuBackend::gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
-                         const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
-                         DType b_type, int ldb, int64_t stride_b, float beta, void* C,
-                         DType c_type, int ldc, int64_t stride_c, int batch) {
+void CpuBackend::gemm_ex_rows(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                              const void* A, DType a_type, int lda, int64_t stride_a,
+                              const void* B, DType b_type, int ldb, int64_t stride_b, float beta,
+                              void* C, DType c_type, int ldc, int64_t stride_c, int batch,
+                              const int32_t* a_rows, double* squares) {
   check_gemm_ex_types(a_type, b_type, c_type);
+  SWT_CHECK(!squares || c_type == DType::kF32, "gemm_ex_rows: squares of a {} C",
+            dtype_name(c_type));
   const float* a = widened(wide_a_, A, a_type,
                            gemm_extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
   const float* b = widened(wide_b_, B, b_type,
                            gemm_extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
   if (c_type == DType::kF32) {
-    gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
-         static_cast<float*>(C), ldc, stride_c, batch);
+    float* c = static_cast<float*>(C);
+    if (!squares) {
+      sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c,
+                  ldc, stride_c, batch, nullptr, a_rows);
+      return;
+    }
+    if (batch <= 0) return;
+    if (gemm_squares_.size() < size_t(batch)) gemm_squares_.resize(size_t(batch));
+    sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c,
+                ldc, stride_c, batch, gemm_squares_.data(), a_rows);
+    for (int i = 0; i < batch; ++i) squares[0] += gemm_squares_[size_t(i)];  // entry by entry
     return;
   }
   const int64_t nc = gemm_extent(batch, stride_c, M, ldc, N);
   if (int64_t(wide_c_.size()) < nc) wide_c_.resize(size_t(nc));
   if (beta != 0.0f) cast(wide_c_.data(), DType::kF32, C, DType::kBF16, nc);
-  gemm(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
-       wide_c_.data(), ldc, stride_c, batch);
+  sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta,
+              wide_c_.data(), ldc, stride_c, batch, nullptr, a_rows);
   uint16_t* c = static_cast<uint16_t*>(C);
   for (int bi = 0; bi < batch; ++bi)
 #pragma omp parallel for schedule(static) if (int64_t(M) * N >= kParallelMin)
@@ -324,23 +385,6 @@ const float* CpuBackend::widened(std::vector<float>& buf, const void* p, DType t
   if (int64_t(buf.size()) < n) buf.resize(size_t(n));
   cast(buf.data(), DType::kF32, p, t, n);
   return buf.data();
-}
-
-void CpuBackend::gemm_ex_sum_squares(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
-                                     const void* A, DType a_type, int lda, int64_t stride_a,
-                                     const void* B, DType b_type, int ldb, int64_t stride_b,
-                                     float beta, float* C, int ldc, int64_t stride_c, int batch,
-                                     double* acc) {
-  check_gemm_ex_types(a_type, b_type, DType::kF32);
-  const float* a = widened(wide_a_, A, a_type,
-                           gemm_extent(batch, stride_a, trans_a ? K : M, lda, trans_a ? M : K));
-  const float* b = widened(wide_b_, B, b_type,
-                           gemm_extent(batch, stride_b, trans_b ? N : K, ldb, trans_b ? K : N));
-  if (batch <= 0) return;
-  if (gemm_squares_.size() < size_t(batch)) gemm_squares_.resize(size_t(batch));
-  sgemm_batch(trans_a, trans_b, M, N, K, alpha, a, lda, stride_a, b, ldb, stride_b, beta, C, ldc,
-              stride_c, batch, gemm_squares_.data());
-  for (int i = 0; i < batch; ++i) acc[0] += gemm_squares_[size_t(i)];  // entry by entry
 }
 
 void CpuBackend::cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) {
@@ -712,6 +756,7 @@ void CpuBackend::profiled_sgemm(char ta, char tb, int M, int N, int K, const flo
 // the wall time they would take if every thread spent the same share of the loop in them.
 void CpuBackend::record_problem_gemms(std::span<const ProblemGemm> gemms, int problems,
                                       const std::vector<double>& thread_seconds) {
+  for (const ProblemGemm& pg : gemms) gemm_flops_ += 2.0 * pg.M * pg.N * double(pg.K) * problems;
   if (!gemm_profile_) return;
   const int threads = omp_get_max_threads();
   for (size_t g = 0; g < gemms.size(); ++g) {
@@ -722,6 +767,7 @@ void CpuBackend::record_problem_gemms(std::span<const ProblemGemm> gemms, int pr
     double sum = 0.0;
     for (int th = 0; th < threads; ++th) sum += thread_seconds[size_t(th) * gemms.size() + g];
     t.seconds += sum / threads;
+    t.flops += 2.0 * pg.M * pg.N * double(pg.K) * problems;
   }
 }
 
@@ -1005,8 +1051,8 @@ void CpuBackend::cross_entropy_backward(float* dlogits, const float* logits, con
 // ---- Switch router and token dispatch -----------------------------------------------------------
 
 void CpuBackend::router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
-                                float* gate, float* counts, const float* logits, int G, int S,
-                                int E, int C) {
+                                int32_t* rows, float* gate, float* counts, const float* logits,
+                                int G, int S, int E, int C) {
   // One group per iteration, its tokens in order. The softmax is in double, as in the reference,
   // so that both pick the same expert on near-ties (it is T*E exps, negligible next to the GEMMs).
 #pragma omp parallel for schedule(static) if (int64_t(G) * S * E >= kParallelMin)
@@ -1029,10 +1075,23 @@ void CpuBackend::router_forward(float* probs, float* lse, int32_t* expert, int32
       expert[t] = best;
       gate[t] = p[best];
       const int position = static_cast<int>(counts_g[best]);
-      slot[t] = position < C ? g * C + position : -1;
+      slot[t] = position < C ? position : -1;  // the row within the group's share, for now
       counts_g[best] += 1.0f;
     }
   }
+  // Each expert's kept tokens, packed group after group (backend.h): group g's share starts at
+  // the kept tokens of the groups before it. G*E adds, serial.
+  int32_t* offset = int_scratch(size_t(G) * E);
+  std::fill(rows, rows + E, 0);
+  for (int g = 0; g < G; ++g)
+    for (int e = 0; e < E; ++e) {
+      offset[int64_t(g) * E + e] = rows[e];
+      rows[e] += std::min(static_cast<int32_t>(counts[int64_t(g) * E + e]), int32_t(C));
+    }
+  const int64_t T = int64_t(G) * S;
+#pragma omp parallel for schedule(static) if (T >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t)
+    if (slot[t] >= 0) slot[t] += offset[(t / S) * E + expert[t]];
 }
 
 void CpuBackend::router_balance_loss(float* lb, const float* probs, const float* counts, int G,

@@ -44,6 +44,11 @@ class CpuBackend final : public Backend {
                            const void* A, DType a_type, int lda, int64_t stride_a, const void* B,
                            DType b_type, int ldb, int64_t stride_b, float beta, float* C, int ldc,
                            int64_t stride_c, int batch, double* acc) override;
+  // Skips A's zero rows: each entry is an M_b x N x K_b product (sgemm_batch).
+  void gemm_ex_rows(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* A,
+                    DType a_type, int lda, int64_t stride_a, const void* B, DType b_type, int ldb,
+                    int64_t stride_b, float beta, void* C, DType c_type, int ldc,
+                    int64_t stride_c, int batch, const int32_t* a_rows, double* squares) override;
   void cast(void* out, DType out_type, const void* in, DType in_type, int64_t n) override;
   void round_to_bf16(float* x, int64_t n) override;
 
@@ -119,8 +124,9 @@ class CpuBackend final : public Backend {
                               const int32_t* labels, int64_t N, int V, float scale,
                               const float* scale_by, float z_coef) override;
 
-  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
-                      float* counts, const float* logits, int G, int S, int E, int C) override;
+  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, int32_t* rows,
+                      float* gate, float* counts, const float* logits, int G, int S, int E,
+                      int C) override;
   void router_balance_loss(float* lb, const float* probs, const float* counts, int G, int S,
                            int E) override;
   void router_backward(float* dlogits, const float* probs, const float* lse, const int32_t* expert,
@@ -157,12 +163,17 @@ class CpuBackend final : public Backend {
   struct GemmTime {
     int64_t calls = 0;
     double seconds = 0.0;
+    double flops = 0.0;  // as executed: 2*M*N*K per entry, less the rows gemm_ex_rows skipped
   };
   using GemmProfile = std::map<GemmShape, GemmTime>;
   void set_gemm_profile(GemmProfile* profile) { gemm_profile_ = profile; }
+  // Matmul FLOPs this backend has executed so far (2*M*N*K per product as run, so the rows
+  // gemm_ex_rows skips are not counted): bench_step's "executed" rate. Always counted.
+  double executed_gemm_flops() const { return gemm_flops_; }
 
  private:
   GemmProfile* gemm_profile_ = nullptr;
+  double gemm_flops_ = 0.0;
   // The attention core problem by problem (cpu_backend.cpp): whether it runs that way, its
   // single-threaded products (timed into `seconds` when profiling), and their profile entries.
   struct ProblemGemm {
@@ -175,10 +186,12 @@ class CpuBackend final : public Backend {
   void record_problem_gemms(std::span<const ProblemGemm> gemms, int problems,
                             const std::vector<double>& thread_seconds);
   double sum_squares_no_sync(const float* x, int64_t n);  // sum_squares' body, not counted
-  // gemm's body; with `squares` (batch doubles), squares[b] = the sum of C_b's squares.
+  // gemm's body; with `squares` (batch doubles), squares[b] = the sum of C_b's squares; with
+  // `a_rows` (host int32 [batch]), A_b's rows past a_rows[b] are zero and skipped (gemm_ex_rows).
   void sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
                    int lda, int64_t stride_a, const float* B, int ldb, int64_t stride_b,
-                   float beta, float* C, int ldc, int64_t stride_c, int batch, double* squares);
+                   float beta, float* C, int ldc, int64_t stride_c, int batch, double* squares,
+                   const int32_t* a_rows);
   // gemm_ex's operand as fp32: p itself, or its widened copy in buf.
   const float* widened(std::vector<float>& buf, const void* p, DType t, int64_t n);
   // Host scratch for reductions (block partials, per-row factors), grown on first use and then
@@ -188,6 +201,12 @@ class CpuBackend final : public Backend {
     return scratch_.data();
   }
   std::vector<double> scratch_;
+  // Host int32 scratch (router_forward's group offsets), grown like scratch().
+  int32_t* int_scratch(size_t n) {
+    if (int_scratch_.size() < n) int_scratch_.resize(n);
+    return int_scratch_.data();
+  }
+  std::vector<int32_t> int_scratch_;
   // Host fp32 scratch (the fused attention forward's per-thread rows, Adafactor's row and column
   // factors), grown like scratch().
   float* row_scratch(size_t n) {

@@ -698,9 +698,9 @@ void CudaBackend::cross_entropy_backward(float* dlogits, const float* logits, co
 }
 
 void CudaBackend::router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
-                                 float* gate, float* counts, const float* logits, int G, int S,
-                                 int E, int C) {
-  cuda::router_forward(ctx_, probs, lse, expert, slot, gate, counts, logits, G, S, E, C);
+                                 int32_t* rows, float* gate, float* counts, const float* logits,
+                                 int G, int S, int E, int C) {
+  cuda::router_forward(ctx_, probs, lse, expert, slot, rows, gate, counts, logits, G, S, E, C);
 }
 
 void CudaBackend::router_balance_loss(float* lb, const float* probs, const float* counts, int G,

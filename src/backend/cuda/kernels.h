@@ -119,7 +119,8 @@ void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, c
                             const float* scale_by, float z_coef);
 // Positions by a deterministic scan per group (lowest token index first, exactly the CPU order).
 void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int32_t* slot,
-                    float* gate, float* counts, const float* logits, int G, int S, int E, int C);
+                    int32_t* rows, float* gate, float* counts, const float* logits, int G, int S,
+                    int E, int C);
 void router_balance_loss(const Ctx& c, float* lb, const float* probs, const float* counts, int G,
                          int S, int E);
 void router_backward(const Ctx& c, float* dlogits, const float* probs, const float* lse,

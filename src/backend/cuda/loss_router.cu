@@ -143,8 +143,9 @@ router_softmax_kernel(float* __restrict__ probs, float* __restrict__ lse,
 
 // Pass 2, one block per (group g, expert e), grid-stride over the G*E pairs: a scan over the
 // group's tokens in tiles of kBlock (increasing s). position = number of earlier tokens of g
-// with expert e; slot = g*C + position if position < C, else -1. Only the block of a token's own
-// expert writes its slot; counts[g,e] = the pair's total (float, exact below 2^24).
+// with expert e; slot = position if position < C, else -1 (pass 3 adds the group's offset).
+// Only the block of a token's own expert writes its slot; counts[g,e] = the pair's total
+// (float, exact below 2^24).
 __global__ void __launch_bounds__(kBlock)
 router_positions_kernel(int32_t* __restrict__ slot, float* __restrict__ counts,
                         const int32_t* __restrict__ expert, int G, int S, int E, int C) {
@@ -170,12 +171,40 @@ router_positions_kernel(int32_t* __restrict__ slot, float* __restrict__ counts,
       }
       if (mine) {
         const int position = base + below + __popc(ballot & lanes_below);
-        sl[s] = position < C ? g * C + position : -1;
+        sl[s] = position < C ? position : -1;
       }
       base += total;
       __syncthreads();  // warp_count is rewritten by the next tile
     }
     if (threadIdx.x == 0) counts[pair] = static_cast<float>(base);
+  }
+}
+
+// Pass 3a, one thread per expert e, groups [g0, g1): offset[(g - g0)*E + e] = kept tokens of e
+// in groups before g (rows[e] carries the running sum from chunk to chunk; g0 == 0 starts it),
+// kept = min(counts[g,e], C). Serial over the groups: G*E integer adds, next to nothing.
+__global__ void __launch_bounds__(kBlock)
+router_offsets_kernel(int32_t* __restrict__ offset, int32_t* __restrict__ rows,
+                      const float* __restrict__ counts, int g0, int g1, int E, int C) {
+  for (int e = int(blockIdx.x) * kBlock + int(threadIdx.x); e < E; e += int(gridDim.x) * kBlock) {
+    int32_t run = g0 == 0 ? 0 : rows[e];
+    for (int g = g0; g < g1; ++g) {
+      offset[int64_t(g - g0) * E + e] = run;
+      run += min(static_cast<int32_t>(counts[int64_t(g) * E + e]), int32_t(C));
+    }
+    rows[e] = run;
+  }
+}
+
+// Pass 3b, one thread per token of groups [g0, g1): a kept token's slot += its group's offset.
+__global__ void __launch_bounds__(kBlock)
+router_pack_kernel(int32_t* __restrict__ slot, const int32_t* __restrict__ offset,
+                   const int32_t* __restrict__ expert, int g0, int g1, int S, int E) {
+  const int64_t n = int64_t(g1 - g0) * S;
+  for (int64_t i = int64_t(blockIdx.x) * kBlock + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * kBlock) {
+    const int64_t t = int64_t(g0) * S + i;
+    if (slot[t] >= 0) slot[t] += offset[(i / S) * E + expert[t]];
   }
 }
 
@@ -379,8 +408,13 @@ void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, c
 }
 
 void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int32_t* slot,
-                    float* gate, float* counts, const float* logits, int G, int S, int E, int C) {
-  if (G <= 0 || E <= 0) return;
+                    int32_t* rows, float* gate, float* counts, const float* logits, int G, int S,
+                    int E, int C) {
+  if (E <= 0) return;
+  if (G <= 0) {  // no tokens: every expert's buffer is empty
+    SWT_CUDA_CHECK(cudaMemsetAsync(rows, 0, size_t(E) * sizeof(int32_t), c.stream));
+    return;
+  }
   const int64_t T = int64_t(G) * S;
   if (T > 0) {
     router_softmax_kernel<<<unsigned(blocks_for(T, kBlock)), kBlock, 0, c.stream>>>(
@@ -391,6 +425,26 @@ void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int
   router_positions_kernel<<<unsigned(blocks_for(int64_t(G) * E, 1)), kBlock, 0, c.stream>>>(
       slot, counts, expert, G, S, E, C);
   SWT_CUDA_CHECK_LAUNCH();
+  // Pass 3: each expert's kept tokens packed group after group, the offsets in the workspace
+  // for as many groups as it holds at a time.
+  require_workspace(c, __FILE__, __LINE__);
+  int32_t* offset = static_cast<int32_t*>(c.workspace);
+  const int64_t capacity = int64_t(kWorkspaceBytes / sizeof(int32_t));
+  if (E > capacity)
+    cuda_fail(__FILE__, __LINE__, "router_forward", "CUDA", 0,
+              "more experts than the workspace holds offsets for (internal error)");
+  const int64_t per_chunk = capacity / E;  // groups per pass
+  for (int64_t first = 0; first < G; first += per_chunk) {
+    const int g0 = int(first), g1 = int(std::min<int64_t>(G, first + per_chunk));
+    router_offsets_kernel<<<unsigned(blocks_for(E, kBlock)), kBlock, 0, c.stream>>>(
+        offset, rows, counts, g0, g1, E, C);
+    SWT_CUDA_CHECK_LAUNCH();
+    if (S > 0) {
+      router_pack_kernel<<<unsigned(blocks_for(int64_t(g1 - g0) * S, kBlock)), kBlock, 0,
+                           c.stream>>>(slot, offset, expert, g0, g1, S, E);
+      SWT_CUDA_CHECK_LAUNCH();
+    }
+  }
 }
 
 void router_balance_loss(const Ctx& c, float* lb, const float* probs, const float* counts, int G,

@@ -544,8 +544,8 @@ void ReferenceBackend::cross_entropy_backward(float* dlogits, const float* logit
 // ---- Switch router and token dispatch -----------------------------------------------------------
 
 void ReferenceBackend::router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot,
-                                      float* gate, float* counts, const float* logits, int G, int S,
-                                      int E, int C) {
+                                      int32_t* rows, float* gate, float* counts,
+                                      const float* logits, int G, int S, int E, int C) {
   std::vector<double> p;
   for (int g = 0; g < G; ++g) {
     float* counts_g = counts + int64_t(g) * E;
@@ -560,10 +560,21 @@ void ReferenceBackend::router_forward(float* probs, float* lse, int32_t* expert,
       expert[t] = best;
       gate[t] = probs[t * E + best];
       int position = static_cast<int>(counts_g[best]);
-      slot[t] = position < C ? g * C + position : -1;
+      slot[t] = position < C ? position : -1;  // the row within the group's share, for now
       counts_g[best] += 1.0f;
     }
   }
+  // Each expert's kept tokens, packed group after group: rows[e] runs over the groups as the
+  // offset of group g's share.
+  std::vector<int32_t> offset(size_t(G) * E);
+  for (int e = 0; e < E; ++e) rows[e] = 0;
+  for (int g = 0; g < G; ++g)
+    for (int e = 0; e < E; ++e) {
+      offset[size_t(g) * E + e] = rows[e];
+      rows[e] += std::min(static_cast<int32_t>(counts[int64_t(g) * E + e]), int32_t(C));
+    }
+  for (int64_t t = 0; t < int64_t(G) * S; ++t)
+    if (slot[t] >= 0) slot[t] += offset[size_t(t / S) * E + expert[t]];
 }
 
 void ReferenceBackend::router_balance_loss(float* lb, const float* probs, const float* counts,

@@ -91,8 +91,9 @@ class ReferenceBackend final : public Backend {
                               const int32_t* labels, int64_t N, int V, float scale,
                               const float* scale_by, float z_coef) override;
 
-  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, float* gate,
-                      float* counts, const float* logits, int G, int S, int E, int C) override;
+  void router_forward(float* probs, float* lse, int32_t* expert, int32_t* slot, int32_t* rows,
+                      float* gate, float* counts, const float* logits, int G, int S, int E,
+                      int C) override;
   void router_balance_loss(float* lb, const float* probs, const float* counts, int G, int S,
                            int E) override;
   void router_backward(float* dlogits, const float* probs, const float* lse, const int32_t* expert,
