@@ -1,9 +1,11 @@
 // bench_step: steady-state cost of one training step (the exact Trainer::train_step that
 // `switcht5 train` runs) for a config: ms/step, tokens/s, peak RSS, heap allocations per
 // steady-state step, and the step's matmul GFLOP/s against this backend's measured GEMM peak:
-// the executed FLOPs (expert FFNs over every capacity slot, empty ones too) and the model's
-// (each token through its top-1 expert once: what the Switch paper holds equal between models,
-// the useful work; their ratio is the padding the capacity factor buys). On a host backend the
+// the executed FLOPs (on the cpu backend in one process, what it counted it ran: its expert
+// products skip their buffers' empty rows; elsewhere the expert FFNs over every capacity slot,
+// empty ones too) and the model's (each token through its top-1 expert once: what the Switch
+// paper holds equal between models, the useful work). The JSON's step_flops is the executed
+// count (step_flops_counted says which), capacity_flops the count over every capacity slot. On a host backend the
 // FFN-shape peak is also sampled after every measured step, and each step's rate is set against
 // the sample after it ("matmul, paired": the median over steps), which a drifting shared machine
 // moves far less than a single peak measurement.
@@ -204,7 +206,8 @@ DeviceMemoryReport device_memory_report(const Backend& be) {
 }
 
 // Prints --gemm-shapes' table (slowest first) and returns it as a JSON array. Per step: a
-// shape's calls, ms and GFLOP; its GFLOP/s against `peak` (the FFN-shape peak measured above);
+// shape's calls, ms and GFLOP as run (an expert product's M or K is its buffer's capacity; the
+// GFLOP counts the rows it ran); its GFLOP/s against `peak` (the FFN-shape peak measured above);
 // and all GEMMs against the median step, whose remainder is everything that is not a GEMM.
 std::string report_gemm_shapes(const CpuBackend::GemmProfile& profile, int steps,
                                double step_ms, double peak) {
@@ -216,7 +219,7 @@ std::string report_gemm_shapes(const CpuBackend::GemmProfile& profile, int steps
   std::vector<Row> rows;
   double total_s = 0, total_flops = 0;
   for (const auto& [shape, time] : profile) {
-    const double flops = 2.0 * shape.M * shape.N * double(shape.K) * shape.batch * time.calls;
+    const double flops = time.flops;  // as run: less the rows gemm_ex_rows skipped
     rows.push_back({shape, time, flops});
     total_s += time.seconds;
     total_flops += flops;
@@ -349,12 +352,23 @@ int run(int argc, char** argv) {
     other_opt_ms.push_back(om.optimizer_ms);
     other_fb_ms.push_back(om.step_ms - om.optimizer_ms);
   };
+  // The step's matmul FLOPs as executed: on the cpu backend in one process, what it counted
+  // (CpuBackend::executed_gemm_flops: the experts' products skip their buffers' empty rows, so
+  // this varies with the routing); elsewhere flops.h's count over the whole capacity buffers.
+  const bool counted_flops = cpu != nullptr && grid.world_size == 1;
+  double executed_total = 0.0;
+  std::vector<double> dropped;  // per step: tokens past capacity / routed, all Switch layers
   for (int s = warmup + 1; s <= warmup + steps; ++s) {
     // The order within a pair swaps every step; the GEMM peak is sampled right after this
     // model's step either way.
     const bool other_first = other && s % 2 == 0;
     if (other_first) other_step(s);
+    const double flops0 = counted_flops ? cpu->executed_gemm_flops() : 0.0;
     const StepMetrics sm = trainer.train_step(s);
+    const double step_flops =
+        counted_flops ? cpu->executed_gemm_flops() - flops0 : trainer.step_flops();
+    executed_total += step_flops;
+    dropped.push_back(sm.dropped_fraction);
     ms.push_back(sm.step_ms);
     opt_ms.push_back(sm.optimizer_ms);
     fb_ms.push_back(sm.step_ms - sm.optimizer_ms);
@@ -363,7 +377,7 @@ int run(int argc, char** argv) {
       const double p = probe->sample(trainer.backend());
       if (gemm_shapes) cpu->set_gemm_profile(&gemm_profile);
       peak_samples.push_back(p);
-      peak_fractions.push_back(trainer.step_flops() / (sm.step_ms * 1e-3) * 1e-9 / p);
+      peak_fractions.push_back(step_flops / (sm.step_ms * 1e-3) * 1e-9 / p);
     }
     if (other && !other_first) other_step(s);
     if (other && !sm.skipped && !om.skipped && sm.optimizer_ms > 0 && om.optimizer_ms > 0) {
@@ -398,7 +412,9 @@ int run(int argc, char** argv) {
   getrusage(RUSAGE_SELF, &ru);
   const double tokens = double(cfg.train.batch_size) *
                         (cfg.data.inputs_length + cfg.data.targets_length);
-  const double achieved = trainer.step_flops() / (median * 1e-3) * 1e-9;
+  const double executed = executed_total / steps;  // per step, the mean over measured steps
+  std::sort(dropped.begin(), dropped.end());
+  const double achieved = executed / (median * 1e-3) * 1e-9;
   // Memory after the steps, before gemm_peak's buffers: what the plan of this config counts.
   const double device_peak = device_peak_bytes(trainer.backend());
   const Backend::MemoryCounts mem = trainer.backend().memory_counts();
@@ -420,7 +436,7 @@ int run(int argc, char** argv) {
   fmt::print("throughput: {:.0f} tokens/s (encoder + decoder tokens)\n", tokens / (median * 1e-3));
   fmt::print("matmul: {:.2f} GFLOP/step -> {:.1f} GFLOP/s achieved; {} GEMM peak {:.1f} GFLOP/s "
              "({}x{}x{} FFN shape), {:.1f} GFLOP/s ({}^3): {:.0f}% of the FFN-shape peak\n",
-             trainer.step_flops() * 1e-9, achieved, dtype_name(gemm_type), peak, rows, F, D,
+             executed * 1e-9, achieved, dtype_name(gemm_type), peak, rows, F, D,
              peak_square, square, 100.0 * achieved / peak);
   // The drift-robust figure on a host backend: each step's rate against the peak sampled right
   // after it, the median over steps.
@@ -443,9 +459,17 @@ int run(int argc, char** argv) {
   const double useful = model_flops / (median * 1e-3) * 1e-9;
   fmt::print("model FLOPs (each token through its top-1 expert once): {:.2f} GFLOP/step -> "
              "{:.1f} GFLOP/s useful, {:.0f}% of the FFN-shape peak; executed / model {:.3f}x "
-             "(empty capacity slots)\n",
-             model_flops * 1e-9, useful, 100.0 * useful / peak,
+             "({}); the capacity buffers whole: {:.3f}x\n",
+             model_flops * 1e-9, useful, 100.0 * useful / peak, executed / model_flops,
+             counted_flops ? "as the backend ran them: less the empty slots it skipped and the "
+                             "dropped tokens"
+                           : "empty capacity slots included",
              trainer.step_flops() / model_flops);
+  if (cfg.model.num_experts > 1)
+    fmt::print("routing: {:.1f}% of the routed tokens dropped (median over steps; {:.1f}-{:.1f}%): "
+               "the expert products' work on the cpu backend follows the routing\n",
+               100.0 * dropped[dropped.size() / 2], 100.0 * dropped.front(),
+               100.0 * dropped.back());
   fmt::print("memory: peak RSS {:.1f} MB{}; parameters {:.1f} MB; optimizer state {:.2f} MB; "
              "activations {:.1f} MB ({:.1f} MB kept for backward, {} compute dtype)\n",
              ru.ru_maxrss / 1024.0, other ? " (both models)" : "",
@@ -535,7 +559,8 @@ int run(int argc, char** argv) {
                "\"batch\": {}, \"inputs_length\": {}, \"targets_length\": {}, \"steps\": {}, "
                "\"warmup\": {}, \"ms_median\": {:.4f}, \"ms_min\": {:.4f}, \"ms_max\": {:.4f}, "
                "\"forward_backward_ms_median\": {:.4f}, \"optimizer_ms_median\": {:.4f}, "
-               "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"achieved_gflops\": {:.2f}, "
+               "\"tokens_per_s\": {:.1f}, \"step_flops\": {:.6e}, \"capacity_flops\": {:.6e}, "
+               "\"step_flops_counted\": {}, \"achieved_gflops\": {:.2f}, "
                "\"model_flops\": {:.6e}, \"useful_gflops\": {:.2f}, "
                "\"paired_peak_fraction\": {:.4f}, "
                "\"gemm_type\": \"{}\", \"gemm_ffn_gflops\": {:.2f}, \"gemm_ffn_shape\": [{}, {}, {}], "
@@ -548,7 +573,7 @@ int run(int argc, char** argv) {
                cfg.source_path, trainer.backend().name(), cfg.train.precision,
                cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length, steps, warmup,
                median, ms.front(), ms.back(), fb_median, opt_median, tokens / (median * 1e-3),
-               trainer.step_flops(),
+               executed, trainer.step_flops(), counted_flops ? "true" : "false",
                achieved, model_flops, useful, paired_fraction, dtype_name(gemm_type), peak, rows, F, D, peak_square, square,
                ru.ru_maxrss / 1024.0, device_peak >= 0 ? device_peak * 1e-6 : -1.0, trainer.model().params().total_numel(),
                syncs, double(allocs) / steps, mem_json, device.json, grid.world_size, payload,
