@@ -24,7 +24,9 @@ Groups (full; --quick keeps the first of each and fewer steps):
   paired    the two ratio targets measured inside one process (bench_step --versus: the two
             models' steps alternate, the ratio is taken per step pair): switch-8 / dense and
             128 / 8 experts. Separate processes of one binary differ by up to 1.7x on a shared
-            VM; a pair of steps seconds apart sees the same machine.
+            VM; a pair of steps seconds apart sees the same machine. Both again with
+            model.router_force_balance (top-1 uniform at random, as a balanced router's): the
+            CPU skips empty capacity rows, and bench-small's own routing collapses.
   gpu       the rows of scripts/bench_gpu.sh's bench_gpu.json (--gpu-json), when given
 """
 import argparse
@@ -45,6 +47,8 @@ BASE8 = "configs/switch-base-8.yaml"
 # The dense model of bench-small: the same blocks, every FFN dense with d_ff = one expert's.
 DENSE = ["model.num_experts=0", "model.encoder_sparse_step=0", "model.decoder_sparse_step=0"]
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+# Benchmarks only: top-1 routing uniform at random (model.router_force_balance).
+BALANCED = "model.router_force_balance=true"
 
 
 def cores():
@@ -94,6 +98,15 @@ def cases(quick):
     if not quick:
         c += [case("paired", "128 / 8 experts (fp32)", "switcht5", SMALL, steps=paired_steps,
                    versus=["model.num_experts=128"])]
+        # bench-small's own routing collapses in its first steps (most tokens dropped), and the
+        # CPU's expert products skip empty capacity rows, so the same ratios with top-1 forced
+        # uniform at random: the fill a balanced trained router gives.
+        c += [case("paired", "switch-8 / dense (fp32, balanced routing)", "switcht5", SMALL, DENSE,
+                   steps=paired_steps,
+                   versus=["model.num_experts=8", "model.encoder_sparse_step=2",
+                           "model.decoder_sparse_step=2", BALANCED]),
+              case("paired", "128 / 8 experts (fp32, balanced routing)", "switcht5", SMALL,
+                   [BALANCED], steps=paired_steps, versus=["model.num_experts=128"])]
     return c
 
 

@@ -151,5 +151,43 @@ TEST(SwitchLayer, DroppedTokensOutputZeroKeptTokensAreGatedExperts) {
   }
 }
 
+// model.router_force_balance (benchmarks only): a router whose weights send every token to
+// expert 0 spreads them uniformly at random once the logits are noise, with the cost kept; the
+// router's weight and the input get no gradient through the router, the experts still do.
+TEST(SwitchLayer, ForcedBalanceRoutesUniformlyAndSendsNoRouterGradient) {
+  auto be = make_backend("reference");
+  const int T = 2048, S = 512, D = 3, F = 4, E = 8;
+  ParamStore ps;
+  SwitchFFN::register_params(ps, "mlp", D, F, E, false, 1.0);
+  ps.allocate(*be);
+  ps.initialize(*be, 3);
+  std::vector<float> wr(E * D, 0.0f);
+  for (int d = 0; d < D; ++d) wr[d] = 1.0f;  // expert 0 takes every positive input
+  be->copy_to_device(ps.value("mlp.router.classifier.weight"), wr.data(), sizeof(float) * E * D);
+  const auto xh = testing::random_vector(T * D, 9, 0.1f, 1.0f);
+  auto x = upload(*be, xh);
+  DeviceArray<float> out(*be, T * D), dx(*be, T * D);
+  for (bool force : {false, true}) {
+    SwitchShape shape{T, S, D, F, E, /*capacity_train=*/S, /*capacity_eval=*/S, false};
+    shape.force_balance = force;
+    SwitchFFN sw(*be, ps, "mlp", shape);
+    const RouterStats st = sw.forward(out.data(), x.data(), /*training=*/true, 0.0f, 0.0f, 1);
+    if (!force) {
+      EXPECT_DOUBLE_EQ(st.expert_fraction[0], 1.0);  // what the weights do
+      continue;
+    }
+    for (int e = 0; e < E; ++e)  // 256 expected each; binomial sd 15
+      EXPECT_NEAR(st.expert_fraction[e], 1.0 / E, 0.2 / E) << "expert " << e;
+    ps.zero_grads(*be);
+    DeviceArray<float> scratch(*be, sw.scratch_floats());
+    auto dout = upload(*be, testing::random_vector(T * D, 10));
+    sw.backward(dx.data(), dout.data(), 0.7f, 0.05f, scratch.data());
+    ps.finish_grads();
+    const auto router_grad = download(*be, ps.grad("mlp.router.classifier.weight"), E * D);
+    EXPECT_EQ(router_grad, std::vector<float>(E * D, 0.0f));
+    EXPECT_GT(be->sum_squares(ps.grad("mlp.experts.wi.weight"), E * F * D), 0.0);
+  }
+}
+
 }  // namespace
 }  // namespace switcht5

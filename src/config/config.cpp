@@ -94,6 +94,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("model", "group_size", m.group_size, IntRule{0, std::nullopt, "0: one sequence per group"});
   v("model", "init_scale", m.init_scale, positive());
   v("model", "expert_dropout", m.expert_dropout, probability());
+  v("model", "router_force_balance", m.router_force_balance, BoolRule{});
 
   DataConfig& d = c.data;
   v("data", "source", d.source, EnumRule{{"shards", "synthetic"}});

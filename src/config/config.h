@@ -50,6 +50,10 @@ struct ModelConfig {
   int group_size = 0;            // tokens per routing group; 0: one sequence per group
   double init_scale = 0.1;       // weight init std multiplier s (paper Sec 2.3: 0.1)
   double expert_dropout = 0.1;   // dropout inside the experts (paper Table 4)
+  // Benchmarks only (Megatron-Core's moe_router_force_load_balancing): the router's logits are
+  // replaced by uniform noise, so top-1 routing is uniform at random over the experts, as a
+  // balanced trained router's is, whatever these weights would do. Not a way to train.
+  bool router_force_balance = false;
 
   bool operator==(const ModelConfig&) const = default;
 };

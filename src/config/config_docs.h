@@ -40,6 +40,9 @@ inline constexpr ConfigKeyDoc kConfigKeyDocs[] = {
     {"model.group_size", "tokens per routing group; 0: one sequence per group"},
     {"model.init_scale", "weight-init standard deviation multiplier (paper Sec. 2.3: 0.1)"},
     {"model.expert_dropout", "dropout inside the experts (paper Table 4)"},
+    {"model.router_force_balance", "benchmarks only: router logits replaced by uniform noise, so "
+                                   "top-1 is uniform over the experts (Megatron-Core's "
+                                   "moe_router_force_load_balancing); not a way to train"},
     {"data.source", "`shards` (tokenized C4 with T5 span corruption) or `synthetic` tasks"},
     {"data.task", "the synthetic task"},
     {"data.inputs_length", "encoder tokens per sequence"},

@@ -169,7 +169,7 @@ struct SwitchT5Model::Stack {
       if (is_sparse_layer(step, i)) {
         SwitchShape ss{N, S, D, F, cfg.num_experts, expert_capacity(cfg, S, true),
                        expert_capacity(cfg, S, false), gated, cfg.router_jitter_noise > 0.0,
-                       mp.expert_group, tp};
+                       cfg.router_force_balance, mp.expert_group, tp};
         blk.sparse = std::make_unique<SwitchFFN>(be, ps, mlp, ss);
       } else {
         blk.dense = std::make_unique<FeedForward>(be, ps, mlp, 1, N, D, F, gated);

@@ -66,6 +66,13 @@ void Router::forward(ActivationView x, const float* x_f32, bool training, float 
   }
   linear_forward(be_, logits_.data(), xr, ps_.master(*weight_), T, D, E);
   tp_.broadcast_from_first(logits_.data(), logits_.size());
+  if (s_.force_balance) {
+    // 1 * U(0.5, 1.5) per logit; the offset is the first token's global index times E, as the
+    // jitter's is its first element's, so the draw does not depend on the layout.
+    be_.fill(logits_.data(), 1.0f, logits_.size());
+    be_.uniform_jitter(logits_.data(), logits_.data(), logits_.size(), 0.5f, seed.derive(3),
+                       jitter_offset / uint64_t(D) * uint64_t(E));
+  }
   be_.router_forward(probs_.data(), lse_.data(), expert_.data(), slot_.data(), rows_.data(),
                      gate_.data(), counts_.data(), logits_.data(), G, S, E, C_);
 }
@@ -115,6 +122,8 @@ void Router::backward(float* dx, const float* dgate, float lb_scale, float z_sca
   float* dxr = arena.take<float>(int64_t(T) * D);      // [T,D]
   be_.router_backward(dlogits, probs_.data(), lse_.data(), expert_.data(), dgate, counts_.data(),
                       G, S, E, lb_scale, z_scale);
+  // Forced balance: the logits were noise, not x Wr^T, so nothing flows back through them.
+  if (s_.force_balance) be_.fill(dlogits, 0.0f, int64_t(T) * E);
   linear_backward_weight(be_, ps_, *weight_, dlogits, xr_, T, D, E);
   linear_backward_input(be_, dxr, dlogits, ps_.master(*weight_), T, D, E, false);
   // Jitter is linear in x: its backward is the same multiplication.

@@ -94,6 +94,11 @@ struct RouterShape {
   // its training steps hold (what `switcht5 plan` counts). Otherwise it is allocated on the
   // first jittered forward.
   bool jitter = false;
+  // model.router_force_balance (benchmarks only): logits = uniform noise in [0.5, 1.5), keyed by
+  // the seed and the token's global index, so each token's top-1 is uniform at random over the
+  // experts; the weights still multiply x (the cost stays), and backward gives them and x no
+  // gradient through the router (the logits do not depend on them).
+  bool force_balance = false;
 };
 
 class Router {

@@ -28,7 +28,7 @@ int group_size_of(const Communicator* c) { return c ? c->size() : 1; }
 SwitchFFN::SwitchFFN(Backend& be, ParamStore& ps, const std::string& prefix, SwitchShape s)
     : be_(be), ps_(ps), s_(s),
       router_(be, ps, prefix, RouterShape{s.T, s.S, s.D, s.E, s.capacity_train, s.capacity_eval,
-                                     s.jitter},
+                                     s.jitter, s.force_balance},
               s.tp),
       experts_(be, ps, prefix + ".experts", s.E / group_size_of(s.expert_group),
                group_size_of(s.expert_group) * (s.T / s.S) * s.capacity_train, s.D, s.F, s.gated),

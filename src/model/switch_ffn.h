@@ -47,6 +47,7 @@ struct SwitchShape {
   int capacity_eval = 1;   // C in evaluation
   bool gated = false;
   bool jitter = false;                   // RouterShape::jitter
+  bool force_balance = false;            // RouterShape::force_balance
   Communicator* expert_group = nullptr;  // null or size 1: every expert is local
   TensorParallel tp{};                   // no group: each expert's d_ff is whole (F = d_ff)
 };
