@@ -8,7 +8,9 @@ Exit status 1 when the memory check (memory_check: bench_step's measured backend
 OUTDIR/plan_bBATCH.json, `switcht5 plan --json` of the same run) fails or cannot be made.
 
 MFU = model FLOPs per step / step time / peak. Model FLOPs per step are switcht5's own count
-(src/model/flops.cpp, Trainer::step_flops, reported by bench_step), used for HF too, so the
+(src/model/flops.cpp, Trainer::step_flops, reported by bench_step as step_flops on a GPU backend,
+which runs every capacity slot; on the CPU step_flops is what the backend counted and
+capacity_flops this formula), used for HF too, so the
 systems compare by time alone:
   step = 3 x forward   (backward = 2 x forward)
   forward = sum over blocks [attention + FFN] + LM head 2*B*Tt*D*V

@@ -5,10 +5,10 @@
 // products skip their buffers' empty rows; elsewhere the expert FFNs over every capacity slot,
 // empty ones too) and the model's (each token through its top-1 expert once: what the Switch
 // paper holds equal between models, the useful work). The JSON's step_flops is the executed
-// count (step_flops_counted says which), capacity_flops the count over every capacity slot. On a host backend the
-// FFN-shape peak is also sampled after every measured step, and each step's rate is set against
-// the sample after it ("matmul, paired": the median over steps), which a drifting shared machine
-// moves far less than a single peak measurement.
+// count (step_flops_counted says which), capacity_flops the count over every capacity slot. On
+// a host backend the FFN-shape peak is also sampled after every measured step, and each step's
+// rate is set against the sample after it ("matmul, paired": the median over steps), which a
+// drifting shared machine moves far less than a single peak measurement.
 //
 // Usage: [scripts/mpirun.sh -np N] bench_step CONFIG [--warmup N] [--steps N] [--json FILE]
 //        [--gemm-shapes] [--set k=v ...] [--versus k=v ...]

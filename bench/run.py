@@ -269,7 +269,8 @@ def markdown(results, info, args):
          f"switcht5's GEMM: {info['switcht5_gemm']} (its CPU backend). Rounds: {args.repeats}, "
          "contenders alternating; a cell is the median over rounds of each run's median step, "
          "(min-max over rounds). GFLOP/s: the executed matmul FLOPs (as switcht5's CPU backend "
-         "counted them: its expert products skip the empty capacity slots) per second, the GEMM peak measured in the same run, the useful rate "
+         "counted them: its expert products skip the empty capacity slots) per second, the GEMM "
+         "peak measured in the same run, the useful rate "
          "(each token through its top-1 expert once, the model's FLOPs), and paired: the median "
          "over steps of each step's rate against the GEMM peak sampled right after it (robust to a "
          "drifting machine).", ""]

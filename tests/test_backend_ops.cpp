@@ -1336,7 +1336,9 @@ TEST_P(BackendVsReference, RouterAndDispatch) {
                                          {1, 7, 3, 2, 3},
                                          {3, 33, 7, 5, 7},
                                          {2, 256, 8, 40, 64},
-                                         {4, 512, 16, 40, 33}}) {
+                                         {4, 512, 16, 40, 33},
+                                         // G*E > 2^20: the CUDA router packs in two passes
+                                         {2049, 1, 512, 1, 1}}) {
     const int64_t T = int64_t(d.G) * d.S;
     const int GC = d.G * d.C;
     for (bool ties : {false, true}) {

@@ -9,8 +9,9 @@
 namespace switcht5 {
 
 // Forward FLOPs for `batch` sequences of inputs_length / targets_length tokens. `executed`: the
-// expert FFNs over every capacity slot (drops and empty slots included); otherwise each token through its top-1 expert once (the model's FLOPs per token,
-// what the Switch paper holds equal between models).
+// expert FFNs over every capacity slot (drops and empty slots included); otherwise each token
+// through its top-1 expert once (the model's FLOPs per token, what the Switch paper holds equal
+// between models).
 double forward_matmul_flops(const ModelConfig& cfg, int batch, int inputs_length,
                             int targets_length, bool training, bool executed = true);
 

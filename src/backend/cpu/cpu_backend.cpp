@@ -246,13 +246,13 @@ void CpuBackend::sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, fl
   // Entry b's product: A_b's first `live` rows as stored, the rest zero (gemm_ex_rows), so
   // M_b x N x K_b with M_b = live (not trans_a; C's later rows are beta * C) or K_b = live
   // (trans_a: the zero rows add nothing to the sum over K).
+  // The counts are checked here, before any parallel region (an exception must not leave one).
   const int full = trans_a ? K : M;
-  auto live = [&](int b) {
-    if (!a_rows) return full;
-    SWT_CHECK(a_rows[b] >= 0 && a_rows[b] <= full, "gemm_ex_rows: a_rows[{}] = {} outside [0, {}]",
-              b, a_rows[b], full);
-    return int(a_rows[b]);
-  };
+  if (a_rows)
+    for (int b = 0; b < batch; ++b)
+      SWT_CHECK(a_rows[b] >= 0 && a_rows[b] <= full,
+                "gemm_ex_rows: a_rows[{}] = {} outside [0, {}]", b, a_rows[b], full);
+  auto live = [&](int b) { return a_rows ? int(a_rows[b]) : full; };
   const char ta = trans_a ? 'T' : 'N';
   const char tb = trans_b ? 'T' : 'N';
   const auto t0 = gemm_profile_ ? std::chrono::steady_clock::now()

@@ -117,7 +117,9 @@ void cross_entropy_forward(const Ctx& c, float* loss, float* lse, const float* l
 void cross_entropy_backward(const Ctx& c, float* dlogits, const float* logits, const float* lse,
                             const int32_t* labels, int64_t N, int V, float scale,
                             const float* scale_by, float z_coef);
-// Positions by a deterministic scan per group (lowest token index first, exactly the CPU order).
+// Positions by a deterministic scan per group (lowest token index first, exactly the CPU order),
+// then each expert's kept tokens packed group after group, with the offsets in ctx.workspace
+// (as many groups at a time as it holds: more than one pass when G*E > 2^20).
 void router_forward(const Ctx& c, float* probs, float* lse, int32_t* expert, int32_t* slot,
                     int32_t* rows, float* gate, float* counts, const float* logits, int G, int S,
                     int E, int C);

@@ -3,7 +3,8 @@
 // cpu/cpu_backend.cpp).
 //
 // Legend (as backend.h): G groups of S tokens, T = G*S, token t = g*S + s; E experts; capacity C
-// per expert per group; an expert's buffer has GC = G*C rows (row g*C + position) of D columns.
+// per expert per group; an expert's buffer has GC = G*C rows of D columns: its kept tokens first,
+// group by group (pass 3 of router_forward packs them), then empty rows.
 //
 // Determinism: no atomics; every output element has one writer; every sum runs in a fixed order
 // (per-thread partials in increasing index, then an xor butterfly in each warp, then warp
