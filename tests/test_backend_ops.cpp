@@ -591,6 +591,40 @@ class BackendVsReference : public ::testing::TestWithParam<std::string> {
 INSTANTIATE_TEST_SUITE_P(Backends, BackendVsReference, ::testing::ValuesIn(kBackendsUnderTest),
                          param_name);
 
+// The GEMM tests' operands: v as `t` in backend memory (fp32, or bf16 by nearest even), and C
+// back as floats (a bf16 C widened).
+DeviceArray<uint8_t> upload_as(Backend& be, const std::vector<float>& v, DType t) {
+  DeviceArray<uint8_t> buf(be, int64_t(v.size() * dtype_size(t)));
+  if (t == DType::kBF16) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(v[i]);
+    be.copy_to_device(buf.data(), h.data(), buf.bytes());
+  } else {
+    be.copy_to_device(buf.data(), v.data(), buf.bytes());
+  }
+  return buf;
+}
+
+std::vector<float> download_as(Backend& be, const DeviceArray<uint8_t>& buf, DType t) {
+  std::vector<float> out(buf.bytes() / dtype_size(t));
+  if (t == DType::kBF16) {
+    std::vector<uint16_t> h(out.size());
+    be.copy_to_host(h.data(), buf.data(), buf.bytes());
+    for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
+  } else {
+    be.copy_to_host(out.data(), buf.data(), buf.bytes());
+  }
+  return out;
+}
+
+// Poisons the M x N blocks of a batched C (ldc, stride sc): a beta = 0 output, whose padding
+// stays random and must be left untouched.
+void poison_blocks(std::vector<float>& c, int batch, int64_t sc, int M, int N, int ldc) {
+  for (int bi = 0; bi < batch; ++bi)
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+}
+
 TEST_P(BackendVsReference, Gemm) {
   struct Dims {
     int M, N, K;
@@ -611,10 +645,7 @@ TEST_P(BackendVsReference, Gemm) {
           auto c = random_vector(sc * batch, ++seed);
           // beta = 0: C is a pure output, poisoned; its padding stays random and must be left
           // untouched. beta != 0: C is an input too.
-          if (beta == 0.0f)
-            for (int bi = 0; bi < batch; ++bi)
-              for (int i = 0; i < d.M; ++i)
-                for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+          if (beta == 0.0f) poison_blocks(c, batch, sc, d.M, d.N, ldc);
           auto op = [&](Backend& be) -> Outputs {
             auto A = upload(be, a), B = upload(be, b), Cm = upload(be, c);
             be.gemm(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), lda, sa, B.data(), ldb, sb, beta,
@@ -638,11 +669,6 @@ TEST_P(BackendVsReference, GemmMixedPrecision) {
     int M, N, K;
   };
   const std::vector<Dims> dims = {{1, 1, 1}, {3, 7, 33}, {33, 3, 7}, {64, 48, 80}, {130, 67, 257}};
-  auto bits_of = [](const std::vector<float>& v) {
-    std::vector<uint16_t> h(v.size());
-    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(v[i]);
-    return h;
-  };
   uint64_t seed = 900;
   for (const Dims& d : dims)
     for (int types = 1; types < 8; ++types)  // bit 0: A bf16, bit 1: B bf16, bit 2: C bf16
@@ -658,33 +684,12 @@ TEST_P(BackendVsReference, GemmMixedPrecision) {
                         sb = int64_t(tb ? d.N : d.K) * ldb + 1, sc = int64_t(d.M) * ldc + 2;
           const auto a = random_vector(sa * batch, ++seed), b = random_vector(sb * batch, ++seed);
           auto c = random_vector(sc * batch, ++seed);
-          if (beta == 0.0f)
-            for (int bi = 0; bi < batch; ++bi)
-              for (int i = 0; i < d.M; ++i)
-                for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+          if (beta == 0.0f) poison_blocks(c, batch, sc, d.M, d.N, ldc);
           auto op = [&](Backend& be) -> Outputs {
-            auto upload_as = [&](const std::vector<float>& v, DType t) {
-              DeviceArray<uint8_t> buf(be, int64_t(v.size() * dtype_size(t)));
-              if (t == DType::kBF16) {
-                const auto h = bits_of(v);
-                be.copy_to_device(buf.data(), h.data(), buf.bytes());
-              } else {
-                be.copy_to_device(buf.data(), v.data(), buf.bytes());
-              }
-              return buf;
-            };
-            auto A = upload_as(a, at), B = upload_as(b, bt), Cm = upload_as(c, ct);
+            auto A = upload_as(be, a, at), B = upload_as(be, b, bt), Cm = upload_as(be, c, ct);
             be.gemm_ex(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), at, lda, sa, B.data(), bt, ldb, sb,
                        beta, Cm.data(), ct, ldc, sc, batch);
-            std::vector<float> out(c.size());
-            if (ct == DType::kBF16) {
-              std::vector<uint16_t> h(c.size());
-              be.copy_to_host(h.data(), Cm.data(), Cm.bytes());
-              for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
-            } else {
-              be.copy_to_host(out.data(), Cm.data(), Cm.bytes());
-            }
-            return {out};  // padding must be left untouched too
+            return {download_as(be, Cm, ct)};  // padding must be left untouched too
           };
           const Tolerance tol = sum_tolerance(ct, d.K);
           expect_matches_reference(
@@ -736,24 +741,14 @@ TEST_P(BackendVsReference, GemmSumSquares) {
               auto b = random_vector(sb * batch, ++seed);
               for (float& v : b) v = bf16_to_float(float_to_bf16(v));  // exact in bf16 too
               auto c = random_vector(sc * batch, ++seed);
-              if (beta == 0.0f)
-                for (int bi = 0; bi < batch; ++bi)
-                  for (int i = 0; i < d.M; ++i)
-                    for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+              if (beta == 0.0f) poison_blocks(c, batch, sc, d.M, d.N, ldc);
               const double acc0 = 0.375;
               const std::string what =
                   fmt::format("gemm_ex_sum_squares M={} N={} K={} batch={} ldc={} B {} ta={} "
                               "beta={}", d.M, d.N, d.K, batch, ldc, dtype_name(bt), ta, beta);
               auto op = [&](Backend& be) -> Outputs {
                 auto A = upload(be, a), Cm = upload(be, c);
-                DeviceArray<uint8_t> Bm(be, int64_t(b.size() * dtype_size(bt)));
-                if (bt == DType::kBF16) {
-                  std::vector<uint16_t> h(b.size());
-                  for (size_t i = 0; i < b.size(); ++i) h[i] = float_to_bf16(b[i]);
-                  be.copy_to_device(Bm.data(), h.data(), Bm.bytes());
-                } else {
-                  be.copy_to_device(Bm.data(), b.data(), Bm.bytes());
-                }
+                auto Bm = upload_as(be, b, bt);
                 DeviceArray<double> acc(be, 1);
                 be.copy_to_device(acc.data(), &acc0, sizeof acc0);
                 be.gemm_ex_sum_squares(ta, false, d.M, d.N, d.K, 1.5f, A.data(), DType::kF32,
@@ -811,27 +806,13 @@ TEST_P(BackendVsReference, GemmExRows) {
                   for (int j = 0; j < lda; ++j) a[bi * sa + int64_t(r) * lda + j] = 0.0f;
               const auto b = random_vector(sb * batch, ++seed);
               auto c = random_vector(sc * batch, ++seed);
-              if (beta == 0.0f)
-                for (int bi = 0; bi < batch; ++bi)
-                  for (int i = 0; i < d.M; ++i)
-                    for (int j = 0; j < d.N; ++j) c[bi * sc + int64_t(i) * ldc + j] = kPoisonFloat;
+              if (beta == 0.0f) poison_blocks(c, batch, sc, d.M, d.N, ldc);
               const std::string what = fmt::format(
                   "gemm_ex_rows M={} N={} K={} batch={} trans={}{} A {} C {} beta={} squares={}",
                   d.M, d.N, d.K, batch, ta, tb, dtype_name(at), dtype_name(ct), beta,
                   with_squares);
               auto op = [&](Backend& be) -> Outputs {
-                auto upload_as = [&](const std::vector<float>& v, DType t) {
-                  DeviceArray<uint8_t> buf(be, int64_t(v.size() * dtype_size(t)));
-                  if (t == DType::kBF16) {
-                    std::vector<uint16_t> h(v.size());
-                    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(v[i]);
-                    be.copy_to_device(buf.data(), h.data(), buf.bytes());
-                  } else {
-                    be.copy_to_device(buf.data(), v.data(), buf.bytes());
-                  }
-                  return buf;
-                };
-                auto A = upload_as(a, at), Cm = upload_as(c, ct);
+                auto A = upload_as(be, a, at), Cm = upload_as(be, c, ct);
                 auto B = upload(be, b);
                 auto R = upload(be, rows);
                 const double acc0 = 0.375;
@@ -840,14 +821,7 @@ TEST_P(BackendVsReference, GemmExRows) {
                 be.gemm_ex_rows(ta, tb, d.M, d.N, d.K, 1.5f, A.data(), at, lda, sa, B.data(),
                                 DType::kF32, ldb, sb, beta, Cm.data(), ct, ldc, sc, batch,
                                 R.data(), with_squares ? acc.data() : nullptr);
-                std::vector<float> out(c.size());
-                if (ct == DType::kBF16) {
-                  std::vector<uint16_t> h(c.size());
-                  be.copy_to_host(h.data(), Cm.data(), Cm.bytes());
-                  for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
-                } else {
-                  be.copy_to_host(out.data(), Cm.data(), Cm.bytes());
-                }
+                const std::vector<float> out = download_as(be, Cm, ct);
                 double got = 0.0;
                 be.copy_to_host(&got, acc.data(), sizeof got);
                 double want = acc0;

@@ -19,6 +19,19 @@ using testing::upload;
 
 class Routing : public ::testing::TestWithParam<const char*> {};
 
+// router_forward's outputs for G groups of S tokens over E experts at capacity C.
+struct Routed {
+  Routed(Backend& be, const std::vector<float>& logits_host, int G, int S, int E, int C)
+      : logits(upload(be, logits_host)), probs(be, int64_t(G) * S * E), lse(be, int64_t(G) * S),
+        gate(be, int64_t(G) * S), counts(be, int64_t(G) * E), expert(be, int64_t(G) * S),
+        slot(be, int64_t(G) * S), rows(be, E) {
+    be.router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
+                      gate.data(), counts.data(), logits.data(), G, S, E, C);
+  }
+  DeviceArray<float> logits, probs, lse, gate, counts;
+  DeviceArray<int32_t> expert, slot, rows;
+};
+
 // One group of S = 4 tokens, E = 2 experts, capacity C = 1:
 //   t0 logits [2, 0] -> expert 0, position 0: kept (slot 0)
 //   t1 logits [0, 1] -> expert 1, position 0: kept (slot 0)
@@ -33,11 +46,10 @@ class Routing : public ::testing::TestWithParam<const char*> {};
 TEST_P(Routing, HandWorkedGroup) {
   auto be = make_backend(GetParam());
   const int G = 1, S = 4, E = 2, C = 1, T = 4;
-  auto logits = upload(*be, std::vector<float>{2, 0, 0, 1, 1, 0, 0, 0});
-  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E), lb(*be, G);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
-  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
-                     gate.data(), counts.data(), logits.data(), G, S, E, C);
+  Routed r(*be, {2, 0, 0, 1, 1, 0, 0, 0}, G, S, E, C);
+  auto &probs = r.probs, &lse = r.lse, &gate = r.gate, &counts = r.counts;
+  auto &expert = r.expert, &slot = r.slot, &rows = r.rows;
+  DeviceArray<float> lb(*be, G);
   be->router_balance_loss(lb.data(), probs.data(), counts.data(), G, S, E);
 
   EXPECT_EQ(download(*be, expert.data(), T), (std::vector<int32_t>{0, 1, 0, 0}));
@@ -70,15 +82,11 @@ TEST_P(Routing, CapacityIsPerGroup) {
   auto be = make_backend(GetParam());
   const int G = 2, S = 3, E = 2, C = 2, T = 6;
   // Every token prefers expert 1.
-  auto logits = upload(*be, std::vector<float>{0, 1, 0, 2, 0, 3, 0, 1, 0, 1, 0, 1});
-  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
-  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
-                     gate.data(), counts.data(), logits.data(), G, S, E, C);
+  Routed r(*be, {0, 1, 0, 2, 0, 3, 0, 1, 0, 1, 0, 1}, G, S, E, C);
   // Group 0 rows 0,1 of expert 1's buffer; group 1 rows 2,3 (after group 0's two kept tokens).
-  EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 1, -1, 2, 3, -1}));
-  EXPECT_EQ(download(*be, counts.data(), G * E), (std::vector<float>{0, 3, 0, 3}));
-  EXPECT_EQ(download(*be, rows.data(), E), (std::vector<int32_t>{0, 4}));
+  EXPECT_EQ(download(*be, r.slot.data(), T), (std::vector<int32_t>{0, 1, -1, 2, 3, -1}));
+  EXPECT_EQ(download(*be, r.counts.data(), G * E), (std::vector<float>{0, 3, 0, 3}));
+  EXPECT_EQ(download(*be, r.rows.data(), E), (std::vector<int32_t>{0, 4}));
 }
 
 // The packing where groups keep fewer than C: expert 0's buffer holds group 0's one token in
@@ -87,14 +95,10 @@ TEST_P(Routing, KeptTokensLeadTheBuffer) {
   auto be = make_backend(GetParam());
   const int G = 2, S = 3, E = 2, C = 3, T = 6;
   // Experts by token: group 0 -> 0, 1, 1; group 1 -> 1, 0, 0.
-  auto logits = upload(*be, std::vector<float>{1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0});
-  DeviceArray<float> probs(*be, T * E), lse(*be, T), gate(*be, T), counts(*be, G * E);
-  DeviceArray<int32_t> expert(*be, T), slot(*be, T), rows(*be, E);
-  be->router_forward(probs.data(), lse.data(), expert.data(), slot.data(), rows.data(),
-                     gate.data(), counts.data(), logits.data(), G, S, E, C);
-  EXPECT_EQ(download(*be, expert.data(), T), (std::vector<int32_t>{0, 1, 1, 1, 0, 0}));
-  EXPECT_EQ(download(*be, slot.data(), T), (std::vector<int32_t>{0, 0, 1, 2, 1, 2}));
-  EXPECT_EQ(download(*be, rows.data(), E), (std::vector<int32_t>{3, 3}));
+  Routed r(*be, {1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0}, G, S, E, C);
+  EXPECT_EQ(download(*be, r.expert.data(), T), (std::vector<int32_t>{0, 1, 1, 1, 0, 0}));
+  EXPECT_EQ(download(*be, r.slot.data(), T), (std::vector<int32_t>{0, 0, 1, 2, 1, 2}));
+  EXPECT_EQ(download(*be, r.rows.data(), E), (std::vector<int32_t>{3, 3}));
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, Routing, ::testing::Values("reference", "cpu"));
