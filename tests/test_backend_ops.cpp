@@ -617,6 +617,20 @@ std::vector<float> download_as(Backend& be, const DeviceArray<uint8_t>& buf, DTy
   return out;
 }
 
+// acc0 plus the squares of C's M x N blocks (the padding not counted): what
+// gemm_ex_sum_squares adds to its accumulator, summed on the host in double.
+double blocks_sum_squares(double acc0, const std::vector<float>& c, int batch, int64_t sc, int M,
+                          int N, int ldc) {
+  double sum = acc0;
+  for (int bi = 0; bi < batch; ++bi)
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) {
+        const double v = c[size_t(bi * sc + int64_t(i) * ldc + j)];
+        sum += v * v;
+      }
+  return sum;
+}
+
 // Poisons the M x N blocks of a batched C (ldc, stride sc): a beta = 0 output, whose padding
 // stays random and must be left untouched.
 void poison_blocks(std::vector<float>& c, int batch, int64_t sc, int M, int N, int ldc) {
@@ -757,13 +771,7 @@ TEST_P(BackendVsReference, GemmSumSquares) {
                 const std::vector<float> out = download(be, Cm.data(), sc * batch);
                 double got = 0.0;
                 be.copy_to_host(&got, acc.data(), sizeof got);
-                double want = acc0;
-                for (int bi = 0; bi < batch; ++bi)
-                  for (int i = 0; i < d.M; ++i)
-                    for (int j = 0; j < d.N; ++j) {
-                      const double v = out[size_t(bi * sc + int64_t(i) * ldc + j)];
-                      want += v * v;
-                    }
+                const double want = blocks_sum_squares(acc0, out, batch, sc, d.M, d.N, ldc);
                 EXPECT_NEAR(got, want, 1e-12 * want) << be.name() << ": " << what;
                 return {out};  // padding must be left untouched too
               };
@@ -824,14 +832,8 @@ TEST_P(BackendVsReference, GemmExRows) {
                 const std::vector<float> out = download_as(be, Cm, ct);
                 double got = 0.0;
                 be.copy_to_host(&got, acc.data(), sizeof got);
-                double want = acc0;
-                if (with_squares)
-                  for (int bi = 0; bi < batch; ++bi)
-                    for (int i = 0; i < d.M; ++i)
-                      for (int j = 0; j < d.N; ++j) {
-                        const double v = out[size_t(bi * sc + int64_t(i) * ldc + j)];
-                        want += v * v;
-                      }
+                const double want =
+                    with_squares ? blocks_sum_squares(acc0, out, batch, sc, d.M, d.N, ldc) : acc0;
                 EXPECT_NEAR(got, want, 1e-12 * want) << be.name() << ": " << what;
                 return {out};
               };

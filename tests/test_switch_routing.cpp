@@ -116,17 +116,23 @@ TEST(Capacity, Arithmetic) {
   EXPECT_EQ(expert_capacity(m, 24, false), 5);
 }
 
+// A relu Switch layer "mlp" of E experts in ps (seeded weights) whose router sends every positive
+// input to expert 0: its weight row 0 is all ones, the others zero.
+void register_expert0_layer(Backend& be, ParamStore& ps, int D, int F, int E) {
+  SwitchFFN::register_params(ps, "mlp", D, F, E, false, 1.0);
+  ps.allocate(be);
+  ps.initialize(be, 3);
+  std::vector<float> wr(size_t(E) * D, 0.0f);
+  for (int d = 0; d < D; ++d) wr[d] = 1.0f;
+  be.copy_to_device(ps.value("mlp.router.classifier.weight"), wr.data(), sizeof(float) * E * D);
+}
+
 // A Switch layer: kept tokens output gate * expert(x), dropped tokens output exactly zero.
 TEST(SwitchLayer, DroppedTokensOutputZeroKeptTokensAreGatedExperts) {
   auto be = make_backend("reference");
   const int T = 8, S = 8, D = 3, F = 4, E = 2;
   ParamStore ps;
-  SwitchFFN::register_params(ps, "mlp", D, F, E, false, 1.0);
-  ps.allocate(*be);
-  ps.initialize(*be, 3);
-  // Router sends every token to expert 0 (weights [1,1,1] vs [0,0,0], inputs positive).
-  std::vector<float> wr = {1, 1, 1, 0, 0, 0};
-  be->copy_to_device(ps.value("mlp.router.classifier.weight"), wr.data(), sizeof(float) * 6);
+  register_expert0_layer(*be, ps, D, F, E);  // every token to expert 0 (inputs positive)
   SwitchFFN sw(*be, ps, "mlp", {T, S, D, F, E, /*capacity_train=*/3, /*capacity_eval=*/3, false});
   const auto xh = testing::random_vector(T * D, 9, 0.1f, 1.0f);
   auto x = upload(*be, xh);
@@ -162,12 +168,7 @@ TEST(SwitchLayer, ForcedBalanceRoutesUniformlyAndSendsNoRouterGradient) {
   auto be = make_backend("reference");
   const int T = 2048, S = 512, D = 3, F = 4, E = 8;
   ParamStore ps;
-  SwitchFFN::register_params(ps, "mlp", D, F, E, false, 1.0);
-  ps.allocate(*be);
-  ps.initialize(*be, 3);
-  std::vector<float> wr(E * D, 0.0f);
-  for (int d = 0; d < D; ++d) wr[d] = 1.0f;  // expert 0 takes every positive input
-  be->copy_to_device(ps.value("mlp.router.classifier.weight"), wr.data(), sizeof(float) * E * D);
+  register_expert0_layer(*be, ps, D, F, E);  // expert 0 takes every positive input
   const auto xh = testing::random_vector(T * D, 9, 0.1f, 1.0f);
   auto x = upload(*be, xh);
   DeviceArray<float> out(*be, T * D), dx(*be, T * D);
