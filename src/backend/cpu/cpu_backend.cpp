@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/cpu_kernels.h"
@@ -248,19 +249,23 @@ void CpuBackend::sgemm_batch(bool trans_a, bool trans_b, int M, int N, int K, fl
   // (trans_a: the zero rows add nothing to the sum over K).
   // The counts are checked here, before any parallel region (an exception must not leave one).
   const int full = trans_a ? K : M;
-  if (a_rows)
-    for (int b = 0; b < batch; ++b)
-      SWT_CHECK(a_rows[b] >= 0 && a_rows[b] <= full,
-                "gemm_ex_rows: a_rows[{}] = {} outside [0, {}]", b, a_rows[b], full);
-  auto live = [&](int b) { return a_rows ? int(a_rows[b]) : full; };
+  auto shape = [&](int b) {  // {M_b, K_b}
+    const int rows = a_rows ? int(a_rows[b]) : full;
+    return trans_a ? std::pair{M, rows} : std::pair{rows, K};
+  };
+  int64_t products = 0;  // sum over entries of M_b * K_b
+  for (int b = 0; b < batch; ++b) {
+    SWT_CHECK(!a_rows || (a_rows[b] >= 0 && a_rows[b] <= full),
+              "gemm_ex_rows: a_rows[{}] = {} outside [0, {}]", b, a_rows[b], full);
+    const auto [Mb, Kb] = shape(b);
+    products += int64_t(Mb) * Kb;
+  }
   const char ta = trans_a ? 'T' : 'N';
   const char tb = trans_b ? 'T' : 'N';
   const auto t0 = gemm_profile_ ? std::chrono::steady_clock::now()
                                 : std::chrono::steady_clock::time_point{};
-  int64_t products = 0;  // sum over entries of M_b * K_b
-  for (int b = 0; b < batch; ++b) products += int64_t(trans_a ? M : live(b)) * (trans_a ? live(b) : K);
   auto one = [&](int b) {
-    const int rows = live(b), Mb = trans_a ? M : rows, Kb = trans_a ? rows : K;
+    const auto [Mb, Kb] = shape(b);
     float* c = C + b * stride_c;
     // K_b == 0: C = beta * C (oneDNN leaves C untouched when K == 0).
     dnnl_status_t st = dnnl_success;
