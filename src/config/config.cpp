@@ -98,7 +98,7 @@ void for_each_field(RunConfig& c, V& v) {
 
   DataConfig& d = c.data;
   v("data", "source", d.source, EnumRule{{"shards", "synthetic"}});
-  v("data", "task", d.task, EnumRule{{"reverse", "copy"}});
+  v("data", "task", d.task, EnumRule{{"reverse", "copy", "span_corruption"}});
   v("data", "inputs_length", d.inputs_length, at_least(2));
   v("data", "targets_length", d.targets_length, at_least(2));
   v("data", "synthetic_vocab", d.synthetic_vocab, IntRule{0, std::nullopt, "0: the whole vocabulary"});

@@ -60,7 +60,7 @@ struct ModelConfig {
 
 struct DataConfig {
   std::string source = "synthetic";  // "shards" (tokenized C4, span corruption) or "synthetic"
-  std::string task = "reverse";      // synthetic task: "reverse" or "copy"
+  std::string task = "reverse";      // synthetic task: "reverse", "copy" or "span_corruption"
   int inputs_length = 512;           // encoder tokens per sequence
   int targets_length = 114;          // decoder tokens per sequence
   int synthetic_vocab = 0;           // synthetic tokens drawn below this id; 0: whole vocab

@@ -44,7 +44,10 @@ inline constexpr ConfigKeyDoc kConfigKeyDocs[] = {
                                    "top-1 is uniform over the experts (Megatron-Core's "
                                    "moe_router_force_load_balancing); not a way to train"},
     {"data.source", "`shards` (tokenized C4 with T5 span corruption) or `synthetic` tasks"},
-    {"data.task", "the synthetic task"},
+    {"data.task", "the synthetic task: `copy`/`reverse` (learnable; the encoder holds at most "
+                  "targets_length tokens, the rest padding) or `span_corruption` (random "
+                  "tokens through T5 span corruption: full encoder, T5's target length; "
+                  "for benchmarks)"},
     {"data.inputs_length", "encoder tokens per sequence"},
     {"data.targets_length", "decoder tokens per sequence"},
     {"data.synthetic_vocab", "synthetic tokens are drawn below this id; 0: the whole vocabulary"},
@@ -52,7 +55,8 @@ inline constexpr ConfigKeyDoc kConfigKeyDocs[] = {
     {"data.val_glob", "token shards to validate on; empty: no validation"},
     {"data.noise_density", "span corruption: fraction of tokens masked"},
     {"data.mean_noise_span_length", "span corruption: mean masked span length"},
-    {"data.extra_ids", "sentinels `<extra_id_0..N-1>` above the SentencePiece ids"},
+    {"data.extra_ids", "sentinels `<extra_id_0..N-1>` above the SentencePiece ids (synthetic "
+                       "`span_corruption`: the top ids below the vocabulary)"},
     {"data.shuffle_window", "pieces shuffled together (seeded, per epoch)"},
     {"data.prefetch", "batches the loader thread prepares ahead; 0: inline"},
     {"data.verify_checksums", "check every shard's checksum when it is opened"},

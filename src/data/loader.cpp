@@ -238,19 +238,7 @@ void DataLoader::make_example(uint64_t example, Batch& out, int row, std::vector
   SWT_CHECK(int(inputs.size()) <= Ti && int(targets.size()) <= Tt,
             "span corruption gave {} inputs / {} targets for lengths {} / {}", inputs.size(),
             targets.size(), Ti, Tt);
-  const size_t ei = size_t(row) * Ti, di = size_t(row) * Tt;
-  for (int i = 0; i < Ti; ++i) {
-    const bool real = i < int(inputs.size());
-    out.encoder_input_tokens[ei + i] = real ? inputs[i] : options_.pad_id;
-    out.encoder_mask[ei + i] = real ? 1.0f : 0.0f;
-  }
-  for (int i = 0; i < Tt; ++i) {
-    const bool real = i < int(targets.size());
-    out.labels[di + i] = real ? targets[i] : kIgnoreLabel;
-    out.decoder_input_tokens[di + i] =
-        i == 0 ? options_.decoder_start_id : (real ? targets[i - 1] : options_.pad_id);
-    out.decoder_mask[di + i] = real ? 1.0f : 0.0f;
-  }
+  out.set_row(row, inputs, targets, options_.pad_id, options_.decoder_start_id);
 }
 
 void DataLoader::produce(uint64_t first_example, Batch& out) const {

@@ -39,6 +39,27 @@ struct Batch {
     std::copy_n(decoder_mask.begin() + di, dn, dst.decoder_mask.begin());
     std::copy_n(labels.begin() + di, dn, dst.labels.begin());
   }
+  // Writes row `row` (resized already) from one example's token strings, EOS included:
+  //   encoder_input_tokens = inputs + pad            decoder_input_tokens = [start] + targets[:-1]
+  //   labels = targets + [kIgnoreLabel ...]           masks mark the real tokens
+  // Requires inputs.size() <= inputs_length and targets.size() <= targets_length (the caller
+  // checks; the loader and the synthetic tasks do so with their own messages).
+  void set_row(int row, const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets,
+               int32_t pad_id, int32_t decoder_start_id) {
+    const size_t ei = size_t(row) * inputs_length, di = size_t(row) * targets_length;
+    for (int i = 0; i < inputs_length; ++i) {
+      const bool real = i < int(inputs.size());
+      encoder_input_tokens[ei + i] = real ? inputs[size_t(i)] : pad_id;
+      encoder_mask[ei + i] = real ? 1.0f : 0.0f;
+    }
+    for (int i = 0; i < targets_length; ++i) {
+      const bool real = i < int(targets.size());
+      labels[di + i] = real ? targets[size_t(i)] : kIgnoreLabel;
+      decoder_input_tokens[di + i] =
+          i == 0 ? decoder_start_id : (real ? targets[size_t(i) - 1] : pad_id);
+      decoder_mask[di + i] = real ? 1.0f : 0.0f;
+    }
+  }
   int64_t target_tokens() const {
     int64_t n = 0;
     for (int32_t l : labels) n += (l != kIgnoreLabel);
