@@ -32,8 +32,9 @@ group order (position priority), as in both.
   dense gradients (an idle expert's is zero: Adafactor decays its moments and counts the step).
 Both add SwitchT5's logit z-loss (train.z_loss * mean over target tokens of logsumexp^2).
 
-Optimizer: transformers' Adafactor (scale_parameter, relative_step and warmup_init False, no
-momentum), SwitchT5's Adafactor by construction (src/train/optimizer.h); the learning rate
+Optimizer: transformers' Adafactor (relative_step and warmup_init False, no momentum,
+scale_parameter and eps[1] from train.adafactor_scale_parameter and train.adafactor_epsilon2),
+SwitchT5's Adafactor by construction (src/train/optimizer.h); the learning rate
 of each step from train.schedule / learning_rate / warmup_steps (constant and rsqrt).
 Writes one JSON line per step: step, loss (cross-entropy), lr, and per Switch layer (SwitchT5's
 names) aux_loss, z_loss, dropped_fraction, expert_fraction (before capacity), dead_experts.
@@ -49,19 +50,8 @@ import h5py
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-from hf_step import load_config  # noqa: E402  (one copy of the YAML + --set reading)
-
-
-def lr_at(train, step):
-    """SwitchT5's LrSchedule::lr for constant and rsqrt (src/train/schedule.cpp)."""
-    base = float(train.get("learning_rate", 0.01))  # SwitchT5's defaults (src/config/config.h)
-    warmup = int(train.get("warmup_steps", 0))
-    kind = train.get("schedule", "rsqrt")
-    if kind == "rsqrt":
-        return base / math.sqrt(max(step, max(warmup, 1)))
-    if kind != "constant":
-        raise SystemExit(f"hf_routing: train.schedule {kind!r}: only constant and rsqrt here")
-    return base * step / warmup if step <= warmup else base
+# One copy of the YAML + --set reading, the schedule and the optimizer's options.
+from hf_step import adafactor_options, load_config, lr_at  # noqa: E402
 
 
 class Recorder:
@@ -180,8 +170,7 @@ def main():
             mod.forward = switch_forward(mod, name, rec, g, capacity, args.mode)
             names.append(name)
     model.train()
-    opt = Adafactor(model.parameters(), lr=lr_at(train, 1), scale_parameter=False,
-                    relative_step=False, warmup_init=False)
+    opt = Adafactor(model.parameters(), lr=lr_at(train, 1), **adafactor_options(train))
     with open(args.out, "w") as out:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()

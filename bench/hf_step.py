@@ -13,8 +13,8 @@ encoder (HF has one capacity for both stacks; its decoder groups are shorter, so
 decoder tokens than ours: HF's experts run on the routed tokens only, with no padded slots, so
 the capacity changes which tokens are dropped, not the work per token).
 A step is what bench_step times: forward with the router losses on (output_router_logits=True:
-z-loss and load-balancing loss added to the loss), backward, Adafactor (HF's, relative_step
-False, the config's learning rate), zero_grad. Inputs and labels are uniform random token ids
+z-loss and load-balancing loss added to the loss), backward, Adafactor (HF's, set as SwitchT5's
+from the config: parameter scale, decay rate, clipping; the config's schedule), zero_grad. Inputs and labels are uniform random token ids
 (3 .. vocab-100), fresh per step; the timed steps are those after the warm-up (torch.compile's
 compilation happens in the warm-up). Prints one line and writes --json: ms per step (median, min,
 max), the phases (forward + backward, optimizer) medians, tokens/s, peak RSS, parameters, torch
@@ -44,6 +44,31 @@ def load_config(path, sets):
     return doc
 
 
+def lr_at(train, step):
+    """SwitchT5's LrSchedule::lr for constant and rsqrt (src/train/schedule.cpp)."""
+    base = float(train.get("learning_rate", 0.01))  # SwitchT5's defaults (src/config/config.h)
+    warmup = int(train.get("warmup_steps", 0))
+    kind = train.get("schedule", "rsqrt")
+    if kind == "rsqrt":
+        return base / math.sqrt(max(step, max(warmup, 1)))
+    if kind != "constant":
+        raise SystemExit(f"train.schedule {kind!r}: only constant and rsqrt here")
+    return base * step / warmup if step <= warmup else base
+
+
+def adafactor_options(train):
+    """transformers' Adafactor as SwitchT5's (src/train/optimizer.h): no relative step, no
+    momentum, the parameter scale (scale_parameter, eps[1]) and decay rate from the config."""
+    scale = train.get("adafactor_scale_parameter", False)
+    if not isinstance(scale, bool):
+        raise SystemExit(f"train.adafactor_scale_parameter: got {scale!r}, expected true or false")
+    return {"scale_parameter": scale, "relative_step": False, "warmup_init": False,
+            "decay_rate": -float(train.get("adafactor_decay_rate", 0.8)),
+            "clip_threshold": float(train.get("adafactor_clipping_threshold", 1.0)),
+            "eps": (float(train.get("adafactor_epsilon1", 1e-30)),
+                    float(train.get("adafactor_epsilon2", 1e-3)))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -64,7 +89,6 @@ def main():
     data.update({k: v for k, v in (doc.get("data") or {}).items() if k in data})
     train = doc.get("train") or {}
     batch = int(train.get("batch_size", 8))
-    lr = float(train.get("learning_rate", 1e-3))
     cfg = export_hf.hf_config(m, data, 0, args.config)
     cfg.pop("switcht5", None)
     dense = export_hf.is_dense(m)
@@ -81,8 +105,11 @@ def main():
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**cfg)).train()
     params = sum(p.numel() for p in model.parameters())
-    opt = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False,
-                    warmup_init=False)
+    # SwitchT5's optimizer and learning rate at each step (bench_step's), so that both models'
+    # routing evolves under the same kind of steps: HF's experts run on the kept tokens only,
+    # and a collapsed routing (as lr 1.0 without the parameter scale gives) makes them cheaper.
+    opt = Adafactor(model.parameters(), lr=lr_at(train, 1), **adafactor_options(train))
+    taken = [0]
     run = torch.compile(model) if args.compile else model
     V, Ti, Tt = m["vocab_size"], data["inputs_length"], data["targets_length"]
     gen = torch.Generator().manual_seed(1)
@@ -91,6 +118,9 @@ def main():
     def step():
         inp = torch.randint(3, V - 100, (batch, Ti), generator=gen)
         lab = torch.randint(3, V - 100, (batch, Tt), generator=gen)
+        taken[0] += 1
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(train, taken[0])
         t0 = time.perf_counter()
         out = run(input_ids=inp, labels=lab, **kwargs)
         out.loss.backward()

@@ -326,9 +326,9 @@ class GuardedBackend final : public Backend {
   }
   void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc, float* v,
                         bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
-                        float clip, float weight_decay) override {
+                        float clip, float weight_decay, float eps2) override {
     run([=, this] { inner_->adafactor_update(host(p), host(p_bf16), host(g), host(vr), host(vc), host(v), factored,
-                             count, R, C, lr, beta2t, eps1, clip, weight_decay); });
+                             count, R, C, lr, beta2t, eps1, clip, weight_decay, eps2); });
   }
 
  private:

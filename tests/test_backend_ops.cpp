@@ -55,6 +55,7 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -1427,22 +1428,25 @@ TEST_P(BackendVsReference, Adafactor) {
     const auto vr = random_positive(int64_t(d.count) * d.R, 122),
                vc = random_positive(int64_t(d.count) * d.C, 123), v = random_positive(n, 124);
     for (bool factored : {true, false}) {
-      for (float clip : {1.0f, 100.0f}) {
+      // eps2: no parameter scale, T5X's 1e-3 (below every matrix's rms), 0.7 (above it: the floor)
+      for (auto [clip, eps2] : {std::pair{1.0f, 0.0f}, {100.0f, 0.0f}, {1.0f, 1e-3f},
+                                {100.0f, 0.7f}}) {
         expect_matches_reference(
             [&](Backend& be) -> Outputs {
               auto P = upload(be, p), G = upload(be, g), Vr = upload(be, vr), Vc = upload(be, vc),
                    V = upload(be, v);
               be.adafactor_update(P.data(), nullptr, G.data(), factored ? Vr.data() : nullptr,
                                   factored ? Vc.data() : nullptr, factored ? nullptr : V.data(),
-                                  factored, d.count, d.R, d.C, 1e-2f, 0.3f, 1e-30f, clip, 0.01f);
+                                  factored, d.count, d.R, d.C, 1e-2f, 0.3f, 1e-30f, clip, 0.01f,
+                                  eps2);
               if (factored)
                 return {download(be, P.data(), n), download(be, Vr.data(), Vr.size()),
                         download(be, Vc.data(), Vc.size())};
               return {download(be, P.data(), n), download(be, V.data(), n)};
             },
             sum_of(int64_t(d.R) * d.C),
-            fmt::format("adafactor {}x{}x{} factored={} clip={}", d.count, d.R, d.C, factored,
-                        clip));
+            fmt::format("adafactor {}x{}x{} factored={} clip={} eps2={}", d.count, d.R, d.C,
+                        factored, clip, eps2));
       }
     }
   }
@@ -1550,7 +1554,7 @@ TEST_P(EveryBackend, OptimizerWritesTheBf16ComputeCopy) {
                         1e-8f, 0.01f, 0.3f, 0.1f);
       else
         be.adafactor_update(P.data(), out, G.data(), Vr.data(), Vc.data(), S1.data(), c.factored,
-                            c.count, c.R, c.C, 1e-2f, 0.3f, 1e-30f, 1.0f, 0.01f);
+                            c.count, c.R, c.C, 1e-2f, 0.3f, 1e-30f, 1.0f, 0.01f, 1e-3f);
       std::vector<uint16_t> b(with_copy ? n : 0);
       if (with_copy) be.copy_to_host(b.data(), B.data(), B.bytes());
       return std::make_tuple(download(be, P.data(), n), download(be, S1.data(), n),

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -61,17 +62,25 @@ struct HostAdafactor {
   }
 };
 
-// As HF transformers' Adafactor.step (beta1=None, no parameter scaling, external lr), per matrix:
+// As HF transformers' Adafactor.step (beta1=None, external lr), per matrix:
+//   lr = lr * max(eps2, rms(p)) when eps2 > 0 (scale_parameter; rms before the step)
 //   sq = g^2 + eps1; row = b2t row + (1-b2t) sq.mean(-1); col = b2t col + (1-b2t) sq.mean(-2)
 //   u = g * rsqrt(row / row.mean()) [:,None] * rsqrt(col) [None,:]    (unfactored: g*rsqrt(v))
 //   u /= max(1, rms(u)/clip);  p = p - lr*wd*p - lr*u
 void host_adafactor(std::vector<double>& p, const std::vector<float>& g, HostAdafactor& s,
-                    double lr, double beta2t, double eps1, double clip, double wd) {
+                    double lr0, double beta2t, double eps1, double clip, double wd,
+                    double eps2 = 0.0) {
   const int R = s.R, C = s.C;
   const size_t RC = size_t(R) * C;
   for (int k = 0; k < s.count; ++k) {
     std::vector<double> u(RC);
     auto G = [&](int i, int j) { return double(g[k * RC + size_t(i) * C + j]); };
+    double lr = lr0;
+    if (eps2 > 0) {
+      double ms = 0;
+      for (size_t e = 0; e < RC; ++e) ms += p[k * RC + e] * p[k * RC + e] / double(RC);
+      lr *= std::max(eps2, std::sqrt(ms));
+    }
     if (s.factored) {
       double* row = &s.vr[size_t(k) * R];
       double* col = &s.vc[size_t(k) * C];
@@ -172,13 +181,17 @@ TEST_P(OptimKernelTest, AdafactorMatchesHostOverSteps) {
       {false, 1, 1, 37},    {true, 1, 300, 200},  // large enough for the CPU backend's threaded
                                                   // path, several column blocks
       {false, 1, 1, 20000}, {true, 2, 2, 130},   {true, 1, 70, 1 + 64}};
+  // eps2: no parameter scale; T5X's 1e-3 (every matrix's rms is above it); 1.0, where matrix 0
+  // (rms ~0.58) takes the floor and the larger matrices their rms.
   for (const AdafactorShape& sh : shapes) {
-    for (float wd : {0.0f, 0.1f}) {
-      SCOPED_TRACE(fmt::format("factored={} count={} R={} C={} wd={}", sh.factored, sh.count, sh.R,
-                               sh.C, wd));
+    for (auto [wd, eps2] : {std::pair{0.0f, 0.0f}, {0.1f, 0.0f}, {0.1f, 1e-3f}, {0.0f, 1.0f}}) {
+      SCOPED_TRACE(fmt::format("factored={} count={} R={} C={} wd={} eps2={}", sh.factored,
+                               sh.count, sh.R, sh.C, wd, eps2));
       const int64_t n = int64_t(sh.count) * sh.R * sh.C;
       const float eps1 = 1e-30f, clip = 1.0f;
+      // Matrix k scaled by k + 1, so each has its own parameter scale.
       std::vector<float> p0 = random_vector(n, 7);
+      for (int64_t e = 0; e < n; ++e) p0[e] *= float(1 + e / (int64_t(sh.R) * sh.C));
       std::vector<double> hp(p0.begin(), p0.end());
       HostAdafactor hs(sh.factored, sh.count, sh.R, sh.C);
       auto p = upload(*be, p0);
@@ -192,8 +205,8 @@ TEST_P(OptimKernelTest, AdafactorMatchesHostOverSteps) {
         auto dg = upload(*be, g);
         const float lr = 0.01f, beta2t = float(beta2t_at(t));
         be->adafactor_update(p.data(), nullptr, dg.data(), vr.data(), vc.data(), v.data(),
-                             sh.factored, sh.count, sh.R, sh.C, lr, beta2t, eps1, clip, wd);
-        host_adafactor(hp, g, hs, lr, beta2t, eps1, clip, wd);
+                             sh.factored, sh.count, sh.R, sh.C, lr, beta2t, eps1, clip, wd, eps2);
+        host_adafactor(hp, g, hs, lr, beta2t, eps1, clip, wd, eps2);
         ASSERT_TRUE(all_close(download(*be, p.data(), n), to_float(hp), 1e-5, 1e-6))
             << "step " << t;
         if (sh.factored) {
@@ -223,7 +236,7 @@ TEST_P(OptimKernelTest, AdafactorUpdateClippingPerMatrix) {
     const float lr = 0.5f, clip = 0.25f;
     // Step 1 (beta2t = 0): the unclipped update has rms around 1 (exactly 1 when unfactored).
     be->adafactor_update(p.data(), nullptr, dg.data(), vr.data(), vc.data(), v.data(), factored,
-                         count, R, C, lr, 0.0f, 1e-30f, clip, 0.0f);
+                         count, R, C, lr, 0.0f, 1e-30f, clip, 0.0f, 0.0f);
     std::vector<float> p1 = download(*be, p.data(), n);
     for (int k = 0; k < count; ++k) {
       double ss = 0;
@@ -255,9 +268,29 @@ TEST_P(OptimKernelTest, AdafactorHandWorked2x2) {
   auto g = upload(*be, std::vector<float>{1, 0, 0, 2});
   DeviceArray<float> vr(*be, 2), vc(*be, 2);
   be->adafactor_update(p.data(), nullptr, g.data(), vr.data(), vc.data(), nullptr, true, 1, 2, 2,
-                       0.1f, 0.0f, 1e-30f, 1.0f, 0.5f);
+                       0.1f, 0.0f, 1e-30f, 1.0f, 0.5f, 0.0f);
   EXPECT_TRUE(
       all_close(download(*be, p.data(), 4), {0.77111456f, 0.95f, 0.95f, 0.86055728f}, 1e-6, 0));
+  // The parameter scale, same g and u: p = 2 everywhere has rms 2 (above eps2 = 1e-3), so the
+  // step is lr * 2 = 0.2:  p -= 0.2 * (u + 0.5 * 2)
+  //   = [[2 - 0.2 * 2.7888544, 2 - 0.2], [1.8, 2 - 0.2 * 1.8944272]]
+  auto q = upload(*be, std::vector<float>{2, 2, 2, 2});
+  DeviceArray<float> qr(*be, 2), qc(*be, 2);
+  be->adafactor_update(q.data(), nullptr, g.data(), qr.data(), qc.data(), nullptr, true, 1, 2, 2,
+                       0.1f, 0.0f, 1e-30f, 1.0f, 0.5f, 1e-3f);
+  EXPECT_TRUE(
+      all_close(download(*be, q.data(), 4), {1.44222912f, 1.8f, 1.8f, 1.62111456f}, 1e-6, 0));
+  // A tiny matrix takes the floor: p = 1e-5 everywhere, eps2 = 1e-3: the step is lr * 1e-3.
+  //   p = 1e-5 - 1e-4 * (u + 0.5e-5)
+  auto t = upload(*be, std::vector<float>{1e-5f, 1e-5f, 1e-5f, 1e-5f});
+  DeviceArray<float> tr(*be, 2), tc(*be, 2);
+  be->adafactor_update(t.data(), nullptr, g.data(), tr.data(), tc.data(), nullptr, true, 1, 2, 2,
+                       0.1f, 0.0f, 1e-30f, 1.0f, 0.5f, 1e-3f);
+  const double tiny = 1e-5 - 1e-4 * 0.5e-5;
+  EXPECT_TRUE(all_close(download(*be, t.data(), 4),
+                        {float(tiny - 1e-4 * 1.7888544), float(tiny), float(tiny),
+                         float(tiny - 1e-4 * 0.8944272)},
+                        1e-6, 1e-12));
   EXPECT_TRUE(all_close(download(*be, vr.data(), 2), {0.5f, 2.0f}, 1e-7, 0));
   EXPECT_TRUE(all_close(download(*be, vc.data(), 2), {0.5f, 2.0f}, 1e-7, 0));
 }
@@ -276,7 +309,8 @@ TEST(OptimCpu, DeterministicAcrossThreadCounts) {
     for (int64_t t = 1; t <= 3; ++t) {
       auto g = upload(*be, random_vector(n, 30 + t));
       be->adafactor_update(p.data(), nullptr, g.data(), vr.data(), vc.data(), v.data(), factored, 1,
-                           R, C, 0.01f, float(beta2t_at(t)), 1e-30f, 1.0f, 0.01f);
+                           R, C, 0.01f, float(beta2t_at(t)), 1e-30f, 1.0f, 0.01f,
+                           t % 2 ? 1e-3f : 0.0f);  // the parameter scale's sums too
       be->adamw_update(p.data(), nullptr, g.data(), m.data(), mv.data(), n, 1e-3f, 0.9f, 0.999f,
                        1e-8f, 0.01f, 0.5f, 0.5f);
     }

@@ -405,10 +405,15 @@ class Backend {
   //   u  = g / sqrt( (vr / mean_r vr) outer vc )
   // unfactored (v is [count,R*C], vr/vc unused):
   //   v = beta2t v + (1-beta2t) g2;   u = g / sqrt(v)
-  // then per matrix: u /= max(1, rms(u) / clip);  p -= lr * (u + weight_decay * p)
+  // then per matrix: u /= max(1, rms(u) / clip);  p -= lr_k * (u + weight_decay * p), where
+  //   lr_k = lr * max(eps2, rms(p))  when eps2 > 0 (the parameter scale: HF's scale_parameter,
+  //                                  T5X's multiply_by_parameter_scale; rms of the matrix
+  //                                  before this step)
+  //   lr_k = lr                      when eps2 == 0
   virtual void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc,
                                 float* v, bool factored, int count, int R, int C, float lr,
-                                float beta2t, float eps1, float clip, float weight_decay) = 0;
+                                float beta2t, float eps1, float clip, float weight_decay,
+                                float eps2) = 0;
 
  protected:
   void count_host_sync() { ++host_syncs_; }

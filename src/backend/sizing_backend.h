@@ -172,7 +172,7 @@ class SizingBackend final : public Backend {
     refuse("adamw_update");
   }
   void adafactor_update(float*, uint16_t*, const float*, float*, float*, float*, bool, int, int,
-                        int, float, float, float, float, float) override {
+                        int, float, float, float, float, float, float) override {
     refuse("adafactor_update");
   }
 

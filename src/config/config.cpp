@@ -127,6 +127,8 @@ void for_each_field(RunConfig& c, V& v) {
   v("train", "adafactor_decay_rate", t.adafactor_decay_rate, positive());
   v("train", "adafactor_clipping_threshold", t.adafactor_clipping_threshold, positive());
   v("train", "adafactor_epsilon1", t.adafactor_epsilon1, positive());
+  v("train", "adafactor_scale_parameter", t.adafactor_scale_parameter, BoolRule{});
+  v("train", "adafactor_epsilon2", t.adafactor_epsilon2, positive());
   v("train", "max_grad_norm", t.max_grad_norm, non_negative());
   v("train", "z_loss", t.z_loss, non_negative());
   v("train", "seed", t.seed, at_least(0));

@@ -92,6 +92,8 @@ struct TrainConfig {
   double adafactor_decay_rate = 0.8;  // c in beta2_t = 1 - t^(-c) (t5x sign; HF writes -0.8)
   double adafactor_clipping_threshold = 1.0;
   double adafactor_epsilon1 = 1e-30;
+  bool adafactor_scale_parameter = false;  // step lr * max(epsilon2, rms(p)): T5X's default
+  double adafactor_epsilon2 = 1e-3;
   double max_grad_norm = 0.0;      // global-norm clipping, 0 = off
   double z_loss = 1e-4;            // logit z-loss weight on log(Z)^2, 0 = off
   uint64_t seed = 0;

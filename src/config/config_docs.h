@@ -75,6 +75,10 @@ inline constexpr ConfigKeyDoc kConfigKeyDocs[] = {
     {"train.adafactor_decay_rate", "c in beta2_t = 1 - t^-c (T5X's sign)"},
     {"train.adafactor_clipping_threshold", "Adafactor update clipping"},
     {"train.adafactor_epsilon1", "Adafactor epsilon of the second moment"},
+    {"train.adafactor_scale_parameter", "Adafactor steps each matrix by lr * max(epsilon2, rms of "
+                                        "the matrix): T5X's multiply_by_parameter_scale, HF's "
+                                        "scale_parameter; T5's lr 1/sqrt(step) assumes it"},
+    {"train.adafactor_epsilon2", "Adafactor's floor on the parameter scale"},
     {"train.max_grad_norm", "global gradient-norm clipping; 0: off"},
     {"train.z_loss", "logit z-loss weight on log(Z)^2; 0: off"},
     {"train.seed", "seeds initialization, data order, dropout and jitter"},

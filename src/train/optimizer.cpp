@@ -198,7 +198,8 @@ class Adafactor final : public Optimizer {
       be.adafactor_update(value, copy, grad, vr, vc, v, s.factored, int(s.count), int(s.rows),
                           int(s.cols), lr, beta2t, static_cast<float>(options_.epsilon1),
                           static_cast<float>(options_.clipping_threshold),
-                          weight_decay_for(p, options_.weight_decay));
+                          weight_decay_for(p, options_.weight_decay),
+                          options_.scale_parameter ? static_cast<float>(options_.epsilon2) : 0.0f);
       if (s.split) {
         scatter_split(be, p, value, params.values() + p.offset);
         params.refresh_compute_copy(be, p.offset, p.offset + p.numel);
@@ -309,6 +310,8 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backe
                    "adafactor clipping_threshold must be > 0, got {}", options.clipping_threshold);
     SWT_USER_CHECK(options.epsilon1 > 0.0, "adafactor epsilon1 must be > 0, got {}",
                    options.epsilon1);
+    SWT_USER_CHECK(options.epsilon2 > 0.0, "adafactor epsilon2 must be > 0, got {}",
+                   options.epsilon2);
     return std::make_unique<Adafactor>(options, be, params, updates, model_group);
   }
   throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", options.name));

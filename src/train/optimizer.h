@@ -4,9 +4,13 @@
 // gradients of ParamStore::grads() to ParamStore::values() through the Backend's
 // adafactor_update / adamw_update kernels, one call per parameter tensor.
 //
-// Adafactor (Shazeer & Stern 2018), matching HF transformers' Adafactor with
-// scale_parameter=False, relative_step=False, warmup_init=False, beta1=None (no momentum) and an
-// external learning rate, which is how T5 / Mesh-TF use it:
+// Adafactor (Shazeer & Stern 2018), matching HF transformers' Adafactor with relative_step=False,
+// warmup_init=False, beta1=None (no momentum), an external learning rate, and scale_parameter =
+// options.scale_parameter. T5 / Mesh-TF / T5X train with the parameter scale on
+// (multiply_by_parameter_scale, epsilon2 1e-3) and lr = 1/sqrt(max(step, 10^4)); HF's recipe
+// for fine-tuning T5 turns it off and uses a small fixed lr (1e-3). With it on, each matrix's
+// step is lr * max(epsilon2, rms(matrix before the step)), so a weight initialised at scale
+// 0.02 moves 0.02x as far as one at scale 1 (see Backend::adafactor_update).
 //   t-th step (t = 1, 2, ...):  beta2t = 1 - t^(-decay_rate)           (decay_rate 0.8: beta2t(1) =
 //   0) factored [R,C] matrices: row / column running means of g^2 + eps1, see
 //   Backend::adafactor_update unfactored tensors: full running mean of g^2 + eps1 update clipping
@@ -41,6 +45,8 @@ struct OptimizerOptions {
   double beta1 = 0.9, beta2 = 0.999, epsilon = 1e-8, weight_decay = 0.0;
   // Adafactor (weight_decay above applies to it too)
   double decay_rate = 0.8, clipping_threshold = 1.0, epsilon1 = 1e-30;
+  bool scale_parameter = false;  // lr times max(epsilon2, rms(p)) per matrix
+  double epsilon2 = 1e-3;
 };
 
 class Optimizer {

@@ -33,6 +33,8 @@ OptimizerOptions optimizer_options(const TrainConfig& tc) {
   oo.decay_rate = tc.adafactor_decay_rate;
   oo.clipping_threshold = tc.adafactor_clipping_threshold;
   oo.epsilon1 = tc.adafactor_epsilon1;
+  oo.scale_parameter = tc.adafactor_scale_parameter;
+  oo.epsilon2 = tc.adafactor_epsilon2;
   return oo;
 }
 

@@ -245,6 +245,12 @@ class Parity(unittest.TestCase):
         # Groups of 48 tokens: four 12-token sequences per routing group, capacity 15 of 48.
         self.check_training(["model.group_size=48"])
 
+    def test_training_matches_hf_parameter_scale(self):
+        # Adafactor's parameter scale (HF's scale_parameter, T5X's multiply_by_parameter_scale):
+        # each matrix steps lr * max(1e-3, rms(matrix)), so lr 0.1 moves the embedding (rms 1)
+        # 0.1 and the smaller weights proportionally less.
+        self.check_training(["train.adafactor_scale_parameter=true", "train.learning_rate=0.1"])
+
     # ---- export: our checkpoint -> HF ---------------------------------------------------------
 
     def check_export(self, overrides, cls_name):

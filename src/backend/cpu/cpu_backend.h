@@ -148,7 +148,7 @@ class CpuBackend final : public Backend {
                     float bc2) override;
   void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc, float* v,
                         bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
-                        float clip, float weight_decay) override;
+                        float clip, float weight_decay, float eps2) override;
 
   // Per-shape GEMM time, for `bench_step --gemm-shapes` (where the step's matmul time goes):
   // while a profile is set, every gemm call that reaches oneDNN is timed on the wall clock and

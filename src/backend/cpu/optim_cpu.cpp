@@ -37,6 +37,11 @@ float clip_factor(const double* partial, int64_t parts, int64_t n, float clip) {
 // The loops below are the per-row (or per-block) bodies of adafactor_update, with AVX2/AVX-512
 // clones (cpu_kernels.h); every sum in lane_sum's fixed order.
 
+// sum_e p[e]^2 over one block (the parameter scale's rms).
+SWT_CPU_CLONES double block_sum_squares(const float* p, int64_t n) {
+  return cpu::lane_sum(n, [&](int64_t e) { return double(p[e]) * p[e]; });
+}
+
 // Returns sum_j (g[j]^2 + e1) over one row and adds each term to col[j].
 SWT_CPU_CLONES double adafactor_row_statistics(const float* g, int C, double e1, double* col) {
   return cpu::lane_sum(C, [&](int64_t j) {
@@ -122,10 +127,12 @@ void CpuBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, float*
 
 void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc,
                                   float* v, bool factored, int count, int R, int C, float lr,
-                                  float beta2t, float eps1, float clip, float weight_decay) {
+                                  float beta2t, float eps1, float clip, float weight_decay,
+                                  float eps2) {
   SWT_CHECK(count >= 1 && R >= 1 && C >= 1, "adafactor_update: bad shape count={} R={} C={}", count,
             R, C);
   SWT_CHECK(factored ? (vr && vc) : (v != nullptr), "adafactor_update: missing state");
+  SWT_CHECK(eps2 >= 0.0f, "adafactor_update: eps2 {} < 0", eps2);
   const int64_t RC = int64_t(R) * C;
   const bool par = RC >= kParallelMin;
   const double b2 = beta2t;
@@ -134,9 +141,14 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
   // Factored scratch (doubles): per-row sums of u^2 [R], then the column sums of each row block
   // [row_blocks x C]. Unfactored: per-block sums of u^2. Row factors rsqrt(vr / mean vr) [R] and
   // column factors rsqrt(vc) [C] in fp32 scratch. All reused from step to step.
+  // The parameter scale's sums of p^2 use the first elem_blocks entries of the same scratch,
+  // before the statistics do.
   const int row_blocks = (R + kStatRows - 1) / kStatRows;
-  const int64_t num_partial = factored ? R : (RC + kElemBlock - 1) / kElemBlock;
-  double* const partial = scratch(size_t(num_partial) + (factored ? size_t(row_blocks) * C : 0));
+  const int64_t elem_blocks = (RC + kElemBlock - 1) / kElemBlock;
+  const int64_t num_partial = factored ? R : elem_blocks;
+  double* const partial =
+      scratch(std::max(size_t(num_partial) + (factored ? size_t(row_blocks) * C : 0),
+                       size_t(elem_blocks)));
   double* const col_partial = partial + num_partial;
   float* const row_factor = factored ? row_scratch(size_t(R) + C) : nullptr;
   float* const col_factor = factored ? row_factor + R : nullptr;
@@ -145,6 +157,18 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
     float* P = p + k * RC;
     const float* G = g + k * RC;
     uint16_t* B = p_bf16 ? p_bf16 + k * RC : nullptr;
+    // lr_k = lr * max(eps2, rms(P)) with the parameter scale (P before this step), else lr.
+    float lr_k = lr;
+    if (eps2 > 0.0f) {
+#pragma omp parallel for schedule(static) if (par)
+      for (int64_t b = 0; b < elem_blocks; ++b) {
+        const int64_t e0 = b * kElemBlock;
+        partial[b] = block_sum_squares(P + e0, std::min(RC, e0 + kElemBlock) - e0);
+      }
+      double ss = 0.0;
+      for (int64_t b = 0; b < elem_blocks; ++b) ss += partial[b];
+      lr_k = static_cast<float>(double(lr) * std::max(double(eps2), std::sqrt(ss / double(RC))));
+    }
     if (factored) {
       float* VR = vr + int64_t(k) * R;
       float* VC = vc + int64_t(k) * C;
@@ -181,7 +205,7 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
 #pragma omp parallel for schedule(static) if (par)
       for (int i = 0; i < R; ++i) {
         const int64_t o = int64_t(i) * C;
-        adafactor_row_update(P + o, B ? B + o : nullptr, G + o, row_factor[i], col_factor, C, lr,
+        adafactor_row_update(P + o, B ? B + o : nullptr, G + o, row_factor[i], col_factor, C, lr_k,
                              inv_denom, weight_decay);
       }
     } else {
@@ -197,7 +221,7 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t e0 = b * kElemBlock, e_end = std::min(RC, e0 + kElemBlock);
-        adafactor_block_update(P + e0, B ? B + e0 : nullptr, G + e0, V + e0, e_end - e0, lr,
+        adafactor_block_update(P + e0, B ? B + e0 : nullptr, G + e0, V + e0, e_end - e0, lr_k,
                                inv_denom, weight_decay);
       }
     }

@@ -748,9 +748,9 @@ void CudaBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, float
 void CudaBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr,
                                    float* vc, float* v, bool factored, int count, int R, int C,
                                    float lr, float beta2t, float eps1, float clip,
-                                   float weight_decay) {
+                                   float weight_decay, float eps2) {
   cuda::adafactor_update(ctx_, p, p_bf16, g, vr, vc, v, factored, count, R, C, lr, beta2t, eps1,
-                         clip, weight_decay);
+                         clip, weight_decay, eps2);
 }
 
 // ---- make_backend("cuda") -----------------------------------------------------------------------

@@ -145,6 +145,6 @@ void adamw_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, floa
                   float bc1, float bc2);
 void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, float* vr,
                       float* vc, float* v, bool factored, int count, int R, int C, float lr,
-                      float beta2t, float eps1, float clip, float weight_decay);
+                      float beta2t, float eps1, float clip, float weight_decay, float eps2);
 
 }  // namespace switcht5::cuda

@@ -70,6 +70,9 @@ __global__ void adamw_kernel(float* p, uint16_t* p_bf16, const float* g, float* 
 //   6. update:  p = p - lr (u * inv_denom + wd p);  p_bf16 = bf16(p)
 // Unfactored: 1. one block per (matrix, piece of the elements): v = b2 v + (1-b2) g2 and the
 // piece's sum of u^2 (u = g / sqrt(v)) in float, as the CPU; 2. clip; 3. update.
+// With the parameter scale (eps2 > 0), first, either way: one block per (matrix, piece) sums
+// p^2, then one block per matrix forms lr_k = float(lr * max(eps2, sqrt(sum / RC))), which the
+// update reads in place of lr.
 constexpr int kRowsPerBlock = kThreads / 32;  // one warp per row
 constexpr int kColumnChunkRows = 256;         // rows per column-sum chunk, at least
 constexpr int64_t kMaxColumnChunks = 64;
@@ -185,6 +188,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// part[k][piece] = sum over the piece of p^2 (the parameter scale), in double.
+__global__ void __launch_bounds__(kThreads)
+    adafactor_param_squares_kernel(double* part, const float* p, int64_t RC, int64_t piece_len,
+                                   int num_pieces) {
+  const int piece = blockIdx.x;
+  const int k = blockIdx.y;
+  const float* P = p + k * RC;
+  const int64_t e0 = piece * piece_len;
+  const int64_t e1 = e0 + piece_len < RC ? e0 + piece_len : RC;
+  double s = 0.0;
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) {
+    const double pe = P[e];
+    s = __dadd_rn(s, __dmul_rn(pe, pe));
+  }
+  s = detail::block_sum(s);
+  if (threadIdx.x == 0) part[int64_t(k) * num_pieces + piece] = s;
+}
+
+// lr_k[k] = float(lr * max(eps2, sqrt(sum parts / n))), as the CPU forms it.
+__global__ void __launch_bounds__(kThreads)
+    adafactor_param_lr_kernel(float* lr_k, const double* parts, int num_parts, int64_t n,
+                              double lr, double eps2) {
+  const int k = blockIdx.x;
+  const double* P = parts + int64_t(k) * num_parts;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < num_parts; i += kThreads) s = __dadd_rn(s, P[i]);
+  s = detail::block_sum(s);
+  if (threadIdx.x == 0) {
+    const double rms = __dsqrt_rn(__ddiv_rn(s, double(n)));
+    lr_k[k] = static_cast<float>(__dmul_rn(lr, eps2 < rms ? rms : eps2));
+  }
+}
+
 // p = p - lr (u * inv_denom + wd p), with the pre-update p.
 __device__ __forceinline__ float adafactor_step(float p, float u, float inv_denom, float lr,
                                                 float weight_decay) {
@@ -194,8 +230,9 @@ __device__ __forceinline__ float adafactor_step(float p, float u, float inv_deno
 
 __global__ void __launch_bounds__(kThreads)
     adafactor_factored_update_kernel(float* p, uint16_t* p_bf16, const float* g, const float* rowf,
-                                     const float* colf, const float* inv_denom, int R, int C,
-                                     float lr, float weight_decay) {
+                                     const float* colf, const float* inv_denom,
+                                     const float* lr_k, int R, int C, float lr,
+                                     float weight_decay) {
   const int k = blockIdx.y;
   const int64_t RC = int64_t(R) * C;
   float* P = p + k * RC;
@@ -203,10 +240,11 @@ __global__ void __launch_bounds__(kThreads)
   const float* RF = rowf + int64_t(k) * R;
   const float* CF = colf + int64_t(k) * C;
   const float id = inv_denom[k];
+  const float lr_e = lr_k ? lr_k[k] : lr;
   for (int64_t e = global_thread_index(); e < RC; e += grid_stride()) {
     const int64_t i = e / C;
     const int64_t j = e - i * C;
-    const float pn = adafactor_step(P[e], factored_u(G[e], RF[i], CF[j]), id, lr, weight_decay);
+    const float pn = adafactor_step(P[e], factored_u(G[e], RF[i], CF[j]), id, lr_e, weight_decay);
     P[e] = pn;
     if (p_bf16) p_bf16[k * RC + e] = f32_to_bf16_bits(pn);
   }
@@ -239,16 +277,17 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     adafactor_unfactored_update_kernel(float* p, uint16_t* p_bf16, const float* g, const float* v,
-                                       const float* inv_denom, int64_t RC, float lr,
-                                       float weight_decay) {
+                                       const float* inv_denom, const float* lr_k, int64_t RC,
+                                       float lr, float weight_decay) {
   const int k = blockIdx.y;
   float* P = p + k * RC;
   const float* G = g + k * RC;
   const float* V = v + k * RC;
   const float id = inv_denom[k];
+  const float lr_e = lr_k ? lr_k[k] : lr;
   for (int64_t e = global_thread_index(); e < RC; e += grid_stride()) {
     const float u = __fdiv_rn(G[e], __fsqrt_rn(V[e]));
-    const float pn = adafactor_step(P[e], u, id, lr, weight_decay);
+    const float pn = adafactor_step(P[e], u, id, lr_e, weight_decay);
     P[e] = pn;
     if (p_bf16) p_bf16[k * RC + e] = f32_to_bf16_bits(pn);
   }
@@ -273,8 +312,9 @@ void adamw_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, floa
 
 void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, float* vr,
                       float* vc, float* v, bool factored, int count, int R, int C, float lr,
-                      float beta2t, float eps1, float clip, float weight_decay) {
+                      float beta2t, float eps1, float clip, float weight_decay, float eps2) {
   SWT_LAUNCH_REQUIRE(count >= 0 && R >= 0 && C >= 0, "adafactor_update", "negative shape");
+  SWT_LAUNCH_REQUIRE(eps2 >= 0.0f, "adafactor_update", "eps2 < 0");
   if (count == 0 || R == 0 || C == 0) return;
   SWT_LAUNCH_REQUIRE(factored ? (vr != nullptr && vc != nullptr) : (v != nullptr),
                      "adafactor_update", "missing optimizer state");
@@ -289,11 +329,33 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
   SWT_LAUNCH_REQUIRE(c.workspace_bytes > slack, "adafactor_update", "workspace too small");
   const size_t avail = c.workspace_bytes - slack;
 
+  // Pieces of the elements: the unfactored statistics' and the parameter scale's sums.
+  int64_t piece_len = kPieceElements;
+  int64_t num_pieces = ceil_div(RC, piece_len);
+  if (num_pieces > kMaxPieces) {
+    piece_len = ceil_div(RC, kMaxPieces);
+    num_pieces = ceil_div(RC, piece_len);
+  }
+  // Parameter scale scratch per matrix: the pieces' sums of p^2 (double) and lr_k (float).
+  const bool scaled = eps2 > 0.0f;
+  const size_t scale_bytes = scaled ? 8 * size_t(num_pieces) + 4 : 0;
+  // Enqueues lr_k for matrices [0, nk) of P (already offset), or does nothing unscaled.
+  auto param_scale = [&](const float* P, int64_t nk, double* sq, float* lr_k) {
+    if (!scaled) return;
+    const unsigned ky = static_cast<unsigned>(nk);
+    adafactor_param_squares_kernel<<<dim3(static_cast<unsigned>(num_pieces), ky), kThreads, 0,
+                                     s>>>(sq, P, RC, piece_len, static_cast<int>(num_pieces));
+    SWT_CUDA_CHECK_LAUNCH();
+    adafactor_param_lr_kernel<<<ky, kThreads, 0, s>>>(lr_k, sq, static_cast<int>(num_pieces), RC,
+                                                      double(lr), double(eps2));
+    SWT_CUDA_CHECK_LAUNCH();
+  };
+
   if (factored) {
     // Scratch per matrix: colpart [num_chunks][C] double, rowpart [R] double, rowf [R] float,
     // colf [C] float, inv_denom float. The chunk count comes from the shapes (and the fixed
     // workspace size), never from the device.
-    const size_t fixed = 12 * size_t(R) + 4 * size_t(C) + 4;
+    const size_t fixed = 12 * size_t(R) + 4 * size_t(C) + 4 + scale_bytes;
     SWT_LAUNCH_REQUIRE(fixed + 8 * size_t(C) <= avail, "adafactor_update",
                        "matrix too large for the workspace (factored)");
     int64_t num_chunks = ceil_div(R, kColumnChunkRows);
@@ -313,6 +375,8 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
     float* rowf = ws.take<float>(size_t(kg) * R);
     float* colf = ws.take<float>(size_t(kg) * C);
     float* inv_denom = ws.take<float>(size_t(kg));
+    double* sq = scaled ? ws.take<double>(size_t(kg) * num_pieces) : nullptr;
+    float* lr_k = scaled ? ws.take<float>(size_t(kg)) : nullptr;
     SWT_LAUNCH_REQUIRE(ws.fits(), "adafactor_update", "workspace layout (factored)");
 
     const unsigned row_blocks = static_cast<unsigned>(ceil_div(R, kRowsPerBlock));
@@ -325,6 +389,7 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
       float* VR = vr + k0 * R;
       float* VC = vc + k0 * C;
       const unsigned ky = static_cast<unsigned>(nk);
+      param_scale(P, nk, sq, lr_k);
       adafactor_rows_kernel<<<dim3(row_blocks, ky), kThreads, 0, s>>>(VR, G, R, C, b2,
                                                                        one_minus_b2, e1);
       SWT_CUDA_CHECK_LAUNCH();
@@ -342,18 +407,12 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
       adafactor_clip_kernel<<<ky, kThreads, 0, s>>>(inv_denom, rowpart, R, RC, double(clip));
       SWT_CUDA_CHECK_LAUNCH();
       adafactor_factored_update_kernel<<<dim3(grid_for(RC), ky), kThreads, 0, s>>>(
-          P, PB, G, rowf, colf, inv_denom, R, C, lr, weight_decay);
+          P, PB, G, rowf, colf, inv_denom, lr_k, R, C, lr, weight_decay);
       SWT_CUDA_CHECK_LAUNCH();
     }
   } else {
     // Scratch per matrix: the pieces' sums of u^2 (double) and inv_denom (float).
-    int64_t piece_len = kPieceElements;
-    int64_t num_pieces = ceil_div(RC, piece_len);
-    if (num_pieces > kMaxPieces) {
-      piece_len = ceil_div(RC, kMaxPieces);
-      num_pieces = ceil_div(RC, piece_len);
-    }
-    const size_t per_matrix = 8 * size_t(num_pieces) + 4;
+    const size_t per_matrix = 8 * size_t(num_pieces) + 4 + scale_bytes;
     int64_t kg = static_cast<int64_t>(avail / per_matrix);
     if (kg > count) kg = count;
     if (kg > detail::kMaxGridYZ) kg = detail::kMaxGridYZ;
@@ -361,6 +420,8 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
     detail::WorkspaceCarver ws(c.workspace, c.workspace_bytes);
     double* part = ws.take<double>(size_t(kg) * num_pieces);
     float* inv_denom = ws.take<float>(size_t(kg));
+    double* sq = scaled ? ws.take<double>(size_t(kg) * num_pieces) : nullptr;
+    float* lr_k = scaled ? ws.take<float>(size_t(kg)) : nullptr;
     SWT_LAUNCH_REQUIRE(ws.fits(), "adafactor_update", "workspace layout (unfactored)");
 
     // Formed in float, as the CPU's (1.0f - beta2t).
@@ -372,6 +433,7 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
       const float* G = g + k0 * RC;
       float* V = v + k0 * RC;
       const unsigned ky = static_cast<unsigned>(nk);
+      param_scale(P, nk, sq, lr_k);
       adafactor_unfactored_partial_kernel<<<dim3(static_cast<unsigned>(num_pieces), ky), kThreads,
                                             0, s>>>(part, V, G, RC, piece_len,
                                                     static_cast<int>(num_pieces), beta2t,
@@ -381,7 +443,7 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
                                                     RC, double(clip));
       SWT_CUDA_CHECK_LAUNCH();
       adafactor_unfactored_update_kernel<<<dim3(grid_for(RC), ky), kThreads, 0, s>>>(
-          P, PB, G, V, inv_denom, RC, lr, weight_decay);
+          P, PB, G, V, inv_denom, lr_k, RC, lr, weight_decay);
       SWT_CUDA_CHECK_LAUNCH();
     }
   }

@@ -29,7 +29,9 @@ void ReferenceBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, 
 }
 
 // Adafactor, following HF transformers' Adafactor.step (src/transformers/optimization.py) with
-// beta1=None, scale_parameter=False, relative_step=False:
+// beta1=None, relative_step=False, and scale_parameter = (eps2 > 0):
+//   lr = lr * max(eps[1], _rms(p))      (_get_lr with scale_parameter; eps[1] is our eps2, the
+//                                        RMS of p before this step, over the whole tensor)
 //   update = grad**2 + eps[0]
 //   exp_avg_sq_row = beta2t*row + (1-beta2t)*update.mean(dim=-1)
 //   exp_avg_sq_col = beta2t*col + (1-beta2t)*update.mean(dim=-2)
@@ -43,16 +45,23 @@ void ReferenceBackend::adamw_update(float* p, uint16_t* p_bf16, const float* g, 
 void ReferenceBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr,
                                         float* vc, float* v, bool factored, int count, int R, int C,
                                         float lr, float beta2t, float eps1, float clip,
-                                        float weight_decay) {
+                                        float weight_decay, float eps2) {
   SWT_CHECK(count >= 1 && R >= 1 && C >= 1, "adafactor_update: bad shape count={} R={} C={}", count,
             R, C);
   SWT_CHECK(factored ? (vr && vc) : (v != nullptr), "adafactor_update: missing state");
+  SWT_CHECK(eps2 >= 0.0f, "adafactor_update: eps2 {} < 0", eps2);
   const int64_t RC = int64_t(R) * C;
   const double b2 = beta2t;
   std::vector<double> u(RC);  // [R,C] update of the current matrix
   for (int k = 0; k < count; ++k) {
     float* P = p + k * RC;
     const float* G = g + k * RC;
+    double lr_k = lr;
+    if (eps2 > 0.0f) {
+      double pp = 0.0;
+      for (int64_t e = 0; e < RC; ++e) pp += double(P[e]) * P[e];
+      lr_k *= std::max(double(eps2), std::sqrt(pp / double(RC)));
+    }
     if (factored) {
       float* VR = vr + int64_t(k) * R;  // [R]
       float* VC = vc + int64_t(k) * C;  // [C]
@@ -87,7 +96,7 @@ void ReferenceBackend::adafactor_update(float* p, uint16_t* p_bf16, const float*
     const double denom = std::max(1.0, std::sqrt(ss / double(RC)) / double(clip));
     for (int64_t e = 0; e < RC; ++e) {
       const double pe = P[e];
-      P[e] = static_cast<float>(pe - double(lr) * (u[e] / denom + double(weight_decay) * pe));
+      P[e] = static_cast<float>(pe - lr_k * (u[e] / denom + double(weight_decay) * pe));
       if (p_bf16) p_bf16[k * RC + e] = float_to_bf16(P[e]);
     }
   }

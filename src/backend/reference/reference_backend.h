@@ -115,7 +115,7 @@ class ReferenceBackend final : public Backend {
                     float bc2) override;
   void adafactor_update(float* p, uint16_t* p_bf16, const float* g, float* vr, float* vc, float* v,
                         bool factored, int count, int R, int C, float lr, float beta2t, float eps1,
-                        float clip, float weight_decay) override;
+                        float clip, float weight_decay, float eps2) override;
 };
 
 }  // namespace switcht5
