@@ -25,8 +25,9 @@ Groups (full; --quick keeps the first of each and fewer steps):
             models' steps alternate, the ratio is taken per step pair): switch-8 / dense and
             128 / 8 experts. Separate processes of one binary differ by up to 1.7x on a shared
             VM; a pair of steps seconds apart sees the same machine. Both again with
-            model.router_force_balance (top-1 uniform at random, as a balanced router's): the
-            CPU skips empty capacity rows, and bench-small's own routing collapses.
+            model.router_force_balance (top-1 uniform at random): the CPU skips empty capacity
+            rows, so the ratios depend on the routing; the forced rows say what exact balance
+            gives, beside bench-small's own (1-15% dropped in its first 30 steps).
   gpu       the rows of scripts/bench_gpu.sh's bench_gpu.json (--gpu-json), when given
 """
 import argparse
@@ -77,7 +78,8 @@ def cases(quick):
     if not quick:
         c += hf_allocators(case("hf", "HF torch.compile bench-small", "hf", SMALL, hf_compile=True,
                                 warmup=3))
-        b2 = ["train.batch_size=2"]
+        # switch-base-8.yaml reads C4 shards; synthetic span corruption has the same shapes.
+        b2 = ["train.batch_size=2", "data.source=synthetic", "data.task=span_corruption"]
         c += [case("hf", "switcht5 switch-base-8 b2", "switcht5", BASE8, b2, steps=3, warmup=1)]
         c += hf_allocators(case("hf", "HF eager switch-base-8 b2", "hf", BASE8, b2, steps=3,
                                 warmup=1))
@@ -98,9 +100,8 @@ def cases(quick):
     if not quick:
         c += [case("paired", "128 / 8 experts (fp32)", "switcht5", SMALL, steps=paired_steps,
                    versus=["model.num_experts=128"])]
-        # bench-small's own routing collapses in its first steps (most tokens dropped), and the
-        # CPU's expert products skip empty capacity rows, so the same ratios with top-1 forced
-        # uniform at random: the fill a balanced trained router gives.
+        # The CPU's expert products skip empty capacity rows, so the ratios depend on how the
+        # routing fills them: the same ratios with top-1 forced uniform at random as well.
         c += [case("paired", "switch-8 / dense (fp32, balanced routing)", "switcht5", SMALL, DENSE,
                    steps=paired_steps,
                    versus=["model.num_experts=8", "model.encoder_sparse_step=2",
