@@ -199,7 +199,7 @@ Machine: {gpu_line or 'no GPU'}; CUDA runtime {ver.get('runtime')}, driver suppo
 {report['torch']} (CUDA {report['torch_cuda']}), transformers {report['transformers']}.
 Command: `scripts/bench_gpu.sh OUTDIR{' --quick' if report['quick'] else ''}` ({a.config},
 train.backend={ours.get('backend', 'cuda')}, train.precision={ours.get('precision', 'bf16')}, synthetic
-reverse task, {ours.get('inputs_length', 512)} input + {ours.get('targets_length', 114)} target tokens).
+T5 span corruption, {ours.get('inputs_length', 512)} input + {ours.get('targets_length', 114)} target tokens).
 Batch: the largest of {tried} that fit: {a.chosen}. switcht5: median of {ours.get('steps', '-')}
 steps after {ours.get('warmup', '-')} warm-up (bench_step). HF: SwitchTransformersForConditionalGeneration
 from a config with the same dimensions (random init, bf16 weights and Adafactor state), forward +

@@ -14,7 +14,8 @@ cfg = SwitchTransformersConfig(vocab_size=32128, d_model=256, d_ff=1024, d_kv=64
     num_layers=4, num_decoder_layers=4, num_experts=8, expert_capacity=80, encoder_sparse_step=2,
     decoder_sparse_step=2, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, router_jitter_noise=0.01, feed_forward_proj="relu")
 model = SwitchTransformersForConditionalGeneration(cfg).to(dev, dtype).train()
-opt = Adafactor(model.parameters(), lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False)
+# configs/bench-small.yaml's optimizer: T5X's Adafactor (parameter scale), lr 1/sqrt(10^4).
+opt = Adafactor(model.parameters(), lr=1e-2, scale_parameter=True, relative_step=False, warmup_init=False)
 B = 8
 inp = torch.randint(3, 32000, (B, 512), device=dev)
 lab = torch.randint(3, 32000, (B, 114), device=dev)

@@ -91,8 +91,11 @@ def hf_step_timing(args, router_losses):
         model = SwitchTransformersForConditionalGeneration(cfg)
     model = model.to(torch.bfloat16).train()
     params = sum(p.numel() for p in model.parameters())
-    # t5x's Adafactor: decay 0.8 (HF's decay_rate=-0.8), no parameter scaling, fixed lr.
-    opt = Adafactor(model.parameters(), lr=1e-3, decay_rate=-0.8, scale_parameter=False,
+    # configs/switch-base-8.yaml's optimizer, t5x's Adafactor: decay 0.8 (HF's decay_rate=-0.8),
+    # the parameter scale (scale_parameter, eps[1] = 1e-3), and the rsqrt schedule's lr before
+    # step 10^4, 1/sqrt(10^4). HF's experts run on the kept tokens only, so the optimizer's
+    # steps shape HF's cost through the routing, as they shape ours.
+    opt = Adafactor(model.parameters(), lr=1e-2, decay_rate=-0.8, scale_parameter=True,
                     relative_step=False, warmup_init=False)
     run = torch.compile(model) if args.mode == "compile" else model
     B = args.batch

@@ -59,6 +59,9 @@ def lr_at(train, step):
 def adafactor_options(train):
     """transformers' Adafactor as SwitchT5's (src/train/optimizer.h): no relative step, no
     momentum, the parameter scale (scale_parameter, eps[1]) and decay rate from the config."""
+    if float(train.get("weight_decay", 0.0)) != 0.0:
+        # HF's Adafactor would decay the norm scales too; SwitchT5 never does (optimizer.h).
+        raise SystemExit("train.weight_decay: got a nonzero value; the HF side supports only 0")
     scale = train.get("adafactor_scale_parameter", False)
     if not isinstance(scale, bool):
         raise SystemExit(f"train.adafactor_scale_parameter: got {scale!r}, expected true or false")

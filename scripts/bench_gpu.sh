@@ -73,7 +73,7 @@ for b in $BATCHES; do
   sets=(--set train.backend="$BACKEND" --set train.precision="$PRECISION" --set train.batch_size="$b")
   # The paper configs read C4 shards; a benchmark needs no data: synthetic span corruption gives
   # batches of the same shapes (a full encoder, T5's target length).
-  if grep -q '^  source: shards' "$CONFIG"; then
+  if grep -Eq '^[[:space:]]+source:[[:space:]]*["'"'"']?shards' "$CONFIG"; then
     sets+=(--set data.source=synthetic --set data.task=span_corruption)
   fi
   timeout -k 10 "$T_STEP" "$BUILD/bench_step" "$CONFIG" --warmup "$WARMUP" --steps "$STEPS" \

@@ -1535,10 +1535,14 @@ TEST_P(EveryBackend, OptimizerWritesTheBf16ComputeCopy) {
     const char* name;
     int count, R, C;
     bool factored;
+    float eps2;  // Adafactor's parameter scale (0: off)
   };
-  for (const Case& c : std::vector<Case>{{"adamw", 1, 7, 13, false},
-                                         {"adafactor factored", 3, 5, 9, true},
-                                         {"adafactor unfactored", 2, 1, 33, false}}) {
+  const std::vector<Case> cases = {{"adamw", 1, 7, 13, false, 0.0f},
+                                   {"adafactor factored", 3, 5, 9, true, 0.0f},
+                                   {"adafactor factored, scaled", 3, 5, 9, true, 1e-3f},
+                                   {"adafactor unfactored", 2, 1, 33, false, 0.0f},
+                                   {"adafactor unfactored, scaled", 2, 1, 33, false, 1e-3f}};
+  for (const Case& c : cases) {
     const int64_t n = int64_t(c.count) * c.R * c.C;
     const auto p = random_vector(n, 130), g = random_vector(n, 131, -3, 3);
     const auto s1 = random_positive(n, 132), sr = random_positive(int64_t(c.count) * c.R, 133),
@@ -1554,7 +1558,7 @@ TEST_P(EveryBackend, OptimizerWritesTheBf16ComputeCopy) {
                         1e-8f, 0.01f, 0.3f, 0.1f);
       else
         be.adafactor_update(P.data(), out, G.data(), Vr.data(), Vc.data(), S1.data(), c.factored,
-                            c.count, c.R, c.C, 1e-2f, 0.3f, 1e-30f, 1.0f, 0.01f, 1e-3f);
+                            c.count, c.R, c.C, 1e-2f, 0.3f, 1e-30f, 1.0f, 0.01f, c.eps2);
       std::vector<uint16_t> b(with_copy ? n : 0);
       if (with_copy) be.copy_to_host(b.data(), B.data(), B.bytes());
       return std::make_tuple(download(be, P.data(), n), download(be, S1.data(), n),

@@ -189,6 +189,12 @@ TEST(Config, PaperScaleConfigs) {
   EXPECT_EQ(base8.train.batch_size, 256);
   EXPECT_EQ(base8.train.warmup_steps, 10000);
   EXPECT_DOUBLE_EQ(base8.model.capacity_factor, 1.25);
+  // T5X's recipe: C4 shards, Adafactor with the parameter scale under lr = 1/sqrt(step).
+  EXPECT_EQ(base8.data.source, "shards");
+  EXPECT_EQ(base8.data.train_glob, "data/c4/train/*.shard");
+  EXPECT_EQ(base8.data.val_glob, "data/c4/validation/*.shard");
+  EXPECT_TRUE(base8.train.adafactor_scale_parameter);
+  EXPECT_EQ(base8.train.schedule, "rsqrt");
 
   RunConfig base128 = load_config(kConfigDir + "/switch-base-128.yaml", {});
   EXPECT_EQ(base128.model.num_experts, 128);
@@ -206,6 +212,10 @@ TEST(Config, PaperScaleConfigs) {
   EXPECT_EQ(t5.model.encoder_sparse_step, 0);
   EXPECT_EQ(t5.model.decoder_sparse_step, 0);
   EXPECT_EQ(t5.model.d_ff, 3072);
+  EXPECT_EQ(t5.data.source, "shards");
+  EXPECT_TRUE(t5.train.adafactor_scale_parameter);
+  EXPECT_TRUE(large.train.adafactor_scale_parameter);
+  EXPECT_EQ(large.data.source, "shards");
   for (int i = 0; i < t5.model.num_layers; ++i) EXPECT_FALSE(is_sparse_layer(t5.model.encoder_sparse_step, i));
 }
 

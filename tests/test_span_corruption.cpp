@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "core/check.h"
@@ -398,6 +399,50 @@ TEST(SpanCorruption, GoldenLength64Seed42) {
                                         32097, 158, 159, 160, 161, 162, 163, kEos};
   EXPECT_EQ(in, want_in);
   EXPECT_EQ(tg, want_tg);
+}
+
+// span_corrupted_lengths is what span_corrupt gives, for every length and two densities.
+TEST(SpanCorruption, CorruptedLengthsAreWhatSpanCorruptGives) {
+  for (double density : {0.15, 0.5}) {
+    SpanCorruptionOptions o;
+    o.noise_density = density;
+    std::vector<int32_t> in, tg;
+    for (int len = 2; len <= 700; ++len) {
+      const std::vector<int32_t> tokens = iota_tokens(len, 100);
+      span_corrupt(tokens.data(), len, o, uint64_t(len), in, tg);
+      const CorruptedLengths got = span_corrupted_lengths(len, o);
+      ASSERT_EQ(got.inputs, int(in.size())) << "length " << len << " density " << density;
+      ASSERT_EQ(got.targets, int(tg.size())) << "length " << len << " density " << density;
+    }
+  }
+}
+
+// The piece length for batch lengths, checked against span_corrupt's own (float32) counts:
+//   512 -> 568 raw tokens, 114 targets; 128 -> 141, 29 targets.
+//   172 -> 190 raw: random_spans_helper's double 190 * 0.15 = 28.5 rounds to 28 noise tokens
+//     (38 targets), TF's float32 28.500002 to 29 in 10 spans: 172 inputs, 40 targets.
+//   9 -> 9 raw: 1 noise token, round(1/3) = 0 spans for the helper (9 inputs), but the mask
+//     keeps at least one span: 8 + 1 + 1 = 10 inputs, one too many.
+TEST(SpanCorruption, PieceLengthChecksWhatSpanCorruptGives) {
+  const SpanCorruptionOptions o;
+  EXPECT_EQ(span_corruption_piece_length(512, 114, o), 568);
+  EXPECT_EQ(span_corruption_piece_length(128, 29, o), 141);
+  EXPECT_EQ(span_corruption_piece_length(172, 40, o), 190);
+  auto message = [&](int inputs, int targets) -> std::string {
+    try {
+      span_corruption_piece_length(inputs, targets, o);
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message(172, 39).find("data.targets_length: got 39, expected at least 40"),
+            std::string::npos)
+      << message(172, 39);
+  EXPECT_NE(message(9, 50).find("data.inputs_length: got 9"), std::string::npos)
+      << message(9, 50);
+  EXPECT_NE(message(512, 113).find("data.targets_length: got 113, expected at least 114"),
+            std::string::npos);
 }
 
 }  // namespace

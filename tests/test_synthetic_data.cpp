@@ -79,7 +79,8 @@ TEST(SyntheticSpanCorruption, FullEncoderAndT5TargetsWithoutPadding) {
       else span[cur].push_back(lab[size_t(i)]);
     }
     size_t raw = 0;
-    for (int i = 0; i + 1 < 512; ++i) raw += is_sentinel(in[size_t(i)]) ? span[in[size_t(i)]].size() : 1;
+    for (int i = 0; i + 1 < 512; ++i)
+      raw += is_sentinel(in[size_t(i)]) ? span[in[size_t(i)]].size() : 1;
     EXPECT_EQ(raw, 568u);
   }
   // Rows differ (random strings, random masks).
@@ -133,8 +134,8 @@ TEST(SyntheticSpanCorruption, BadLengthsAndVocabulariesNameTheKey) {
   EXPECT_EQ(message(small_vocab), "no error");
 }
 
-// The copy and reverse tasks, worked by hand for one short example: the row layout the golden
-// trajectories were recorded with. Vocabulary [3, 5): tokens are 3 or 4.
+// The reverse task's row structure for one short example (its token values are pinned by the
+// golden trajectories, which train on it). Vocabulary [3, 5): tokens are 3 or 4.
 TEST(SyntheticReverse, RowLayout) {
   TaskConfig s;
   s.data.task = "reverse";
@@ -156,7 +157,8 @@ TEST(SyntheticReverse, RowLayout) {
     EXPECT_EQ(b.labels[size_t(i)], b.encoder_input_tokens[size_t(len - 2 - i)]) << i;
   EXPECT_EQ(b.labels[size_t(len) - 1], 1);
   EXPECT_EQ(b.decoder_input_tokens[0], 0);
-  for (int i = 1; i < len; ++i) EXPECT_EQ(b.decoder_input_tokens[size_t(i)], b.labels[size_t(i) - 1]);
+  for (int i = 1; i < len; ++i)
+    EXPECT_EQ(b.decoder_input_tokens[size_t(i)], b.labels[size_t(i) - 1]);
   for (int i = len; i < 5; ++i) {
     EXPECT_EQ(b.labels[size_t(i)], kIgnoreLabel);
     EXPECT_EQ(b.decoder_mask[size_t(i)], 0.0f);

@@ -99,14 +99,7 @@ DataLoader::DataLoader(LoaderOptions options) : options_(std::move(options)) {
                  "model.vocab_size: got {}, expected more than {} (the shards' {} SentencePiece "
                  "ids + data.extra_ids = {} sentinels)",
                  o.model_vocab_size, options_.span.first_sentinel, vocab, o.extra_ids);
-  const SpanLengths lengths =
-      random_spans_helper(o.inputs_length, o.span.noise_density, o.span.mean_noise_span_length);
-  piece_length_ = lengths.tokens_length;
-  SWT_USER_CHECK(o.targets_length >= lengths.targets_length,
-                 "data.targets_length: got {}, expected at least {} (span corruption of {} raw "
-                 "tokens into data.inputs_length = {} inputs gives {} targets)",
-                 o.targets_length, lengths.targets_length, piece_length_, o.inputs_length,
-                 lengths.targets_length);
+  piece_length_ = span_corruption_piece_length(o.inputs_length, o.targets_length, options_.span);
   pieces_per_epoch_ = total_tokens_ / uint64_t(piece_length_);
   SWT_USER_CHECK(pieces_per_epoch_ >= 1,
                  "{}: {} tokens in {} shards, fewer than one piece of {} tokens", o.what,

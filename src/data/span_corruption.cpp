@@ -120,13 +120,13 @@ SpanLengths random_spans_helper(int inputs_length, double noise_density,
 // computed in float32 as TF does (to_float(length) * noise_density is a float32 product), so
 // they can differ from random_spans_helper's double arithmetic at exact .5 ties: length 190 at
 // density 0.15 gives float32 28.500002 -> 29 noise tokens, double 28.5 -> 28.
-std::vector<bool> random_spans_noise_mask(int length, const SpanCorruptionOptions& options,
-                                          uint64_t seed) {
-  SWT_CHECK(length >= 0, "random_spans_noise_mask: negative length {}", length);
-  check_options(options);
-  const int orig_length = length;
-  length = std::max(length, 2);  // "increase length to avoid degeneracy"
+namespace {
+struct NoiseCounts {
+  int noise, nonnoise, spans;
+};
 
+// The mask's counts for length >= 2 tokens.
+NoiseCounts noise_counts(int length, const SpanCorruptionOptions& options) {
   // num_noise_tokens = to_int(tf.round(to_float(length) * noise_density)), then clamped to
   // [1, length - 1] "to avoid degeneracy by ensuring positive numbers of noise and nonnoise".
   const float density = static_cast<float>(options.noise_density);
@@ -145,6 +145,47 @@ std::vector<bool> random_spans_noise_mask(int length, const SpanCorruptionOption
                  "span corruption: {} tokens at noise_density {} leave {} non-noise tokens for {} "
                  "spans; lower noise_density or raise mean_noise_span_length",
                  length, options.noise_density, num_nonnoise_tokens, num_noise_spans);
+  return {num_noise_tokens, num_nonnoise_tokens, num_noise_spans};
+}
+}  // namespace
+
+CorruptedLengths span_corrupted_lengths(int length, const SpanCorruptionOptions& options) {
+  SWT_CHECK(length >= 2, "span_corrupted_lengths: length {} < 2", length);
+  check_options(options);
+  const NoiseCounts n = noise_counts(length, options);
+  return {n.nonnoise + n.spans + 1, n.noise + n.spans + 1};
+}
+
+int span_corruption_piece_length(int inputs_length, int targets_length,
+                                 const SpanCorruptionOptions& options) {
+  const SpanLengths helper = random_spans_helper(inputs_length, options.noise_density,
+                                                 options.mean_noise_span_length);
+  const int raw = helper.tokens_length;
+  SWT_USER_CHECK(raw >= 2,
+                 "data.inputs_length: got {}, too short for span corruption at noise_density {}",
+                 inputs_length, options.noise_density);
+  const CorruptedLengths got = span_corrupted_lengths(raw, options);
+  SWT_USER_CHECK(got.inputs <= inputs_length,
+                 "data.inputs_length: got {}, but span corruption of the {} raw tokens T5's "
+                 "random_spans_helper picks for it gives {} inputs (its float32 counts round "
+                 "a .5 tie up); choose another length, e.g. {}",
+                 inputs_length, raw, got.inputs, inputs_length + 1);
+  SWT_USER_CHECK(targets_length >= got.targets,
+                 "data.targets_length: got {}, expected at least {} (span corruption of {} raw "
+                 "tokens into data.inputs_length = {} inputs gives {} targets)",
+                 targets_length, got.targets, raw, inputs_length, got.targets);
+  return raw;
+}
+
+std::vector<bool> random_spans_noise_mask(int length, const SpanCorruptionOptions& options,
+                                          uint64_t seed) {
+  SWT_CHECK(length >= 0, "random_spans_noise_mask: negative length {}", length);
+  check_options(options);
+  const int orig_length = length;
+  length = std::max(length, 2);  // "increase length to avoid degeneracy"
+  const NoiseCounts counts = noise_counts(length, options);
+  const int num_noise_tokens = counts.noise, num_nonnoise_tokens = counts.nonnoise,
+            num_noise_spans = counts.spans;
 
   // noise_span_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, seeds[0])
   // nonnoise_span_lengths = _random_segmentation(num_nonnoise_tokens, num_noise_spans, seeds[1])

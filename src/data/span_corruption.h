@@ -33,6 +33,23 @@ struct SpanLengths {
 SpanLengths random_spans_helper(int inputs_length, double noise_density,
                                 double mean_noise_span_length);
 
+// The lengths span_corrupt gives for `length` >= 2 raw tokens, EOS included, from the noise
+// mask's own counts (float32, as TF): inputs = non-noise + spans + 1, targets = noise + spans + 1.
+// They can exceed random_spans_helper's (double arithmetic) by one at .5 ties. Throws UserError
+// where random_spans_noise_mask would.
+struct CorruptedLengths {
+  int inputs;
+  int targets;
+};
+CorruptedLengths span_corrupted_lengths(int length, const SpanCorruptionOptions& options);
+
+// The raw piece length for batches of data.inputs_length / data.targets_length: T5's
+// random_spans_helper, checked against what span_corrupt then gives. Throws UserError naming
+// data.inputs_length when the corrupted inputs would not fit (TF's float32 counts at a .5 tie:
+// e.g. inputs_length 9), or data.targets_length when it is below the targets' length.
+int span_corruption_piece_length(int inputs_length, int targets_length,
+                                 const SpanCorruptionOptions& options);
+
 // Noise mask of `length` tokens (true = noise), a pure function of (length, options, seed).
 // length >= 0 (0 gives an empty mask, 1 gives [false]). Throws UserError unless
 // 0 <= noise_density < 1, mean_noise_span_length >= 1 and there are at least as many non-noise

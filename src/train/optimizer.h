@@ -11,15 +11,17 @@
 // for fine-tuning T5 turns it off and uses a small fixed lr (1e-3). With it on, each matrix's
 // step is lr * max(epsilon2, rms(matrix before the step)), so a weight initialised at scale
 // 0.02 moves 0.02x as far as one at scale 1 (see Backend::adafactor_update).
-//   t-th step (t = 1, 2, ...):  beta2t = 1 - t^(-decay_rate)           (decay_rate 0.8: beta2t(1) =
-//   0) factored [R,C] matrices: row / column running means of g^2 + eps1, see
-//   Backend::adafactor_update unfactored tensors: full running mean of g^2 + eps1 update clipping
-//   per matrix: u /= max(1, rms(u) / clipping_threshold) p -= lr * (u + weight_decay * p)
-//   (decoupled; p is the value before this step)
+//   t-th step (t = 1, 2, ...):  beta2t = 1 - t^(-decay_rate)   (decay_rate 0.8: beta2t(1) = 0)
+//   factored [R,C] matrices:   row / column running means of g^2 + eps1 (Backend::adafactor_update)
+//   unfactored tensors:        full running mean of g^2 + eps1
+//   update clipping per matrix: u /= max(1, rms(u) / clipping_threshold)
+//   p -= lr_k * (u + weight_decay * p)   (decoupled; p is the value before this step)
+//   lr_k = lr * max(epsilon2, rms(p)) with the parameter scale, else lr
 // Which tensors are factored: kMatrix and kEmbedding are one [rows, cols] matrix, kStacked
 // [E,R,C] is E independent [R,C] matrices (HF keeps each expert as its own parameter, so its
-// per-tensor clipping is our per-matrix clipping); kVector, and any tensor with rows == 1 or
-// cols == 1, is unfactored.
+// per-tensor clipping and parameter scale are our per-matrix ones); kVector, and any tensor with
+// rows == 1 or cols == 1, is unfactored. A model-split parameter is gathered whole first, so its
+// clipping and scale see the logical matrix.
 //
 // AdamW (Loshchilov & Hutter 2019), as torch.optim.AdamW:
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2

@@ -23,6 +23,10 @@ SyntheticTask::SyntheticTask(const DataConfig& data, const ModelConfig& model, u
       seed_(seed) {
   SWT_CHECK(data.task == "copy" || data.task == "reverse" || data.task == "span_corruption",
             "unknown synthetic task \"{}\"", data.task);
+  // Ids 0..2 are pad, EOS and unk in the T5 vocabulary: content tokens avoid them.
+  SWT_USER_CHECK(vocab_hi_ > vocab_lo_ + 1,
+                 "data.synthetic_vocab: got {}, expected at least {} (ids 0-2 are reserved)",
+                 data.synthetic_vocab, vocab_lo_ + 2);
   if (kind_ == Kind::kSpanCorruption) {
     // The top extra_ids ids below V are the sentinels; content tokens stay below them.
     span_.noise_density = data.noise_density;
@@ -34,19 +38,8 @@ SyntheticTask::SyntheticTask(const DataConfig& data, const ModelConfig& model, u
                    "ids less ids 0-2 and at least 2 content tokens)",
                    data.extra_ids, vocab_hi_ - vocab_lo_ - 1, vocab_hi_);
     vocab_hi_ -= data.extra_ids;
-    const SpanLengths lengths = random_spans_helper(inputs_length_, span_.noise_density,
-                                                    span_.mean_noise_span_length);
-    raw_length_ = lengths.tokens_length;
-    SWT_USER_CHECK(targets_length_ >= lengths.targets_length,
-                   "data.targets_length: got {}, expected at least {} (span corruption of {} raw "
-                   "tokens into data.inputs_length = {} inputs gives {} targets)",
-                   targets_length_, lengths.targets_length, raw_length_, inputs_length_,
-                   lengths.targets_length);
+    raw_length_ = span_corruption_piece_length(inputs_length_, targets_length_, span_);
   }
-  // Ids 0..2 are pad, EOS and unk in the T5 vocabulary: content tokens avoid them.
-  SWT_USER_CHECK(vocab_hi_ > vocab_lo_ + 1,
-                 "data.synthetic_vocab: got {}, expected at least {} (ids 0-2 are reserved)",
-                 data.synthetic_vocab, vocab_lo_ + 2);
 }
 
 void SyntheticTask::fill(Batch& out, Stream stream, int64_t first, int count) {

@@ -92,6 +92,55 @@ const Layout kLayouts[] = {
 INSTANTIATE_TEST_SUITE_P(Layouts, Equivalence, ::testing::ValuesIn(kLayouts),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// Adafactor's parameter scale under the layouts where a per-block rms would be the bug: a
+// model-split matrix is updated whole after a gather, so its rms is the logical matrix's, and
+// expert shards hold whole experts. epsilon2 0.05 lies above some matrices' rms (the routers'
+// init std is sqrt(0.1 / d_model)), so the floor is taken too; one process shows both keys
+// change the training.
+RunConfig scaled(RunConfig cfg, double epsilon2 = 0.05) {
+  cfg.train.adafactor_scale_parameter = true;
+  cfg.train.adafactor_epsilon2 = epsilon2;
+  cfg.train.learning_rate = 0.1;
+  return cfg;
+}
+
+const TrainedRun& reference_scaled() {
+  static const TrainedRun ref =
+      train_layout(scaled(tiny_config(1, 1, false, 1)), make_self_communicator());
+  return ref;
+}
+
+class EquivalenceScaled : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(EquivalenceScaled, SameLossesAndParametersAsOneProcess) {
+  const Layout l = GetParam();
+  Communicator& world = test_world();
+  const int n = l.data * l.model;
+  if (world.size() % n != 0) GTEST_SKIP() << "needs a multiple of " << n << " ranks";
+  TrainedRun run = train_layout(scaled(tiny_config(l.data, l.expert, l.zero1, l.accum, l.model)),
+                                world.split(world.rank() / n, world.rank()));
+  testing::expect_same_training(run, reference_scaled());
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, EquivalenceScaled,
+                         ::testing::Values(Layout{"D2_E2", 2, 2, false, 1},
+                                           Layout{"M2", 1, 1, false, 1, 2},
+                                           Layout{"D2_E2_M2_zero1", 2, 2, true, 2, 2}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(ParameterScale, BothKeysChangeTheTraining) {
+  const TrainedRun& on = reference_scaled();
+  RunConfig off_cfg = scaled(tiny_config(1, 1, false, 1));
+  off_cfg.train.adafactor_scale_parameter = false;
+  const TrainedRun off = train_layout(off_cfg, make_self_communicator());
+  const TrainedRun floor_low =
+      train_layout(scaled(tiny_config(1, 1, false, 1), 1e-3), make_self_communicator());
+  ASSERT_EQ(on.losses.size(), off.losses.size());
+  ASSERT_EQ(on.losses.size(), floor_low.losses.size());
+  EXPECT_NE(on.losses.back(), off.losses.back());
+  EXPECT_NE(on.losses.back(), floor_low.losses.back());
+}
+
 // The same layouts in train.precision: bf16, against one bf16 process. A layout changes the
 // order of fp32 sums (GEMM blocking over other row counts, the data-parallel gradient sum, the
 // tensor-parallel partial sums), and a bf16 store rounds to 2^-8 relative, so a last-bit
