@@ -172,17 +172,32 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) rowpart[int64_t(k) * R + i] = s;
 }
 
+// sqrt(sum of matrix blockIdx.x's parts / n), the block's tree order; valid in thread 0.
+__device__ double parts_rms(const double* parts, int num_parts, int64_t n) {
+  const double* P = parts + int64_t(blockIdx.x) * num_parts;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < num_parts; i += kThreads) s = __dadd_rn(s, P[i]);
+  s = detail::block_sum(s);
+  return __dsqrt_rn(__ddiv_rn(s, double(n)));
+}
+
+// One piece of matrix blockIdx.y: elements [e0, e1) of RC, piece blockIdx.x of piece_len.
+struct Piece {
+  int64_t e0, e1;
+};
+__device__ __forceinline__ Piece piece_of(int64_t RC, int64_t piece_len) {
+  const int64_t e0 = blockIdx.x * piece_len;
+  return {e0, e0 + piece_len < RC ? e0 + piece_len : RC};
+}
+
 // inv_denom[k] = float(1 / max(1, sqrt(sum parts / n) / clip)) (std::max(1.0, x): 1 for a NaN x).
 __global__ void __launch_bounds__(kThreads)
     adafactor_clip_kernel(float* inv_denom, const double* parts, int num_parts, int64_t n,
                           double clip) {
   const int k = blockIdx.x;
-  const double* P = parts + int64_t(k) * num_parts;
-  double s = 0.0;
-  for (int i = threadIdx.x; i < num_parts; i += kThreads) s = __dadd_rn(s, P[i]);
-  s = detail::block_sum(s);
+  const double rms = parts_rms(parts, num_parts, n);
   if (threadIdx.x == 0) {
-    const double q = __ddiv_rn(__dsqrt_rn(__ddiv_rn(s, double(n))), clip);
+    const double q = __ddiv_rn(rms, clip);
     const double denom = 1.0 < q ? q : 1.0;
     inv_denom[k] = static_cast<float>(__ddiv_rn(1.0, denom));
   }
@@ -192,33 +207,25 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     adafactor_param_squares_kernel(double* part, const float* p, int64_t RC, int64_t piece_len,
                                    int num_pieces) {
-  const int piece = blockIdx.x;
   const int k = blockIdx.y;
   const float* P = p + k * RC;
-  const int64_t e0 = piece * piece_len;
-  const int64_t e1 = e0 + piece_len < RC ? e0 + piece_len : RC;
+  const Piece pc = piece_of(RC, piece_len);
   double s = 0.0;
-  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) {
+  for (int64_t e = pc.e0 + threadIdx.x; e < pc.e1; e += kThreads) {
     const double pe = P[e];
     s = __dadd_rn(s, __dmul_rn(pe, pe));
   }
   s = detail::block_sum(s);
-  if (threadIdx.x == 0) part[int64_t(k) * num_pieces + piece] = s;
+  if (threadIdx.x == 0) part[int64_t(k) * num_pieces + blockIdx.x] = s;
 }
 
 // lr_k[k] = float(lr * max(eps2, sqrt(sum parts / n))), as the CPU forms it.
 __global__ void __launch_bounds__(kThreads)
     adafactor_param_lr_kernel(float* lr_k, const double* parts, int num_parts, int64_t n,
                               double lr, double eps2) {
-  const int k = blockIdx.x;
-  const double* P = parts + int64_t(k) * num_parts;
-  double s = 0.0;
-  for (int i = threadIdx.x; i < num_parts; i += kThreads) s = __dadd_rn(s, P[i]);
-  s = detail::block_sum(s);
-  if (threadIdx.x == 0) {
-    const double rms = __dsqrt_rn(__ddiv_rn(s, double(n)));
-    lr_k[k] = static_cast<float>(__dmul_rn(lr, eps2 < rms ? rms : eps2));
-  }
+  const double rms = parts_rms(parts, num_parts, n);
+  if (threadIdx.x == 0)
+    lr_k[blockIdx.x] = static_cast<float>(__dmul_rn(lr, eps2 < rms ? rms : eps2));
 }
 
 // p = p - lr (u * inv_denom + wd p), with the pre-update p.
@@ -256,14 +263,12 @@ __global__ void __launch_bounds__(kThreads)
     adafactor_unfactored_partial_kernel(double* part, float* v, const float* g, int64_t RC,
                                         int64_t piece_len, int num_pieces, float beta2t,
                                         float one_minus_beta2t, float eps1) {
-  const int piece = blockIdx.x;
   const int k = blockIdx.y;
   float* V = v + k * RC;
   const float* G = g + k * RC;
-  const int64_t e0 = piece * piece_len;
-  const int64_t e1 = e0 + piece_len < RC ? e0 + piece_len : RC;
+  const Piece pc = piece_of(RC, piece_len);
   double s = 0.0;
-  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) {
+  for (int64_t e = pc.e0 + threadIdx.x; e < pc.e1; e += kThreads) {
     const float ge = G[e];
     const float ve = __fadd_rn(__fmul_rn(beta2t, V[e]),
                                __fmul_rn(one_minus_beta2t, __fadd_rn(__fmul_rn(ge, ge), eps1)));
@@ -272,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     s = __dadd_rn(s, __dmul_rn(u, u));
   }
   s = detail::block_sum(s);
-  if (threadIdx.x == 0) part[int64_t(k) * num_pieces + piece] = s;
+  if (threadIdx.x == 0) part[int64_t(k) * num_pieces + blockIdx.x] = s;
 }
 
 __global__ void __launch_bounds__(kThreads)
