@@ -14,8 +14,8 @@ decoder tokens than ours: HF's experts run on the routed tokens only, with no pa
 the capacity changes which tokens are dropped, not the work per token).
 A step is what bench_step times: forward with the router losses on (output_router_logits=True:
 z-loss and load-balancing loss added to the loss), backward, Adafactor (HF's, set as SwitchT5's
-from the config: parameter scale, decay rate, clipping; the config's schedule), zero_grad. Inputs and labels are uniform random token ids
-(3 .. vocab-100), fresh per step; the timed steps are those after the warm-up (torch.compile's
+from the config: parameter scale, decay rate, clipping; the config's schedule), zero_grad.
+Inputs and labels are uniform random token ids (3 .. vocab-100), fresh per step; the timed steps are those after the warm-up (torch.compile's
 compilation happens in the warm-up). Prints one line and writes --json: ms per step (median, min,
 max), the phases (forward + backward, optimizer) medians, tokens/s, peak RSS, parameters, torch
 and transformers versions, threads, the allocator (LD_PRELOAD), torch's BLAS.

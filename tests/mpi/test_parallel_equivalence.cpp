@@ -68,17 +68,22 @@ struct Layout {
   int model = 1;
 };
 
+// Trains `cfg` (made for layout l) on every sub-world of l's size and expects `ref`'s training;
+// skips where the world does not split into such sub-worlds. The caller's last statement.
+void expect_layout_trains_as(const Layout& l, const RunConfig& cfg, const TrainedRun& ref) {
+  Communicator& world = test_world();
+  const int n = l.data * l.model;
+  if (world.size() % n != 0) GTEST_SKIP() << "needs a multiple of " << n << " ranks";
+  TrainedRun run = train_layout(cfg, world.split(world.rank() / n, world.rank()));
+  testing::expect_same_training(run, ref);
+}
+
 class Equivalence : public ::testing::TestWithParam<Layout> {};
 
 TEST_P(Equivalence, SameLossesAndParametersAsOneProcess) {
   const Layout l = GetParam();
-  Communicator& world = test_world();
-  const int n = l.data * l.model;
-  if (world.size() % n != 0) GTEST_SKIP() << "needs a multiple of " << n << " ranks";
-  const TrainedRun& ref = reference();
-  TrainedRun run = train_layout(tiny_config(l.data, l.expert, l.zero1, l.accum, l.model),
-                                world.split(world.rank() / n, world.rank()));
-  testing::expect_same_training(run, ref);
+  expect_layout_trains_as(l, tiny_config(l.data, l.expert, l.zero1, l.accum, l.model),
+                          reference());
 }
 
 const Layout kLayouts[] = {
@@ -114,12 +119,8 @@ class EquivalenceScaled : public ::testing::TestWithParam<Layout> {};
 
 TEST_P(EquivalenceScaled, SameLossesAndParametersAsOneProcess) {
   const Layout l = GetParam();
-  Communicator& world = test_world();
-  const int n = l.data * l.model;
-  if (world.size() % n != 0) GTEST_SKIP() << "needs a multiple of " << n << " ranks";
-  TrainedRun run = train_layout(scaled(tiny_config(l.data, l.expert, l.zero1, l.accum, l.model)),
-                                world.split(world.rank() / n, world.rank()));
-  testing::expect_same_training(run, reference_scaled());
+  expect_layout_trains_as(l, scaled(tiny_config(l.data, l.expert, l.zero1, l.accum, l.model)),
+                          reference_scaled());
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, EquivalenceScaled,

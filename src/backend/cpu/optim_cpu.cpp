@@ -37,11 +37,6 @@ float clip_factor(const double* partial, int64_t parts, int64_t n, float clip) {
 // The loops below are the per-row (or per-block) bodies of adafactor_update, with AVX2/AVX-512
 // clones (cpu_kernels.h); every sum in lane_sum's fixed order.
 
-// sum_e p[e]^2 over one block (the parameter scale's rms).
-SWT_CPU_CLONES double block_sum_squares(const float* p, int64_t n) {
-  return cpu::lane_sum(n, [&](int64_t e) { return double(p[e]) * p[e]; });
-}
-
 // Returns sum_j (g[j]^2 + e1) over one row and adds each term to col[j].
 SWT_CPU_CLONES double adafactor_row_statistics(const float* g, int C, double e1, double* col) {
   return cpu::lane_sum(C, [&](int64_t j) {
@@ -140,16 +135,10 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
 
   // Factored scratch (doubles): per-row sums of u^2 [R], then the column sums of each row block
   // [row_blocks x C]. Unfactored: per-block sums of u^2. Row factors rsqrt(vr / mean vr) [R] and
-  // column factors rsqrt(vc) [C] in fp32 scratch. All reused from step to step.
-  // The parameter scale's sums of p^2 use the first elem_blocks entries of the same scratch,
-  // before the statistics do.
+  // column factors rsqrt(vc) [C] in fp32 scratch. All reused from step to step; the scratch is
+  // taken after sum_squares_no_sync, which uses it too.
   const int row_blocks = (R + kStatRows - 1) / kStatRows;
-  const int64_t elem_blocks = (RC + kElemBlock - 1) / kElemBlock;
-  const int64_t num_partial = factored ? R : elem_blocks;
-  double* const partial =
-      scratch(std::max(size_t(num_partial) + (factored ? size_t(row_blocks) * C : 0),
-                       size_t(elem_blocks)));
-  double* const col_partial = partial + num_partial;
+  const int64_t num_partial = factored ? R : (RC + kElemBlock - 1) / kElemBlock;
   float* const row_factor = factored ? row_scratch(size_t(R) + C) : nullptr;
   float* const col_factor = factored ? row_factor + R : nullptr;
 
@@ -160,15 +149,11 @@ void CpuBackend::adafactor_update(float* p, uint16_t* p_bf16, const float* g, fl
     // lr_k = lr * max(eps2, rms(P)) with the parameter scale (P before this step), else lr.
     float lr_k = lr;
     if (eps2 > 0.0f) {
-#pragma omp parallel for schedule(static) if (par)
-      for (int64_t b = 0; b < elem_blocks; ++b) {
-        const int64_t e0 = b * kElemBlock;
-        partial[b] = block_sum_squares(P + e0, std::min(RC, e0 + kElemBlock) - e0);
-      }
-      double ss = 0.0;
-      for (int64_t b = 0; b < elem_blocks; ++b) ss += partial[b];
-      lr_k = static_cast<float>(double(lr) * std::max(double(eps2), std::sqrt(ss / double(RC))));
+      const double rms = std::sqrt(sum_squares_no_sync(P, RC) / double(RC));
+      lr_k = static_cast<float>(double(lr) * std::max(double(eps2), rms));
     }
+    double* const partial = scratch(size_t(num_partial) + (factored ? size_t(row_blocks) * C : 0));
+    double* const col_partial = partial + num_partial;
     if (factored) {
       float* VR = vr + int64_t(k) * R;
       float* VC = vc + int64_t(k) * C;
