@@ -7,13 +7,14 @@
 // Timed, each the median of N calls after one warm-up call, over the config's whole ParamStore
 // on the CPU backend (one process, OMP_NUM_THREADS threads):
 //   grad norm   Backend::sum_squares over every gradient (clip_grad_norm's one pass)
-//   optimizer   Optimizer::step (train.optimizer, default hyper-parameters; fp32, no bf16 copy)
+//   optimizer   Optimizer::step (the config's train.optimizer and its options; fp32, no bf16 copy)
 //   stream      Backend::axpy(values, 0, grads): reads 2 and writes 1 float per element, the
 //               backend's own streaming loop; its GB/s is the bandwidth the others are held to.
 // Bytes per parameter, the least each pass must move:
 //   grad norm  4 (read g)
 //   adafactor 16 (statistics: read g; update: read g, read and write p; the update needs the
-//                 clipping factor, an rms over the whole matrix, so g is read twice)
+//                 clipping factor, an rms over the whole matrix, so g is read twice), 20 with
+//                 train.adafactor_scale_parameter (read p for its rms before the update)
 //   adamw     28 (read g, m, v, p; write m, v, p)
 // Printed: ms, ns per parameter, the bandwidth that time implies for those bytes, and its share of
 // the stream bandwidth (100% = memory-bandwidth bound). Parameters and gradients are filled with
@@ -92,8 +93,7 @@ int run(int argc, char** argv) {
   const int64_t n = ps.total_numel();
   fill(ps.values(), n, 1, 0.05f);
   fill(ps.grads(), n, 2, 1e-3f);
-  OptimizerOptions oo;
-  oo.name = cfg.train.optimizer;
+  const OptimizerOptions oo = optimizer_options(cfg.train);
   auto opt = make_optimizer(oo, be, ps);
 
   // The optimizer changes the parameters a little each step; the gradients stay as filled.
@@ -102,14 +102,16 @@ int run(int argc, char** argv) {
   const double stream_ms = median_ms(steps, [&] { be.axpy(ps.values(), 0.0f, ps.grads(), n); });
 
   const double stream_gbs = 12.0 * n / (stream_ms * 1e6);
-  const double opt_bytes = oo.name == "adamw" ? 28.0 : 16.0;
+  const bool scaled = oo.name == "adafactor" && oo.scale_parameter;
+  const double opt_bytes = oo.name == "adamw" ? 28.0 : scaled ? 20.0 : 16.0;
   auto line = [&](const char* what, double ms, double bytes) {
     const double gbs = bytes * n / (ms * 1e6);
     std::printf("%-10s %9.1f ms  %6.2f ns/param  %5.1f B/param  %6.1f GB/s  %5.1f%% of stream\n",
                 what, ms, ms * 1e6 / n, bytes, gbs, 100.0 * gbs / stream_gbs);
   };
-  std::printf("config %s, %s, %lld parameters (%.1f MB fp32), %d OpenMP threads, median of %d\n",
-              config.c_str(), oo.name.c_str(), static_cast<long long>(n), 4e-6 * n,
+  std::printf("config %s, %s%s, %lld parameters (%.1f MB fp32), %d OpenMP threads, median of %d\n",
+              config.c_str(), oo.name.c_str(), scaled ? " with the parameter scale" : "",
+              static_cast<long long>(n), 4e-6 * n,
               omp_get_max_threads(), steps);
   line("stream", stream_ms, 12.0);
   line("grad norm", norm_ms, 4.0);

@@ -287,6 +287,21 @@ int64_t optimizer_state_numel(const std::string& name, const ParamInfo& p, int m
   throw UserError(fmt::format("unknown optimizer '{}' (allowed: adafactor, adamw)", name));
 }
 
+OptimizerOptions optimizer_options(const TrainConfig& tc) {
+  OptimizerOptions oo;
+  oo.name = tc.optimizer;
+  oo.beta1 = tc.adam_beta1;
+  oo.beta2 = tc.adam_beta2;
+  oo.epsilon = tc.adam_epsilon;
+  oo.weight_decay = tc.weight_decay;
+  oo.decay_rate = tc.adafactor_decay_rate;
+  oo.clipping_threshold = tc.adafactor_clipping_threshold;
+  oo.epsilon1 = tc.adafactor_epsilon1;
+  oo.scale_parameter = tc.adafactor_scale_parameter;
+  oo.epsilon2 = tc.adafactor_epsilon2;
+  return oo;
+}
+
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, Backend& be,
                                           const ParamStore& params,
                                           const std::vector<bool>& updates,

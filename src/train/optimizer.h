@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "config/config.h"
 #include "model/params.h"
 
 namespace switcht5 {
@@ -95,6 +96,9 @@ bool adafactor_factored(const ParamInfo& info);
 // full second moment. `switcht5 plan` sizes a layout with it without allocating anything.
 // UserError for an unknown name.
 int64_t optimizer_state_numel(const std::string& name, const ParamInfo& p, int model_parallel);
+
+// The options train.* asks for (the trainer's, bench_optimizer's).
+OptimizerOptions optimizer_options(const TrainConfig& train);
 
 // Makes the optimizer named by options.name for the parameters of `params`, which must be
 // allocated (their offsets are fixed then). Throws UserError for an unknown name or bad options.

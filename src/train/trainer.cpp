@@ -23,21 +23,6 @@ namespace switcht5 {
 
 namespace {
 
-OptimizerOptions optimizer_options(const TrainConfig& tc) {
-  OptimizerOptions oo;
-  oo.name = tc.optimizer;
-  oo.beta1 = tc.adam_beta1;
-  oo.beta2 = tc.adam_beta2;
-  oo.epsilon = tc.adam_epsilon;
-  oo.weight_decay = tc.weight_decay;
-  oo.decay_rate = tc.adafactor_decay_rate;
-  oo.clipping_threshold = tc.adafactor_clipping_threshold;
-  oo.epsilon1 = tc.adafactor_epsilon1;
-  oo.scale_parameter = tc.adafactor_scale_parameter;
-  oo.epsilon2 = tc.adafactor_epsilon2;
-  return oo;
-}
-
 // After the model's statistics (ModelStatsSlot, then RouterStatsSlot per Switch layer), the
 // step's statistics array holds these sums of squares (backend memory, read back once a step):
 enum StepStatsSlot : int {
