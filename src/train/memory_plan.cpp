@@ -136,9 +136,7 @@ MemoryPlan plan_memory(const RunConfig& cfg, double device_memory_bytes) {
     st.optimizer.reset();
     p.optimizer_state = int64_t(before - be.requested_bytes());
     const size_t base = be.requested_bytes();
-    OptimizerOptions oo;
-    oo.name = cfg.train.optimizer;
-    auto unsharded = make_optimizer(oo, be, ps, {}, &model);
+    auto unsharded = make_optimizer(optimizer_options(cfg.train), be, ps, {}, &model);
     p.optimizer_unsharded = int64_t(be.requested_bytes() - base);
   }
   p.other = p.counted - (p.master_params + p.gradients + p.compute_copy + p.optimizer_state +
