@@ -418,6 +418,8 @@ void adafactor_update(const Ctx& c, float* p, uint16_t* p_bf16, const float* g, 
   } else {
     // Scratch per matrix: the pieces' sums of u^2 (double) and inv_denom (float).
     const size_t per_matrix = 8 * size_t(num_pieces) + 4 + scale_bytes;
+    SWT_LAUNCH_REQUIRE(per_matrix <= avail, "adafactor_update",
+                       "matrix too large for the workspace (unfactored)");
     int64_t kg = static_cast<int64_t>(avail / per_matrix);
     if (kg > count) kg = count;
     if (kg > detail::kMaxGridYZ) kg = detail::kMaxGridYZ;
