@@ -194,7 +194,8 @@ TEST(Training, ExpertGradientNormsAreEachExpertsGradient) {
 
 // The routing monitor: dead experts over the interval since the previous log (not the logged
 // step alone), and one collapse warning naming the layer when a layer enters collapse, one when
-// it recovers.
+// it recovers. An empty expert warns only after dead_steps steps in a row, counted in steps and
+// not in logs, and only when those steps routed at least 16 tokens per expert.
 TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
   auto step = [](int64_t s, std::vector<int64_t> tokens) {
     StepMetrics m;
@@ -208,7 +209,7 @@ TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
     m.routing.push_back(r);
     return m;
   };
-  RoutingMonitor monitor(/*collapse_share=*/0.8, /*collapse_logs=*/2);
+  RoutingMonitor monitor(/*collapse_share=*/0.8, /*collapse_logs=*/2, /*dead_steps=*/3);
   // Interval 1: expert 3 gets a token at step 1 only; the logged step 2 alone would call it dead.
   StepMetrics m = step(1, {50, 50, 50, 1});
   monitor.add_step(m);
@@ -216,38 +217,99 @@ TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
   monitor.add_step(m);
   EXPECT_TRUE(monitor.at_log(m).empty());
   EXPECT_EQ(m.routing[0].dead_experts, 0);
-  // An interval of few tokens (under 16 per expert): an empty expert is counted, not alarming.
-  m = step(3, {20, 10, 20, 0});
+  // Logged every step (log.every 1): expert 3 is empty at each log, counted, but 2 steps in a
+  // row are under dead_steps: no warning.
+  m = step(3, {90, 20, 50, 0});
   monitor.add_step(m);
   EXPECT_TRUE(monitor.at_log(m).empty());
   EXPECT_EQ(m.routing[0].dead_experts, 1);
-  // Interval 3: expert 3 gets nothing of 160 tokens: dead, and that is a collapse at once.
-  m = step(3, {90, 20, 50, 0});
+  // The third empty step in a row (480 tokens): dead, and that is a collapse at once.
+  m = step(4, {90, 20, 50, 0});
   monitor.add_step(m);
   std::vector<std::string> w = monitor.at_log(m);
   EXPECT_EQ(m.routing[0].dead_experts, 1);
   ASSERT_EQ(w.size(), 1u);
-  EXPECT_NE(w[0].find("routing collapse in decoder.block.1 at step 3"), std::string::npos) << w[0];
-  EXPECT_NE(w[0].find("1 of 4 experts got none"), std::string::npos) << w[0];
+  EXPECT_NE(w[0].find("routing collapse in decoder.block.1 at step 4"), std::string::npos) << w[0];
+  EXPECT_NE(w[0].find("1 of 4 experts got no token in the last 3 steps"), std::string::npos)
+      << w[0];
   // Recovers: balanced again.
-  m = step(4, {40, 40, 40, 40});
+  m = step(5, {40, 40, 40, 40});
   monitor.add_step(m);
   w = monitor.at_log(m);
   ASSERT_EQ(w.size(), 1u);
-  EXPECT_NE(w[0].find("routing in decoder.block.1 recovered at step 4"), std::string::npos) << w[0];
+  EXPECT_NE(w[0].find("routing in decoder.block.1 recovered at step 5"), std::string::npos) << w[0];
   // One expert over 80% at one log: not yet; at the second in a row: one warning; a third: no
   // repeat.
-  for (int64_t s = 5; s <= 7; ++s) {
+  for (int64_t s = 6; s <= 8; ++s) {
     m = step(s, {170, 10, 10, 10});
     monitor.add_step(m);
     w = monitor.at_log(m);
-    EXPECT_EQ(w.size(), s == 6 ? 1u : 0u) << "step " << s;
-    if (s == 6) {
+    EXPECT_EQ(w.size(), s == 7 ? 1u : 0u) << "step " << s;
+    if (s == 7) {
       EXPECT_NE(w[0].find("expert 0 takes 85% of the tokens (over 80% at 2 logged steps in a row)"),
                 std::string::npos)
           << w[0];
     }
   }
+}
+
+// Dead experts are judged over steps, whatever the logging interval: a monitor logged every 4
+// steps warns as soon as an expert has been empty for dead_steps steps; and steps that routed
+// under 16 tokens per expert never make an expert dead.
+TEST(Training, RoutingMonitorDeadExpertsCountStepsAndTokens) {
+  auto step = [](int64_t s, std::vector<int64_t> tokens) {
+    StepMetrics m;
+    m.step = s;
+    LayerRouting r;
+    r.layer = "encoder.block.1";
+    int64_t total = 0;
+    for (int64_t t : tokens) total += t;
+    for (int64_t t : tokens) r.expert_fraction.push_back(double(t) / double(total));
+    r.expert_tokens = std::move(tokens);
+    m.routing.push_back(r);
+    return m;
+  };
+  RoutingMonitor few(/*collapse_share=*/0.8, /*collapse_logs=*/3, /*dead_steps=*/2);
+  StepMetrics m;
+  // 4 steps empty, 15 tokens each: 60 < 64 = 16 x 4 experts.
+  for (int64_t s = 1; s <= 4; ++s) {
+    m = step(s, {5, 5, 5, 0});
+    few.add_step(m);
+  }
+  EXPECT_TRUE(few.at_log(m).empty());
+  EXPECT_EQ(m.routing[0].dead_experts, 1);
+  // One more step of 60 tokens: 120 tokens over the empty run, enough.
+  m = step(5, {20, 20, 20, 0});
+  few.add_step(m);
+  std::vector<std::string> w = few.at_log(m);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("1 of 4 experts got no token in the last 2 steps"), std::string::npos)
+      << w[0];
+
+  // Logged every 4 steps, dead_steps 6: empty in steps 3-8 (6 in a row) warns at the log of
+  // step 8; a token at step 9 recovers at the log of step 12.
+  RoutingMonitor sparse_logs(0.8, 3, /*dead_steps=*/6);
+  int warnings = 0;
+  for (int64_t s = 1; s <= 12; ++s) {
+    m = step(s, {40, 40, 40, s >= 3 && s <= 8 ? 0 : 40});
+    sparse_logs.add_step(m);
+    if (s % 4 != 0) continue;
+    w = sparse_logs.at_log(m);
+    warnings += int(w.size());
+    if (s == 4) {
+      EXPECT_TRUE(w.empty());
+    }
+    if (s == 8) {
+      ASSERT_EQ(w.size(), 1u);
+      EXPECT_NE(w[0].find("routing collapse in encoder.block.1 at step 8"), std::string::npos)
+          << w[0];
+    }
+    if (s == 12) {
+      ASSERT_EQ(w.size(), 1u);
+      EXPECT_NE(w[0].find("recovered at step 12"), std::string::npos) << w[0];
+    }
+  }
+  EXPECT_EQ(warnings, 2);
 }
 
 // The progress facts of a log line: step of total, elapsed and ETA as clock durations, MFU

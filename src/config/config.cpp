@@ -161,6 +161,7 @@ void for_each_field(RunConfig& c, V& v) {
   v("log", "per_rank_files", l.per_rank_files, BoolRule{});
   v("log", "collapse_share", l.collapse_share, RealRule{0.0, false, 1.0, false});
   v("log", "collapse_logs", l.collapse_logs, at_least(1));
+  v("log", "dead_expert_steps", l.dead_expert_steps, at_least(1));
 }
 
 // section -> its keys, in for_each_field order.

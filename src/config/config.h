@@ -143,9 +143,11 @@ struct LogConfig {
   std::string run_dir = "";     // "": chosen by the trainer
   bool per_rank_files = false;  // every rank also logs to <run_dir>/rank-<r>.log
   // Routing collapse warning (train/telemetry.h): one expert over collapse_share of a Switch
-  // layer's tokens at collapse_logs logged steps in a row (0: off), or dead experts.
+  // layer's tokens at collapse_logs logged steps in a row (0: off), or an expert no token chose
+  // for dead_expert_steps steps in a row.
   double collapse_share = 0.8;
   int collapse_logs = 3;
+  int64_t dead_expert_steps = 100;
 
   bool operator==(const LogConfig&) const = default;
 };

@@ -104,6 +104,7 @@ inline constexpr ConfigKeyDoc kConfigKeyDocs[] = {
     {"log.per_rank_files", "every rank also logs to RUN_DIR/rank-<r>.log"},
     {"log.collapse_share", "routing collapse warning: one expert over this share of a layer's tokens; 0: off"},
     {"log.collapse_logs", "... at this many logged steps in a row"},
+    {"log.dead_expert_steps", "... or an expert no token chose for this many steps in a row"},
 };
 
 }  // namespace switcht5

@@ -10,19 +10,32 @@ namespace {
 constexpr int64_t kMinTokensPerExpert = 16;
 }  // namespace
 
-RoutingMonitor::RoutingMonitor(double collapse_share, int collapse_logs)
-    : share_(collapse_share), logs_(std::max(1, collapse_logs)) {}
+RoutingMonitor::RoutingMonitor(double collapse_share, int collapse_logs, int64_t dead_steps)
+    : share_(collapse_share), logs_(std::max(1, collapse_logs)),
+      dead_steps_(std::max<int64_t>(1, dead_steps)) {}
 
 void RoutingMonitor::add_step(const StepMetrics& m) {
   if (interval_.size() != m.routing.size()) {
     interval_.assign(m.routing.size(), {});
+    empty_steps_.assign(m.routing.size(), {});
+    empty_tokens_.assign(m.routing.size(), {});
     over_share_.assign(m.routing.size(), 0);
     collapsed_.assign(m.routing.size(), false);
   }
   for (size_t l = 0; l < m.routing.size(); ++l) {
     const std::vector<int64_t>& t = m.routing[l].expert_tokens;
-    if (interval_[l].size() != t.size()) interval_[l].assign(t.size(), 0);
-    for (size_t e = 0; e < t.size(); ++e) interval_[l][e] += t[e];
+    if (interval_[l].size() != t.size()) {
+      interval_[l].assign(t.size(), 0);
+      empty_steps_[l].assign(t.size(), 0);
+      empty_tokens_[l].assign(t.size(), 0);
+    }
+    int64_t routed = 0;
+    for (int64_t x : t) routed += x;
+    for (size_t e = 0; e < t.size(); ++e) {
+      interval_[l][e] += t[e];
+      empty_steps_[l][e] = t[e] == 0 ? empty_steps_[l][e] + 1 : 0;
+      empty_tokens_[l][e] = t[e] == 0 ? empty_tokens_[l][e] + routed : 0;
+    }
   }
 }
 
@@ -31,14 +44,16 @@ std::vector<std::string> RoutingMonitor::at_log(StepMetrics& m) {
   for (size_t l = 0; l < m.routing.size() && l < interval_.size(); ++l) {
     LayerRouting& r = m.routing[l];
     r.dead_experts = int(std::count(interval_[l].begin(), interval_[l].end(), int64_t{0}));
-    int64_t routed = 0;
-    for (int64_t t : interval_[l]) routed += t;
     std::fill(interval_[l].begin(), interval_[l].end(), int64_t{0});
-    // An expert with no token is alarming only when every expert could expect many: below
-    // kMinTokensPerExpert per expert (a few steps of a small batch over many experts) a uniform
-    // router leaves some without one by chance (at 16 expected, 1 in 9 million).
-    const bool dead = r.dead_experts > 0 &&
-                      routed >= kMinTokensPerExpert * int64_t(interval_[l].size());
+    // An expert with no token is alarming when it lasts dead_steps steps and every expert could
+    // expect many tokens in them: below kMinTokensPerExpert per expert (a few steps of a small
+    // batch over many experts) a uniform router leaves some without one by chance (at 16
+    // expected, 1 in 9 million).
+    const int64_t min_tokens = kMinTokensPerExpert * int64_t(interval_[l].size());
+    int long_dead = 0;
+    for (size_t e = 0; e < interval_[l].size(); ++e)
+      if (empty_steps_[l][e] >= dead_steps_ && empty_tokens_[l][e] >= min_tokens) ++long_dead;
+    const bool dead = long_dead > 0;
     if (share_ <= 0 || r.expert_fraction.empty()) continue;
     const auto busiest = std::max_element(r.expert_fraction.begin(), r.expert_fraction.end());
     over_share_[l] = *busiest > share_ ? over_share_[l] + 1 : 0;
@@ -46,14 +61,14 @@ std::vector<std::string> RoutingMonitor::at_log(StepMetrics& m) {
     if (collapsed && !collapsed_[l])
       warnings.push_back(fmt::format(
           "routing collapse in {} at step {}: expert {} takes {:.0f}% of the tokens{}, {} of {} "
-          "experts got none since the last log, {:.0f}% dropped (router entropy {:.3f} nats, "
-          "top-1 probability {:.3f}); check router_aux_loss_coef, the learning rate and "
+          "experts got no token in the last {} steps, {:.0f}% dropped (router entropy {:.3f} "
+          "nats, top-1 probability {:.3f}); check router_aux_loss_coef, the learning rate and "
           "capacity_factor",
           r.layer, m.step, busiest - r.expert_fraction.begin(), 100 * *busiest,
           over_share_[l] >= logs_ ? fmt::format(" (over {:.0f}% at {} logged steps in a row)",
                                                 100 * share_, over_share_[l])
                                   : std::string(),
-          r.dead_experts, r.expert_fraction.size(), 100 * r.dropped_fraction, r.entropy,
+          long_dead, r.expert_fraction.size(), dead_steps_, 100 * r.dropped_fraction, r.entropy,
           r.top1_prob));
     if (!collapsed && collapsed_[l])
       warnings.push_back(fmt::format("routing in {} recovered at step {}: busiest expert {:.0f}%, "

@@ -190,7 +190,7 @@ TrainResult train(const RunConfig& cfg, ProcessGrid& grid, const std::string& ru
   }
   MetricsFile metrics(grid, run_dir, /*append=*/resuming);
   TensorBoardWriter tensorboard(grid, run_dir, /*first_step=*/result.start_step + 1);
-  RoutingMonitor routing(cfg.log.collapse_share, cfg.log.collapse_logs);
+  RoutingMonitor routing(cfg.log.collapse_share, cfg.log.collapse_logs, cfg.log.dead_expert_steps);
   const double peak = trainer.backend().peak_flops(tc.precision == "bf16" ? DType::kBF16
                                                                           : DType::kF32) *
                       grid.world_size;
