@@ -192,22 +192,28 @@ TEST(Training, ExpertGradientNormsAreEachExpertsGradient) {
   }
 }
 
+// One logged step of one Switch layer for the routing monitor: its per-expert token counts and
+// the fractions they make.
+StepMetrics routing_step(int64_t s, const std::string& layer, std::vector<int64_t> tokens) {
+  StepMetrics m;
+  m.step = s;
+  LayerRouting r;
+  r.layer = layer;
+  int64_t total = 0;
+  for (int64_t t : tokens) total += t;
+  for (int64_t t : tokens) r.expert_fraction.push_back(double(t) / double(total));
+  r.expert_tokens = std::move(tokens);
+  m.routing.push_back(r);
+  return m;
+}
+
 // The routing monitor: dead experts over the interval since the previous log (not the logged
 // step alone), and one collapse warning naming the layer when a layer enters collapse, one when
 // it recovers. An empty expert warns only after dead_steps steps in a row, counted in steps and
 // not in logs, and only when those steps routed at least 16 tokens per expert.
 TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
   auto step = [](int64_t s, std::vector<int64_t> tokens) {
-    StepMetrics m;
-    m.step = s;
-    LayerRouting r;
-    r.layer = "decoder.block.1";
-    int64_t total = 0;
-    for (int64_t t : tokens) total += t;
-    for (int64_t t : tokens) r.expert_fraction.push_back(double(t) / double(total));
-    r.expert_tokens = std::move(tokens);
-    m.routing.push_back(r);
-    return m;
+    return routing_step(s, "decoder.block.1", std::move(tokens));
   };
   RoutingMonitor monitor(/*collapse_share=*/0.8, /*collapse_logs=*/2, /*dead_steps=*/3);
   // Interval 1: expert 3 gets a token at step 1 only; the logged step 2 alone would call it dead.
@@ -258,16 +264,7 @@ TEST(Training, RoutingMonitorCountsDeadExpertsAndWarnsOnCollapse) {
 // under 16 tokens per expert never make an expert dead.
 TEST(Training, RoutingMonitorDeadExpertsCountStepsAndTokens) {
   auto step = [](int64_t s, std::vector<int64_t> tokens) {
-    StepMetrics m;
-    m.step = s;
-    LayerRouting r;
-    r.layer = "encoder.block.1";
-    int64_t total = 0;
-    for (int64_t t : tokens) total += t;
-    for (int64_t t : tokens) r.expert_fraction.push_back(double(t) / double(total));
-    r.expert_tokens = std::move(tokens);
-    m.routing.push_back(r);
-    return m;
+    return routing_step(s, "encoder.block.1", std::move(tokens));
   };
   RoutingMonitor few(/*collapse_share=*/0.8, /*collapse_logs=*/3, /*dead_steps=*/2);
   StepMetrics m;
