@@ -299,6 +299,8 @@ TEST(ConfigErrors, IntegerBelowMinimum) {
                         {"x.yaml:2: ", "data.targets_length: got 1, expected an integer >= 2"}));
   EXPECT_TRUE(has_parts(error_of("model:\n  group_size: -4\n"),
                         {"x.yaml:2: ", "model.group_size: got -4, expected an integer >= 0"}));
+  EXPECT_TRUE(has_parts(error_of("log:\n  dead_expert_steps: 0\n"),
+                        {"x.yaml:2: ", "log.dead_expert_steps: got 0, expected an integer >= 1"}));
 }
 
 TEST(ConfigErrors, IntegerOutOfTypeRange) {
