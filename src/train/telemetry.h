@@ -24,7 +24,7 @@ class RoutingMonitor {
   // collapse_share <= 0 turns the collapse watch off (dead experts are still counted).
   RoutingMonitor(double collapse_share, int collapse_logs, int64_t dead_steps);
 
-  // Every step, in order: adds the step's per-expert token counts to the interval.
+  // Every step, in order: extends or ends each expert's run of steps with no token.
   void add_step(const StepMetrics& m);
   // At a logged step (after add_step): sets m.routing[l].dead_experts for the interval since the
   // previous logged step, starts a new interval, and returns the warning lines (none usually).
@@ -34,7 +34,7 @@ class RoutingMonitor {
   double share_;
   int logs_;
   int64_t dead_steps_;
-  std::vector<std::vector<int64_t>> interval_;  // [layer][expert] tokens since the last log
+  int64_t steps_since_log_ = 0;
   // [layer][expert]: steps in a row the expert got no token, and the layer's tokens in them.
   std::vector<std::vector<int64_t>> empty_steps_, empty_tokens_;
   std::vector<int> over_share_;                 // consecutive logs over the share, per layer
